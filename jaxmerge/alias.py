@@ -1,0 +1,250 @@
+"""The method catalogue: each method is a thin composition of steps (optax's ``alias.py`` pattern).
+
+Defaults reproduce the reference implementations (FusionBench for CLIP ViT-B/32 unless noted); where the
+survey and the reference code disagree, the reference is the default and the other reading is an option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jaxmerge import reductions as R
+from jaxmerge import transforms as T
+from jaxmerge.base import MergeTransform
+from jaxmerge.combine import chain
+from jaxmerge.registry import register
+
+__all__ = [
+    "breadcrumbs",
+    "byom",
+    "consensus",
+    "dare",
+    "della",
+    "emr",
+    "localize_stitch",
+    "model_stock",
+    "nan",
+    "pcb",
+    "simple_average",
+    "slerp",
+    "tall_mask",
+    "task_arithmetic",
+    "ties",
+]
+
+_BASES = ("task_arithmetic", "ties")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@register("simple_average", family="weighted_average", reference="https://arxiv.org/abs/2203.05482")
+def simple_average() -> MergeTransform:
+  """Model soup: ``theta_0 + mean_t tau_t``.
+
+  References:
+    Wortsman et al., "Model soups", ICML 2022. https://arxiv.org/abs/2203.05482
+  """
+  return R.mean_tasks()
+
+
+@register("task_arithmetic", family="weighted_average", reference="https://arxiv.org/abs/2212.04089")
+def task_arithmetic(scale: float = 0.3) -> MergeTransform:
+  """``theta_0 + scale * sum_t tau_t``.
+
+  Args:
+    scale: lambda (FusionBench default 0.3); a coefficient, so sweeps do not recompile.
+
+  References:
+    Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. https://arxiv.org/abs/2212.04089
+  """
+  return chain(R.sum_tasks(), T.scale(scale))
+
+
+@register("nan", family="weighted_average", reference="https://arxiv.org/abs/2505.16148")
+def nan(global_scale: float | None = None, norm_of: str = "task_vector") -> MergeTransform:
+  """NAN: per-leaf coefficients inversely proportional to the task vectors' norms, times ``T/2``.
+
+  Args:
+    global_scale: the global factor (default ``T / 2``).
+    norm_of: ``"task_vector"`` (default) or ``"weights"`` (norm of the fine-tuned weights).
+  """
+  return T.nan_reduce(global_scale, norm_of)
+
+
+@register("slerp", family="weighted_average", reference="https://dl.acm.org/doi/10.1145/325165.325242")
+def slerp(t: float = 0.5, dot_threshold: float = 0.9995, epsilon: float = 1e-8) -> MergeTransform:
+  """Spherical interpolation of two fine-tuned models, per leaf (FusionBench defaults)."""
+  return T.slerp_reduce(t, dot_threshold, epsilon)
+
+
+@register("model_stock", family="weighted_average", reference="https://arxiv.org/abs/2403.19522")
+def model_stock(average: str = "angle", clamp: bool = False) -> MergeTransform:
+  """Model Stock: per-leaf interpolation between the pretrained and the average fine-tuned model.
+
+  Args:
+    average: ``"angle"`` (mean pairwise angle, FusionBench) or ``"cosine"`` (mean pairwise cosine).
+    clamp: clip the cosine to ``[0, 1]``.
+  """
+  return T.model_stock_reduce(average, clamp)
+
+
+def _ties_core(density: float, disjoint: str, scope: str) -> list[MergeTransform]:
+  _check_choice("disjoint", disjoint, ("sum", "mean", "max"))
+  _check_choice("scope", scope, ("global", "leaf"))
+  return [T.trim(density, scope), R.disjoint_merge(disjoint, scope)]
+
+
+@register("ties", family="sparsification", reference="https://arxiv.org/abs/2306.01708")
+def ties(density: float = 0.2, scale: float = 0.3, disjoint: str = "sum", scope: str = "global") -> MergeTransform:
+  """TIES-Merging: trim, elect sign, disjoint merge, scale.
+
+  Args:
+    density: fraction of each task vector kept by magnitude.
+    scale: lambda (FusionBench 0.3 with disjoint sum; the paper uses disjoint mean and lambda ~1).
+    disjoint: ``"sum"`` (FusionBench), ``"mean"`` (paper) or ``"max"``.
+    scope: ``"global"`` (one threshold per task over the whole model, the reference) or ``"leaf"``
+      (per tensor, as mergekit).
+  """
+  return chain(*_ties_core(density, disjoint, scope), T.scale(scale))
+
+
+def _base_reduction(base: str, density: float, disjoint: str, scope: str) -> list[MergeTransform]:
+  _check_choice("base", base, _BASES)
+  if base == "ties":
+    return _ties_core(density, disjoint, scope)
+  return [R.sum_tasks()]
+
+
+@register("dare", family="sparsification", reference="https://arxiv.org/abs/2311.03099")
+def dare(
+    p: float = 0.5,
+    rescale: bool = True,
+    base: str = "task_arithmetic",
+    scale: float = 0.3,
+    density: float = 0.2,
+    disjoint: str = "sum",
+    scope: str = "global",
+) -> MergeTransform:
+  """DARE: random drop with rescale, then task arithmetic or TIES (``base``). Needs a key.
+
+  Args:
+    p: drop probability.
+    rescale: divide survivors by ``1 - p``.
+    base: ``"task_arithmetic"`` or ``"ties"`` (then ``density``, ``disjoint``, ``scope`` are TIES's).
+    scale: the base method's lambda.
+  """
+  return chain(T.drop(p, rescale), *_base_reduction(base, density, disjoint, scope), T.scale(scale))
+
+
+@register("breadcrumbs", family="sparsification", reference="https://arxiv.org/abs/2312.06795")
+def breadcrumbs(density: float = 0.85, gamma: float = 0.006, scale: float = 0.2, granularity: str = "row") -> MergeTransform:
+  """Model Breadcrumbs: drop the top ``gamma`` and keep the next ``density`` fraction of each row, sum, scale.
+
+  Args:
+    density: kept fraction (after the top outliers).
+    gamma: top fraction dropped as outliers.
+    scale: lambda.
+    granularity: ``"row"`` (rows of the ``(out, in)`` view, the reference) or ``"tensor"`` (mergekit).
+  """
+  return chain(T.outlier_mask(density, gamma, granularity), R.sum_tasks(), T.scale(scale))
+
+
+@register("della", family="sparsification", reference="https://arxiv.org/abs/2406.11617")
+def della(p: float = 0.3, window: float = 0.14, scale: float = 1.1, rescale: bool = True) -> MergeTransform:
+  """DELLA: MAGPRUNE (magnitude-ranked drop with per-entry rescale), sign election, disjoint mean, scale.
+
+  Args:
+    p: mean drop probability.
+    window: half-width of the drop probabilities around ``p`` (the reference's ``epsilon``).
+    scale: lambda.
+    rescale: rescale survivors by their keep probability.
+  """
+  return chain(T.magprune(p, window, rescale), R.disjoint_merge("mean", "leaf"), T.scale(scale))
+
+
+@register("pcb", family="sparsification", reference="https://arxiv.org/abs/2410.02396")
+def pcb(ratio: float = 0.05, scale: float | Sequence[float] = 1.2, clamp_ratio: float = 1e-4) -> MergeTransform:
+  """PCB-Merging (reference vision code): competition-balanced scores, keep the top ``ratio``, weighted merge.
+
+  Args:
+    ratio: fraction of entries that keep a nonzero score per task.
+    scale: lambda_t, one value or one per task.
+    clamp_ratio: magnitudes are clamped to their ``[clamp_ratio, 1 - clamp_ratio]`` order statistics.
+  """
+  return T.pcb_reduce(ratio, scale, clamp_ratio)
+
+
+@register(
+    "tall_mask",
+    family="sparsification",
+    storage="T bit-masks + the multi-task vector",
+    per_task=True,
+    reference="https://arxiv.org/abs/2405.07813",
+)
+def tall_mask(tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) -> MergeTransform:
+  """TALL masks: each task's model is ``theta_0 + m_t * sum_s tau_s`` (needs the task id).
+
+  Args:
+    tall_lambda: lambda_t (FusionBench 0.6).
+    strict: ``>`` (reference) or ``>=`` (survey) in the mask.
+  """
+  return T.tall_masks(tall_lambda, strict)
+
+
+@register("consensus", family="sparsification", reference="https://arxiv.org/abs/2405.07813")
+def consensus(
+    k: int = 2,
+    tall_lambda: float | Sequence[float] = 0.6,
+    base: str = "task_arithmetic",
+    scale: float = 0.3,
+    density: float = 0.2,
+    disjoint: str = "sum",
+    scope: str = "global",
+    strict: bool = True,
+) -> MergeTransform:
+  """Consensus merging: drop the entries fewer than ``k`` tasks' TALL masks claim, then TA or TIES.
+
+  Args:
+    k: minimum number of tasks that must claim an entry.
+    tall_lambda: lambda_t of the TALL masks.
+    base: ``"task_arithmetic"`` or ``"ties"`` (with ``density``, ``disjoint``, ``scope``).
+    scale: the base method's lambda.
+  """
+  return chain(T.consensus_mask(k, tall_lambda, strict), *_base_reduction(base, density, disjoint, scope), T.scale(scale))
+
+
+@register(
+    "emr",
+    family="sparsification",
+    storage="unified task vector + T bit-masks + T scalars",
+    per_task=True,
+    reference="https://arxiv.org/abs/2405.17461",
+)
+def emr(rescaler: str = "reference") -> MergeTransform:
+  """EMR-Merging: each task's model is ``theta_0 + lambda_t (M_t * tau_uni)`` (needs the task id).
+
+  Args:
+    rescaler: ``"reference"`` (sum of per-leaf mean magnitudes) or ``"global"`` (the survey's global sums).
+  """
+  return T.emr_modulate(rescaler)
+
+
+@register("localize_stitch", family="sparsification", reference="https://arxiv.org/abs/2408.13656")
+def localize_stitch(density: float = 0.1) -> MergeTransform:
+  """Localize-and-Stitch, data-free: top-``density`` masks per task, stitched with overlap averaging."""
+  return T.stitch(density)
+
+
+@register(
+    "byom",
+    family="sparsification",
+    storage="T sparse residuals (density of a model each)",
+    per_task=True,
+    reference="https://arxiv.org/abs/2310.01886",
+)
+def byom(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
+  """BYOM-FFT: shared task-arithmetic model plus each task's top-``density`` residual (needs the task id)."""
+  return T.byom_residuals(density, scale)

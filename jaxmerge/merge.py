@@ -1,0 +1,197 @@
+"""Entry points: ``merge`` (one model), ``merge_per_task`` (one model per task) and ``make_merger``.
+
+``merge`` validates its inputs on the host (structure, shapes, dtypes, NaN/Inf: errors name the model and
+path), then runs one jitted function: task vectors in float32, the transform, the result added to the
+pretrained weights and cast back to their dtypes. Non-floating leaves (integer buffers, step counters) are
+copied from the pretrained model and never merged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmerge import filters as jfilters
+from jaxmerge import tree as jtree
+from jaxmerge.base import REDUCE, MergeContext, MergeTransform
+from jaxmerge.typing import Coeffs, Params, PRNGKey, Stacked
+
+__all__ = ["make_merger", "merge", "merge_per_task", "prepare"]
+
+Layout = Callable[[str, jax.ShapeDtypeStruct], Any]
+
+
+def _as_list(finetuned: Sequence[Params] | Stacked) -> tuple[list[Params] | None, Stacked | None]:
+  if isinstance(finetuned, (list, tuple)):
+    return list(finetuned), None
+  return None, finetuned
+
+
+def prepare(
+    pretrained: Params,
+    finetuned: Sequence[Params] | Stacked,
+    *,
+    names: Sequence[str] | None = None,
+    check_finite: bool = True,
+) -> tuple[dict, dict, dict]:
+  """Validates inputs and splits them by path into float leaves and copied leaves.
+
+  Returns:
+    ``(pre_float, ft_float, passthrough)``: flat ``{path: array}`` dicts of the pretrained float leaves, of
+    the fine-tuned float leaves stacked on a leading task axis, and of the non-float pretrained leaves.
+  """
+  models, stacked = _as_list(finetuned)
+  pre = jtree.flatten_paths(pretrained)
+  if not pre:
+    raise ValueError("the pretrained model has no parameters")
+  if models is not None:
+    jtree.check_compatible(pretrained, models, names)
+    flats = [jtree.flatten_paths(m) for m in models]
+    ft = {p: jnp.stack([jnp.asarray(f[p]) for f in flats]) for p, x in pre.items() if jtree.is_float(x)}
+  else:
+    st = jtree.flatten_paths(stacked)
+    missing = [p for p in pre if p not in st]
+    extra = [p for p in st if p not in pre]
+    if missing or extra:
+      raise ValueError(f"the stacked fine-tuned models do not match the pretrained structure: "
+                       f"missing {missing[:10]}, extra {extra[:10]}")
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in st.values()}
+    if len(sizes) != 1 or None in sizes:
+      raise ValueError(f"stacked leaves need one leading task axis of equal size, got sizes {sizes}")
+    if sizes == {0}:
+      raise ValueError("no fine-tuned models given: the task axis is empty")
+    for p, x in pre.items():
+      if tuple(np.shape(st[p]))[1:] != tuple(np.shape(x)):
+        raise ValueError(f"stacked parameter {p!r} has shape {tuple(np.shape(st[p]))}, expected (T, "
+                         f"{', '.join(map(str, np.shape(x)))})")
+    ft = {p: jnp.asarray(st[p]) for p, x in pre.items() if jtree.is_float(x)}
+  for p, x in ft.items():
+    if not jtree.is_float(x):
+      raise ValueError(f"parameter {p!r} is floating in the pretrained model but has dtype {x.dtype} in a "
+                       "fine-tuned model")
+  pre_float = {p: jnp.asarray(x) for p, x in pre.items() if jtree.is_float(x)}
+  passthrough = {p: x for p, x in pre.items() if not jtree.is_float(x)}
+  if check_finite:
+    jtree.check_finite(pre_float, "pretrained model")
+    t = next(iter(ft.values())).shape[0] if ft else 0
+    jtree.check_finite(ft, "fine-tuned models", stacked_names=list(names) if names else [f"model {i}" for i in range(t)])
+  return pre_float, ft, passthrough
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled(tx: MergeTransform, layout: Layout, per_task: bool) -> Callable[..., Any]:
+  def run(pre, ft, coeffs, key):
+    deltas = {p: ft[p].astype(jnp.float32) - pre[p].astype(jnp.float32)[None] for p in pre}
+    pre32 = {p: x.astype(jnp.float32) for p, x in pre.items()}
+    if coeffs is None:
+      coeffs = tx.init(deltas)
+    out = tx.apply(coeffs, deltas, key=key, ctx=MergeContext(pretrained=pre32, layout=layout))
+    if per_task:
+      return {p: (pre32[p][None] + out[p]).astype(pre[p].dtype) for p in pre}
+    return {p: (pre32[p] + out[p]).astype(pre[p].dtype) for p in pre}
+
+  return jax.jit(run)
+
+
+def _check_tx(tx: MergeTransform, key: PRNGKey | None, per_task: bool) -> None:
+  if not isinstance(tx, MergeTransform):
+    raise ValueError(f"expected a MergeTransform (e.g. jm.get_method('ties')()), got {type(tx).__name__}")
+  if tx.needs_key and key is None:
+    raise ValueError("this merge is stochastic and needs a PRNG key: pass key=jax.random.key(seed)")
+  if per_task and tx.kind == REDUCE:
+    raise ValueError("merge_per_task needs a task-preserving transform; this one reduces over tasks (use merge)")
+  if not per_task and tx.kind != REDUCE:
+    raise ValueError(
+        "this transform keeps the task axis (one model per task, e.g. emr, tall_mask, byom): use "
+        "jm.merge_per_task, or end the chain with a reduction"
+    )
+
+
+def _assemble(pretrained: Params, merged: dict, passthrough: dict, per_task: bool) -> Any:
+  if per_task:
+    t = next(iter(merged.values())).shape[0]
+    return [
+        jtree.unflatten_paths(pretrained, {**{p: x[i] for p, x in merged.items()}, **passthrough}) for i in range(t)
+    ]
+  return jtree.unflatten_paths(pretrained, {**merged, **passthrough})
+
+
+def merge(
+    tx: MergeTransform,
+    pretrained: Params,
+    finetuned: Sequence[Params] | Stacked,
+    *,
+    key: PRNGKey | None = None,
+    coeffs: Coeffs | None = None,
+    layout: Layout | None = None,
+    names: Sequence[str] | None = None,
+    check_finite: bool = True,
+) -> Params:
+  """Merges fine-tuned models into one model.
+
+  Args:
+    tx: a reducing :class:`~jaxmerge.base.MergeTransform` (e.g. ``jm.get_method("ties")()``).
+    pretrained: any pytree of arrays.
+    finetuned: a list of ``T`` pytrees with the same structure, or one stack (leading task axis).
+    key: PRNG key for stochastic methods (DARE, DELLA).
+    coeffs: coefficients to use instead of ``tx.init(...)`` (sweeps and learned values: no recompilation).
+    layout: how 2-D leaves are read as ``(out, in)`` matrices; default
+      :func:`jaxmerge.filters.hf_layout`, use :func:`jaxmerge.filters.flax_layout` for Flax models.
+    names: model names used in error messages.
+    check_finite: reject NaN/Inf weights before merging.
+
+  Returns:
+    The merged parameters, with ``pretrained``'s structure and dtypes.
+
+  Raises:
+    ValueError: mismatched structure, shapes or dtypes (naming model and path), empty task list, NaN/Inf,
+      a stochastic method without a key, or a per-task method (use :func:`merge_per_task`).
+
+  >>> import jax.numpy as jnp, jaxmerge as jm
+  >>> pre = {"w": jnp.zeros(2)}
+  >>> fts = [{"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 3.0])}]
+  >>> jm.merge(jm.get_method("task_arithmetic")(scale=0.5), pre, fts)["w"].tolist()
+  [0.5, 1.5]
+  """
+  _check_tx(tx, key, per_task=False)
+  pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=check_finite)
+  merged = _compiled(tx, layout or jfilters.hf_layout, False)(pre, ft, coeffs, key)
+  return _assemble(pretrained, merged, passthrough, False)
+
+
+def merge_per_task(
+    tx: MergeTransform,
+    pretrained: Params,
+    finetuned: Sequence[Params] | Stacked,
+    *,
+    key: PRNGKey | None = None,
+    coeffs: Coeffs | None = None,
+    layout: Layout | None = None,
+    names: Sequence[str] | None = None,
+    check_finite: bool = True,
+) -> list[Params]:
+  """Builds one model per task with a task-preserving transform (EMR, TALL masks, BYOM, TSV-C).
+
+  Same arguments as :func:`merge`; returns a list of ``T`` parameter pytrees, model ``t`` for task ``t``.
+  """
+  _check_tx(tx, key, per_task=True)
+  pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=check_finite)
+  merged = _compiled(tx, layout or jfilters.hf_layout, True)(pre, ft, coeffs, key)
+  return _assemble(pretrained, merged, passthrough, True)
+
+
+def make_merger(tx: MergeTransform, layout: Layout | None = None) -> Callable[..., Params]:
+  """A jitted ``(pretrained, stacked, coeffs=None, key=None) -> merged`` for flat float ``{path: array}``
+  dicts, without host-side validation (for loops and sweeps; validate once with :func:`prepare`)."""
+  _check_tx(tx, jax.random.key(0) if tx.needs_key else None, per_task=False)
+  fn = _compiled(tx, layout or jfilters.hf_layout, False)
+
+  def merger(pretrained, stacked, coeffs=None, key=None):
+    return fn(pretrained, stacked, coeffs, key)
+
+  return merger

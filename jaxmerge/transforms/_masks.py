@@ -1,0 +1,248 @@
+"""Mask-based methods: TALL masks and Consensus, EMR, Localize-and-Stitch (data-free), BYOM-FFT and PCB.
+
+Methods that keep one model per task (TALL, EMR, BYOM) are *task-preserving* transforms whose output
+``(T, ...)`` is each task's reconstructed task vector; :func:`jaxmerge.merge_per_task` turns them into ``T``
+models. Their compressed storage (masks, scalars, sparse residuals) is what the per-task output is computed
+from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxmerge import stats
+from jaxmerge.base import REDUCE, TASK, EmptyCoeffs, MergeTransform
+from jaxmerge.transforms._sparsify import task_thresholds
+
+__all__ = [
+    "byom_residuals",
+    "consensus_mask",
+    "emr_modulate",
+    "emr_unified",
+    "pcb_reduce",
+    "stitch",
+    "tall_masks",
+]
+
+
+def _empty(tree):
+  del tree
+  return EmptyCoeffs()
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+  return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _lambdas(tall_lambda: float | Sequence[float], t: int) -> jax.Array:
+  lam = jnp.asarray(tall_lambda, jnp.float32)
+  if lam.ndim == 1 and lam.shape[0] != t:
+    raise ValueError(f"tall_lambda has {lam.shape[0]} entries for {t} tasks")
+  return jnp.broadcast_to(lam, (t,))
+
+
+def tall_mask_of(x: jax.Array, mtv: jax.Array, lam: jax.Array, strict: bool) -> jax.Array:
+  """TALL mask ``|tau_t| > lambda_t |tau_MTL - tau_t|`` (``>=`` with ``strict=False``) for a stacked leaf."""
+  lhs, rhs = jnp.abs(x), _bcast(lam, x) * jnp.abs(mtv[None] - x)
+  return lhs > rhs if strict else lhs >= rhs
+
+
+def tall_masks(tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) -> MergeTransform:
+  """``(T, ...) -> (T, ...)``: each task's TALL reconstruction ``m_t * tau_MTL`` with ``tau_MTL = sum_t tau_t``.
+
+  Args:
+    tall_lambda: ``lambda_t``, one value or one per task.
+    strict: use ``>`` (the reference code) or ``>=`` (the survey) in the mask.
+
+  References:
+    Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024.
+    https://arxiv.org/abs/2405.07813
+  """
+
+  def apply(coeffs, tree, *, key=None, ctx=None):
+    del coeffs, key, ctx
+
+    def leaf(x):
+      mtv = jnp.sum(x, axis=0)
+      m = tall_mask_of(x, mtv, _lambdas(tall_lambda, x.shape[0]), strict)
+      return jnp.where(m, mtv[None], 0)
+
+    return jax.tree.map(leaf, tree)
+
+  return MergeTransform(_empty, apply, TASK)
+
+
+def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) -> MergeTransform:
+  """``(T, ...) -> (T, ...)``: zeroes the entries that fewer than ``k`` tasks' TALL masks claim.
+
+  The TALL masks are computed against ``tau_MTL = sum_t tau_t``; the output keeps every task's entries where
+  ``sum_t m_t >= k`` (so ``k = 0`` changes nothing), ready for any reduction (TA's sum, TIES).
+
+  References:
+    Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024.
+    https://arxiv.org/abs/2405.07813
+  """
+
+  def apply(coeffs, tree, *, key=None, ctx=None):
+    del coeffs, key, ctx
+
+    def leaf(x):
+      mtv = jnp.sum(x, axis=0)
+      m = tall_mask_of(x, mtv, _lambdas(tall_lambda, x.shape[0]), strict)
+      keep = jnp.sum(m, axis=0) >= k
+      return jnp.where(keep[None], x, 0)
+
+    return jax.tree.map(leaf, tree)
+
+  return MergeTransform(_empty, apply, TASK)
+
+
+def _emr_parts(tree):
+  flags = jax.tree.map(lambda x: jnp.where(jnp.sum(x, axis=0) > 0, 1.0, -1.0).astype(x.dtype), tree)
+  masks = jax.tree.map(lambda x, f: x * f[None] > 0, tree, flags)
+  uni = jax.tree.map(lambda x, m, f: jnp.max(jnp.where(m, jnp.abs(x), 0), axis=0) * f, tree, masks, flags)
+  return uni, masks
+
+
+def emr_unified() -> MergeTransform:
+  """``(T, ...) -> (...)``: EMR's unified task vector ``sgn * max_{agreeing t} |tau_t|`` (zero sums count as
+  negative, the reference rule)."""
+
+  def apply(coeffs, tree, *, key=None, ctx=None):
+    del coeffs, key, ctx
+    return _emr_parts(tree)[0]
+
+  return MergeTransform(_empty, apply, REDUCE)
+
+
+def emr_modulate(rescaler: str = "reference") -> MergeTransform:
+  """``(T, ...) -> (T, ...)``: each task's EMR model ``lambda_t (M_t * tau_uni)``.
+
+  ``M_t = (tau_t * tau_uni > 0)``; ``lambda_t = A_t / B_t`` with ``A_t`` the mean absolute value of
+  ``tau_t`` and ``B_t`` that of ``M_t * tau_uni``, summed over leaves of per-leaf means
+  (``rescaler="reference"``) or taken over the whole model (``"global"``, the survey's formula).
+
+  References:
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2405.17461
+  """
+  if rescaler not in ("reference", "global"):
+    raise ValueError(f"rescaler must be 'reference' or 'global', got {rescaler!r}")
+
+  def apply(coeffs, tree, *, key=None, ctx=None):
+    del coeffs, key, ctx
+    uni, masks = _emr_parts(tree)
+    leaves = jax.tree.leaves(tree)
+    mod = jax.tree.leaves(jax.tree.map(lambda m, u: jnp.where(m, u[None], 0), masks, uni))
+    red = (lambda v: jnp.mean(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)) if rescaler == "reference" else (
+        lambda v: jnp.sum(jnp.abs(v.reshape(v.shape[0], -1)), axis=1))
+    a = sum(red(x) for x in leaves)
+    b = sum(red(v) for v in mod)
+    lam = jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
+    return jax.tree.map(lambda m, u: jnp.where(m, u[None], 0) * _bcast(lam, m), masks, uni)
+
+  return MergeTransform(_empty, apply, TASK, leafwise=False)
+
+
+def stitch(density: float = 0.1) -> MergeTransform:
+  """``(T, ...) -> (...)``: Localize-and-Stitch, data-free: each task keeps its top-``density`` entries by
+  magnitude over the whole model, and overlapping entries are averaged over the tasks that claim them.
+
+  References:
+    He et al., "Localize-and-Stitch: Efficient Model Merging via Sparse Task Arithmetic", TMLR 2025.
+    https://arxiv.org/abs/2408.13656
+  """
+
+  def apply(coeffs, tree, *, key=None, ctx=None):
+    del coeffs, key, ctx
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+      return tree
+    thr = task_thresholds(leaves, density)
+
+    def leaf(x):
+      m = (jnp.abs(x) >= _bcast(thr, x)).astype(x.dtype)
+      count = jnp.maximum(jnp.sum(m, axis=0), 1.0)
+      return jnp.sum(m * x, axis=0) / count
+
+    return jax.tree.map(leaf, tree)
+
+  return MergeTransform(_empty, apply, REDUCE, leafwise=False)
+
+
+def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
+  """``(T, ...) -> (T, ...)``: BYOM-FFT's task models: the shared ``scale * sum_t tau_t`` plus each task's
+  residual ``tau_t - shared`` trimmed to its top-``density`` magnitudes over the whole model.
+
+  References:
+    Jiang et al., "BYOM: Building Your Own Multi-Task Model For Free", 2023. https://arxiv.org/abs/2310.01886
+  """
+
+  def apply(coeffs, tree, *, key=None, ctx=None):
+    del coeffs, key, ctx
+    shared = jax.tree.map(lambda x: scale * jnp.sum(x, axis=0), tree)
+    resid = jax.tree.map(lambda x, s: x - s[None], tree, shared)
+    leaves = jax.tree.leaves(resid)
+    if not leaves:
+      return tree
+    thr = task_thresholds(leaves, density)
+    return jax.tree.map(
+        lambda r, s: s[None] + jnp.where(jnp.abs(r) >= _bcast(thr, r), r, 0), resid, shared
+    )
+
+  return MergeTransform(_empty, apply, TASK, leafwise=False)
+
+
+def _minmax(v: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  return (v - lo) / (hi - lo)
+
+
+def pcb_reduce(ratio: float = 0.05, scales: float | Sequence[float] = 1.2, clamp_ratio: float = 1e-4) -> MergeTransform:
+  """``(T, ...) -> (...)``: PCB-Merging's competition-balanced merge (reference code form).
+
+  Over each task's flattened vector: magnitudes are clamped to their ``[clamp_ratio, 1 - clamp_ratio]``
+  order statistics; intra-balancing ``exp(T * minmax(|tau_t|)^2)``; inter-balancing
+  ``tanh(tau_t * sum_s tau_s)``; the product is clamped from below at its ``(1 - ratio)`` order statistic
+  and min-max normalized (so only the top ``ratio`` keep a nonzero score ``b_t``); the result is
+  ``sum_t lambda_t b_t tau'_t / max(sum_t b_t, 1e-12)`` with ``tau'_t`` the clamped task vectors.
+
+  References:
+    Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2410.02396
+  """
+
+  def apply(coeffs, tree, *, key=None, ctx=None):
+    del coeffs, key, ctx
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+      return tree
+    t = leaves[0].shape[0]
+    lam = _lambdas(scales, t)
+    d = sum(int(x[0].size) for x in leaves)
+    i_lo, i_hi = int(d * clamp_ratio), int(d * (1 - clamp_ratio) - 1)
+
+    def per_task_stat(vals, index):
+      return jax.vmap(lambda *xs: stats.order_statistic(list(xs), index))(*vals)
+
+    absv = [jnp.abs(x) for x in leaves]
+    lo, hi = per_task_stat(absv, i_lo), per_task_stat(absv, i_hi)
+    clamped_abs = [jnp.clip(a, _bcast(lo, a), _bcast(hi, a)) for a in absv]
+    cmin = jnp.min(jnp.stack([jnp.min(a.reshape(t, -1), axis=1) for a in clamped_abs]), axis=0)
+    cmax = jnp.max(jnp.stack([jnp.max(a.reshape(t, -1), axis=1) for a in clamped_abs]), axis=0)
+    score = [
+        jnp.exp(t * _minmax(a, _bcast(cmin, a), _bcast(cmax, a)) ** 2) * jnp.tanh(x * jnp.sum(x, axis=0)[None])
+        for a, x in zip(clamped_abs, leaves)
+    ]
+    s_lo = per_task_stat(score, int(d * (1 - ratio)))
+    s_hi = jnp.max(jnp.stack([jnp.max(s.reshape(t, -1), axis=1) for s in score]), axis=0)
+    out = []
+    for a, x, s in zip(clamped_abs, leaves, score):
+      b = _minmax(jnp.clip(s, _bcast(s_lo, s), _bcast(s_hi, s)), _bcast(s_lo, s), _bcast(s_hi, s))
+      tv = jnp.sign(x) * a * _bcast(lam, x)
+      out.append(jnp.sum(tv * b, axis=0) / jnp.maximum(jnp.sum(b, axis=0), 1e-12))
+    return jax.tree.unflatten(treedef, out)
+
+  return MergeTransform(_empty, apply, REDUCE, leafwise=False)

@@ -1,0 +1,187 @@
+"""Tree utilities: paths, stacks of task vectors, casting and input validation.
+
+Every merge works on *stacks*: the same pytree as one model with a leading task axis ``T`` on each leaf
+(equinox's ensembles, big_vision's scan layout). These helpers build them, name their leaves with
+``a/b/c`` path strings, and check that a set of models can be merged at all, with errors that name the
+offending model and path.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmerge.typing import Params, Path, PRNGKey, Stacked
+
+__all__ = [
+    "apply_delta",
+    "cast_like",
+    "check_compatible",
+    "check_finite",
+    "flatten_paths",
+    "is_float",
+    "leaf_key",
+    "map_with_path",
+    "num_tasks",
+    "path_str",
+    "paths",
+    "stack",
+    "task_vectors",
+    "unflatten_paths",
+    "unstack",
+]
+
+
+def _key_str(k: Any) -> str:
+  if isinstance(k, jax.tree_util.DictKey):
+    return str(k.key)
+  if isinstance(k, jax.tree_util.SequenceKey):
+    return str(k.idx)
+  if isinstance(k, jax.tree_util.GetAttrKey):
+    return str(k.name)
+  if isinstance(k, jax.tree_util.FlattenedIndexKey):
+    return str(k.key)
+  return str(k)
+
+
+def path_str(keypath: Sequence[Any]) -> Path:
+  """Turns a JAX key path into a ``a/b/c`` string (flat-dict keys are kept verbatim).
+
+  >>> import jax
+  >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": {"b": 1}, "c": [2]})[0]]
+  ['a/b', 'c/0']
+  """
+  return "/".join(_key_str(k) for k in keypath)
+
+
+def paths(tree: Any) -> list[Path]:
+  """The path string of every leaf of ``tree``, in flattening order."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+  """``jax.tree.map`` whose function also receives the leaf's path string first."""
+  return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(path_str(p), *xs), tree, *rest)
+
+
+def flatten_paths(tree: Any) -> dict[Path, Any]:
+  """A flat ``{path: leaf}`` dict in flattening order; raises on duplicate path strings."""
+  out: dict[Path, Any] = {}
+  for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    s = path_str(p)
+    if s in out:
+      raise ValueError(f"two leaves share the path {s!r}; use keys without '/' to keep paths unique")
+    out[s] = leaf
+  return out
+
+
+def unflatten_paths(like: Any, flat: Mapping[Path, Any]) -> Any:
+  """Inverse of :func:`flatten_paths`: rebuilds ``like``'s structure from a ``{path: leaf}`` dict."""
+  treedef = jax.tree_util.tree_structure(like)
+  return jax.tree_util.tree_unflatten(treedef, [flat[p] for p in paths(like)])
+
+
+def is_float(x: Any) -> bool:
+  """True for arrays of a floating dtype (the leaves that are merged; others are copied)."""
+  return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def num_tasks(stacked: Stacked) -> int:
+  """The size ``T`` of the leading task axis (all leaves must agree)."""
+  sizes = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}
+  if len(sizes) != 1:
+    raise ValueError(f"leaves disagree on the task axis size: {sorted(sizes)}")
+  return sizes.pop()
+
+
+def stack(models: Sequence[Params]) -> Stacked:
+  """Stacks ``T`` models with the same structure into one pytree with a leading task axis."""
+  if len(models) == 0:
+    raise ValueError("cannot stack an empty list of models")
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *models)
+
+
+def unstack(stacked: Stacked) -> list[Params]:
+  """Splits a stack back into a list of ``T`` models."""
+  t = num_tasks(stacked)
+  return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(t)]
+
+
+def task_vectors(pretrained: Params, finetuned: Stacked, dtype: Any = jnp.float32) -> Stacked:
+  """``finetuned - pretrained[None]`` leaf by leaf, computed in ``dtype``."""
+  return jax.tree.map(lambda f, p: f.astype(dtype) - p.astype(dtype)[None], finetuned, pretrained)
+
+
+def cast_like(tree: Any, like: Any) -> Any:
+  """Casts every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+  return jax.tree.map(lambda x, y: jnp.asarray(x).astype(jnp.result_type(y)), tree, like)
+
+
+def apply_delta(pretrained: Params, delta: Params) -> Params:
+  """``pretrained + delta`` in float32, cast back to the pretrained dtypes (cf. ``optax.apply_updates``)."""
+  return jax.tree.map(
+      lambda p, d: (p.astype(jnp.float32) + d.astype(jnp.float32)).astype(p.dtype), pretrained, delta
+  )
+
+
+def leaf_key(key: PRNGKey, path: Path) -> PRNGKey:
+  """A key for one leaf, derived from its path (not its position), so that a streamed merge, a partition
+  or a whole-tree merge all draw the same random numbers for the same leaf."""
+  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _describe(x: Any) -> str:
+  return f"shape {tuple(np.shape(x))} and dtype {jnp.result_type(x)}"
+
+
+def check_compatible(pretrained: Params, models: Sequence[Params], names: Sequence[str] | None = None) -> None:
+  """Raises ``ValueError`` naming the model and path where ``models`` differ from ``pretrained``.
+
+  Checks tree structure (missing or extra paths), shapes and dtypes.
+  """
+  if len(models) == 0:
+    raise ValueError("no fine-tuned models given: the task list is empty")
+  names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
+  ref = flatten_paths(pretrained)
+  for name, model in zip(names, models):
+    got = flatten_paths(model)
+    missing = [p for p in ref if p not in got]
+    extra = [p for p in got if p not in ref]
+    if missing or extra:
+      raise ValueError(
+          f"{name} does not match the pretrained model's structure: missing paths {missing[:10]}"
+          f"{' ...' if len(missing) > 10 else ''}, extra paths {extra[:10]}{' ...' if len(extra) > 10 else ''}"
+      )
+    for p, x in ref.items():
+      y = got[p]
+      if np.shape(x) != np.shape(y):
+        raise ValueError(f"{name}: parameter {p!r} has {_describe(y)}, the pretrained model has {_describe(x)}")
+      if jnp.result_type(x) != jnp.result_type(y):
+        raise ValueError(f"{name}: parameter {p!r} has {_describe(y)}, the pretrained model has {_describe(x)}")
+
+
+@jax.jit
+def _nonfinite(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.logical_not(jnp.all(jnp.isfinite(x))), tree)
+
+
+def check_finite(tree: Any, name: str = "model", stacked_names: Sequence[str] | None = None) -> None:
+  """Raises ``ValueError`` naming the model and path of the first leaf that holds NaN or Inf.
+
+  This runs *before* a merge (one small device-to-host transfer of a boolean per leaf), never inside it.
+  With ``stacked_names`` the tree is a stack and the message names the task whose slice is bad.
+  """
+  floats = {p: x for p, x in flatten_paths(tree).items() if is_float(x)}
+  bad = jax.device_get(_nonfinite(floats))
+  for p, flag in bad.items():
+    if flag:
+      who = name
+      if stacked_names is not None:
+        rows = np.asarray(jax.device_get(jnp.any(~jnp.isfinite(floats[p]).reshape(floats[p].shape[0], -1), axis=1)))
+        who = ", ".join(stacked_names[i] for i in np.flatnonzero(rows))
+      raise ValueError(f"{who}: parameter {p!r} contains NaN or Inf values")
