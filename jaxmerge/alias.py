@@ -91,14 +91,23 @@ def model_stock(average: str = "angle", clamp: bool = False) -> MergeTransform:
   return T.model_stock_reduce(average, clamp)
 
 
-def _ties_core(density: float, disjoint: str, scope: str) -> list[MergeTransform]:
+def _ties_core(
+    density: float, disjoint: str, scope: str, count: str = "reference", zero_sign: str = "majority"
+) -> list[MergeTransform]:
   _check_choice("disjoint", disjoint, ("sum", "mean", "max"))
   _check_choice("scope", scope, ("global", "leaf"))
-  return [T.trim(density, scope), R.disjoint_merge(disjoint, scope)]
+  return [T.trim(density, scope, count), R.disjoint_merge(disjoint, scope, zero_sign)]
 
 
 @register("ties", family="sparsification", reference="https://arxiv.org/abs/2306.01708")
-def ties(density: float = 0.2, scale: float = 0.3, disjoint: str = "sum", scope: str = "global") -> MergeTransform:
+def ties(
+    density: float = 0.2,
+    scale: float = 0.3,
+    disjoint: str = "sum",
+    scope: str = "global",
+    count: str = "reference",
+    zero_sign: str = "majority",
+) -> MergeTransform:
   """TIES-Merging: trim, elect sign, disjoint merge, scale.
 
   Args:
@@ -107,8 +116,14 @@ def ties(density: float = 0.2, scale: float = 0.3, disjoint: str = "sum", scope:
     disjoint: ``"sum"`` (FusionBench), ``"mean"`` (paper) or ``"max"``.
     scope: ``"global"`` (one threshold per task over the whole model, the reference) or ``"leaf"``
       (per tensor, as mergekit).
+    count: ``"reference"`` (FusionBench keeps ``int(N d) + 1`` entries and ties) or ``"exact"`` (mergekit:
+      exactly ``max(1, int(N d))``).
+    zero_sign: ``"majority"`` (FusionBench) or ``"positive"`` (mergekit) sign election for zero sums.
+
+  mergekit's ``ties`` (with weights 1 and ``normalize: true``) is ``scope="leaf", count="exact",
+  zero_sign="positive", disjoint="mean"`` with ``scale`` = its ``lambda``.
   """
-  return chain(*_ties_core(density, disjoint, scope), T.scale(scale))
+  return chain(*_ties_core(density, disjoint, scope, count, zero_sign), T.scale(scale))
 
 
 def _base_reduction(base: str, density: float, disjoint: str, scope: str) -> list[MergeTransform]:
@@ -121,7 +136,7 @@ def _base_reduction(base: str, density: float, disjoint: str, scope: str) -> lis
 @register("dare", family="sparsification", reference="https://arxiv.org/abs/2311.03099")
 def dare(
     p: float = 0.5,
-    rescale: bool = True,
+    rescale: bool | str = True,
     base: str = "task_arithmetic",
     scale: float = 0.3,
     density: float = 0.2,
@@ -132,7 +147,8 @@ def dare(
 
   Args:
     p: drop probability.
-    rescale: divide survivors by ``1 - p``.
+    rescale: ``True`` divides survivors by ``1 - p``; ``"l1"`` restores each tensor's L1 norm (mergekit);
+      ``False`` keeps them as they are.
     base: ``"task_arithmetic"`` or ``"ties"`` (then ``density``, ``disjoint``, ``scope`` are TIES's).
     scale: the base method's lambda.
   """
@@ -166,15 +182,18 @@ def della(p: float = 0.3, window: float = 0.14, scale: float = 1.1, rescale: boo
 
 
 @register("pcb", family="sparsification", reference="https://arxiv.org/abs/2410.02396")
-def pcb(ratio: float = 0.05, scale: float | Sequence[float] = 1.2, clamp_ratio: float = 1e-4) -> MergeTransform:
+def pcb(
+    ratio: float = 0.05, scale: float | Sequence[float] = 1.2, clamp_ratio: float = 0.01, inter: str = "signed_minmax"
+) -> MergeTransform:
   """PCB-Merging (reference vision code): competition-balanced scores, keep the top ``ratio``, weighted merge.
 
   Args:
     ratio: fraction of entries that keep a nonzero score per task.
-    scale: lambda_t, one value or one per task.
+    scale: lambda_t, one value or one per task (1.2 in the reference ViT-B/32 script).
     clamp_ratio: magnitudes are clamped to their ``[clamp_ratio, 1 - clamp_ratio]`` order statistics.
+    inter: ``"signed_minmax"`` (vision code) or ``"raw"`` (generic helper) inter-balancing.
   """
-  return T.pcb_reduce(ratio, scale, clamp_ratio)
+  return T.pcb_reduce(ratio, scale, clamp_ratio, inter)
 
 
 @register(

@@ -71,13 +71,15 @@ def elected_sign(tree, scope: str = "global"):
   raise ValueError(f"scope must be 'global' or 'leaf', got {scope!r}")
 
 
-def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global") -> MergeTransform:
+def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sign: str = "majority") -> MergeTransform:
   """``(T, ...) -> (...)``: elect a sign per entry, keep only the entries that agree with it, and reduce.
 
   Args:
     merge_func: ``"sum"`` (FusionBench's default), ``"mean"`` (the paper: mean over the agreeing nonzero
       entries) or ``"max"`` (largest agreeing magnitude, with the elected sign).
     sign_scope: where zero elected signs take the majority sign from (see :func:`elected_sign`).
+    zero_sign: ``"majority"`` (FusionBench: zero sums take the majority sign) or ``"positive"`` (mergekit:
+      a zero sum elects ``+``, and only entries whose sign equals the elected sign count).
 
   References:
     Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
@@ -85,10 +87,15 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global") -> Merge
   """
   if merge_func not in ("sum", "mean", "max"):
     raise ValueError(f"merge_func must be one of 'sum', 'mean', 'max'; got {merge_func!r}")
+  if zero_sign not in ("majority", "positive"):
+    raise ValueError(f"zero_sign must be 'majority' or 'positive', got {zero_sign!r}")
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    signs = elected_sign(tree, sign_scope)
+    if zero_sign == "majority":
+      signs = elected_sign(tree, sign_scope)
+    else:
+      signs = jax.tree.map(lambda x: jnp.where(jnp.sum(x, axis=0) >= 0, 1.0, -1.0).astype(x.dtype), tree)
 
     def leaf(x, s):
       keep = jnp.where(s[None] > 0, x > 0, x < 0)
@@ -102,4 +109,4 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global") -> Merge
 
     return jax.tree.map(leaf, tree, signs)
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=sign_scope == "leaf")
+  return MergeTransform(_empty, apply, REDUCE, leafwise=sign_scope == "leaf" or zero_sign == "positive")

@@ -200,19 +200,28 @@ def _minmax(v: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
   return (v - lo) / (hi - lo)
 
 
-def pcb_reduce(ratio: float = 0.05, scales: float | Sequence[float] = 1.2, clamp_ratio: float = 1e-4) -> MergeTransform:
-  """``(T, ...) -> (...)``: PCB-Merging's competition-balanced merge (reference code form).
+def pcb_reduce(
+    ratio: float = 0.05,
+    scales: float | Sequence[float] = 1.2,
+    clamp_ratio: float = 0.01,
+    inter: str = "signed_minmax",
+) -> MergeTransform:
+  """``(T, ...) -> (...)``: PCB-Merging's competition-balanced merge (reference vision code form).
 
-  Over each task's flattened vector: magnitudes are clamped to their ``[clamp_ratio, 1 - clamp_ratio]``
-  order statistics; intra-balancing ``exp(T * minmax(|tau_t|)^2)``; inter-balancing
-  ``tanh(tau_t * sum_s tau_s)``; the product is clamped from below at its ``(1 - ratio)`` order statistic
-  and min-max normalized (so only the top ``ratio`` keep a nonzero score ``b_t``); the result is
-  ``sum_t lambda_t b_t tau'_t / max(sum_t b_t, 1e-12)`` with ``tau'_t`` the clamped task vectors.
+  Over each task's flattened vector ``x_t`` (length ``d``): magnitudes are clamped to their order statistics
+  ``[int(d * c), int(d * (1 - c)) - 1]`` (``c = clamp_ratio``) giving ``A_t`` and the clamped vector
+  ``x'_t = sgn(x_t) A_t``; intra-balancing ``exp(T * minmax(A_t)^2)``; inter-balancing
+  ``tanh(x_t * sum_s sgn(x_s) minmax(A_s))`` (``inter="signed_minmax"``, the vision code) or
+  ``tanh(x_t * sum_s x_s)`` (``"raw"``, the generic helper); their product is clamped from below at its
+  ``int(d (1 - ratio))``-th order statistic and min-max normalized, so only about the top ``ratio`` keep a
+  nonzero score ``b_t``; the result is ``sum_t lambda_t b_t x'_t / max(sum_t b_t, 1e-12)``.
 
   References:
     Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024.
     https://arxiv.org/abs/2410.02396
   """
+  if inter not in ("signed_minmax", "raw"):
+    raise ValueError(f"inter must be 'signed_minmax' or 'raw', got {inter!r}")
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
@@ -222,26 +231,34 @@ def pcb_reduce(ratio: float = 0.05, scales: float | Sequence[float] = 1.2, clamp
     t = leaves[0].shape[0]
     lam = _lambdas(scales, t)
     d = sum(int(x[0].size) for x in leaves)
-    i_lo, i_hi = int(d * clamp_ratio), int(d * (1 - clamp_ratio) - 1)
 
     def per_task_stat(vals, index):
       return jax.vmap(lambda *xs: stats.order_statistic(list(xs), index))(*vals)
 
+    def row_min(vals):
+      return jnp.min(jnp.stack([jnp.min(v.reshape(t, -1), axis=1) for v in vals]), axis=0)
+
+    def row_max(vals):
+      return jnp.max(jnp.stack([jnp.max(v.reshape(t, -1), axis=1) for v in vals]), axis=0)
+
     absv = [jnp.abs(x) for x in leaves]
-    lo, hi = per_task_stat(absv, i_lo), per_task_stat(absv, i_hi)
-    clamped_abs = [jnp.clip(a, _bcast(lo, a), _bcast(hi, a)) for a in absv]
-    cmin = jnp.min(jnp.stack([jnp.min(a.reshape(t, -1), axis=1) for a in clamped_abs]), axis=0)
-    cmax = jnp.max(jnp.stack([jnp.max(a.reshape(t, -1), axis=1) for a in clamped_abs]), axis=0)
-    score = [
-        jnp.exp(t * _minmax(a, _bcast(cmin, a), _bcast(cmax, a)) ** 2) * jnp.tanh(x * jnp.sum(x, axis=0)[None])
-        for a, x in zip(clamped_abs, leaves)
-    ]
+    lo = per_task_stat(absv, int(d * clamp_ratio))
+    hi = per_task_stat(absv, int(d * (1 - clamp_ratio)) - 1)
+    a = [jnp.clip(v, _bcast(lo, v), _bcast(hi, v)) for v in absv]
+    amin, amax = row_min(a), row_max(a)
+    norm_a = [_minmax(v, _bcast(amin, v), _bcast(amax, v)) for v in a]
+    if inter == "signed_minmax":
+      mix = [jnp.sum(jnp.sign(x) * na, axis=0) for x, na in zip(leaves, norm_a)]
+    else:
+      mix = [jnp.sum(x, axis=0) for x in leaves]
+    score = [jnp.exp(t * na**2) * jnp.tanh(x * m[None]) for na, x, m in zip(norm_a, leaves, mix)]
     s_lo = per_task_stat(score, int(d * (1 - ratio)))
-    s_hi = jnp.max(jnp.stack([jnp.max(s.reshape(t, -1), axis=1) for s in score]), axis=0)
+    s_hi = row_max(score)
     out = []
-    for a, x, s in zip(clamped_abs, leaves, score):
-      b = _minmax(jnp.clip(s, _bcast(s_lo, s), _bcast(s_hi, s)), _bcast(s_lo, s), _bcast(s_hi, s))
-      tv = jnp.sign(x) * a * _bcast(lam, x)
+    for av, x, s in zip(a, leaves, score):
+      lo_b, hi_b = _bcast(s_lo, s), _bcast(s_hi, s)
+      b = _minmax(jnp.clip(s, lo_b, hi_b), lo_b, hi_b)
+      tv = jnp.sign(x) * av * _bcast(lam, x)
       out.append(jnp.sum(tv * b, axis=0) / jnp.maximum(jnp.sum(b, axis=0), 1e-12))
     return jax.tree.unflatten(treedef, out)
 

@@ -29,16 +29,26 @@ def _check_fraction(name: str, value: float, low_open: bool = False) -> None:
     raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
 
 
-def task_thresholds(leaves: list[jax.Array], density: float) -> jax.Array:
-  """Per-task magnitude thresholds ``(T,)`` keeping the top ``density`` of each task over all ``leaves``."""
-  return jax.vmap(lambda *xs: stats.top_fraction_threshold([jnp.abs(x) for x in xs], density))(*leaves)
+def task_thresholds(leaves: list[jax.Array], density: float, count: str = "reference") -> jax.Array:
+  """Per-task magnitude thresholds ``(T,)`` keeping the top ``density`` of each task over all ``leaves``.
+
+  ``count="reference"`` is FusionBench's rule (keep ``>=`` the ``(N - int(N d))``-th smallest, i.e.
+  ``int(N d) + 1`` entries without ties); ``"exact"`` keeps ``max(1, int(N d))`` entries (mergekit).
+  """
+  if count == "reference":
+    return jax.vmap(lambda *xs: stats.top_fraction_threshold([jnp.abs(x) for x in xs], density))(*leaves)
+  if count != "exact":
+    raise ValueError(f"count must be 'reference' or 'exact', got {count!r}")
+  n = sum(int(x[0].size) for x in leaves)
+  k = max(1, int(density * n))
+  return jax.vmap(lambda *xs: stats.kth_smallest([jnp.abs(x) for x in xs], n - k + 1))(*leaves)
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
   return v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def trim(density: float = 0.2, scope: str = "global") -> MergeTransform:
+def trim(density: float = 0.2, scope: str = "global", count: str = "reference") -> MergeTransform:
   """``(T, ...) -> (T, ...)``: keeps each task's top-``density`` entries by magnitude, zeroes the rest.
 
   Args:
@@ -47,8 +57,8 @@ def trim(density: float = 0.2, scope: str = "global") -> MergeTransform:
       flattened vector); ``"leaf"``: one threshold per task and leaf (mergekit's per-tensor rule; leafwise,
       so it can be streamed).
 
-  The threshold is the ``(N - int(N * density))``-th smallest magnitude and entries ``>=`` it survive
-  (FusionBench's rule).
+    count: ``"reference"``: the threshold is the ``(N - int(N * density))``-th smallest magnitude and entries
+      ``>=`` it survive (FusionBench); ``"exact"``: the ``max(1, int(N * density))`` largest survive (mergekit).
 
   References:
     Yadav et al., "TIES-Merging", NeurIPS 2023. https://arxiv.org/abs/2306.01708
@@ -65,11 +75,11 @@ def trim(density: float = 0.2, scope: str = "global") -> MergeTransform:
       leaves = jax.tree.leaves(tree)
       if not leaves:
         return tree
-      thr = task_thresholds(leaves, density)
+      thr = task_thresholds(leaves, density, count)
       return jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= _bcast(thr, x), x, 0), tree)
 
     def leaf(x):
-      thr = task_thresholds([x], density)
+      thr = task_thresholds([x], density, count)
       return jnp.where(jnp.abs(x) >= _bcast(thr, x), x, 0)
 
     return jax.tree.map(leaf, tree)
@@ -77,9 +87,10 @@ def trim(density: float = 0.2, scope: str = "global") -> MergeTransform:
   return MergeTransform(_empty, apply, TASK, leafwise=scope == "leaf")
 
 
-def drop(p: float = 0.5, rescale: bool = True) -> MergeTransform:
+def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
   """``(T, ...) -> (T, ...)``: DARE's random drop: zero each entry with probability ``p``, rescale the rest
-  by ``1 / (1 - p)``.
+  by ``1 / (1 - p)`` (``rescale=True``), or so that each task's tensor keeps its L1 norm (``rescale="l1"``,
+  mergekit's rule), or not at all (``False``).
 
   An entry survives when ``u >= p`` with ``u ~ U[0, 1)``, so ``p = 0`` keeps everything deterministically;
   ``p = 1`` returns zeros. Needs a key.
@@ -99,11 +110,22 @@ def drop(p: float = 0.5, rescale: bool = True) -> MergeTransform:
         return jnp.zeros_like(x)
       u = jax.random.uniform(jtree.leaf_key(key, path), x.shape, jnp.float32)
       kept = jnp.where(u >= p, x, 0)
+      if rescale == "l1":
+        return _l1_rescale(x, kept)
       return kept / (1 - p) if rescale else kept
 
     return jtree.map_with_path(leaf, tree)
 
   return MergeTransform(_empty, apply, TASK, needs_key=True)
+
+
+def _l1_rescale(x: jax.Array, kept: jax.Array, eps: float = 1e-7) -> jax.Array:
+  """Rescales each task's ``kept`` so its L1 norm matches ``x``'s (skipped below ``eps``, as mergekit)."""
+  before = jnp.sum(jnp.abs(x).reshape(x.shape[0], -1), axis=1)
+  after = jnp.sum(jnp.abs(kept).reshape(x.shape[0], -1), axis=1)
+  ok = (before >= eps) & (after >= eps)
+  factor = jnp.where(ok, before / jnp.where(ok, after, 1.0), 1.0)
+  return kept * _bcast(factor, x)
 
 
 def rows_view(path: str, x: jax.Array, layout) -> tuple[jax.Array, callable]:
