@@ -23,6 +23,7 @@ __all__ = [
     "cast_like",
     "check_compatible",
     "check_finite",
+    "flat_tasks",
     "flatten_paths",
     "is_float",
     "leaf_key",
@@ -31,6 +32,9 @@ __all__ = [
     "path_str",
     "paths",
     "stack",
+    "task_max",
+    "task_mean",
+    "task_sum",
     "task_vectors",
     "unflatten_paths",
     "unstack",
@@ -127,6 +131,62 @@ def apply_delta(pretrained: Params, delta: Params) -> Params:
   return jax.tree.map(
       lambda p, d: (p.astype(jnp.float32) + d.astype(jnp.float32)).astype(p.dtype), pretrained, delta
   )
+
+
+_UNROLL = 64
+
+
+def task_sum(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """``sum_t w_t x[t]`` over the leading task axis.
+
+  For up to 64 tasks this is an unrolled chain of elementwise adds: XLA fuses it with its producers, and on CPU
+  it is ~30x faster than ``jnp.sum(x, axis=0)``, which reduces over the major dimension.
+  """
+  t = x.shape[0]
+  if t > _UNROLL:
+    return jnp.sum(x, axis=0) if weights is None else jnp.tensordot(weights.astype(x.dtype), x, axes=1)
+  out = x[0] if weights is None else weights[0].astype(x.dtype) * x[0]
+  for i in range(1, t):
+    out = out + (x[i] if weights is None else weights[i].astype(x.dtype) * x[i])
+  return out
+
+
+def task_max(x: jax.Array) -> jax.Array:
+  """``max_t x[t]`` over the leading task axis (unrolled like :func:`task_sum`)."""
+  if x.shape[0] > _UNROLL:
+    return jnp.max(x, axis=0)
+  out = x[0]
+  for i in range(1, x.shape[0]):
+    out = jnp.maximum(out, x[i])
+  return out
+
+
+def task_mean(x: jax.Array) -> jax.Array:
+  """``mean_t x[t]`` over the leading task axis."""
+  return task_sum(x) / x.shape[0]
+
+
+def flat_tasks(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+  """Concatenates every leaf of a stack into one ``(T, N)`` array; returns it and the inverse map.
+
+  The inverse takes a ``(N,)`` array (a reduced model) or a ``(T, N)`` array (a stack) and rebuilds the tree.
+  Global steps (one threshold per task over the whole model) run on this view: a handful of large fused
+  operations instead of one small operation per leaf and task, which is much faster on CPU.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  if not leaves:
+    raise ValueError("cannot flatten an empty tree")
+  t = leaves[0].shape[0]
+  sizes = [int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves]
+  x = jnp.concatenate([leaf.reshape(t, -1) for leaf in leaves], axis=1) if len(leaves) > 1 else leaves[0].reshape(t, -1)
+  offsets = np.cumsum([0] + sizes)
+
+  def unflat(y: jax.Array) -> Any:
+    lead = y.shape[:-1]
+    parts = [y[..., offsets[i]:offsets[i + 1]].reshape(lead + leaves[i].shape[1:]) for i in range(len(leaves))]
+    return jax.tree.unflatten(treedef, parts)
+
+  return x, unflat
 
 
 def leaf_key(key: PRNGKey, path: Path) -> PRNGKey:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform
+from jaxmerge.tree import flat_tasks, task_max, task_mean, task_sum
 
 __all__ = ["disjoint_merge", "elected_sign", "mean_tasks", "sum_tasks", "weighted_sum"]
 
@@ -20,7 +21,7 @@ def sum_tasks() -> MergeTransform:
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
+    return jax.tree.map(task_sum, tree)
 
   return MergeTransform(_empty, apply, REDUCE)
 
@@ -30,7 +31,7 @@ def mean_tasks() -> MergeTransform:
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+    return jax.tree.map(task_mean, tree)
 
   return MergeTransform(_empty, apply, REDUCE)
 
@@ -50,7 +51,7 @@ def weighted_sum(weights) -> MergeTransform:
   def apply(coeffs, tree, *, key=None, ctx=None):
     del key, ctx
     w = coeffs["weights"]
-    return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), tree)
+    return jax.tree.map(lambda x: task_sum(x, w), tree)
 
   return MergeTransform(init, apply, REDUCE)
 
@@ -61,14 +62,16 @@ def elected_sign(tree, scope: str = "global"):
   The majority sign is ``sgn`` of the sum of all elected signs over the whole tree (``scope="global"``, the
   reference's rule, where the model is one flattened vector) or over each leaf (``scope="leaf"``).
   """
-  signs = jax.tree.map(lambda x: jnp.sign(jnp.sum(x, axis=0)), tree)
   if scope == "global":
-    total = sum(jnp.sum(s) for s in jax.tree.leaves(signs))
-    majority = jnp.sign(total)
-    return jax.tree.map(lambda s: jnp.where(s == 0, majority, s), signs)
+    x, unflat = flat_tasks(tree)
+    return unflat(_with_majority(jnp.sign(task_sum(x))))
   if scope == "leaf":
-    return jax.tree.map(lambda s: jnp.where(s == 0, jnp.sign(jnp.sum(s)), s), signs)
+    return jax.tree.map(lambda x: _with_majority(jnp.sign(task_sum(x))), tree)
   raise ValueError(f"scope must be 'global' or 'leaf', got {scope!r}")
+
+
+def _with_majority(s: jax.Array) -> jax.Array:
+  return jnp.where(s == 0, jnp.sign(jnp.sum(s)), s)
 
 
 def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sign: str = "majority") -> MergeTransform:
@@ -90,23 +93,26 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sig
   if zero_sign not in ("majority", "positive"):
     raise ValueError(f"zero_sign must be 'majority' or 'positive', got {zero_sign!r}")
 
+  def leaf(x, s):
+    keep = jnp.where(s[None] > 0, x > 0, x < 0)
+    sel = jnp.where(keep, x, 0)
+    if merge_func == "sum":
+      return task_sum(sel)
+    if merge_func == "mean":
+      count = task_sum((sel != 0).astype(x.dtype))
+      return task_sum(sel) / jnp.maximum(count, 1)
+    return task_max(jnp.abs(sel)) * s
+
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    if zero_sign == "majority":
-      signs = elected_sign(tree, sign_scope)
-    else:
-      signs = jax.tree.map(lambda x: jnp.where(jnp.sum(x, axis=0) >= 0, 1.0, -1.0).astype(x.dtype), tree)
-
-    def leaf(x, s):
-      keep = jnp.where(s[None] > 0, x > 0, x < 0)
-      sel = jnp.where(keep, x, 0)
-      if merge_func == "sum":
-        return jnp.sum(sel, axis=0)
-      if merge_func == "mean":
-        count = jnp.sum(sel != 0, axis=0).astype(x.dtype)
-        return jnp.sum(sel, axis=0) / jnp.maximum(count, 1)
-      return jnp.max(jnp.abs(sel), axis=0) * s
-
-    return jax.tree.map(leaf, tree, signs)
+    if zero_sign == "positive":
+      return jax.tree.map(lambda x: leaf(x, jnp.where(task_sum(x) >= 0, 1.0, -1.0).astype(x.dtype)), tree)
+    if sign_scope == "leaf":
+      return jax.tree.map(lambda x: leaf(x, _with_majority(jnp.sign(task_sum(x)))), tree)
+    if not jax.tree.leaves(tree):
+      return tree
+    # One global majority sign: work on the (T, N) view (see jaxmerge.tree.flat_tasks).
+    x, unflat = flat_tasks(tree)
+    return unflat(leaf(x, _with_majority(jnp.sign(task_sum(x)))))
 
   return MergeTransform(_empty, apply, REDUCE, leafwise=sign_scope == "leaf" or zero_sign == "positive")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxmerge import stats
 from jaxmerge.base import REDUCE, TASK, EmptyCoeffs, MergeTransform
 from jaxmerge.transforms._sparsify import task_thresholds
+from jaxmerge.tree import flat_tasks, task_max, task_sum
 
 __all__ = [
     "byom_residuals",
@@ -66,7 +67,7 @@ def tall_masks(tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) 
     del coeffs, key, ctx
 
     def leaf(x):
-      mtv = jnp.sum(x, axis=0)
+      mtv = task_sum(x)
       m = tall_mask_of(x, mtv, _lambdas(tall_lambda, x.shape[0]), strict)
       return jnp.where(m, mtv[None], 0)
 
@@ -90,9 +91,9 @@ def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, stric
     del coeffs, key, ctx
 
     def leaf(x):
-      mtv = jnp.sum(x, axis=0)
+      mtv = task_sum(x)
       m = tall_mask_of(x, mtv, _lambdas(tall_lambda, x.shape[0]), strict)
-      keep = jnp.sum(m, axis=0) >= k
+      keep = task_sum(m.astype(jnp.int32)) >= k
       return jnp.where(keep[None], x, 0)
 
     return jax.tree.map(leaf, tree)
@@ -101,9 +102,9 @@ def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, stric
 
 
 def _emr_parts(tree):
-  flags = jax.tree.map(lambda x: jnp.where(jnp.sum(x, axis=0) > 0, 1.0, -1.0).astype(x.dtype), tree)
+  flags = jax.tree.map(lambda x: jnp.where(task_sum(x) > 0, 1.0, -1.0).astype(x.dtype), tree)
   masks = jax.tree.map(lambda x, f: x * f[None] > 0, tree, flags)
-  uni = jax.tree.map(lambda x, m, f: jnp.max(jnp.where(m, jnp.abs(x), 0), axis=0) * f, tree, masks, flags)
+  uni = jax.tree.map(lambda x, m, f: task_max(jnp.where(m, jnp.abs(x), 0)) * f, tree, masks, flags)
   return uni, masks
 
 
@@ -148,8 +149,10 @@ def emr_modulate(rescaler: str = "reference") -> MergeTransform:
 
 
 def stitch(density: float = 0.1) -> MergeTransform:
-  """``(T, ...) -> (...)``: Localize-and-Stitch, data-free: each task keeps its top-``density`` entries by
-  magnitude over the whole model, and overlapping entries are averaged over the tasks that claim them.
+  """``(T, ...) -> (...)``: Localize-and-Stitch, data-free: each task keeps the entries whose magnitude is
+  strictly above its ``k``-th largest over the whole model (``k = int(N * density)``; exact zeros are never
+  kept; ``density >= 1`` keeps every nonzero entry), and overlapping entries are averaged over the tasks that
+  claim them (the reference code's rule).
 
   References:
     He et al., "Localize-and-Stitch: Efficient Model Merging via Sparse Task Arithmetic", TMLR 2025.
@@ -158,17 +161,21 @@ def stitch(density: float = 0.1) -> MergeTransform:
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
+    if not jax.tree.leaves(tree):
       return tree
-    thr = task_thresholds(leaves, density)
-
-    def leaf(x):
-      m = (jnp.abs(x) >= _bcast(thr, x)).astype(x.dtype)
-      count = jnp.maximum(jnp.sum(m, axis=0), 1.0)
-      return jnp.sum(m * x, axis=0) / count
-
-    return jax.tree.map(leaf, tree)
+    x, unflat = flat_tasks(tree)
+    t, n = x.shape
+    k = int(n * density)
+    a = jnp.abs(x)
+    if k <= 0:
+      return unflat(jnp.zeros((n,), x.dtype))
+    if density >= 1:  # an all-ones mask: every nonzero entry
+      m = (x != 0).astype(x.dtype)
+    else:
+      thr = jnp.stack([stats.kth_smallest([a[i]], n - k + 1) for i in range(t)])
+      m = ((a > thr[:, None]) & (x != 0)).astype(x.dtype)
+    count = jnp.maximum(task_sum(m), 1.0)
+    return unflat(task_sum(m * x) / count)
 
   return MergeTransform(_empty, apply, REDUCE, leafwise=False)
 
@@ -183,15 +190,13 @@ def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    shared = jax.tree.map(lambda x: scale * jnp.sum(x, axis=0), tree)
-    resid = jax.tree.map(lambda x, s: x - s[None], tree, shared)
-    leaves = jax.tree.leaves(resid)
-    if not leaves:
+    if not jax.tree.leaves(tree):
       return tree
-    thr = task_thresholds(leaves, density)
-    return jax.tree.map(
-        lambda r, s: s[None] + jnp.where(jnp.abs(r) >= _bcast(thr, r), r, 0), resid, shared
-    )
+    x, unflat = flat_tasks(tree)
+    shared = scale * task_sum(x)
+    resid = x - shared[None]
+    thr = task_thresholds([resid], density)
+    return unflat(shared[None] + jnp.where(jnp.abs(resid) >= thr[:, None], resid, 0))
 
   return MergeTransform(_empty, apply, TASK, leafwise=False)
 
@@ -248,9 +253,9 @@ def pcb_reduce(
     amin, amax = row_min(a), row_max(a)
     norm_a = [_minmax(v, _bcast(amin, v), _bcast(amax, v)) for v in a]
     if inter == "signed_minmax":
-      mix = [jnp.sum(jnp.sign(x) * na, axis=0) for x, na in zip(leaves, norm_a)]
+      mix = [task_sum(jnp.sign(x) * na) for x, na in zip(leaves, norm_a)]
     else:
-      mix = [jnp.sum(x, axis=0) for x in leaves]
+      mix = [task_sum(x) for x in leaves]
     score = [jnp.exp(t * na**2) * jnp.tanh(x * m[None]) for na, x, m in zip(norm_a, leaves, mix)]
     s_lo = per_task_stat(score, int(d * (1 - ratio)))
     s_hi = row_max(score)
@@ -259,7 +264,7 @@ def pcb_reduce(
       lo_b, hi_b = _bcast(s_lo, s), _bcast(s_hi, s)
       b = _minmax(jnp.clip(s, lo_b, hi_b), lo_b, hi_b)
       tv = jnp.sign(x) * av * _bcast(lam, x)
-      out.append(jnp.sum(tv * b, axis=0) / jnp.maximum(jnp.sum(b, axis=0), 1e-12))
+      out.append(task_sum(tv * b) / jnp.maximum(task_sum(b), 1e-12))
     return jax.tree.unflatten(treedef, out)
 
   return MergeTransform(_empty, apply, REDUCE, leafwise=False)

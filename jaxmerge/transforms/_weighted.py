@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform, context_of
+from jaxmerge.tree import task_mean, task_sum
 
 __all__ = ["model_stock_reduce", "nan_reduce", "slerp_reduce"]
 
@@ -47,7 +48,7 @@ def nan_reduce(global_scale: float | None = None, norm_of: str = "task_vector") 
       inv = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
       total = jnp.sum(inv)
       a = jnp.where(total > 0, inv / jnp.where(total > 0, total, 1.0), 0.0)
-      return g * jnp.tensordot(a, x, axes=1)
+      return g * task_sum(x, a)
 
     return jtree.map_with_path(leaf, tree)
 
@@ -114,12 +115,12 @@ def model_stock_reduce(average: str = "angle", clamp: bool = False, epsilon: flo
 
     def leaf(x):
       t = x.shape[0]
-      mean = jnp.mean(x, axis=0)
+      mean = task_mean(x)
       if t == 1:
         return mean
       flat = x.reshape(t, -1)
       sq = jnp.sum(flat * flat, axis=1)
-      dots = flat @ flat.T
+      dots = jnp.dot(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
       cos = jnp.clip(dots / (jnp.sqrt(sq[:, None] * sq[None, :]) + epsilon), -1.0, 1.0)
       iu = jnp.triu_indices(t, k=1)
       pairs = cos[iu]

@@ -1,0 +1,108 @@
+"""``jaxmerge bench``: build or load a suite, merge with every method, evaluate, write reports.
+
+::
+
+    jaxmerge bench [--suite offline|clip-vit-b32-8|...] [--smoke] [--tta] [--ri] [--methods a,b,c]
+                   [--seed N] [--cache DIR] [--out DIR]
+
+With no arguments it runs the offline 8-task suite (built on the first run, then read from the cache) and
+writes ``results.json``, ``results.csv``, ``results.md`` and PNG plots to ``./jaxmerge-results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["CLIP_SUITES", "SUITES", "build_suite", "register", "run"]
+
+CLIP_SUITES = tuple(f"clip-vit-{arch}-{n}" for arch in ("b32", "b16", "l14") for n in (8, 14, 20))
+SUITES = ("offline", *CLIP_SUITES)
+# Modules that may provide the real CLIP suites: each exposes build_suite(name, *, cache_dir, seed, smoke,
+# progress) returning an object with the runner's Suite interface.
+CLIP_SUITE_PROVIDERS = ("jaxmerge.data.clip_suites", "jaxmerge.bench.clip_suites")
+
+
+def build_suite(name: str, *, cache_dir=None, seed: int = 0, smoke: bool = False, progress: bool = True):
+  """Builds the suite ``name`` (see ``SUITES``).
+
+  Raises:
+    ValueError: an unknown suite name (listing the valid ones), or a CLIP suite whose weights or data are not
+      reachable.
+  """
+  if name not in SUITES:
+    raise ValueError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}")
+  if name == "offline":
+    from jaxmerge.bench.suite import OfflineConfig, build_offline_suite
+
+    config = OfflineConfig.smoke(seed) if smoke else OfflineConfig(seed=seed)
+    return build_offline_suite(config, cache_dir, progress=progress, name="offline-smoke" if smoke else name)
+  errors = []
+  for mod_name in CLIP_SUITE_PROVIDERS:
+    try:
+      mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+      errors.append(f"{mod_name}: {e}")
+      continue
+    try:
+      return mod.build_suite(name, cache_dir=cache_dir, seed=seed, smoke=smoke, progress=progress)
+    except (OSError, ImportError, ConnectionError) as e:
+      raise ValueError(f"suite {name!r} is not reachable: {type(e).__name__}: {e}. It needs the CLIP weights "
+                       "and the task datasets locally (Hugging Face cache) or network access.") from e
+  raise ValueError(f"suite {name!r} needs the CLIP weights and its 8+ datasets, and no provider of the real "
+                   f"CLIP suites is installed ({'; '.join(errors)}). Run the offline suite instead: "
+                   "jaxmerge bench --suite offline")
+
+
+def register(subparsers) -> None:
+  """Adds the ``bench`` subcommand (called by :mod:`jaxmerge.cli`)."""
+  p = subparsers.add_parser(
+    "bench", help="benchmark every merging method on a suite (default: the offline 8-task suite)",
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--suite", default="offline", metavar="NAME",
+                 help=f"suite to run: {', '.join(SUITES)} (default: offline)")
+  p.add_argument("--smoke", action="store_true", help="a reduced suite that runs in under a minute")
+  p.add_argument("--tta", action="store_true", help="also run methods that adapt on unlabeled test inputs")
+  p.add_argument("--ri", action="store_true",
+                 help="also run Resolving Interference before every data-free method (rows 'ri+<method>')")
+  p.add_argument("--methods", default=None, metavar="A,B,C",
+                 help="comma-separated registry names (default: every method that needs no data)")
+  p.add_argument("--seed", type=int, default=0, help="suite and merge seed (default: 0)")
+  p.add_argument("--cache", default=None, metavar="DIR",
+                 help="cache directory (default: $JAXMERGE_CACHE or ~/.cache/jaxmerge)")
+  p.add_argument("--out", default="jaxmerge-results", metavar="DIR",
+                 help="output directory (default: ./jaxmerge-results)")
+  p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+  p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+  p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+  """Runs ``jaxmerge bench`` with parsed ``args``; returns the exit status."""
+  from jaxmerge.bench.report import write_reports
+  from jaxmerge.bench.runner import resolve_methods, run_suite
+
+  if args.suite not in SUITES:
+    raise ValueError(f"unknown suite {args.suite!r}; valid suites: {', '.join(SUITES)}")
+  methods = resolve_methods(args.methods, tta=args.tta)
+  start = time.perf_counter()
+  suite = build_suite(args.suite, cache_dir=args.cache, seed=args.seed, smoke=args.smoke,
+                      progress=args.progress)
+  build_seconds = time.perf_counter() - start
+  results = run_suite(suite, methods, seed=args.seed, adapters=("ri",) if args.ri else (),
+                      progress=args.progress)
+  results["command"] = "jaxmerge " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
+  results["timings"] = {"build_or_load_suite": build_seconds, **results["timings"],
+                        "total": time.perf_counter() - start}
+  config = getattr(suite, "config", None)
+  if config is not None and hasattr(config, "to_dict"):
+    results["suite_config"] = config.to_dict()
+    results["cache_key"] = getattr(config, "hash", None)
+  files = write_reports(results, args.out, plots=args.plots)
+  print((Path(args.out) / "results.md").read_text())
+  print("wrote " + ", ".join(str(f) for f in files))
+  return 0

@@ -1,0 +1,221 @@
+"""Benchmark reports: ``results.json`` (the schema below), ``results.csv``, ``results.md`` and PNG plots.
+
+``results.json``::
+
+    {"suite": str, "tasks": [str, ...], "seed": int, "command": str,
+     "rows": [{"method": str, "accuracy": {task: float in [0, 1]}, "average": float,
+               "normalized": {task: float}, "normalized_average": float, "seconds": float,
+               "kind": "baseline" | "merge", "data": str, "per_task_model": bool, "hparams": {...}}, ...],
+     "cross_eval": {"experts": [task, ...], "tasks": [task, ...], "accuracy": [[float, ...], ...]},
+     "skipped": [{"method": str, "reason": str}, ...], "timings": {step: seconds}, "reference": {...}, ...}
+
+Rows start with ``pretrained`` and ``experts`` (each expert on its own task). ``normalized`` is accuracy
+divided by the expert's accuracy on the same task. ``seconds`` is the merge's wall time (compilation
+included; zero for the baselines). ``cross_eval.accuracy[i][j]`` is expert ``i`` on task ``j``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FUSIONBENCH_VIT_B32", "TIMING_KEYS", "compare_with_reference", "write_reports"]
+
+# FusionBench's published CLIP ViT-B/32 8-task averages (%), for rank comparison only.
+FUSIONBENCH_VIT_B32 = {
+  "pretrained": 48.2,
+  "experts": 90.3,
+  "task_arithmetic": 68.0,
+  "ties": 72.2,
+  "iso_c": 82.8,
+  "wudi": 84.5,
+  "tsv_m": 83.1,
+}
+
+# Row keys that hold wall times: excluded when comparing two runs for determinism.
+TIMING_KEYS = ("seconds", "eval_seconds")
+
+
+def _kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+  n = len(a)
+  s = 0
+  pairs = 0
+  for i in range(n):
+    for j in range(i + 1, n):
+      s += np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])
+      pairs += 1
+  return float(s / pairs) if pairs else float("nan")
+
+
+def compare_with_reference(rows: Sequence[dict], reference: dict[str, float] = FUSIONBENCH_VIT_B32) -> dict:
+  """Ranks the methods present both here and in ``reference`` by average accuracy.
+
+  Returns:
+    ``{"methods": [...], "ours": [...], "reference": [...], "ours_rank": [...], "reference_rank": [...],
+    "kendall_tau": float}`` (ranks: 1 = best).
+  """
+  ours = {r["method"]: r["average"] for r in rows}
+  common = [m for m in reference if m in ours]
+  a = [100 * ours[m] for m in common]
+  b = [reference[m] for m in common]
+  rank = lambda v: [1 + sorted(v, reverse=True).index(x) for x in v]
+  return {"methods": common, "ours": a, "reference": b, "ours_rank": rank(a), "reference_rank": rank(b),
+          "kendall_tau": _kendall_tau(a, b)}
+
+
+def _pct(x: float) -> str:
+  return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _markdown(results: dict) -> str:
+  tasks = results["tasks"]
+  out = [f"# jaxmerge bench: {results['suite']}", ""]
+  if results.get("command"):
+    out += [f"Command: `{results['command']}`", ""]
+  out += ["Accuracy (%) on each task's test split; *norm.* = merged / expert accuracy, averaged over tasks; "
+          "*merge s* = merge wall time including compilation.", ""]
+  head = ["method", *tasks, "avg", "norm.", "merge s"]
+  out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in results["rows"]:
+    name = r["method"] + (" †" if r.get("per_task_model") else "")
+    cells = [name, *[_pct(r["accuracy"][t]) for t in tasks], f"**{_pct(r['average'])}**",
+             _pct(r["normalized_average"]), f"{r['seconds']:.2f}" if r["kind"] == "merge" else ""]
+    out.append("| " + " | ".join(cells) + " |")
+  if any(r.get("per_task_model") for r in results["rows"]):
+    out += ["", "† one model per task (needs the task id at inference)."]
+  if results.get("skipped"):
+    out += ["", "Skipped: " + "; ".join(f"`{s['method']}` ({s['reason']})" for s in results["skipped"])]
+  ce = results.get("cross_eval")
+  if ce:
+    out += ["", "## Experts' cross-evaluation (row: expert, column: task, accuracy %)", ""]
+    out += ["| expert \\ task | " + " | ".join(ce["tasks"]) + " |", "|" + "---|" * (len(ce["tasks"]) + 1)]
+    for e, row in zip(ce["experts"], ce["accuracy"]):
+      out.append(f"| {e} | " + " | ".join(_pct(x) for x in row) + " |")
+  ref = results.get("reference")
+  if ref and ref.get("methods"):
+    out += ["", "## Ranking against FusionBench's CLIP ViT-B/32 8-task table", "",
+            "| method | here (avg %) | rank | FusionBench (avg %) | rank |", "|---|---|---|---|---|"]
+    for m, a, ra, b, rb in zip(ref["methods"], ref["ours"], ref["ours_rank"], ref["reference"],
+                               ref["reference_rank"]):
+      out.append(f"| {m} | {a:.1f} | {ra} | {b:.1f} | {rb} |")
+    out += ["", f"Kendall's tau between the two rankings: {ref['kendall_tau']:.2f}."]
+  if results.get("timings"):
+    out += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items())]
+  return "\n".join(out) + "\n"
+
+
+def _csv(results: dict, path: Path) -> None:
+  tasks = results["tasks"]
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["method", *tasks, "average", "normalized_average", "seconds", "kind", "data"])
+    for r in results["rows"]:
+      w.writerow([r["method"], *[f"{r['accuracy'][t]:.6f}" for t in tasks], f"{r['average']:.6f}",
+                  f"{r['normalized_average']:.6f}", f"{r['seconds']:.4f}", r["kind"], r.get("data", "")])
+
+
+def _plots(results: dict, out: Path) -> list[str]:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  files = []
+  rows = results["rows"]
+  names = [r["method"] for r in rows]
+  avgs = [100 * r["average"] for r in rows]
+  fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+  colors = ["#999999" if r["kind"] == "baseline" else "#3b75af" for r in rows]
+  ax.barh(range(len(rows)), avgs, color=colors)
+  ax.set_yticks(range(len(rows)), names)
+  ax.invert_yaxis()
+  ax.set_xlabel("average accuracy (%)")
+  ax.set_xlim(0, 100)
+  for i, v in enumerate(avgs):
+    ax.text(v + 0.5, i, f"{v:.1f}", va="center", fontsize=8)
+  ax.set_title(f"{results['suite']}: average accuracy over {len(results['tasks'])} tasks")
+  fig.tight_layout()
+  fig.savefig(out / "accuracy.png", dpi=110)
+  plt.close(fig)
+  files.append("accuracy.png")
+
+  tasks = results["tasks"]
+  mat = np.array([[100 * r["accuracy"][t] for t in tasks] for r in rows])
+  fig, ax = plt.subplots(figsize=(1.0 * len(tasks) + 3, 0.35 * len(rows) + 1.5))
+  im = ax.imshow(mat, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+  ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+  ax.set_yticks(range(len(rows)), names)
+  for i in range(mat.shape[0]):
+    for j in range(mat.shape[1]):
+      ax.text(j, i, f"{mat[i, j]:.0f}", ha="center", va="center", fontsize=7,
+              color="white" if mat[i, j] < 60 else "black")
+  fig.colorbar(im, ax=ax, label="accuracy (%)")
+  ax.set_title("per-task accuracy")
+  fig.tight_layout()
+  fig.savefig(out / "per_task.png", dpi=110)
+  plt.close(fig)
+  files.append("per_task.png")
+
+  ce = results.get("cross_eval")
+  if ce:
+    m = 100 * np.asarray(ce["accuracy"])
+    fig, ax = plt.subplots(figsize=(0.8 * len(ce["tasks"]) + 2.5, 0.6 * len(ce["experts"]) + 1.5))
+    im = ax.imshow(m, vmin=0, vmax=100, cmap="magma")
+    ax.set_xticks(range(len(ce["tasks"])), ce["tasks"], rotation=30, ha="right")
+    ax.set_yticks(range(len(ce["experts"])), [f"expert: {e}" for e in ce["experts"]])
+    for i in range(m.shape[0]):
+      for j in range(m.shape[1]):
+        ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                color="white" if m[i, j] < 60 else "black")
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    ax.set_title("experts' cross-evaluation")
+    fig.tight_layout()
+    fig.savefig(out / "cross_eval.png", dpi=110)
+    plt.close(fig)
+    files.append("cross_eval.png")
+  return files
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, np.integer, np.bool_)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (str, int, float, bool)) or x is None:
+    return x
+  return repr(x)
+
+
+def write_reports(results: dict, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
+  """Writes ``results.json``, ``results.csv``, ``results.md`` and (``plots``) the PNG charts.
+
+  Args:
+    results: the runner's results dict (schema in the module docstring).
+    out_dir: output directory (created).
+    plots: also draw ``accuracy.png``, ``per_task.png`` and ``cross_eval.png``.
+
+  Returns:
+    The written files.
+  """
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  results = dict(results)
+  results["reference"] = compare_with_reference(results["rows"])
+  results = _jsonable(results)
+  (out / "results.json").write_text(json.dumps(results, indent=1))
+  _csv(results, out / "results.csv")
+  (out / "results.md").write_text(_markdown(results))
+  files = [out / "results.json", out / "results.csv", out / "results.md"]
+  if plots:
+    files += [out / f for f in _plots(results, out)]
+  return files

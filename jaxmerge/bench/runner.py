@@ -1,0 +1,214 @@
+"""Merge every selected method on a suite, evaluate it on every task, and collect the results.
+
+The runner knows nothing about how a method uses data. A *method runner* turns ``(suite, method, key)`` into
+merged parameters; the built-in one handles every registered method that needs no data (``data == "none"``)
+with :func:`jaxmerge.merge` or :func:`jaxmerge.merge_per_task`. Methods that need data plug in with
+:func:`register_runner` for their data class (``"val"``, ``"aux"``, ``"tta"``): the runner receives the suite
+object, which exposes the pretrained model and experts, pure jittable model functions (``suite.embed``,
+``suite.logits``) and the data (``suite.batches``, ``suite.unlabeled``, ``suite.aux``). Pre-merge adaptations
+such as Resolving Interference plug in with :func:`register_adapter`: an adapter returns new experts, and
+every data-free method is then merged again from them (rows ``"<adapter>+<method>"``).
+
+A plug-in module registers itself at import; the runner imports the modules listed in ``PLUGIN_MODULES``
+for the data classes or adapters that a run asks for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+import jaxmerge as jm
+
+__all__ = ["MethodRunner", "PLUGIN_MODULES", "Suite", "register_adapter", "register_runner",
+           "resolve_methods", "run_suite"]
+
+
+class Suite(Protocol):
+  """What the runner and method runners need from a suite (the offline suite and the CLIP suites)."""
+
+  name: str
+  tasks: tuple[str, ...]
+  pretrained: Any
+  experts: list[Any]
+  layout: Callable[..., Any]
+  timings: dict[str, float]
+
+  def evaluate(self, params: Any, tasks: Sequence[str] | None = None, split: str = "test") -> dict[str, float]:
+    ...
+
+
+# A method runner: (suite, method name, hyperparameters, PRNG key) -> merged params, or a list of T params
+# (one per task) for per-task methods.
+MethodRunner = Callable[[Suite, str, dict, jax.Array], Any]
+# An adapter: (suite, PRNG key) -> adapted experts (list of T params), e.g. Resolving Interference.
+Adapter = Callable[[Suite, jax.Array], list]
+
+_RUNNERS: dict[str, MethodRunner] = {}
+_ADAPTERS: dict[str, Adapter] = {}
+
+# Modules imported on demand; each registers its runner or adapter when imported.
+PLUGIN_MODULES: dict[str, tuple[str, ...]] = {
+  "tta": ("jaxmerge.tta.bench",),
+  "val": ("jaxmerge.tta.bench",),
+  "aux": ("jaxmerge.tta.bench",),
+  "ri": ("jaxmerge.tta.ri", "jaxmerge.ri"),
+}
+
+
+def register_runner(data: str, runner: MethodRunner) -> None:
+  """Registers the runner of every method whose ``jm.method_info(name).data == data``."""
+  _RUNNERS[data] = runner
+
+
+def register_adapter(name: str, adapter: Adapter) -> None:
+  """Registers a pre-merge adaptation (``name`` is used in row names, e.g. ``"ri"``)."""
+  _ADAPTERS[name] = adapter
+
+
+def _load_plugins(kind: str) -> None:
+  for mod in PLUGIN_MODULES.get(kind, ()):
+    try:
+      importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+      if e.name is None or not mod.startswith(e.name):
+        raise
+
+
+def _merge_data_free(suite: Suite, method: str, hparams: dict, key: jax.Array, experts=None) -> Any:
+  info = jm.method_info(method)
+  tx = jm.get_method(method)(**hparams)
+  fn = jm.merge_per_task if info.per_task else jm.merge
+  return fn(tx, suite.pretrained, experts if experts is not None else suite.experts, key=key,
+            layout=suite.layout, names=list(suite.tasks))
+
+
+register_runner("none", _merge_data_free)
+
+
+def resolve_methods(spec: str | Sequence[str] | None, *, tta: bool = False) -> list[str]:
+  """The methods a run merges.
+
+  Args:
+    spec: comma-separated names or a list; ``None`` or ``"all"`` selects every registered method that needs
+      no data (plus those needing TTA data when ``tta``).
+    tta: include methods with ``data == "tta"`` in the default selection.
+
+  Raises:
+    ValueError: an unknown method (the message lists the valid ones).
+  """
+  registered = jm.list_methods()
+  if spec is None or spec == "all" or spec == ["all"]:
+    kinds = {"none", "tta"} if tta else {"none"}
+    return [m for m in registered if jm.method_info(m).data in kinds]
+  names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+  unknown = [n for n in names if n not in registered]
+  if unknown:
+    raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(registered)}")
+  if not names:
+    raise ValueError("--methods selected no method")
+  return list(dict.fromkeys(names))
+
+
+def _row(method: str, acc: dict, expert_acc: dict | None, tasks, seconds: float, **extra) -> dict:
+  avg = float(np.mean([acc[t] for t in tasks]))
+  norm = {t: (acc[t] / expert_acc[t] if expert_acc and expert_acc[t] > 0 else float("nan")) for t in tasks}
+  return {"method": method, "accuracy": {t: float(acc[t]) for t in tasks}, "average": avg,
+          "normalized": norm, "normalized_average": float(np.mean(list(norm.values()))), "seconds": seconds,
+          **extra}
+
+
+def _block(tree):
+  jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+  return tree
+
+
+def _evaluate_merged(suite: Suite, merged: Any) -> tuple[dict, bool]:
+  if isinstance(merged, (list, tuple)):
+    if len(merged) != len(suite.tasks):
+      raise ValueError(f"a per-task method returned {len(merged)} models for {len(suite.tasks)} tasks")
+    return {t: suite.evaluate(m, [t])[t] for t, m in zip(suite.tasks, merged)}, True
+  return suite.evaluate(merged), False
+
+
+def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: Sequence[str] = (),
+              progress: bool = True, strict: bool = False) -> dict:
+  """Evaluates the baselines and every method on ``suite``.
+
+  Args:
+    suite: a built suite (e.g. :func:`jaxmerge.bench.suite.build_offline_suite`).
+    methods: registry names (see :func:`resolve_methods`); each is built with its default hyperparameters.
+    seed: seeds the PRNG key passed to every merge (stochastic methods: DARE, DELLA, ...).
+    adapters: pre-merge adaptations to run as well (e.g. ``("ri",)``); their rows are
+      ``"<adapter>+<method>"`` for every data-free method in ``methods``.
+    progress: show a progress bar over methods.
+    strict: re-raise a method's error instead of recording it under ``"skipped"``.
+
+  Returns:
+    The results dict of :mod:`jaxmerge.bench.report` (without the reference comparison).
+  """
+  tasks = list(suite.tasks)
+  timings = dict(getattr(suite, "timings", {}))
+  t0 = time.perf_counter()
+  pre_acc = suite.evaluate(suite.pretrained)
+  cross = [suite.evaluate(e) for e in suite.experts]
+  expert_acc = {t: cross[i][t] for i, t in enumerate(tasks)}
+  timings["evaluate_baselines"] = time.perf_counter() - t0
+  rows = [_row("pretrained", pre_acc, expert_acc, tasks, 0.0, kind="baseline", data="none"),
+          _row("experts", expert_acc, expert_acc, tasks, 0.0, kind="baseline", data="labels (fine-tuning)",
+               per_task_model=True)]
+  skipped = []
+
+  for kind in {jm.method_info(m).data for m in methods} - set(_RUNNERS):
+    _load_plugins(kind)
+  for a in adapters:
+    if a not in _ADAPTERS:
+      _load_plugins(a)
+    if a not in _ADAPTERS:
+      raise ValueError(f"no adapter {a!r} is registered (looked in {PLUGIN_MODULES.get(a, ())}); "
+                       f"available: {sorted(_ADAPTERS) or 'none'}")
+
+  jobs = [(m, m, None) for m in methods]
+  for a in adapters:
+    jobs += [(f"{a}+{m}", m, a) for m in methods if jm.method_info(m).data == "none"]
+  adapted: dict[str, list] = {}
+  key = jax.random.key(seed)
+  t0 = time.perf_counter()
+  bar = jobs
+  if progress:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(jobs, desc="merging and evaluating", leave=False)
+  for row_name, method, adapter in bar:
+    info = jm.method_info(method)
+    runner = _RUNNERS.get(info.data)
+    if runner is None:
+      skipped.append({"method": row_name, "reason": f"needs {info.data!r} data and no runner for it is registered"})
+      continue
+    try:
+      start = time.perf_counter()
+      if adapter is not None:
+        if adapter not in adapted:
+          adapted[adapter] = _block(_ADAPTERS[adapter](suite, jax.random.fold_in(key, 1)))
+        merged = _block(_merge_data_free(suite, method, {}, key, experts=adapted[adapter]))
+      else:
+        merged = _block(runner(suite, method, {}, key))
+      seconds = time.perf_counter() - start
+      start = time.perf_counter()
+      acc, per_task = _evaluate_merged(suite, merged)
+      rows.append(_row(row_name, acc, expert_acc, tasks, seconds, eval_seconds=time.perf_counter() - start,
+                       kind="merge", data=info.data, family=info.family, per_task_model=per_task,
+                       hparams=dict(info.hparams)))
+    except Exception as e:  # one method's failure must not lose the whole benchmark
+      if strict:
+        raise
+      skipped.append({"method": row_name, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+  timings["merge_and_evaluate"] = time.perf_counter() - t0
+  return {"suite": suite.name, "tasks": tasks, "seed": seed, "rows": rows,
+          "cross_eval": {"experts": tasks, "tasks": tasks, "accuracy": [[c[t] for t in tasks] for c in cross]},
+          "skipped": skipped, "timings": timings}
