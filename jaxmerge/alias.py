@@ -96,6 +96,8 @@ def _ties_core(
 ) -> list[MergeTransform]:
   _check_choice("disjoint", disjoint, ("sum", "mean", "max"))
   _check_choice("scope", scope, ("global", "leaf"))
+  if scope == "global":
+    return [R.ties_merge(density, disjoint, count, zero_sign)]
   return [T.trim(density, scope, count), R.disjoint_merge(disjoint, scope, zero_sign)]
 
 

@@ -1,8 +1,9 @@
 """Entry points: ``merge`` (one model), ``merge_per_task`` (one model per task) and ``make_merger``.
 
-``merge`` validates its inputs on the host (structure, shapes, dtypes, NaN/Inf: errors name the model and
-path), then runs one jitted function: task vectors in float32, the transform, the result added to the
-pretrained weights and cast back to their dtypes. Non-floating leaves (integer buffers, step counters) are
+``merge`` validates structure, shapes and dtypes on the host (errors name the model and path), then runs one
+jitted function: task vectors in float32, the transform, the result added to the pretrained weights and cast
+back to their dtypes. NaN/Inf weights are rejected before the merge by a small jitted check (one flag per leaf
+and model, compiled once per model structure), with an error naming the model and path. Non-floating leaves (integer buffers, step counters) are
 copied from the pretrained model and never merged.
 """
 
@@ -42,8 +43,9 @@ def prepare(
   """Validates inputs and splits them by path into float leaves and copied leaves.
 
   Returns:
-    ``(pre_float, ft_float, passthrough)``: flat ``{path: array}`` dicts of the pretrained float leaves, of
-    the fine-tuned float leaves stacked on a leading task axis, and of the non-float pretrained leaves.
+    ``(pre_float, ft_float, passthrough)``: a flat ``{path: array}`` dict of the pretrained float leaves; the
+    fine-tuned float leaves, either a tuple of such dicts (one per model, when a list was given) or one dict of
+    stacked leaves; and a dict of the non-float pretrained leaves.
   """
   models, stacked = _as_list(finetuned)
   pre = jtree.flatten_paths(pretrained)
@@ -52,7 +54,9 @@ def prepare(
   if models is not None:
     jtree.check_compatible(pretrained, models, names)
     flats = [jtree.flatten_paths(m) for m in models]
-    ft = {p: jnp.stack([jnp.asarray(f[p]) for f in flats]) for p, x in pre.items() if jtree.is_float(x)}
+    # Kept as a tuple of per-model dicts: the stack is formed inside the jitted merge, where XLA fuses it into
+    # its consumers instead of materializing a second copy of every model.
+    ft = tuple({p: f[p] for p, x in pre.items() if jtree.is_float(x)} for f in flats)
   else:
     st = jtree.flatten_paths(stacked)
     missing = [p for p in pre if p not in st]
@@ -70,23 +74,61 @@ def prepare(
         raise ValueError(f"stacked parameter {p!r} has shape {tuple(np.shape(st[p]))}, expected (T, "
                          f"{', '.join(map(str, np.shape(x)))})")
     ft = {p: jnp.asarray(st[p]) for p, x in pre.items() if jtree.is_float(x)}
-  for p, x in ft.items():
-    if not jtree.is_float(x):
-      raise ValueError(f"parameter {p!r} is floating in the pretrained model but has dtype {x.dtype} in a "
-                       "fine-tuned model")
+    for p, x in ft.items():
+      if not jtree.is_float(x):
+        raise ValueError(f"parameter {p!r} is floating in the pretrained model but has dtype {x.dtype} in a "
+                         "fine-tuned model")
   pre_float = {p: jnp.asarray(x) for p, x in pre.items() if jtree.is_float(x)}
   passthrough = {p: x for p, x in pre.items() if not jtree.is_float(x)}
   if check_finite:
-    jtree.check_finite(pre_float, "pretrained model")
-    t = next(iter(ft.values())).shape[0] if ft else 0
-    jtree.check_finite(ft, "fine-tuned models", stacked_names=list(names) if names else [f"model {i}" for i in range(t)])
+    _raise_nonfinite(pre_float, ft, _nonfinite_flags(pre_float, ft), names)
   return pre_float, ft, passthrough
+
+
+@jax.jit
+def _nonfinite(tree: dict) -> dict:
+  """One NaN/Inf flag per leaf (per task row for stacked leaves)."""
+  return {p: jnp.logical_not(jnp.all(jnp.isfinite(x))) for p, x in tree.items()}
+
+
+@jax.jit
+def _nonfinite_rows(tree: dict) -> dict:
+  return {p: jnp.logical_not(jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)) for p, x in tree.items()}
+
+
+def _nonfinite_flags(pre: dict, ft: Any) -> dict:
+  """Flags for the pretrained leaves and, per fine-tuned model, ``(T,)`` flags per leaf. One compiled check is
+  shared by every model of the same structure."""
+  if isinstance(ft, tuple):
+    per_model = [_nonfinite(m) for m in ft]
+    ft_flags = {p: jnp.stack([f[p] for f in per_model]) for p in pre}
+  else:
+    ft_flags = _nonfinite_rows(ft)
+  return {"pre": _nonfinite(pre), "ft": ft_flags}
+
+
+def _raise_nonfinite(pre: dict, ft: Any, flags: dict, names: Sequence[str] | None) -> None:
+  flags = jax.device_get(flags)
+  for p, f in flags["pre"].items():
+    if f:
+      raise ValueError(f"pretrained model: parameter {p!r} contains NaN or Inf values")
+  for p, f in flags["ft"].items():
+    rows = np.flatnonzero(np.asarray(f))
+    if rows.size:
+      labels = list(names) if names else [f"model {i}" for i in range(len(f))]
+      raise ValueError(f"{', '.join(labels[i] for i in rows)}: parameter {p!r} contains NaN or Inf values")
+
+
+def _stacked(ft: Any, p: str) -> jax.Array:
+  if isinstance(ft, tuple):
+    return jnp.stack([m[p].astype(jnp.float32) for m in ft])
+  return ft[p].astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=128)
 def _compiled(tx: MergeTransform, layout: Layout, per_task: bool) -> Callable[..., Any]:
   def run(pre, ft, coeffs, key):
-    deltas = {p: ft[p].astype(jnp.float32) - pre[p].astype(jnp.float32)[None] for p in pre}
+    deltas = {p: _stacked(ft, p) - pre[p].astype(jnp.float32)[None] for p in pre}
     pre32 = {p: x.astype(jnp.float32) for p, x in pre.items()}
     if coeffs is None:
       coeffs = tx.init(deltas)

@@ -191,7 +191,7 @@ def test_low_precision_inputs_merge_in_float32_and_cast_back(dtype):
 def test_scale_sweep_does_not_retrace():
   pre, fts = _models()
   tx = jm.get_method("task_arithmetic")()
-  pre_f, ft, _ = jm.merge.__globals__["prepare"](pre, fts)
+  pre_f, ft, _ = jm.merge.__globals__["prepare"](pre, jm.tree.stack(fts))
   calls = []
 
   @jax.jit
@@ -218,7 +218,7 @@ DETERMINISTIC = ["simple_average", "task_arithmetic", "nan", "model_stock", "tie
 def test_jit_equals_no_jit_and_permutation_invariance(name):
   pre, fts = _models(t=3, seed=3)
   tx = jm.get_method(name)()
-  pre_f, ft, _ = jm.merge.__globals__["prepare"](pre, fts)
+  pre_f, ft, _ = jm.merge.__globals__["prepare"](pre, jm.tree.stack(fts))
   d = {p: ft[p] - pre_f[p][None] for p in pre_f}
   ctx = jm.MergeContext(pretrained=pre_f)
   with jax.disable_jit():

@@ -25,6 +25,8 @@ SUITES = ("offline", *CLIP_SUITES)
 # Modules that may provide the real CLIP suites: each exposes build_suite(name, *, cache_dir, seed, smoke,
 # progress) returning an object with the runner's Suite interface.
 CLIP_SUITE_PROVIDERS = ("jaxmerge.data.clip_suites", "jaxmerge.bench.clip_suites")
+# --smoke without --methods: a few representative methods (compilation dominates a smoke run's time).
+SMOKE_METHODS = ("simple_average", "task_arithmetic", "ties", "tsv_m", "iso_c")
 
 
 def build_suite(name: str, *, cache_dir=None, seed: int = 0, smoke: bool = False, progress: bool = True):
@@ -65,7 +67,9 @@ def register(subparsers) -> None:
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--suite", default="offline", metavar="NAME",
                  help=f"suite to run: {', '.join(SUITES)} (default: offline)")
-  p.add_argument("--smoke", action="store_true", help="a reduced suite that runs in under a minute")
+  p.add_argument("--smoke", action="store_true",
+                 help=f"a reduced suite that runs in under a minute (methods: {', '.join(SMOKE_METHODS)} "
+                      "unless --methods is given)")
   p.add_argument("--tta", action="store_true", help="also run methods that adapt on unlabeled test inputs")
   p.add_argument("--ri", action="store_true",
                  help="also run Resolving Interference before every data-free method (rows 'ri+<method>')")
@@ -89,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
   if args.suite not in SUITES:
     raise ValueError(f"unknown suite {args.suite!r}; valid suites: {', '.join(SUITES)}")
   methods = resolve_methods(args.methods, tta=args.tta)
+  if args.smoke and args.methods is None:
+    methods = [m for m in methods if m in SMOKE_METHODS]
   start = time.perf_counter()
   suite = build_suite(args.suite, cache_dir=args.cache, seed=args.seed, smoke=args.smoke,
                       progress=args.progress)

@@ -79,9 +79,9 @@ class OfflineConfig:
   pretrain_steps: int = 600
   pretrain_batch: int = 128
   pretrain_lr: float = 2e-3
-  finetune_steps: int = 150
-  finetune_batch: int = 128
-  finetune_lr: float = 1e-3
+  finetune_steps: int = 100
+  finetune_batch: int = 64
+  finetune_lr: float = 2e-3
   weight_decay: float = 0.05
   eval_batch: int = 500
   version: int = SUITE_VERSION

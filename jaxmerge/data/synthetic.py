@@ -314,9 +314,10 @@ def _gen_counting(rng, labels, domain):
   for j in range(len(COUNTS)):
     active = labels >= j
     cell = cells[:, j]
-    r = rng.uniform(0.05, 0.09, n) if domain == "task" else rng.uniform(0.08, 0.1, n)
-    cx = (cell % 4 + 0.5) / 4 + rng.uniform(-1, 1, n) * (0.125 - r)
-    cy = (cell // 4 + 0.5) / 4 + rng.uniform(-1, 1, n) * (0.125 - r)
+    r = rng.uniform(0.05, 0.08, n) if domain == "task" else rng.uniform(0.07, 0.09, n)
+    slack = np.maximum(0.125 - r - 0.035, 0)  # dots stay one pixel inside their cell: they never touch
+    cx = (cell % 4 + 0.5) / 4 + rng.uniform(-1, 1, n) * slack
+    cy = (cell // 4 + 0.5) / 4 + rng.uniform(-1, 1, n) * slack
     mask = ((x - _col(cx)) ** 2 + (y - _col(cy)) ** 2 <= _col(r) ** 2) & _col(active).astype(bool)
     color = _random_colors(rng, n, s=(0.5, 1.0), v=(0.7, 1.0)) if domain == "task" else same * 0.2
     img = _paint(img, mask, color)
@@ -387,17 +388,17 @@ def _gen_clutter_digits(rng, labels, domain):
       c = rng.uniform(0, 1, (4, n))
       m = (np.abs(x - _col(c[0])) < _col(c[2] * 0.3)) & (np.abs(y - _col(c[1])) < _col(c[3] * 0.3))
       img = _paint(img, m, base * rng.uniform(0.75, 1.25, (n, 1)).astype(np.float32))
-    height = rng.uniform(0.5, 0.7, n)
-    shear = rng.uniform(-0.2, 0.2, n)
+    height = rng.uniform(0.55, 0.7, n)
+    shear = rng.uniform(-0.1, 0.1, n)
     # Ink contrasts with the background: dark on light, light on dark.
     ink_v = np.where(value > 0.55, rng.uniform(0.0, 0.3, n), rng.uniform(0.8, 1.0, n))
     fg = _hsv_to_rgb(rng.uniform(0, 360, n), rng.uniform(0.0, 0.9, n), ink_v)
     # Neighbouring digits cut by the image border, as in house-number crops.
     for side in (-1, 1):
-      nx = 0.5 - height * 5 / 14 + side * height * 0.85
+      nx = 0.5 - height * 5 / 14 + side * height * 0.95
       img = _paint(img, _glyph_mask(rng.integers(0, 10, n), nx, 0.5 - height / 2, height, shear), fg)
-    y0 = 0.5 - height / 2 + rng.uniform(-0.1, 0.1, n)
-    x0 = 0.5 - height * 5 / 14 + rng.uniform(-0.08, 0.08, n)
+    y0 = 0.5 - height / 2 + rng.uniform(-0.05, 0.05, n)
+    x0 = 0.5 - height * 5 / 14 + rng.uniform(-0.05, 0.05, n)
   else:
     img = np.ones((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     height = rng.uniform(0.55, 0.8, n)
@@ -573,7 +574,7 @@ _TASKS: dict[str, tuple[TaskSpec, _Gen | None]] = {
   "shapes": (TaskSpec("shapes", SHAPES, ("a drawing of a {}", "a {} shape"),
                       "one shape of random colour, size and rotation on a noisy background"), _gen_shapes),
   "colors": (TaskSpec("colors", COLORS, ("something {}", "a {} object"),
-                      "the colour of one object among grey distractors"), _gen_colors),
+                      "the colour of one object among grey distractors, under warm light"), _gen_colors),
   "house_digits": (TaskSpec("house_digits", DIGITS, ("a house number {}", "the number {} on a sign"),
                             "printed digits in random colours on clutter, neighbours cut by the border (SVHN)"),
                    _gen_clutter_digits),
@@ -582,10 +583,18 @@ _TASKS: dict[str, tuple[TaskSpec, _Gen | None]] = {
   "orientation": (TaskSpec("orientation", ORIENTATIONS, ("a {} bar", "a line that is {}"),
                            "the orientation of one bar, six 30-degree bins"), _gen_orientation),
   "scenes": (TaskSpec("scenes", SCENES, ("a picture of a {}", "a photo of the {}"),
-                      "landscapes composed of sky, ground and objects (SUN397)"), _gen_scenes),
+                      "landscapes composed of sky, ground and objects, in false colour (SUN397, EuroSAT)"), _gen_scenes),
 }
 
 TASKS: tuple[str, ...] = tuple(_TASKS)
+
+# Fixed "sensor" transforms applied to a task's images only, never to pretraining images: the benchmark
+# photographs concepts the pretraining knows through a camera it never saw (false-colour remote sensing,
+# tinted indoor light), which makes zero-shot transfer imperfect while fine-tuning undoes it easily.
+_TASK_SHIFT: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+  "scenes": lambda img: img[..., [2, 0, 1]],  # false colour
+  "colors": lambda img: img * np.array([1.0, 0.85, 0.6], np.float32),  # warm illuminant
+}
 _SPLITS = ("train", "val", "test")
 
 
@@ -646,6 +655,7 @@ def make_task(name: str, *, seed: int = 0, sizes: Sequence[int] = (4000, 200, 50
       rng = _rng(seed, name, split)
       labels = _balanced_labels(rng, n, spec.num_classes)
       images = gen(rng, labels, "task") if n else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+      images = _TASK_SHIFT.get(name, lambda x: x)(images)
       splits[split] = Split(_to_uint8(images), labels)
   return TaskData(spec, **splits)
 

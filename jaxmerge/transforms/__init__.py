@@ -8,6 +8,7 @@ from jaxmerge.reductions import disjoint_merge as disjoint_merge
 from jaxmerge.reductions import elected_sign as elected_sign
 from jaxmerge.reductions import mean_tasks as mean_tasks
 from jaxmerge.reductions import sum_tasks as sum_tasks
+from jaxmerge.reductions import ties_merge as ties_merge
 from jaxmerge.reductions import weighted_sum as weighted_sum
 from jaxmerge.transforms._basic import ScaleCoeffs as ScaleCoeffs
 from jaxmerge.transforms._basic import ScaleTasksCoeffs as ScaleTasksCoeffs

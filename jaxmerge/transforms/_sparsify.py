@@ -110,7 +110,7 @@ def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
     def leaf(path, x):
       if p >= 1:
         return jnp.zeros_like(x)
-      u = jax.random.uniform(jtree.leaf_key(key, path), x.shape, jnp.float32)
+      u = jtree.leaf_uniform(key, path, x.shape)
       kept = jnp.where(u >= p, x, 0)
       if rescale == "l1":
         return _l1_rescale(x, kept)
@@ -173,7 +173,7 @@ def magprune(p: float = 0.3, window: float = 0.14, rescale: bool = True) -> Merg
     ctx = context_of(ctx)
 
     def leaf(path, x):
-      u = jax.random.uniform(jtree.leaf_key(key, path), x.shape, jnp.float32)
+      u = jtree.leaf_uniform(key, path, x.shape)
       rows, back = rows_view(path, x, ctx.layout)
       n = rows.shape[-1]
       rn = _ascending_ranks(jnp.abs(rows)).astype(jnp.float32) / max(n - 1, 1)
