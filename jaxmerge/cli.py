@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 _COMMANDS = (
@@ -31,7 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _enable_compilation_cache() -> None:
+  """Persist compiled XLA programs under the jaxmerge cache, so that a second run skips compilation
+  (``JAXMERGE_NO_XLA_CACHE=1`` turns this off)."""
+  if os.environ.get("JAXMERGE_NO_XLA_CACHE"):
+    return
+  import jax
+
+  root = os.environ.get("JAXMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxmerge")
+  jax.config.update("jax_compilation_cache_dir", os.path.join(root, "xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
+  _enable_compilation_cache()
   parser = build_parser()
   args = parser.parse_args(argv)
   if not getattr(args, "func", None):
