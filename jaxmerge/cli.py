@@ -28,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
   )
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name in _COMMANDS:
-    importlib.import_module(name).register(sub)
+    try:
+      module = importlib.import_module(name)
+    except ModuleNotFoundError as e:  # an optional subcommand whose module is absent from this install
+      if e.name != name:
+        raise
+      continue
+    module.register(sub)
   return parser
 
 

@@ -1,0 +1,1 @@
+"""Subcommands of the ``jaxmerge`` console command."""

@@ -1,0 +1,38 @@
+"""``jaxmerge methods``: the registry as a table (name, family, data needed, extra storage, hyperparameters)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run", "table"]
+
+
+def register(subparsers) -> None:
+  p = subparsers.add_parser("methods", help="list the merge methods")
+  p.add_argument("--format", choices=("markdown", "json"), default="markdown")
+  p.set_defaults(func=run)
+
+
+def table() -> str:
+  """The registry as a markdown table."""
+  import jaxmerge as jm
+
+  rows = ["| method | family | data | extra storage | task id | hyperparameters (defaults) |", "|---|---|---|---|---|---|"]
+  for name in jm.list_methods():
+    i = jm.method_info(name)
+    hp = ", ".join(f"{k}={v!r}" for k, v in i.hparams.items()) or "-"
+    rows.append(f"| `{name}` | {i.family} | {i.data} | {i.storage} | {'yes' if i.per_task else 'no'} | {hp} |")
+  return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+  import json
+
+  import jaxmerge as jm
+
+  if args.format == "json":
+    out = {n: {k: v for k, v in jm.method_info(n)._asdict().items() if k != "factory"} for n in jm.list_methods()}
+    print(json.dumps(out, indent=1, default=repr))
+  else:
+    print(table())
+  return 0
