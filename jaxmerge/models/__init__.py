@@ -1,0 +1,1 @@
+"""Models: a pure-JAX CLIP (`jaxmerge.models.clip`)."""
