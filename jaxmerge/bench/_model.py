@@ -14,13 +14,8 @@ VISION_KEY = "vision_model"
 
 
 def _clip_module():
-  try:
-    from jaxmerge.models import clip
-  except ImportError:  # pragma: no cover - development fallback while models/clip.py is being written
-    import sys
+  from jaxmerge.models import clip
 
-    sys.path.insert(0, "/tmp/scratch")
-    import tinyclip as clip
   return clip
 
 

@@ -56,7 +56,7 @@ class OfflineConfig:
     text_width, text_layers, text_heads, context_length: text tower.
     projection_dim: joint embedding size.
     pretrain_steps, pretrain_batch, pretrain_lr: contrastive pretraining (AdamW, warmup + cosine).
-    finetune_steps, finetune_batch, finetune_lr: expert fine-tuning (AdamW, cosine).
+    finetune_steps, finetune_batch, finetune_lr: expert fine-tuning (AdamW, warmup + cosine, clipping at 1).
     weight_decay: AdamW weight decay for both stages.
     eval_batch: evaluation batch size (fixed; the last batch is padded).
     version: :data:`SUITE_VERSION`.
@@ -76,10 +76,10 @@ class OfflineConfig:
   text_heads: int = 4
   context_length: int = 8
   projection_dim: int = 64
-  pretrain_steps: int = 600
-  pretrain_batch: int = 128
+  pretrain_steps: int = 1100
+  pretrain_batch: int = 64
   pretrain_lr: float = 2e-3
-  finetune_steps: int = 100
+  finetune_steps: int = 150
   finetune_batch: int = 64
   finetune_lr: float = 2e-3
   weight_decay: float = 0.05
@@ -95,9 +95,9 @@ class OfflineConfig:
   @classmethod
   def smoke(cls, seed: int = 0) -> "OfflineConfig":
     """A reduced suite that builds, merges and evaluates in well under a minute on a laptop CPU."""
-    return cls(seed=seed, sizes=(512, 64, 200), pretrain_size=2048, width=32, layers=2, heads=2, text_width=32,
-               text_layers=1, text_heads=2, projection_dim=32, pretrain_steps=60, pretrain_batch=64,
-               finetune_steps=40, finetune_batch=64, eval_batch=200)
+    return cls(seed=seed, sizes=(768, 64, 200), pretrain_size=3072, width=32, layers=2, heads=2, text_width=32,
+               text_layers=1, text_heads=2, projection_dim=32, pretrain_steps=150, pretrain_batch=64,
+               finetune_steps=60, finetune_batch=64, eval_batch=200)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

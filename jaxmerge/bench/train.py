@@ -98,12 +98,17 @@ def pretrain(model, config: "OfflineConfig", pre, tok, *, preprocess: Callable, 
   return params
 
 
-def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig") -> tuple[Callable, optax.GradientTransformation]:
-  """One jitted fine-tuning step shared by every expert (heads are padded to a common class count)."""
-  sched = optax.cosine_decay_schedule(config.finetune_lr, config.finetune_steps, alpha=0.1)
-  opt = optax.adamw(sched, weight_decay=config.weight_decay)
+def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig", *, jit: bool = True
+                       ) -> tuple[Callable, optax.GradientTransformation]:
+  """One fine-tuning step shared by every expert (heads are padded to a common class count), and its optimizer.
 
-  @jax.jit
+  ``step(vision, opt_state, images, labels, task_index) -> (vision, opt_state, loss)``, jitted if ``jit``.
+  """
+  steps = config.finetune_steps
+  sched = optax.warmup_cosine_decay_schedule(0.0, config.finetune_lr, max(1, steps // 10), steps,
+                                             config.finetune_lr * 0.05)
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=config.weight_decay))
+
   def step(vision, state, x, y, task_idx):
     def loss_fn(v):
       z = suite.embed(v, suite.preprocess(x))
@@ -115,7 +120,7 @@ def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig") -> tuple[
     updates, state = opt.update(grads, state, vision)
     return optax.apply_updates(vision, updates), state, loss
 
-  return step, opt
+  return (jax.jit(step) if jit else step), opt
 
 
 def finetune(suite: "OfflineSuite", config: "OfflineConfig", task: str, step_and_opt, *, progress=None) -> Any:
@@ -134,3 +139,4 @@ def finetune(suite: "OfflineSuite", config: "OfflineConfig", task: str, step_and
     j = rng.integers(0, len(train), config.finetune_batch)
     vision, state, _ = step(vision, state, train.images[j], train.labels[j], t)
   return vision
+

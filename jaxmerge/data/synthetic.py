@@ -165,7 +165,7 @@ def _noise(rng: np.random.Generator, img: np.ndarray, sigma) -> np.ndarray:
 # Shapes (shared by the shapes, colours and scene tasks).
 # --------------------------------------------------------------------------------------------------------------
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "crescent")
+SHAPES = ("circle", "hourglass", "triangle", "arrow", "cross", "ring", "star", "crescent")
 
 
 def _shape_mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -174,15 +174,17 @@ def _shape_mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
   name = SHAPES[kind]
   if name == "circle":
     return r <= 0.9
-  if name == "square":
-    return np.maximum(np.abs(u), np.abs(v)) <= 0.7
+  if name == "hourglass":  # two triangles meeting at their tips
+    return (np.abs(v) >= np.abs(u) * 0.9) & (np.maximum(np.abs(u), np.abs(v)) <= 0.8)
   if name == "triangle":
     m = np.ones_like(u, bool)
     for a in (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3):
       m &= (u * np.cos(a) + v * np.sin(a)) <= 0.48
     return m
-  if name == "diamond":
-    return np.abs(u) + np.abs(v) * 0.75 <= 0.8
+  if name == "arrow":  # pointing right
+    shaft = (u >= -0.9) & (u <= 0.1) & (np.abs(v) <= 0.22)
+    head = (u >= 0.1) & (np.abs(v) <= 0.8 * (0.9 - u))
+    return shaft | head
   if name == "cross":
     return ((np.abs(u) <= 0.28) & (np.abs(v) <= 0.9)) | ((np.abs(v) <= 0.28) & (np.abs(u) <= 0.9))
   if name == "ring":
@@ -209,7 +211,8 @@ def _draw_shapes(img, kinds, cx, cy, radius, theta, color):
 
 # --------------------------------------------------------------------------------------------------------------
 # Task generators. Each takes (rng, labels, domain) and returns float images [N, 32, 32, 3] in about [0, 1].
-# ``domain`` is "task" (the benchmark's images) or "pretrain" (the shifted pretraining domain).
+# ``domain`` is "benchmark" (the task's images), "task" (the task's style without its sensor shift; a part of
+# the pretraining mixture) or "pretrain" (the shifted pretraining style).
 # --------------------------------------------------------------------------------------------------------------
 
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
@@ -219,10 +222,10 @@ _COLOR_HUES = np.array([0, 30, 58, 120, 183, 228, 272, 320], np.float32)
 def _gen_shapes(rng, labels, domain, colors=None):
   """``colors``: optional indices into ``COLORS`` for the shapes (pretraining captions name them)."""
   n = len(labels)
-  if domain == "task":
+  if domain != "pretrain":
     bg = _hsv_to_rgb(rng.uniform(0, 360, n), rng.uniform(0, 0.3, n), rng.uniform(0.1, 0.5, n))
     img = bg[:, None, None, :] + 0.1 * _fbm(rng, n, channels=1)
-    radius = rng.uniform(0.3, 0.42, n)
+    radius = rng.uniform(0.36, 0.42, n)
     color = _random_colors(rng, n, s=(0.4, 1.0), v=(0.6, 1.0))
   else:
     img = np.ones((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32) * _col(rng.uniform(0.85, 1.0, n))[..., None]
@@ -230,9 +233,9 @@ def _gen_shapes(rng, labels, domain, colors=None):
     color = _random_colors(rng, n, s=(0.6, 1.0), v=(0.3, 0.8))
   if colors is not None:
     color = _color_of(rng, colors)
-  c = 0.5 + rng.uniform(-0.06, 0.06, (2, n))
-  img = _draw_shapes(img, labels, c[0], c[1], radius, rng.uniform(0, 2 * np.pi, n), color)
-  return _noise(rng, img, 0.04 if domain == "task" else 0.01)
+  c = 0.5 + rng.uniform(-0.04, 0.04, (2, n))
+  img = _draw_shapes(img, labels, c[0], c[1], radius, np.deg2rad(rng.uniform(-8, 8, n)), color)
+  return _noise(rng, img, 0.04 if domain != "pretrain" else 0.01)
 
 
 def _color_of(rng, labels, jitter=8.0):
@@ -244,20 +247,20 @@ def _color_of(rng, labels, jitter=8.0):
 
 def _gen_colors(rng, labels, domain):
   n = len(labels)
-  gray = rng.uniform(0.2, 0.6, n) if domain == "task" else rng.uniform(0.9, 1.0, n)
-  img = np.repeat(_col(gray)[..., None], 3, -1) + 0.12 * (domain == "task") * _fbm(rng, n)
+  gray = rng.uniform(0.2, 0.6, n) if domain != "pretrain" else rng.uniform(0.9, 1.0, n)
+  img = np.repeat(_col(gray)[..., None], 3, -1) + 0.12 * (domain != "pretrain") * _fbm(rng, n)
   # Two grey distractors, then the coloured object.
-  for _ in range(2 if domain == "task" else 0):
+  for _ in range(2 if domain != "pretrain" else 0):
     r = rng.uniform(0.08, 0.15, n)
     c = rng.uniform(0.1, 0.9, (2, n))
     g = rng.uniform(0.0, 1.0, n)
     img = _draw_shapes(img, rng.integers(0, len(SHAPES), n), c[0], c[1], r, rng.uniform(0, 6.3, n),
                        np.stack([g, g, g], -1))
-  radius = rng.uniform(0.15, 0.3, n) if domain == "task" else rng.uniform(0.3, 0.42, n)
+  radius = rng.uniform(0.15, 0.3, n) if domain != "pretrain" else rng.uniform(0.3, 0.42, n)
   c = rng.uniform(radius, 1 - radius, (2, n))
   img = _draw_shapes(img, rng.integers(0, len(SHAPES), n), c[0], c[1], radius, rng.uniform(0, 6.3, n),
                      _color_of(rng, labels))
-  return _noise(rng, img, 0.05 if domain == "task" else 0.01)
+  return _noise(rng, img, 0.05 if domain != "pretrain" else 0.01)
 
 
 TEXTURES = ("striped", "checkered", "dotted", "grid", "rings", "zigzag", "blotchy", "speckled")
@@ -267,7 +270,7 @@ def _gen_textures(rng, labels, domain):
   n = len(labels)
   x, y = _grid()
   theta = _col(rng.uniform(0, np.pi, n))
-  freq = _col(rng.uniform(3.0, 6.0, n) if domain == "task" else rng.uniform(2.0, 3.5, n))
+  freq = _col(rng.uniform(3.0, 6.0, n) if domain != "pretrain" else rng.uniform(2.0, 3.5, n))
   u, v = _rotate(x, y, 0.5, 0.5, theta)
   u = u * freq + _col(rng.uniform(0, 1, n))
   v = v * freq + _col(rng.uniform(0, 1, n))
@@ -288,14 +291,14 @@ def _gen_textures(rng, labels, domain):
   for k in np.unique(labels):
     s = labels == k
     pattern[s] = makers[TEXTURES[int(k)]](s)
-  if domain == "task":
+  if domain != "pretrain":
     c1 = _random_colors(rng, n, s=(0.2, 0.9), v=(0.5, 1.0))
     c2 = c1 * rng.uniform(0.2, 0.55, (n, 1)).astype(np.float32)
   else:
     c1 = np.ones((n, 3), np.float32) * rng.uniform(0.85, 1.0, (n, 1)).astype(np.float32)
     c2 = np.zeros((n, 3), np.float32) + rng.uniform(0.0, 0.2, (n, 1)).astype(np.float32)
   img = _paint(np.broadcast_to(c2[:, None, None, :], (n, IMAGE_SIZE, IMAGE_SIZE, 3)), pattern, c1)
-  return _noise(rng, img, 0.06 if domain == "task" else 0.02)
+  return _noise(rng, img, 0.06 if domain != "pretrain" else 0.02)
 
 
 COUNTS = ("one", "two", "three", "four", "five", "six")
@@ -305,7 +308,7 @@ def _gen_counting(rng, labels, domain):
   """``labels + 1`` dots, one per distinct cell of a 4x4 grid, so that dots never overlap."""
   n = len(labels)
   cells = np.argsort(rng.uniform(0, 1, (n, 16)), axis=1)
-  if domain == "task":
+  if domain != "pretrain":
     img = np.repeat(_col(rng.uniform(0.0, 0.35, n))[..., None], 3, -1) + 0.1 * _fbm(rng, n)
   else:
     img = np.ones((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32) * _col(rng.uniform(0.85, 1.0, n))[..., None]
@@ -314,14 +317,14 @@ def _gen_counting(rng, labels, domain):
   for j in range(len(COUNTS)):
     active = labels >= j
     cell = cells[:, j]
-    r = rng.uniform(0.05, 0.08, n) if domain == "task" else rng.uniform(0.07, 0.09, n)
+    r = rng.uniform(0.05, 0.08, n) if domain != "pretrain" else rng.uniform(0.07, 0.09, n)
     slack = np.maximum(0.125 - r - 0.035, 0)  # dots stay one pixel inside their cell: they never touch
     cx = (cell % 4 + 0.5) / 4 + rng.uniform(-1, 1, n) * slack
     cy = (cell // 4 + 0.5) / 4 + rng.uniform(-1, 1, n) * slack
     mask = ((x - _col(cx)) ** 2 + (y - _col(cy)) ** 2 <= _col(r) ** 2) & _col(active).astype(bool)
-    color = _random_colors(rng, n, s=(0.5, 1.0), v=(0.7, 1.0)) if domain == "task" else same * 0.2
+    color = _random_colors(rng, n, s=(0.5, 1.0), v=(0.7, 1.0)) if domain != "pretrain" else same * 0.2
     img = _paint(img, mask, color)
-  return _noise(rng, img, 0.05 if domain == "task" else 0.01)
+  return _noise(rng, img, 0.05 if domain != "pretrain" else 0.01)
 
 
 ORIENTATIONS = ("flat", "gently rising", "steeply rising", "upright", "steeply falling", "gently falling")
@@ -329,9 +332,11 @@ ORIENTATIONS = ("flat", "gently rising", "steeply rising", "upright", "steeply f
 
 def _gen_orientation(rng, labels, domain):
   n = len(labels)
-  angle = -labels.astype(np.float32) * np.pi / len(ORIENTATIONS) + np.deg2rad(rng.uniform(-6, 6, n))
+  # The benchmark's camera is tilted by half a class (15 degrees): a shift the pretraining never sees.
+  tilt = 15.0 if domain == "benchmark" else 0.0
+  angle = -labels.astype(np.float32) * np.pi / len(ORIENTATIONS) + np.deg2rad(rng.uniform(-6, 6, n) - tilt)
   x, y = _grid()
-  if domain == "task":
+  if domain != "pretrain":
     value = rng.uniform(0.25, 0.75, n)
     img = _fbm(rng, n, channels=1) * 0.1 + _hsv_to_rgb(rng.uniform(0, 360, n), rng.uniform(0, 0.6, n), value)[
       :, None, None]
@@ -347,7 +352,7 @@ def _gen_orientation(rng, labels, domain):
   c = 0.5 + rng.uniform(-0.15, 0.15, (2, n))
   u, v = _rotate(x, y, _col(c[0]), _col(c[1]), _col(angle))
   img = _paint(img, (np.abs(u) <= _col(half)) & (np.abs(v) <= _col(width)), color)
-  return _noise(rng, img, 0.05 if domain == "task" else 0.01)
+  return _noise(rng, img, 0.05 if domain != "pretrain" else 0.01)
 
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -379,7 +384,7 @@ def _glyph_mask(digits, x0, y0, height, shear):
 
 def _gen_clutter_digits(rng, labels, domain):
   n = len(labels)
-  if domain == "task":
+  if domain != "pretrain":
     value = rng.uniform(0.15, 0.9, n)
     base = _hsv_to_rgb(rng.uniform(0, 360, n), rng.uniform(0.2, 0.8, n), value)
     img = _fbm(rng, n, channels=1) * 0.08 + base[:, None, None]
@@ -388,8 +393,8 @@ def _gen_clutter_digits(rng, labels, domain):
       c = rng.uniform(0, 1, (4, n))
       m = (np.abs(x - _col(c[0])) < _col(c[2] * 0.3)) & (np.abs(y - _col(c[1])) < _col(c[3] * 0.3))
       img = _paint(img, m, base * rng.uniform(0.75, 1.25, (n, 1)).astype(np.float32))
-    height = rng.uniform(0.55, 0.7, n)
-    shear = rng.uniform(-0.1, 0.1, n)
+    height = rng.uniform(0.62, 0.72, n)
+    shear = np.zeros(n, np.float32)
     # Ink contrasts with the background: dark on light, light on dark.
     ink_v = np.where(value > 0.55, rng.uniform(0.0, 0.3, n), rng.uniform(0.8, 1.0, n))
     fg = _hsv_to_rgb(rng.uniform(0, 360, n), rng.uniform(0.0, 0.9, n), ink_v)
@@ -397,8 +402,8 @@ def _gen_clutter_digits(rng, labels, domain):
     for side in (-1, 1):
       nx = 0.5 - height * 5 / 14 + side * height * 0.95
       img = _paint(img, _glyph_mask(rng.integers(0, 10, n), nx, 0.5 - height / 2, height, shear), fg)
-    y0 = 0.5 - height / 2 + rng.uniform(-0.05, 0.05, n)
-    x0 = 0.5 - height * 5 / 14 + rng.uniform(-0.05, 0.05, n)
+    y0 = 0.5 - height / 2 + rng.uniform(-0.03, 0.03, n)
+    x0 = 0.5 - height * 5 / 14 + rng.uniform(-0.03, 0.03, n)
   else:
     img = np.ones((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     height = rng.uniform(0.55, 0.8, n)
@@ -407,7 +412,7 @@ def _gen_clutter_digits(rng, labels, domain):
     y0 = 0.5 - height / 2 + rng.uniform(-0.05, 0.05, n)
     x0 = 0.5 - height * 5 / 14 + rng.uniform(-0.05, 0.05, n)
   img = _paint(img, _glyph_mask(labels, x0, y0, height, shear), fg)
-  return _noise(rng, img, 0.06 if domain == "task" else 0.01)
+  return _noise(rng, img, 0.06 if domain != "pretrain" else 0.01)
 
 
 SCENES = ("beach", "forest", "desert", "mountains", "city", "night city", "ocean", "meadow")
@@ -492,7 +497,7 @@ def _gen_scenes(rng, labels, domain):
     img[s] = _scene_objects(rng, sub, name, horizon, sky, ground)
   if domain == "pretrain":  # flat, cartoon-like colours
     img = np.round(img * 3) / 3
-  return _noise(rng, img, 0.04 if domain == "task" else 0.01)
+  return _noise(rng, img, 0.04 if domain != "pretrain" else 0.01)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -572,7 +577,7 @@ _TASKS: dict[str, tuple[TaskSpec, _Gen | None]] = {
                         "two-colour periodic and noise textures at random orientation and scale (DTD)"),
                _gen_textures),
   "shapes": (TaskSpec("shapes", SHAPES, ("a drawing of a {}", "a {} shape"),
-                      "one shape of random colour, size and rotation on a noisy background"), _gen_shapes),
+                      "one upright shape of random colour and size on a noisy background"), _gen_shapes),
   "colors": (TaskSpec("colors", COLORS, ("something {}", "a {} object"),
                       "the colour of one object among grey distractors, under warm light"), _gen_colors),
   "house_digits": (TaskSpec("house_digits", DIGITS, ("a house number {}", "the number {} on a sign"),
@@ -581,7 +586,7 @@ _TASKS: dict[str, tuple[TaskSpec, _Gen | None]] = {
   "counting": (TaskSpec("counting", COUNTS, ("{} dots", "a picture of {} dots"),
                         "one to six non-overlapping coloured dots (CLEVR-count)"), _gen_counting),
   "orientation": (TaskSpec("orientation", ORIENTATIONS, ("a {} bar", "a line that is {}"),
-                           "the orientation of one bar, six 30-degree bins"), _gen_orientation),
+                           "the orientation of one bar, six 30-degree bins, seen by a camera tilted 15 degrees"), _gen_orientation),
   "scenes": (TaskSpec("scenes", SCENES, ("a picture of a {}", "a photo of the {}"),
                       "landscapes composed of sky, ground and objects, in false colour (SUN397, EuroSAT)"), _gen_scenes),
 }
@@ -654,7 +659,7 @@ def make_task(name: str, *, seed: int = 0, sizes: Sequence[int] = (4000, 200, 50
     for split, n in zip(_SPLITS, sizes):
       rng = _rng(seed, name, split)
       labels = _balanced_labels(rng, n, spec.num_classes)
-      images = gen(rng, labels, "task") if n else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+      images = gen(rng, labels, "benchmark") if n else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
       images = _TASK_SHIFT.get(name, lambda x: x)(images)
       splits[split] = Split(_to_uint8(images), labels)
   return TaskData(spec, **splits)

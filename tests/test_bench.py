@@ -1,0 +1,220 @@
+"""Tests of the offline suite, its cache and ``jaxmerge bench`` (jaxmerge.bench)."""
+
+import argparse
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jaxmerge as jm
+from jaxmerge.bench import command, report, runner
+from jaxmerge.bench.cache import Cache, CorruptEntryWarning
+from jaxmerge.bench.suite import OfflineConfig, build_offline_suite
+
+# A very small suite: checks plumbing, caching and determinism, not accuracy.
+MICRO = dataclasses.replace(
+  OfflineConfig.smoke(0), tasks=("digits", "colors", "counting"), sizes=(64, 16, 48), pretrain_size=256,
+  width=16, layers=1, heads=2, text_width=16, text_layers=1, text_heads=2, projection_dim=16, pretrain_steps=4,
+  pretrain_batch=32, finetune_steps=4, finetune_batch=16, eval_batch=64)
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(prog="jaxmerge")
+  command.register(p.add_subparsers(dest="command"))
+  args = p.parse_args(argv)
+  args.argv = argv
+  return args
+
+
+def _table(results):
+  """The results without wall times (what must be identical across runs with the same seed)."""
+  return [{k: v for k, v in r.items() if k not in report.TIMING_KEYS} for r in results["rows"]]
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cache")
+  return root, build_offline_suite(MICRO, root, progress=False)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """``jaxmerge bench --smoke`` from an empty cache (the acceptance test: under 60 s on a laptop CPU)."""
+  import time
+
+  root = tmp_path_factory.mktemp("smoke")
+  args = _parse(["bench", "--smoke", "--cache", str(root / "cache"), "--out", str(root / "out"),
+                 "--no-progress"])
+  start = time.perf_counter()
+  assert command.run(args) == 0
+  return root / "out", time.perf_counter() - start
+
+
+def test_smoke_outputs_schema_and_sanity(smoke_run):
+  out, seconds = smoke_run
+  for f in ("results.json", "results.csv", "results.md", "accuracy.png", "per_task.png", "cross_eval.png"):
+    assert (out / f).stat().st_size > 0, f
+  res = json.loads((out / "results.json").read_text())
+  tasks = res["tasks"]
+  assert res["suite"] == "offline-smoke" and len(tasks) == 8
+  names = [r["method"] for r in res["rows"]]
+  assert names[:2] == ["pretrained", "experts"] and len(names) > 2
+  for r in res["rows"]:
+    assert set(r["accuracy"]) == set(tasks)
+    assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+    assert r["average"] == pytest.approx(np.mean([r["accuracy"][t] for t in tasks]))
+    assert r["seconds"] >= 0
+  pre, exp = res["rows"][0]["accuracy"], res["rows"][1]["accuracy"]
+  for t in tasks:
+    assert exp[t] > pre[t], (t, exp[t], pre[t])
+  ce = np.asarray(res["cross_eval"]["accuracy"])
+  assert ce.shape == (8, 8)
+  np.testing.assert_allclose(np.diag(ce), [exp[t] for t in tasks])
+  csv_lines = (out / "results.csv").read_text().splitlines()
+  assert len(csv_lines) == len(res["rows"]) + 1 and csv_lines[0].startswith("method,")
+  md = (out / "results.md").read_text()
+  assert "| pretrained |" in md and "cross-evaluation" in md
+  assert seconds < 90  # the acceptance target is 60 s on an idle 2-core CPU; leave room for a shared machine
+
+
+def test_rerun_is_deterministic_and_uses_the_cache(micro, tmp_path):
+  root, suite = micro
+  methods = ["task_arithmetic", "ties"]
+  first = runner.run_suite(suite, methods, seed=0, progress=False)
+  # Same seed, fresh cache: everything is rebuilt from scratch and must give identical numbers.
+  again = build_offline_suite(MICRO, tmp_path, progress=False)
+  for a, b in zip(jax.tree.leaves(suite.experts), jax.tree.leaves(again.experts)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  second = runner.run_suite(again, methods, seed=0, progress=False)
+  assert _table(first) == _table(second)
+  # Warm cache: nothing is retrained (the load is much faster than training and gives the same weights).
+  warm = build_offline_suite(MICRO, root, progress=False)
+  assert warm.timings["pretrain"] < suite.timings["pretrain"]
+  for a, b in zip(jax.tree.leaves(suite.experts), jax.tree.leaves(warm.experts)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cache_key_depends_on_config():
+  assert OfflineConfig().hash == OfflineConfig().hash
+  assert OfflineConfig().hash != OfflineConfig(seed=1).hash
+  assert OfflineConfig().hash != dataclasses.replace(OfflineConfig(), finetune_lr=1e-4).hash
+
+
+def test_corrupt_checkpoint_is_detected_and_rebuilt(micro, tmp_path):
+  _, suite = micro
+  build_offline_suite(MICRO, tmp_path, progress=False)
+  entry = tmp_path / f"offline-{MICRO.hash}" / "expert-colors"
+  files = [p for p in entry.rglob("*") if p.is_file() and p.name != "manifest.json"]
+  victim = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  victim.write_bytes(bytes(data))
+  with pytest.warns(CorruptEntryWarning, match="expert-colors"):
+    rebuilt = build_offline_suite(MICRO, tmp_path, progress=False)
+  assert rebuilt.timings["experts"] > 0
+  i = MICRO.tasks.index("colors")
+  for a, b in zip(jax.tree.leaves(suite.experts[i]), jax.tree.leaves(rebuilt.experts[i])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The rebuilt entry is valid again.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", CorruptEntryWarning)
+    assert Cache(tmp_path / f"offline-{MICRO.hash}").has("expert-colors")
+
+
+def test_missing_file_in_entry_is_corrupt(tmp_path):
+  c = Cache(tmp_path)
+  c.save_arrays("a", {"x": np.arange(3)})
+  next((tmp_path / "a").glob("*.npy")).unlink()
+  with pytest.warns(CorruptEntryWarning):
+    assert c.load_arrays("a") is None
+  assert not (tmp_path / "a").exists()
+
+
+def test_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
+  c = Cache(tmp_path)
+  tree = {"w": np.ones((2, 3), np.float32)}
+
+  def crash(d):
+    (d / "partial.bin").write_bytes(b"half")
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    c._write("expert-x", crash, None)
+  assert not c.has("expert-x")
+  assert [p.name for p in tmp_path.iterdir()] == []  # the temporary directory is gone too
+  # A process killed hard (no cleanup) leaves only a temporary directory, which is never read as an entry.
+  (tmp_path / ".tmp-expert-x-deadbeef").mkdir()
+  (tmp_path / ".tmp-expert-x-deadbeef" / "tree").write_bytes(b"half")
+  assert c.load_tree("expert-x", tree) is None
+  c.clean_tmp()
+  assert list(tmp_path.iterdir()) == []
+  c.save_tree("expert-x", tree)
+  np.testing.assert_array_equal(c.load_tree("expert-x", tree)["w"], tree["w"])
+
+
+def test_unknown_method_and_suite_names():
+  with pytest.raises(ValueError, match="valid methods: .*task_arithmetic"):
+    runner.resolve_methods("task_arithmetic,no_such_method")
+  with pytest.raises(ValueError, match="valid suites: offline, clip-vit-b32-8"):
+    command.run(_parse(["bench", "--suite", "imagenet-1k"]))
+  with pytest.raises(ValueError, match="clip-vit-b32-8"):
+    command.build_suite("clip-vit-b32-8", cache_dir="/nonexistent")
+
+
+def test_default_methods_are_the_data_free_ones():
+  sel = runner.resolve_methods(None)
+  assert sel == [m for m in jm.list_methods() if jm.method_info(m).data == "none"]
+  assert runner.resolve_methods("ties, task_arithmetic") == ["ties", "task_arithmetic"]
+
+
+def test_adapter_hook_and_per_task_methods(micro):
+  _, suite = micro
+  seen = {}
+
+  def identity_adapter(s, key):
+    seen["suite"] = s
+    return list(s.experts)
+
+  runner.register_adapter("identity", identity_adapter)
+  res = runner.run_suite(suite, ["task_arithmetic"], adapters=("identity",), progress=False)
+  rows = {r["method"]: r for r in res["rows"]}
+  assert seen["suite"] is suite
+  assert rows["identity+task_arithmetic"]["accuracy"] == rows["task_arithmetic"]["accuracy"]
+  with pytest.raises(ValueError, match="no adapter 'nope'"):
+    runner.run_suite(suite, ["task_arithmetic"], adapters=("nope",), progress=False)
+
+
+def test_task_arithmetic_row_matches_a_hand_merge(micro):
+  _, suite = micro
+  res = runner.run_suite(suite, ["task_arithmetic"], progress=False)
+  row = next(r for r in res["rows"] if r["method"] == "task_arithmetic")
+  by_hand = jax.tree.map(lambda p, *e: p + 0.3 * sum(x - p for x in e), suite.pretrained, *suite.experts)
+  assert row["accuracy"] == pytest.approx(suite.evaluate(by_hand), abs=1e-6)
+  assert row["normalized"]["digits"] == pytest.approx(row["accuracy"]["digits"] /
+                                                      res["rows"][1]["accuracy"]["digits"])
+
+
+def test_evaluate_pads_the_last_batch(micro):
+  _, suite = micro
+  d = suite.data["counting"].test
+  n = 37  # not a multiple of eval_batch
+  idx = np.full(n, suite.tasks.index("counting"), np.int32)
+  correct = suite._correct(suite.pretrained, d.images[:n], d.labels[:n], idx)
+  one_by_one = [bool(suite._correct(suite.pretrained, d.images[i:i + 1], d.labels[i:i + 1], idx[:1])[0])
+                for i in range(n)]
+  assert correct.tolist() == one_by_one
+
+
+def test_reference_ranking():
+  rows = [{"method": m, "average": a} for m, a in
+          [("pretrained", 0.3), ("experts", 0.9), ("task_arithmetic", 0.5), ("ties", 0.6), ("simple_average", 0.4)]]
+  ref = report.compare_with_reference(rows)
+  assert ref["methods"] == ["pretrained", "experts", "task_arithmetic", "ties"]
+  assert ref["ours_rank"] == [4, 1, 3, 2] and ref["reference_rank"] == [4, 1, 3, 2]
+  assert ref["kendall_tau"] == 1.0
+  rows[2]["average"] = 0.95  # TA now beats the experts and TIES: 2 of the 6 pairs flip, tau = (4 - 2) / 6
+  assert report.compare_with_reference(rows)["kendall_tau"] == pytest.approx(2 / 6)
