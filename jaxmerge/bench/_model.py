@@ -8,15 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxmerge.models import clip
+
 __all__ = ["TinyClip", "VISION_KEY"]
 
 VISION_KEY = "vision_model"
-
-
-def _clip_module():
-  from jaxmerge.models import clip
-
-  return clip
 
 
 class TinyClip:
@@ -31,8 +27,8 @@ class TinyClip:
   def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int,
                vocab_size: int, context_length: int, text_width: int, text_layers: int, text_heads: int,
                projection_dim: int, eos_token_id: int):
-    self.clip = _clip_module()
-    self.config = self.clip.Cfg(
+    self.clip = clip
+    self.config = clip.ClipConfig(
       image_size=image_size, patch_size=patch_size, vision_width=width, vision_layers=layers,
       vision_heads=heads, vocab_size=vocab_size, context_length=context_length, text_width=text_width,
       text_layers=text_layers, text_heads=text_heads, projection_dim=projection_dim, eos_token_id=eos_token_id)

@@ -5,13 +5,13 @@
     {"suite": str, "tasks": [str, ...], "seed": int, "command": str,
      "rows": [{"method": str, "accuracy": {task: float in [0, 1]}, "average": float,
                "normalized": {task: float}, "normalized_average": float, "seconds": float,
-               "kind": "baseline" | "merge", "data": str, "per_task_model": bool, "hparams": {...}}, ...],
+               "compile_seconds": float | null, "kind": "baseline" | "merge", "data": str, "per_task_model": bool, "hparams": {...}}, ...],
      "cross_eval": {"experts": [task, ...], "tasks": [task, ...], "accuracy": [[float, ...], ...]},
      "skipped": [{"method": str, "reason": str}, ...], "timings": {step: seconds}, "reference": {...}, ...}
 
 Rows start with ``pretrained`` and ``experts`` (each expert on its own task). ``normalized`` is accuracy
-divided by the expert's accuracy on the same task. ``seconds`` is the merge's wall time (compilation
-included; zero for the baselines). ``cross_eval.accuracy[i][j]`` is expert ``i`` on task ``j``.
+divided by the expert's accuracy on the same task. ``seconds`` is the merge's wall time once compiled
+(zero for the baselines) and ``compile_seconds`` what its first call spent on tracing and compilation. ``cross_eval.accuracy[i][j]`` is expert ``i`` on task ``j``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ FUSIONBENCH_VIT_B32 = {
 }
 
 # Row keys that hold wall times: excluded when comparing two runs for determinism.
-TIMING_KEYS = ("seconds", "eval_seconds")
+TIMING_KEYS = ("seconds", "compile_seconds", "eval_seconds", "adapt_seconds")
 
 
 def _kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
@@ -79,13 +79,14 @@ def _markdown(results: dict) -> str:
   if results.get("command"):
     out += [f"Command: `{results['command']}`", ""]
   out += ["Accuracy (%) on each task's test split; *norm.* = merged / expert accuracy, averaged over tasks; "
-          "*merge s* = merge wall time including compilation.", ""]
-  head = ["method", *tasks, "avg", "norm.", "merge s"]
+          "*merge s* = merge wall time once compiled (*+compile s*: extra time of the first call).", ""]
+  head = ["method", *tasks, "avg", "norm.", "merge s", "+compile s"]
   out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results["rows"]:
     name = r["method"] + (" †" if r.get("per_task_model") else "")
     cells = [name, *[_pct(r["accuracy"][t]) for t in tasks], f"**{_pct(r['average'])}**",
-             _pct(r["normalized_average"]), f"{r['seconds']:.2f}" if r["kind"] == "merge" else ""]
+             _pct(r["normalized_average"]), f"{r['seconds']:.2f}" if r["kind"] == "merge" else "",
+             f"{r['compile_seconds']:.1f}" if r.get("compile_seconds") is not None else ""]
     out.append("| " + " | ".join(cells) + " |")
   if any(r.get("per_task_model") for r in results["rows"]):
     out += ["", "† one model per task (needs the task id at inference)."]
@@ -114,10 +115,11 @@ def _csv(results: dict, path: Path) -> None:
   tasks = results["tasks"]
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["method", *tasks, "average", "normalized_average", "seconds", "kind", "data"])
+    w.writerow(["method", *tasks, "average", "normalized_average", "seconds", "compile_seconds", "kind", "data"])
     for r in results["rows"]:
       w.writerow([r["method"], *[f"{r['accuracy'][t]:.6f}" for t in tasks], f"{r['average']:.6f}",
-                  f"{r['normalized_average']:.6f}", f"{r['seconds']:.4f}", r["kind"], r.get("data", "")])
+                  f"{r['normalized_average']:.6f}", f"{r['seconds']:.4f}",
+                  "" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.4f}", r["kind"], r.get("data", "")])
 
 
 def _plots(results: dict, out: Path) -> list[str]:
