@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
       module = importlib.import_module(name)
     except ModuleNotFoundError as e:  # an optional subcommand whose module is absent from this install
-      if e.name != name:
+      if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
         raise
       continue
     module.register(sub)

@@ -4,7 +4,6 @@ import argparse
 import dataclasses
 import json
 import warnings
-from pathlib import Path
 
 import jax
 import numpy as np

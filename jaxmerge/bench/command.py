@@ -105,7 +105,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
   """Runs ``jaxmerge bench`` with parsed ``args``; returns the exit status."""
   from jaxmerge.bench.report import write_reports
-  from jaxmerge.bench.runner import resolve_methods, run_suite
+  from jaxmerge.bench.runner import check_adapters, resolve_methods, run_suite
 
   if args.suite not in SUITES:
     raise ValueError(f"unknown suite {args.suite!r}; valid suites: {', '.join(SUITES)}")
@@ -113,12 +113,13 @@ def run(args: argparse.Namespace) -> int:
   _enable_compilation_cache(args.cache)
   if args.smoke and args.methods is None:
     methods = [m for m in methods if m in SMOKE_METHODS]
+  adapters = ("ri",) if args.ri else ()
+  check_adapters(adapters)  # fail before spending minutes on the suite
   start = time.perf_counter()
   suite = build_suite(args.suite, cache_dir=args.cache, seed=args.seed, smoke=args.smoke,
                       progress=args.progress)
   build_seconds = time.perf_counter() - start
-  results = run_suite(suite, methods, seed=args.seed, adapters=("ri",) if args.ri else (),
-                      progress=args.progress)
+  results = run_suite(suite, methods, seed=args.seed, adapters=adapters, progress=args.progress)
   results["command"] = "jaxmerge " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
   results["timings"] = {"build_or_load_suite": build_seconds, **results["timings"],
                         "total": time.perf_counter() - start}

@@ -25,7 +25,7 @@ import numpy as np
 
 import jaxmerge as jm
 
-__all__ = ["MethodRunner", "PLUGIN_MODULES", "Suite", "register_adapter", "register_runner",
+__all__ = ["MethodRunner", "PLUGIN_MODULES", "Suite", "check_adapters", "register_adapter", "register_runner",
            "resolve_methods", "run_suite"]
 
 
@@ -78,6 +78,16 @@ def _load_plugins(kind: str) -> None:
     except ModuleNotFoundError as e:
       if e.name is None or not mod.startswith(e.name):
         raise
+
+
+def check_adapters(adapters: Sequence[str]) -> None:
+  """Imports the plug-ins of ``adapters`` and raises ``ValueError`` for any that is not registered."""
+  for a in adapters:
+    if a not in _ADAPTERS:
+      _load_plugins(a)
+    if a not in _ADAPTERS:
+      raise ValueError(f"no adapter {a!r} is registered (looked in {', '.join(PLUGIN_MODULES.get(a, ())) or 'no module'}"
+                       f"); available: {', '.join(sorted(_ADAPTERS)) or 'none'}")
 
 
 def _merge_data_free(suite: Suite, method: str, hparams: dict, key: jax.Array, experts=None) -> Any:
@@ -189,12 +199,7 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
 
   for kind in {jm.method_info(m).data for m in methods} - set(_RUNNERS):
     _load_plugins(kind)
-  for a in adapters:
-    if a not in _ADAPTERS:
-      _load_plugins(a)
-    if a not in _ADAPTERS:
-      raise ValueError(f"no adapter {a!r} is registered (looked in {PLUGIN_MODULES.get(a, ())}); "
-                       f"available: {sorted(_ADAPTERS) or 'none'}")
+  check_adapters(adapters)
 
   jobs = [(m, m, None) for m in methods]
   for a in adapters:

@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,11 +173,18 @@ class OfflineSuite:
     """Zero-shot-head logits [B, C] of ``task`` for uint8 or preprocessed images (differentiable)."""
     return self.embed(vision_params, images) @ jnp.asarray(self.heads[task]).T
 
-  def _predict_impl(self, vision_params, images, task_idx):
+  def padded_logits(self, vision_params, images: jax.Array, task_idx: jax.Array) -> jax.Array:
+    """Logits [B, C_max] with heads padded to the largest class count (padded classes get -1e9), so that one
+    compiled function serves every task. ``task_idx``: a scalar (one task for the batch) or int [B] (example
+    ``b`` is scored with the head of task ``self.tasks[task_idx[b]]``)."""
     z = self.embed(vision_params, images)
+    if jnp.ndim(task_idx) == 0:  # one task for the whole batch
+      return jnp.where(self._heads_valid[task_idx], z @ self._heads_stacked[task_idx].T, -1e9)
     logits = jnp.einsum("bd,bcd->bc", z, self._heads_stacked[task_idx])
-    logits = jnp.where(self._heads_valid[task_idx], logits, -jnp.inf)
-    return jnp.argmax(logits, axis=-1)
+    return jnp.where(self._heads_valid[task_idx], logits, -1e9)
+
+  def _predict_impl(self, vision_params, images, task_idx):
+    return jnp.argmax(self.padded_logits(vision_params, images, task_idx), axis=-1)
 
   # ---- evaluation -------------------------------------------------------------------------------------------
 

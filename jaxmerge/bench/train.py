@@ -98,12 +98,10 @@ def pretrain(model, config: "OfflineConfig", pre, tok, *, preprocess: Callable, 
   return params
 
 
-def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig", *, jit: bool = True
+def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig"
                        ) -> tuple[Callable, optax.GradientTransformation]:
-  """One fine-tuning step shared by every expert (heads are padded to a common class count), and its optimizer.
-
-  ``step(vision, opt_state, images, labels, task_index) -> (vision, opt_state, loss)``, jitted if ``jit``.
-  """
+  """One jitted fine-tuning step shared by every expert (heads padded to a common class count), and its
+  optimizer: ``step(vision, opt_state, images, labels, task_index) -> (vision, opt_state, loss)``."""
   steps = config.finetune_steps
   sched = optax.warmup_cosine_decay_schedule(0.0, config.finetune_lr, max(1, steps // 10), steps,
                                              config.finetune_lr * 0.05)
@@ -111,19 +109,17 @@ def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig", *, jit: b
 
   def step(vision, state, x, y, task_idx):
     def loss_fn(v):
-      z = suite.embed(v, suite.preprocess(x))
-      logits = z @ suite._heads_stacked[task_idx].T
-      logits = jnp.where(suite._heads_valid[task_idx], logits, -1e9)
+      logits = suite.padded_logits(v, x, task_idx)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(vision)
     updates, state = opt.update(grads, state, vision)
     return optax.apply_updates(vision, updates), state, loss
 
-  return (jax.jit(step) if jit else step), opt
+  return jax.jit(step), opt
 
 
-def finetune(suite: "OfflineSuite", config: "OfflineConfig", task: str, step_and_opt, *, progress=None) -> Any:
+def finetune(suite: "OfflineSuite", config: "OfflineConfig", task: str, step_and_opt) -> Any:
   """Fine-tunes the pretrained vision tower on ``task`` with its frozen zero-shot head.
 
   Returns:

@@ -1,14 +1,25 @@
-"""``jaxmerge merge``: merge safetensors checkpoints with any registered method and write the result atomically.
+"""``jaxmerge merge``: merge checkpoints with any data-free method and write the result atomically.
 
     jaxmerge merge CONFIG.yaml --out DIR
     jaxmerge merge --method ties --base pre.safetensors --model a.safetensors --model b.safetensors \\
         --hparam density=0.2 --hparam scale=0.3 --out DIR
 
-CONFIG is ``{method: NAME, base: PATH, models: [PATH, ...], hparams: {...}, dtype: float32|bfloat16|float16,
-seed: N}``; flags override it. PATH is a safetensors file or a directory holding one (a Hugging Face directory)
-or a sharded checkpoint with an index. The output directory holds ``model.safetensors`` (sharded with an index
-when large), or one ``task_<i>/`` directory per task for methods that keep one model per task. It is written to
-a temporary directory and renamed when complete, so an interrupted run leaves nothing at ``DIR``.
+CONFIG is jaxmerge's schema ``{method: NAME, base: PATH, models: [PATH, ...], hparams: {...},
+dtype: float32|bfloat16|float16, seed: N, vocab_policy: error|truncate|pad_base}`` or mergekit's
+(``merge_method``, ``base_model``, ``models: [{model, parameters}]``, ``parameters``, ``dtype``); see
+:mod:`jaxmerge.config`. Flags override the YAML and work without it. PATH is a safetensors file, a directory
+holding one or a sharded checkpoint with an index (a Hugging Face directory), or an orbax directory.
+
+Math runs in float32; each output tensor has the pretrained checkpoint's dtype unless ``--dtype`` says
+otherwise. ``DIR`` receives ``model.safetensors`` (shards and ``model.safetensors.index.json`` above
+``--max-shard-size``) or an orbax checkpoint (``--format orbax``), the base directory's ``config.json`` and
+tokenizer files when it has them, and ``merge_info.json``; methods that keep one model per task (EMR, TALL masks,
+BYOM) write ``DIR/task_<i>/`` instead. Everything is written under a temporary directory beside ``DIR`` and
+renamed when complete, so an interrupted run never leaves a partial ``DIR``.
+
+``--stream`` merges tensor by tensor (memory: a few tensors times the number of models); it is chosen
+automatically when an in-memory merge would need more than half of the available memory. Global methods
+(TIES's model-wide threshold, Localize-and-Stitch, BYOM, EMR) stream in exact extra passes.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import shutil
 import tempfile
 import time
 
-__all__ = ["register", "run", "load_config"]
+__all__ = ["load_config", "register", "run"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -29,118 +40,178 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def register(subparsers) -> None:
   p = subparsers.add_parser("merge", help="merge checkpoints into one", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("config", nargs="?", help="YAML config (method, base, models, hparams, dtype, seed)")
-  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("config", nargs="?", help="YAML config (jaxmerge's schema or mergekit's)")
+  p.add_argument("--out", required=True, help="output directory (must not exist)")
   p.add_argument("--method", help="registry name (see `jaxmerge methods`)")
   p.add_argument("--base", help="pretrained checkpoint")
   p.add_argument("--model", action="append", default=None, help="fine-tuned checkpoint (repeat)")
-  p.add_argument("--hparam", action="append", default=[], metavar="K=V", help="hyperparameter (repeat)")
+  p.add_argument("--hparam", action="append", default=[], metavar="K=V", help="hyperparameter (repeat; YAML value)")
   p.add_argument("--dtype", choices=_DTYPES, help="output dtype (default: the base checkpoint's)")
   p.add_argument("--seed", type=int, help="PRNG seed for stochastic methods (default 0)")
   p.add_argument("--layout", choices=("hf", "flax"), default=None, help="how 2-D weights are stored (default hf)")
+  p.add_argument("--vocab-policy", dest="vocab_policy", choices=("error", "truncate", "pad_base"),
+                 help="vocabulary-size mismatches (default error; see jaxmerge.io.llm)")
+  stream = p.add_mutually_exclusive_group()
+  stream.add_argument("--stream", dest="stream", action="store_true", default=None,
+                      help="merge tensor by tensor (default: automatic for large inputs)")
+  stream.add_argument("--no-stream", dest="stream", action="store_false", help="merge in memory")
+  p.add_argument("--format", choices=("safetensors", "orbax"), default="safetensors", help="output format")
+  p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MiB)")
   p.set_defaults(func=run)
 
 
 def _value(text: str):
-  import yaml
+  import yaml  # noqa: PLC0415
 
-  return yaml.safe_load(text)
+  try:
+    return yaml.safe_load(text)
+  except yaml.YAMLError:
+    return text
 
 
-def load_config(args: argparse.Namespace) -> dict:
-  """The merged configuration: YAML file first, then flags."""
-  cfg: dict = {}
+def load_config(args: argparse.Namespace):
+  """The resolved :class:`jaxmerge.config.MergeSpec`: the YAML file first, then the flags."""
+  from jaxmerge import config  # noqa: PLC0415
+
+  cfg, where, rel = {}, "flags", None
   if args.config:
-    import yaml
-
-    try:
-      cfg = yaml.safe_load(pathlib.Path(args.config).read_text()) or {}
-    except OSError as e:
-      raise ValueError(f"cannot read config {args.config}: {e}") from e
-    except yaml.YAMLError as e:
-      raise ValueError(f"config {args.config} is not valid YAML: {e}") from e
-    if not isinstance(cfg, dict):
-      raise ValueError(f"config {args.config} must be a mapping")
-    unknown = sorted(set(cfg) - {"method", "base", "models", "hparams", "dtype", "seed", "layout", "names"})
-    if unknown:
-      raise ValueError(f"config {args.config} has unknown keys {unknown}; valid: base, dtype, hparams, layout, "
-                       "method, models, names, seed")
-  for k in ("method", "base", "dtype", "seed", "layout"):
-    if getattr(args, k) is not None:
-      cfg[k] = getattr(args, k)
-  if args.model:
-    cfg["models"] = args.model
-  hp = dict(cfg.get("hparams") or {})
-  for item in args.hparam:
+    cfg = config.load_yaml(args.config)
+    where, rel = f"config {args.config}", pathlib.Path(args.config).resolve().parent
+  hp = {}
+  for item in args.hparam or []:
     if "=" not in item:
       raise ValueError(f"--hparam takes K=V, got {item!r}")
     k, v = item.split("=", 1)
-    hp[k] = _value(v)
-  cfg["hparams"] = hp
-  for k in ("method", "base", "models"):
-    if not cfg.get(k):
-      raise ValueError(f"no {k} given (config key or --{k if k != 'models' else 'model'})")
-  if cfg.get("dtype") not in (None, *_DTYPES):
-    raise ValueError(f"dtype must be one of {_DTYPES}, got {cfg['dtype']!r}")
-  return cfg
+    hp[k.strip()] = _value(v)
+  overrides = {"method": args.method, "base": args.base, "models": args.model, "hparams": hp, "dtype": args.dtype,
+               "seed": args.seed, "layout": args.layout, "vocab_policy": getattr(args, "vocab_policy", None)}
+  return config.resolve(cfg, overrides, where=where, relative_to=rel)
 
 
-def _write(out: pathlib.Path, models: list[dict], per_task: bool, info: dict) -> None:
-  from jaxmerge.io import safetensors_io
+def _available_bytes() -> int:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 8 << 30
+
+
+def _float_bytes(view, floats) -> int:
+  import numpy as np  # noqa: PLC0415
+
+  return sum(int(np.prod(view.shape(k), dtype=np.int64)) * 4 for k in floats)
+
+
+def _merge_in_memory(spec, base_v, model_vs, floats, key, layout):
+  import numpy as np  # noqa: PLC0415
+
+  import jaxmerge as jm  # noqa: PLC0415
+
+  base = {k: base_v.get(k) for k in base_v.keys()}
+  models = [{k: m.get(k) for k in base} for m in model_vs]
+  fn = jm.merge_per_task if spec.per_task else jm.merge
+  merged = fn(spec.tx, base, models, key=key, layout=layout, names=list(spec.names))
+  merged = merged if spec.per_task else [merged]
+  del models
+  return [{k: np.asarray(m[k]).astype(base_v.out_dtype(k)) if k in floats else np.asarray(m[k]) for k in base}
+          for m in merged]
+
+
+def _finish_dir(d: pathlib.Path, spec, base_v) -> None:
+  from jaxmerge.io import llm  # noqa: PLC0415
+
+  base_path = pathlib.Path(spec.base)
+  if base_path.is_dir():
+    llm.copy_model_files(base_path, d, vocab_size=llm.vocab_size_of(base_v), dtype=spec.dtype)
+
+
+def run(args: argparse.Namespace) -> int:
+  import jax  # noqa: PLC0415
+
+  import jaxmerge as jm  # noqa: PLC0415
+  from jaxmerge import stream as jstream  # noqa: PLC0415
+  from jaxmerge.io import llm  # noqa: PLC0415
+  from jaxmerge.io import safetensors_io as S  # noqa: PLC0415
+
+  spec = load_config(args)
+  out = pathlib.Path(args.out)
+  if out.exists():
+    raise ValueError(f"output {out} already exists; choose a new --out")
+  max_shard = S.parse_size(args.max_shard_size)
+  fmt = getattr(args, "format", "safetensors") or "safetensors"
+  base_r = S.open_checkpoint(spec.base)
+  model_rs = [S.open_checkpoint(p) for p in spec.models]
+  base_v, model_vs = llm.align(base_r, model_rs, policy=spec.vocab_policy, names=list(spec.names),
+                               out_dtype=spec.dtype)
+  floats = [k for k in base_v.keys() if jstream._is_float_dtype(base_v.dtype(k))]
+  t = len(model_vs)
+  need = (t + 3) * _float_bytes(base_v, floats)
+  use_stream = args.stream if args.stream is not None else need > _available_bytes() // 2
+  if use_stream and fmt == "orbax":
+    raise ValueError("--stream writes safetensors; use --format safetensors (or --no-stream for orbax output)")
+  layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
+  key = jax.random.key(int(spec.seed))
+  for note in spec.notes:
+    print(f"note: {note}")
 
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+  t0 = time.perf_counter()
   try:
-    if per_task:
-      for i, m in enumerate(models):
-        safetensors_io.save_sharded(tmp / f"task_{i}", m, metadata={"jaxmerge_method": info["method"]})
+    dirs = [tmp / f"task_{i}" for i in range(t)] if spec.per_task else [tmp]
+    meta = {"jaxmerge_method": spec.method}
+    if use_stream:
+      specs = {k: (base_v.shape(k), base_v.out_dtype(k)) for k in base_v.keys()}
+      writers = [S.ShardedWriter(d, specs, max_shard_bytes=max_shard, metadata=meta, atomic=False) for d in dirs]
+      try:
+        result = jstream.merge_streaming(
+            spec.tx, base_v, model_vs, writers if spec.per_task else writers[0], method=spec.registry_method,
+            key=key, layout=layout, names=list(spec.names), per_task=spec.per_task)
+        for w in writers:
+          w.close()
+      except BaseException:
+        for w in writers:
+          w.abort()
+        raise
+      detail = f"streamed in {result.passes} pass(es), {result.compiles} compile(s)"
     else:
-      safetensors_io.save_sharded(tmp / "model", models[0], metadata={"jaxmerge_method": info["method"]})
-      for f in (tmp / "model").iterdir():
-        os.replace(f, tmp / f.name)
-      (tmp / "model").rmdir()
+      merged = _merge_in_memory(spec, base_v, model_vs, floats, key, layout)
+      for d, m in zip(dirs, merged):
+        if fmt == "orbax":
+          from jaxmerge.io import orbax_io  # noqa: PLC0415
+
+          orbax_io.save(d / "orbax" if d == tmp else d, m)
+        else:
+          S.save_sharded(d / "model" if d == tmp else d, m, max_shard_bytes=max_shard, metadata=meta)
+          if d == tmp:
+            for f in (tmp / "model").iterdir():
+              os.replace(f, tmp / f.name)
+            (tmp / "model").rmdir()
+      if fmt == "orbax" and not spec.per_task:  # the orbax item is the output directory itself
+        for f in (tmp / "orbax").iterdir():
+          os.replace(f, tmp / f.name)
+        (tmp / "orbax").rmdir()
+      detail = "in memory"
+    for d in dirs:
+      _finish_dir(d, spec, base_v)
+    seconds = time.perf_counter() - t0
+    info = {"method": spec.method, "hparams": spec.hparams, "base": spec.base, "models": list(spec.models),
+            "dtype": spec.dtype, "seed": spec.seed, "vocab_policy": spec.vocab_policy, "source": spec.source,
+            "stream": bool(use_stream), "format": fmt, "per_task": spec.per_task, "notes": list(spec.notes),
+            "seconds": seconds, "jaxmerge_version": jm.__version__}
     (tmp / "merge_info.json").write_text(json.dumps(info, indent=1, default=str))
     if out.exists():
-      raise ValueError(f"output {out} already exists; choose a new --out")
+      raise ValueError(f"output {out} appeared while merging; choose a new --out")
     os.replace(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-
-
-def run(args: argparse.Namespace) -> int:
-  import jax
-  import numpy as np
-
-  import jaxmerge as jm
-  from jaxmerge.io import safetensors_io
-
-  cfg = load_config(args)
-  info = jm.method_info(cfg["method"])
-  if info.data != "none":
-    raise ValueError(f"method {cfg['method']!r} needs data ({info.data}); `jaxmerge merge` runs data-free methods")
-  tx = info.factory(**cfg["hparams"])
-  out = pathlib.Path(args.out)
-  if out.exists():
-    raise ValueError(f"output {out} already exists; choose a new --out")
-  base = safetensors_io.load(cfg["base"])
-  models = [safetensors_io.load(p) for p in cfg["models"]]
-  names = cfg.get("names") or [str(p) for p in cfg["models"]]
-  layout = jm.filters.flax_layout if cfg.get("layout") == "flax" else jm.filters.hf_layout
-  key = jax.random.key(int(cfg.get("seed") or 0))
-  t0 = time.perf_counter()
-  fn = jm.merge_per_task if info.per_task else jm.merge
-  merged = fn(tx, base, models, key=key, layout=layout, names=names)
-  merged = merged if info.per_task else [merged]
-  if cfg.get("dtype"):
-    import jax.numpy as jnp
-
-    dt = jnp.dtype(cfg["dtype"])
-    merged = [{k: (v.astype(dt) if jnp.issubdtype(v.dtype, jnp.floating) else v) for k, v in m.items()} for m in merged]
-  merged = [{k: np.asarray(v) for k, v in m.items()} for m in merged]
-  seconds = time.perf_counter() - t0
-  _write(out, merged, info.per_task, {"method": cfg["method"], "hparams": cfg["hparams"], "base": cfg["base"],
-                                      "models": cfg["models"], "dtype": cfg.get("dtype"), "seed": cfg.get("seed", 0),
-                                      "seconds": seconds})
-  print(f"merged {len(models)} models with {cfg['method']} in {seconds:.2f} s -> {out}")
+  finally:
+    for r in (base_r, *model_rs):
+      if hasattr(r, "close"):
+        r.close()
+  print(f"merged {t} models with {spec.method} ({detail}) in {seconds:.2f} s -> {out}")
   return 0

@@ -1,4 +1,5 @@
-"""``jaxmerge methods``: the registry as a table (name, family, data needed, extra storage, hyperparameters)."""
+"""``jaxmerge methods``: the registry as a table (name, family, data needed, extra storage, one model per task,
+whether ``jaxmerge merge --stream`` can stream it, default hyperparameters)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,31 @@ def table() -> str:
   """The registry as a markdown table."""
   import jaxmerge as jm
 
-  rows = ["| method | family | data | extra storage | task id | hyperparameters (defaults) |", "|---|---|---|---|---|---|"]
+  rows = ["| method | family | data | extra storage | task id | streams | hyperparameters (defaults) |",
+          "|---|---|---|---|---|---|---|"]
   for name in jm.list_methods():
     i = jm.method_info(name)
     hp = ", ".join(f"{k}={v!r}" for k, v in i.hparams.items()) or "-"
-    rows.append(f"| `{name}` | {i.family} | {i.data} | {i.storage} | {'yes' if i.per_task else 'no'} | {hp} |")
+    rows.append(f"| `{name}` | {i.family} | {i.data} | {i.storage} | {'yes' if i.per_task else 'no'} | "
+                f"{_streams(name)} | {hp} |")
   return "\n".join(rows)
+
+
+def _streams(name: str) -> str:
+  """How ``jaxmerge merge --stream`` runs the method with its defaults: one pass, several exact passes, or not."""
+  import jaxmerge as jm  # noqa: PLC0415
+  from jaxmerge import stream  # noqa: PLC0415
+
+  info = jm.method_info(name)
+  if info.data != "none":
+    return "-"
+  try:
+    tx = info.factory()
+  except Exception:  # noqa: BLE001
+    return "?"
+  if tx.leafwise:
+    return "yes"
+  return "passes" if stream._plan(name, {}) is not None else "no"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,10 +1,21 @@
-"""Safetensors checkpoints: lazy, memory-mapped reading with clear errors, and atomic writing.
+"""Safetensors checkpoints: lazy reading with clear errors, and atomic (optionally streamed) writing.
 
 The format is an 8-byte little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}}``
-and the raw little-endian tensor bytes. Reading memory-maps the file and returns NumPy views (bfloat16 via
-``ml_dtypes``, which JAX ships), so a tensor is only read from disk when it is used. Corrupt or truncated files
-raise ``ValueError`` naming the file. Writing goes to a temporary file in the target directory, is fsynced, and
-is renamed into place, so a crash never leaves a partial checkpoint.
+and the raw little-endian tensor bytes. The header is parsed here (not by ``safetensors.numpy``) so that
+bfloat16 works with every ``safetensors`` version (NumPy has no bfloat16; ``ml_dtypes``, which JAX ships, gives
+one) and so that corrupt or truncated files raise ``ValueError`` naming the file: a header length past the end
+of the file, a header that is not JSON, or tensor offsets past the end of the data.
+
+Reading is lazy. ``open_checkpoint(path)`` returns a :class:`TensorReader` over one file, a directory with a
+``*.safetensors.index.json`` and its shards, or an orbax directory: ``keys()``, ``shape(name)``,
+``dtype(name)`` and ``get(name)`` read one tensor at a time. ``reader[name]`` is a zero-copy memory-mapped view
+(what :func:`load` returns); ``reader.get(name)`` reads the bytes into a fresh array with ``pread``, so memory is
+released as soon as the caller drops it (what streaming merges use: mapped pages would stay resident).
+
+Writing never leaves a partial checkpoint: files go to a temporary name in the target directory, are fsynced
+and renamed into place. :class:`ShardedWriter` knows every tensor's shape and dtype up front, plans the shards,
+writes each header first and then each tensor at its offset as it arrives (in any order), so a merged model
+larger than memory can be written tensor by tensor.
 """
 
 from __future__ import annotations
@@ -13,15 +24,28 @@ import json
 import mmap
 import os
 import pathlib
+import re
+import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import ml_dtypes
 import numpy as np
 
-__all__ = ["SafetensorsReader", "load", "open_checkpoint", "save", "save_sharded"]
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "SafetensorsReader",
+    "ShardedReader",
+    "ShardedWriter",
+    "TensorReader",
+    "load",
+    "open_checkpoint",
+    "parse_size",
+    "save",
+    "save_sharded",
+]
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -30,10 +54,39 @@ _DTYPES = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+INDEX_NAME = "model.safetensors.index.json"
+_MISSING = object()
+
+
+@runtime_checkable
+class TensorReader(Protocol):
+  """What streaming merges need from a checkpoint: names, shapes and dtypes without reading data, and one
+  tensor at a time."""
+
+  path: pathlib.Path
+
+  def keys(self) -> Any: ...
+
+  def shape(self, name: str) -> tuple[int, ...]: ...
+
+  def dtype(self, name: str) -> np.dtype: ...
+
+  def get(self, name: str) -> np.ndarray: ...
+
+  def __contains__(self, name: object) -> bool: ...
+
+  def __len__(self) -> int: ...
 
 
 class SafetensorsReader(Mapping):
-  """A lazy ``{name: np.ndarray}`` view of one safetensors file (memory-mapped)."""
+  """A lazy view of one safetensors file.
+
+  ``reader[name]`` is a read-only memory-mapped view; ``reader.get(name)`` a fresh array read from disk.
+
+  Raises:
+    ValueError: the file is missing, not a safetensors file, corrupt or truncated (the message names it).
+  """
 
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path)
@@ -41,6 +94,14 @@ class SafetensorsReader(Mapping):
       self._file = open(self.path, "rb")
     except OSError as e:
       raise ValueError(f"cannot open checkpoint {self.path}: {e}") from e
+    try:
+      self._parse()
+    except BaseException:
+      self._file.close()
+      raise
+    self._mmap = None
+
+  def _parse(self) -> None:
     size = os.fstat(self._file.fileno()).st_size
     if size < 8:
       raise ValueError(f"{self.path} is not a safetensors file: truncated before the header ({size} bytes)")
@@ -53,29 +114,59 @@ class SafetensorsReader(Mapping):
       raise ValueError(f"{self.path} is corrupt: its header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
       raise ValueError(f"{self.path} is corrupt: the header is not a JSON object")
-    self.metadata = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None) or {}
+    self.metadata = meta if isinstance(meta, dict) else {}
     self._start = 8 + n
     data_size = size - self._start
-    self._entries = {}
+    self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
     for name, info in header.items():
       try:
         dtype = _DTYPES[info["dtype"]]
         shape = tuple(int(d) for d in info["shape"])
         begin, end = (int(o) for o in info["data_offsets"])
       except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{self.path} is corrupt: bad header entry for tensor {name!r} ({e})") from e
+        raise ValueError(f"{self.path} is corrupt: bad header entry for tensor {name!r} ({e!r})") from e
+      if any(d < 0 for d in shape) or begin < 0:
+        raise ValueError(f"{self.path} is corrupt: tensor {name!r} has a negative shape or offset")
       if end > data_size or begin > end or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
         raise ValueError(
             f"{self.path} is corrupt or truncated: tensor {name!r} ({info['dtype']} {list(shape)}) spans bytes "
             f"{begin}..{end} but the data section has {data_size} bytes"
         )
       self._entries[name] = (dtype, shape, begin, end)
-    self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+
+  def _view(self) -> mmap.mmap:
+    if self._mmap is None:
+      self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+    return self._mmap
+
+  def _entry(self, name: str):
+    try:
+      return self._entries[name]
+    except KeyError:
+      raise KeyError(f"{self.path} has no tensor {name!r}") from None
 
   def __getitem__(self, name: str) -> np.ndarray:
-    dtype, shape, begin, end = self._entries[name]
-    return np.frombuffer(self._mmap, dtype=dtype, count=(end - begin) // dtype.itemsize,
+    dtype, shape, begin, end = self._entry(name)
+    if end == begin:
+      return np.zeros(shape, dtype)
+    return np.frombuffer(self._view(), dtype=dtype, count=(end - begin) // dtype.itemsize,
                          offset=self._start + begin).reshape(shape)
+
+  def get(self, name: str, default: Any = _MISSING) -> np.ndarray:
+    """Reads tensor ``name`` into a new array (``pread``; no mapping stays behind)."""
+    if name not in self._entries and default is not _MISSING:
+      return default
+    dtype, shape, begin, end = self._entry(name)
+    out = np.empty(shape, dtype)
+    buf = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+    pos, fd = 0, self._file.fileno()
+    while pos < end - begin:
+      got = os.preadv(fd, [buf[pos:]], self._start + begin + pos)
+      if got <= 0:
+        raise ValueError(f"{self.path} is truncated: tensor {name!r} could not be read")
+      pos += got
+    return out
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._entries)
@@ -83,140 +174,468 @@ class SafetensorsReader(Mapping):
   def __len__(self) -> int:
     return len(self._entries)
 
+  def __contains__(self, name: object) -> bool:
+    return name in self._entries
+
   def shape(self, name: str) -> tuple[int, ...]:
-    return self._entries[name][1]
+    return self._entry(name)[1]
 
   def dtype(self, name: str) -> np.dtype:
-    return self._entries[name][0]
+    return self._entry(name)[0]
+
+  def nbytes(self, name: str) -> int:
+    _, _, begin, end = self._entry(name)
+    return end - begin
+
+  def offset(self, name: str) -> int:
+    return self._entry(name)[2]
+
+  def close(self) -> None:
+    if self._mmap is not None:
+      try:
+        self._mmap.close()
+      except BufferError:  # views handed out by __getitem__ are still alive; the mapping goes with them
+        pass
+      self._mmap = None
+    self._file.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def __repr__(self) -> str:
+    return f"SafetensorsReader({str(self.path)!r}, {len(self)} tensors)"
 
 
-class _Sharded(Mapping):
-  """A lazy view over the shards listed in a ``*.safetensors.index.json``."""
+class ShardedReader(Mapping):
+  """A lazy view over the shards listed in a ``*.safetensors.index.json`` (the Hugging Face layout).
 
-  def __init__(self, index: pathlib.Path):
+  ``keys()`` are ordered shard by shard and, inside a shard, by file offset, so a pass over them reads each
+  file front to back.
+  """
+
+  def __init__(self, index: str | os.PathLike):
+    index = pathlib.Path(index)
+    self.path = index.parent
+    self.index_path = index
     try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
+      raw = json.loads(index.read_text())
+      weight_map = raw["weight_map"]
+      if not isinstance(weight_map, dict):
+        raise TypeError("weight_map is not an object")
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
       raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
-    self._readers = {f: SafetensorsReader(index.parent / f) for f in sorted(set(weight_map.values()))}
-    self._map = {}
+    self.metadata = raw.get("metadata") or {}
+    self._readers: dict[str, SafetensorsReader] = {}
+    try:
+      for f in sorted(set(weight_map.values())):
+        if not (index.parent / f).exists():
+          raise ValueError(f"{index} lists shard {f}, which does not exist in {index.parent}")
+        self._readers[f] = SafetensorsReader(index.parent / f)
+    except BaseException:
+      self.close()
+      raise
+    listed = {}
     for name, f in weight_map.items():
       if name not in self._readers[f]:
+        self.close()
         raise ValueError(f"{index}: tensor {name!r} is listed in shard {f} but that shard does not contain it")
-      self._map[name] = self._readers[f]
+      listed[name] = f
+    order = sorted(listed, key=lambda n: (listed[n], self._readers[listed[n]].offset(n)))
+    self._map = {n: self._readers[listed[n]] for n in order}
 
-  def __getitem__(self, name):
-    return self._map[name][name]
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self._reader(name)[name]
 
-  def __iter__(self):
+  def _reader(self, name: str) -> SafetensorsReader:
+    try:
+      return self._map[name]
+    except KeyError:
+      raise KeyError(f"{self.index_path} has no tensor {name!r}") from None
+
+  def get(self, name: str, default: Any = _MISSING) -> np.ndarray:
+    if name not in self._map and default is not _MISSING:
+      return default
+    return self._reader(name).get(name)
+
+  def __iter__(self) -> Iterator[str]:
     return iter(self._map)
 
-  def __len__(self):
+  def __len__(self) -> int:
     return len(self._map)
 
+  def __contains__(self, name: object) -> bool:
+    return name in self._map
 
-def open_checkpoint(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
-  """A lazy ``{name: array}`` mapping for a safetensors file, or a directory holding ``model.safetensors`` or
-  a sharded checkpoint with a ``*.safetensors.index.json``."""
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._reader(name).shape(name)
+
+  def dtype(self, name: str) -> np.dtype:
+    return self._reader(name).dtype(name)
+
+  def file_of(self, name: str) -> pathlib.Path:
+    return self._reader(name).path
+
+  def close(self) -> None:
+    for r in self._readers.values():
+      r.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def __repr__(self) -> str:
+    return f"ShardedReader({str(self.index_path)!r}, {len(self)} tensors in {len(self._readers)} shards)"
+
+
+def open_checkpoint(path: str | os.PathLike) -> TensorReader:
+  """A lazy reader for a checkpoint.
+
+  Args:
+    path: a ``.safetensors`` file; a directory holding ``model.safetensors`` (a Hugging Face directory), or
+      shards with a ``*.safetensors.index.json``; or an orbax checkpoint directory (see
+      :mod:`jaxmerge.io.orbax_io`).
+
+  Returns:
+    A :class:`TensorReader`.
+
+  Raises:
+    ValueError: a missing path, a directory without a checkpoint, or a corrupt file (naming it).
+  """
   p = pathlib.Path(path)
   if p.is_dir():
     indexes = sorted(p.glob("*.safetensors.index.json"))
     if indexes:
-      return _Sharded(indexes[0])
+      preferred = [i for i in indexes if i.name == INDEX_NAME]
+      return ShardedReader((preferred or indexes)[0])
     files = sorted(p.glob("*.safetensors"))
     if len(files) == 1:
       return SafetensorsReader(files[0])
-    if not files:
-      raise ValueError(f"no safetensors checkpoint in directory {p}")
-    raise ValueError(f"directory {p} has several safetensors files and no index: {[f.name for f in files]}")
+    if len(files) > 1:
+      if (p / "model.safetensors").exists():
+        return SafetensorsReader(p / "model.safetensors")
+      raise ValueError(f"directory {p} has several safetensors files and no index: {[f.name for f in files]}")
+    from jaxmerge.io import orbax_io  # noqa: PLC0415 (orbax is heavy: import on use)
+
+    item = orbax_io.find_item_dir(p)
+    if item is not None:
+      return orbax_io.OrbaxReader(item)
+    if any(p.glob("*.bin")) or any(p.glob("*.pt")):
+      raise ValueError(f"directory {p} holds PyTorch .bin/.pt weights only; convert them to safetensors first")
+    raise ValueError(f"no safetensors or orbax checkpoint in directory {p}")
   if not p.exists():
     raise ValueError(f"checkpoint {p} does not exist")
   return SafetensorsReader(p)
 
 
 def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a whole checkpoint into a flat ``{name: array}`` dict (arrays are memory-mapped views)."""
+  """Reads a whole checkpoint into a flat ``{name: array}`` dict (safetensors arrays are memory-mapped views)."""
   ckpt = open_checkpoint(path)
-  return {k: ckpt[k] for k in ckpt}
+  if isinstance(ckpt, (SafetensorsReader, ShardedReader)):
+    return {k: ckpt[k] for k in ckpt}
+  return {k: ckpt.get(k) for k in ckpt.keys()}
 
 
-def _encode(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None) -> tuple[bytes, list[np.ndarray]]:
+# ----------------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _dtype_name(name: str, dtype: Any) -> str:
+  dt = np.dtype(dtype)
+  if dt not in _NAMES:
+    raise ValueError(f"tensor {name!r} has dtype {dt}, which safetensors cannot store")
+  return _NAMES[dt]
+
+
+def _header_bytes(specs: Sequence[tuple[str, tuple[int, ...], Any]], metadata: Mapping[str, Any] | None) -> tuple[
+    bytes, dict[str, tuple[int, int]]]:
   header: dict[str, Any] = {}
   if metadata:
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-  arrays, offset = [], 0
-  for name, x in tensors.items():
-    a = np.ascontiguousarray(np.asarray(x))
-    if a.dtype not in _NAMES:
-      raise ValueError(f"tensor {name!r} has dtype {a.dtype}, which safetensors cannot store")
-    header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-    offset += a.nbytes
-    arrays.append(a)
+  spans, offset = {}, 0
+  for name, shape, dtype in specs:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": _dtype_name(name, dtype), "shape": [int(d) for d in shape],
+                    "data_offsets": [offset, offset + nbytes]}
+    spans[name] = (offset, nbytes)
+    offset += nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)
-  return raw, arrays
+  return struct.pack("<Q", len(raw)) + raw, spans
+
+
+def _as_host(name: str, x: Any) -> np.ndarray:
+  a = np.asarray(x)
+  if a.dtype.byteorder == ">":
+    a = a.astype(a.dtype.newbyteorder("<"))
+  _dtype_name(name, a.dtype)
+  return a if a.flags.c_contiguous else a.copy(order="C")  # (np.ascontiguousarray would make scalars 1-D)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+  pos = 0
+  while pos < len(data):
+    pos += os.pwrite(fd, data[pos:], offset + pos)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 def save(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
-  """Writes ``tensors`` to ``path`` atomically (temporary file, fsync, rename)."""
+  """Writes ``tensors`` to one safetensors file atomically (temporary file, fsync, rename)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  raw, arrays = _encode(tensors, metadata)
+  arrays = {k: _as_host(k, v) for k, v in tensors.items()}
+  head, spans = _header_bytes([(k, a.shape, a.dtype) for k, a in arrays.items()], metadata)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(struct.pack("<Q", len(raw)))
-      f.write(raw)
-      for a in arrays:
-        f.write(a.tobytes())
+      f.write(head)
+      for a in arrays.values():
+        if a.nbytes:
+          f.write(memoryview(a.reshape(-1).view(np.uint8)))
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
 
 
-def save_sharded(directory: str | os.PathLike, tensors: Mapping[str, Any], *, max_shard_bytes: int = 2 << 30,
-                 metadata: Mapping[str, str] | None = None) -> None:
-  """Writes a checkpoint directory: one ``model.safetensors``, or shards plus ``model.safetensors.index.json``
-  when larger than ``max_shard_bytes``. Written to a temporary directory and renamed, so it appears whole."""
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+  """``"5GB"`` / ``"500MiB"`` / ``1024`` -> bytes (decimal for kB/MB/GB, binary for KiB/MiB/GiB)."""
+  if isinstance(text, int):
+    return text
+  m = _SIZE.match(str(text))
+  if not m:
+    raise ValueError(f"cannot read the size {text!r}; write e.g. 5GB, 500MiB or a number of bytes")
+  value, unit = float(m.group(1)), (m.group(2) or "").upper()
+  base = 1024 if "I" in unit else 1000
+  power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1] if unit else ""]
+  return int(value * base**power)
+
+
+def _plan_shards(specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], max_shard_bytes: int) -> list[list[str]]:
+  """Groups tensor names, in order, into shards of at most ``max_shard_bytes`` of data each."""
+  if max_shard_bytes <= 0:
+    raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+  groups, cur, size = [], [], 0
+  for name, (shape, dt) in specs.items():
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+    if cur and size + nbytes > max_shard_bytes:
+      groups.append(cur)
+      cur, size = [], 0
+    cur.append(name)
+    size += nbytes
+  groups.append(cur)
+  return groups
+
+
+def _shard_name(i: int, n: int) -> str:
+  return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _write_index(root: pathlib.Path, weight_map: Mapping[str, str], total: int) -> None:
+  index = root / INDEX_NAME
+  with open(index, "w") as f:
+    json.dump({"metadata": {"total_size": int(total)}, "weight_map": dict(weight_map)}, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class ShardedWriter:
+  """Writes one checkpoint directory tensor by tensor: ``model.safetensors``, or numbered shards and
+  ``model.safetensors.index.json`` when the total exceeds ``max_shard_bytes``.
+
+  The shapes and dtypes of every tensor are declared up front (``specs``), so each shard's header is written
+  first and each tensor goes straight to its offset when :meth:`write` receives it (in any order). Only
+  :meth:`close` makes the directory appear: everything is written under a temporary sibling directory, fsynced
+  and renamed (``atomic=False`` writes in place and leaves atomicity to the caller, e.g. for several
+  directories under one temporary root).
+
+  Args:
+    directory: the output directory (must not exist unless ``overwrite``).
+    specs: ``{name: (shape, dtype)}`` in the order the tensors should be laid out.
+    max_shard_bytes: the largest data size of one shard file (a single larger tensor gets its own shard).
+    metadata: string metadata stored in every shard's header.
+    atomic: write under a temporary directory and rename on close.
+    overwrite: replace an existing directory on close.
+
+  Example::
+
+    with ShardedWriter(out, {"w": ((2, 2), np.float32)}) as w:
+      w.write("w", np.eye(2, dtype=np.float32))
+  """
+
+  def __init__(
+      self,
+      directory: str | os.PathLike,
+      specs: Mapping[str, tuple[Sequence[int], Any]],
+      *,
+      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+      metadata: Mapping[str, str] | None = None,
+      atomic: bool = True,
+      overwrite: bool = False,
+  ):
+    self.directory = pathlib.Path(directory)
+    self.atomic, self.overwrite = atomic, overwrite
+    if self.directory.exists() and not overwrite and atomic:
+      raise ValueError(f"output {self.directory} already exists")
+    self._specs = {k: (tuple(int(d) for d in s), np.dtype(dt)) for k, (s, dt) in specs.items()}
+    if not self._specs:
+      raise ValueError("a checkpoint needs at least one tensor")
+    for k, (_, dt) in self._specs.items():
+      _dtype_name(k, dt)
+    groups = _plan_shards(self._specs, max_shard_bytes)
+    self.directory.parent.mkdir(parents=True, exist_ok=True)
+    if atomic:
+      self._root = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", suffix=".tmp",
+                                                 dir=self.directory.parent))
+    else:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      self._root = self.directory
+    self._files: list[tuple[pathlib.Path, int]] = []
+    self._where: dict[str, tuple[int, int, int]] = {}
+    self._written: set[str] = set()
+    self._closed = False
+    try:
+      for i, names in enumerate(groups):
+        fname = _shard_name(i, len(groups))
+        head, spans = _header_bytes([(n, *self._specs[n]) for n in names], metadata)
+        fd = os.open(self._root / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._files.append((self._root / fname, fd))
+        _pwrite_all(fd, memoryview(head), 0)
+        os.ftruncate(fd, len(head) + sum(n for _, n in spans.values()))
+        for n, (off, nbytes) in spans.items():
+          self._where[n] = (len(self._files) - 1, len(head) + off, nbytes)
+    except BaseException:
+      self.abort()
+      raise
+
+  @property
+  def names(self) -> list[str]:
+    return list(self._specs)
+
+  def write(self, name: str, array: Any) -> None:
+    """Writes one declared tensor (its shape and dtype must match the declaration)."""
+    if self._closed:
+      raise ValueError(f"writer for {self.directory} is closed")
+    if name not in self._specs:
+      raise ValueError(f"tensor {name!r} was not declared for {self.directory}")
+    a = _as_host(name, array)
+    shape, dt = self._specs[name]
+    if a.shape != shape or a.dtype != dt:
+      raise ValueError(f"tensor {name!r} has shape {a.shape} and dtype {a.dtype}; {shape} and {dt} were declared")
+    i, off, nbytes = self._where[name]
+    if nbytes:
+      _pwrite_all(self._files[i][1], memoryview(a.reshape(-1).view(np.uint8)), off)
+    self._written.add(name)
+
+  def close(self) -> pathlib.Path:
+    """Checks that every tensor was written, fsyncs, writes the index and renames the directory into place."""
+    if self._closed:
+      return self.directory
+    missing = [n for n in self._specs if n not in self._written]
+    if missing:
+      self.abort()
+      raise ValueError(f"{len(missing)} declared tensors were never written to {self.directory}: {missing[:5]}")
+    try:
+      for _, fd in self._files:
+        os.fsync(fd)
+        os.close(fd)
+      self._files_closed = True
+      if len(self._files) > 1:
+        total = sum(nbytes for _, _, nbytes in self._where.values())
+        _write_index(self._root, {n: self._files[i][0].name for n, (i, _, _) in self._where.items()}, total)
+      _fsync_dir(self._root)
+      if self.atomic:
+        _replace_dir(self._root, self.directory, self.overwrite)
+      self._closed = True
+      return self.directory
+    except BaseException:
+      self.abort()
+      raise
+
+  def abort(self) -> None:
+    """Removes everything written so far (nothing appears at ``directory`` when ``atomic``)."""
+    if self._closed:
+      return
+    self._closed = True
+    if not getattr(self, "_files_closed", False):
+      for _, fd in self._files:
+        try:
+          os.close(fd)
+        except OSError:
+          pass
+    if self.atomic:
+      shutil.rmtree(self._root, ignore_errors=True)
+    else:
+      for p, _ in self._files:
+        p.unlink(missing_ok=True)
+      (self._root / INDEX_NAME).unlink(missing_ok=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+def _replace_dir(tmp: pathlib.Path, final: pathlib.Path, overwrite: bool) -> None:
+  if final.exists():
+    if not overwrite:
+      raise ValueError(f"output {final} already exists")
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, final)
+  _fsync_dir(final.parent)
+
+
+def save_sharded(directory: str | os.PathLike, tensors: Mapping[str, Any], *,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: Mapping[str, str] | None = None) -> None:
+  """Writes a checkpoint directory from in-memory tensors: one ``model.safetensors``, or shards plus
+  ``model.safetensors.index.json`` when larger than ``max_shard_bytes``. Each file is written with :func:`save`
+  inside a temporary directory that is renamed when complete, so the directory appears whole (an existing one
+  is replaced)."""
   directory = pathlib.Path(directory)
+  arrays = {k: _as_host(k, v) for k, v in tensors.items()}
+  groups = _plan_shards({k: (a.shape, a.dtype) for k, a in arrays.items()}, max_shard_bytes)
   directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
   try:
-    shards, cur, size = [], {}, 0
-    for name, x in tensors.items():
-      nbytes = np.asarray(x).nbytes
-      if cur and size + nbytes > max_shard_bytes:
-        shards.append(cur)
-        cur, size = {}, 0
-      cur[name] = x
-      size += nbytes
-    shards.append(cur)
-    if len(shards) == 1:
-      save(tmp / "model.safetensors", shards[0], metadata)
-    else:
-      weight_map = {}
-      for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save(tmp / fname, shard, metadata)
-        weight_map.update({k: fname for k in shard})
-      total = sum(np.asarray(x).nbytes for x in tensors.values())
-      (tmp / "model.safetensors.index.json").write_text(
-          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    if directory.exists():
-      old = directory.with_name(f".{directory.name}.old")
-      os.replace(directory, old)
-      os.replace(tmp, directory)
-      import shutil
-
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, directory)
+    weight_map = {}
+    for i, names in enumerate(groups):
+      fname = _shard_name(i, len(groups))
+      save(tmp / fname, {n: arrays[n] for n in names}, metadata)
+      weight_map.update({n: fname for n in names})
+    if len(groups) > 1:
+      _write_index(tmp, weight_map, sum(a.nbytes for a in arrays.values()))
+    _replace_dir(tmp, directory, overwrite=True)
   except BaseException:
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     raise

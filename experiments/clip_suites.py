@@ -1,0 +1,249 @@
+"""The real CLIP merging suites: ViT-B/32, B/16, L/14 on the 8-, 14- and 20-task (TALL) image suites.
+
+::
+
+    python experiments/clip_suites.py --model b32 --suite 8 --out results/clip-vit-b32-tall8
+    python experiments/clip_suites.py --config experiments/configs/clip_vit_l14.yaml --suite 20 \\
+        --methods task_arithmetic,ties --cache ~/.cache/jaxmerge --out results/l14-tall20
+
+For each run: load the pretrained ``CLIPModel`` and one fine-tuned ``CLIPVisionModel`` per task (FusionBench's
+``tanganke/clip-vit-base-patch32_<task>`` etc.; hub cache or network, or local paths), build zero-shot heads
+with the pretrained text tower (cached with orbax), evaluate the pretrained model and every expert on its own
+task, merge the vision towers with each method,
+``jm.merge(jm.get_method(m)(**hp), pretrained, experts, layout=jm.filters.flax_layout)`` (one model per task
+for per-task methods), evaluate every merged model on every task, and write ``results.{json,md,csv}``.
+
+The YAML config (``experiments/configs/clip_*.yaml``) names the checkpoints, the data, the methods and their
+hyperparameters (``{}`` = the registry's defaults, FusionBench's), and the published reference numbers.
+``--data DIR`` reads ``DIR/<task>`` (a ``save_to_disk`` dataset or an image folder) instead of the hub.
+With ``--cache``, preprocessed test images are kept as uint8 ``.npy`` files, so each method's evaluation only
+runs the vision tower.
+
+Memory: the experts are held in host memory as float32 (ViT-B/32: 0.35 GB per task; L/14: 1.2 GB per task).
+Methods that need data (AdaMerging, WEMoE, ...) are not run here (see ``jaxmerge bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+  sys.path.insert(0, str(ROOT))
+
+CONFIGS = {"b32": "clip_vit_b32.yaml", "b16": "clip_vit_b16.yaml", "l14": "clip_vit_l14.yaml"}
+
+__all__ = ["load_config", "main", "run"]
+
+
+def load_config(path: str | pathlib.Path, **overrides) -> dict:
+  """The YAML config at ``path`` with ``overrides`` (non-None values) applied."""
+  import yaml
+
+  cfg = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+  cfg.update({k: v for k, v in overrides.items() if v is not None})
+  return cfg
+
+
+def _expert_path(cfg: Mapping, task: str) -> str:
+  experts = cfg["experts"]
+  if isinstance(experts, Mapping):
+    if task not in experts:
+      raise ValueError(f"no expert checkpoint for task {task!r} in the config")
+    return str(experts[task])
+  return str(experts).format(task=task)
+
+
+def _cached_images(cache: pathlib.Path | None, task: str, split: str, size: int, limit: int | None,
+                   make: Callable[[], Iterable[Mapping[str, np.ndarray]]], batch_size: int):
+  """Batches of ``task``; with a cache, decoded once into ``<cache>/<task>-<split>-<size>.npy`` (+ labels)."""
+  if cache is None:
+    yield from make()
+    return
+  stem = f"{task}-{split}-{size}" + (f"-first{limit}" if limit else "")
+  img_f, lab_f = cache / f"{stem}.images.npy", cache / f"{stem}.labels.npy"
+  if not (img_f.exists() and lab_f.exists()):
+    cache.mkdir(parents=True, exist_ok=True)
+    images, labels = [], []
+    for b in make():
+      images.append(b["image"])
+      labels.append(b["label"])
+    tmp_i, tmp_l = img_f.with_suffix(".tmp.npy"), lab_f.with_suffix(".tmp.npy")
+    np.save(tmp_i, np.concatenate(images))
+    np.save(tmp_l, np.concatenate(labels))
+    tmp_l.replace(lab_f)
+    tmp_i.replace(img_f)
+  images, labels = np.load(img_f, mmap_mode="r"), np.load(lab_f)
+  for s in range(0, len(labels), batch_size):
+    yield {"image": np.asarray(images[s:s + batch_size]), "label": labels[s:s + batch_size]}
+
+
+def _merge(method: str, hparams: Mapping, pretrained, experts: Sequence, seed: int):
+  """One merged vision tower, or a list of T (per-task methods)."""
+  import jax
+
+  import jaxmerge as jm
+
+  info = jm.method_info(method)
+  if info.data != "none":
+    raise ValueError(f"method {method!r} needs data ({info.data}); this script runs data-free methods only")
+  tx = jm.get_method(method)(**dict(hparams or {}))
+  key = jax.random.key(seed) if getattr(tx, "needs_key", False) else None
+  merge = jm.merge_per_task if info.per_task else jm.merge
+  return merge(tx, pretrained, list(experts), key=key, layout=jm.filters.flax_layout)
+
+
+def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict:
+  """Runs one suite as configured by ``cfg`` (see the module docstring) and writes the reports to ``out``.
+
+  Returns:
+    The results dict written to ``out/results.json``.
+  """
+  import transformers
+
+  from jaxmerge.data.preprocess import Preprocess
+  from jaxmerge.data.tasks import TASKS, get_suite
+  from jaxmerge.eval.command import task_batches
+  from jaxmerge.eval.zeroshot import ClipZeroShot
+  from jaxmerge.io import hf
+
+  log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
+  t0 = time.perf_counter()
+  suite = cfg.get("suite", "TALL8")
+  tasks = list(suite) if isinstance(suite, (list, tuple)) else list(get_suite(suite))
+  unknown = [t for t in tasks if t not in TASKS]
+  if unknown:
+    raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+  cache = pathlib.Path(cfg["cache"]).expanduser() if cfg.get("cache") else None
+  batch_size, limit, split = int(cfg.get("batch_size", 128)), cfg.get("limit"), cfg.get("split", "test")
+
+  log(f"loading {cfg['pretrained']}")
+  pcfg, pparams = hf.load_clip(cfg["pretrained"])
+  pre_dir = hf.resolve(cfg["pretrained"])
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(str(pre_dir))
+  preprocess = Preprocess.from_pretrained(pre_dir, default_size=pcfg.image_size)
+  experts = []
+  for t in tasks:
+    log(f"loading expert {_expert_path(cfg, t)}")
+    experts.append(hf.load_clip(_expert_path(cfg, t), like=pcfg)[1]["vision_model"])
+  heads_cache = cache / "heads" / str(cfg.get("name", pcfg.vision_width)) if cache else None
+  zs = ClipZeroShot(pcfg, pparams, tokenizer=tokenizer, heads_cache=heads_cache, preprocess=preprocess,
+                    batch_size=batch_size, tasks={t: (TASKS[t].classnames, TASKS[t].templates) for t in tasks})
+  zs.build_heads(tasks)
+  timings = {"load": time.perf_counter() - t0}
+
+  def batches(task):
+    make = lambda: task_batches(task, data=cfg.get("data"), split=split, batch_size=batch_size,  # noqa: E731
+                                preprocess=preprocess, limit=limit, workers=int(cfg.get("workers", 4)))
+    return _cached_images(cache / "images" if cache else None, task, split, preprocess.crop, limit, make, batch_size)
+
+  def evaluate(models: Any, row: str) -> dict:
+    t = time.perf_counter()
+    if isinstance(models, list):  # one model per task
+      acc = {task: zs.evaluate(m, task, batches(task)) for task, m in zip(tasks, models)}
+    else:
+      acc = {task: zs.evaluate(models, task, batches(task)) for task in tasks}
+    r = {"method": row, "accuracy": {k: v["accuracy"] for k, v in acc.items()},
+         "loss": {k: v["loss"] for k, v in acc.items()},
+         "average": float(np.mean([v["accuracy"] for v in acc.values()])), "eval_seconds": time.perf_counter() - t}
+    log(f"{row}: {100 * r['average']:.2f}")
+    return r
+
+  pre_vision = pparams["vision_model"]
+  rows = [evaluate(pre_vision, "pretrained"), evaluate(experts, "experts")]
+  skipped = {}
+  import jaxmerge as jm
+
+  for method, hp in (cfg.get("methods") or {}).items():
+    if method not in jm.list_methods():
+      skipped[method] = "not registered in this jaxmerge"
+      log(f"skipping {method}: {skipped[method]}")
+      continue
+    if jm.method_info(method).data != "none":
+      skipped[method] = f"needs data ({jm.method_info(method).data})"
+      log(f"skipping {method}: {skipped[method]}")
+      continue
+    t = time.perf_counter()
+    merged = _merge(method, hp, pre_vision, experts, int(cfg.get("seed", 0)))
+    merge_s = time.perf_counter() - t
+    row = evaluate(merged, method)
+    row.update(merge_seconds=merge_s, hparams=dict(hp or {}), per_task=isinstance(merged, list))
+    rows.append(row)
+  suite_name = suite if isinstance(suite, str) else None
+  ref = ((cfg.get("reference") or {}).get(suite_name) or {}) if suite_name and not limit else {}
+  results = {"name": cfg.get("name"), "pretrained": str(cfg["pretrained"]), "tasks": tasks, "split": split,
+             "limit": limit, "rows": rows, "skipped": skipped, "reference": ref,
+             "reference_source": cfg.get("reference_source") if ref else None,
+             "timings": {**timings, "total": time.perf_counter() - t0}}
+  _write(results, pathlib.Path(out))
+  return results
+
+
+def _markdown(results: Mapping) -> str:
+  tasks, ref = results["tasks"], results.get("reference") or {}
+  head = "| method | " + " | ".join(tasks) + " | avg | reference avg |"
+  lines = [head, "|" + "---|" * (len(tasks) + 3)]
+  for r in results["rows"]:
+    accs = " | ".join(f"{100 * r['accuracy'][t]:.1f}" for t in tasks)
+    rv = ref.get(r["method"])
+    lines.append(f"| {r['method']}{' †' if r.get('per_task') else ''} | {accs} | **{100 * r['average']:.1f}** | "
+                 f"{'' if rv is None else rv} |")
+  lines.append("")
+  lines.append("† one model per task. Accuracy in %, unweighted mean over tasks." +
+               (f" Reference: {results['reference_source']}." if results.get("reference_source") else ""))
+  return "\n".join(lines)
+
+
+def _write(results: Mapping, out: pathlib.Path) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(results, indent=1))
+  (out / "results.md").write_text(_markdown(results) + "\n")
+  with open(out / "results.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["method", *results["tasks"], "average"])
+    for r in results["rows"]:
+      w.writerow([r["method"], *(f"{r['accuracy'][t]:.6f}" for t in results["tasks"]), f"{r['average']:.6f}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = p.add_mutually_exclusive_group()
+  src.add_argument("--model", choices=sorted(CONFIGS), default=None, help="a config in experiments/configs")
+  src.add_argument("--config", default=None, help="a YAML config")
+  p.add_argument("--suite", default=None, help="8, 14, 20 (TALL8/14/20) or comma-separated tasks")
+  p.add_argument("--methods", default=None, help="comma-separated subset of the config's methods")
+  p.add_argument("--data", default=None, help="local datasets: DIR/<task>")
+  p.add_argument("--pretrained", default=None, help="override the pretrained checkpoint")
+  p.add_argument("--experts", default=None, help="override the experts (a format string with {task})")
+  p.add_argument("--cache", default=None, help="cache directory (heads, preprocessed images)")
+  p.add_argument("--limit", type=int, default=None, help="first N test images per task (smoke runs)")
+  p.add_argument("--batch-size", type=int, default=None)
+  p.add_argument("--split", default=None, choices=("test", "val"))
+  p.add_argument("--out", required=True, help="output directory")
+  args = p.parse_args(argv)
+  path = args.config or ROOT / "experiments" / "configs" / CONFIGS[args.model or "b32"]
+  suite = args.suite
+  if suite is not None:
+    suite = suite.split(",") if "," in suite or not (suite.isdigit() or suite.startswith("TALL")) else (
+        f"TALL{suite}" if suite.isdigit() else suite)
+  cfg = load_config(path, suite=suite, data=args.data, pretrained=args.pretrained, experts=args.experts,
+                    cache=args.cache, limit=args.limit, batch_size=args.batch_size, split=args.split)
+  if args.methods:
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cfg["methods"] = {m: (cfg.get("methods") or {}).get(m, {}) for m in wanted}
+  results = run(cfg, args.out)
+  print(_markdown(results))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,169 @@
+"""The subspace family of the catalogue (METHODS.md section 4): TSV-C/M, Iso-C/CTS, CART, STAR, KnOTS, WUDI
+and BYOM-LoRA, each a thin composition of the steps in :mod:`jaxmerge.reductions`.
+
+Matrix leaves are the ones the merge's layout reads as ``(out, in)`` matrices (every 2-D leaf by default, the
+reference implementations' rule); the others take each method's documented fallback (``fallback=``): the mean
+of the task vectors (times the method's scale, where it has one), ``"task_arithmetic"`` (the sum, times the
+scale) or ``"pretrained"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jaxmerge import reductions as R
+from jaxmerge import transforms as T
+from jaxmerge.base import MergeTransform
+from jaxmerge.combine import chain
+from jaxmerge.registry import get_method, method_info, register
+
+__all__ = ["byom_lora", "cart", "iso_c", "iso_cts", "knots", "star", "tsv_c", "tsv_m", "wudi"]
+
+
+def _scaled(step: MergeTransform, scale: float | Sequence[float]) -> MergeTransform:
+  """A global scale after the step, or per-task scales before it (FusionBench's list form of alpha)."""
+  if isinstance(scale, (int, float)):
+    return chain(step, T.scale(float(scale)))
+  return chain(T.scale_tasks(list(scale)), step)
+
+
+@register("tsv_m", family="subspace", reference="https://arxiv.org/abs/2412.00081")
+def tsv_m(
+    scale: float | Sequence[float] = 1.0, rank_fraction: float | None = None, fallback: str = "mean"
+) -> MergeTransform:
+  """TSV-M: per-task top-``k`` singular vectors, decorrelated by orthogonal Procrustes, summed.
+
+  Args:
+    scale: alpha (FusionBench 1.0), applied to the merged update; a list gives per-task weights applied to
+      the task vectors before the SVDs (FusionBench's list form), with no global scale.
+    rank_fraction: per-task rank as a share of ``min(m, n)``; default ``1/T``.
+    fallback: vector leaves (``"mean"``, ``"task_arithmetic"``, ``"pretrained"``).
+
+  References:
+    Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
+    https://arxiv.org/abs/2412.00081
+  """
+  return _scaled(R.tsv_merge(rank_fraction, fallback=fallback), scale)
+
+
+@register(
+    "tsv_c",
+    family="subspace",
+    storage="per task and matrix: rank-k factors (T k (m + n + 1) floats)",
+    per_task=True,
+    reference="https://arxiv.org/abs/2412.00081",
+)
+def tsv_c(rank_fraction: float | None = None, fallback: str = "task") -> MergeTransform:
+  """TSV-C: each task's model keeps its matrices' top ``k = int(r / T)`` singular triplets (use
+  :func:`jaxmerge.merge_per_task`; the task id selects the model at inference).
+
+  Args:
+    rank_fraction: per-task rank as a share of ``min(m, n)``; default ``1/T``.
+    fallback: vector leaves: ``"task"`` (each task's own vector, as FusionBench stores them), ``"mean"`` or
+      ``"pretrained"``.
+  """
+  return R.low_rank_tasks(rank_fraction, fallback=fallback)
+
+
+@register(
+    "byom_lora",
+    family="subspace",
+    storage="per task and matrix: rank-q factors",
+    per_task=True,
+    reference="https://arxiv.org/abs/2310.01886",
+)
+def byom_lora(rank: int = 4, fallback: str = "task") -> MergeTransform:
+  """BYOM-LoRA: each task's model is ``theta_0 + SVD_q(Delta_t)`` on matrix leaves (LoRA-adapted layers; use
+  :func:`jaxmerge.merge_per_task`). The paper gives no fixed ``q`` for ViT-B/32 (default 4, unverified).
+
+  References:
+    Jiang et al., "BYOM: Building Your Own Multi-Task Model For Free", 2023. https://arxiv.org/abs/2310.01886
+  """
+  return R.low_rank_tasks(rank=rank, fallback=fallback)
+
+
+@register("iso_c", family="subspace", reference="https://arxiv.org/abs/2502.04959")
+def iso_c(scale: float = 1.0, fallback: str = "mean") -> MergeTransform:
+  """Iso-C: ``alpha * mean(sigma) U V^T`` of the summed task matrices (flat spectrum, same nuclear norm).
+
+  Args:
+    scale: alpha (FusionBench config 1.0; its ViT-B/32 8-task example uses 1.5).
+    fallback: vector leaves (mean times alpha by default).
+  """
+  return chain(R.iso_c_merge(fallback=fallback), T.scale(scale))
+
+
+@register("iso_cts", family="subspace", reference="https://arxiv.org/abs/2502.04959")
+def iso_cts(scale: float = 1.0, common_fraction: float = 0.8, fallback: str = "mean") -> MergeTransform:
+  """Iso-CTS: common subspace of the summed task matrices plus task-specific directions from the orthogonal
+  complement (output side), orthogonalized, with a flat spectrum.
+
+  Args:
+    scale: alpha.
+    common_fraction: share of the rank kept for the common subspace (0.8).
+    fallback: vector leaves (mean times alpha by default).
+  """
+  return chain(R.iso_cts_merge(common_fraction, fallback=fallback), T.scale(scale))
+
+
+@register("cart", family="subspace", reference="https://arxiv.org/abs/2412.12153")
+def cart(rank_fraction: float = 0.08, scale: float = 1.0, rank: int | None = None, fallback: str = "mean") -> MergeTransform:
+  """CART: ``theta_avg + lambda sum_t SVD_k(theta_t - theta_avg)`` with ``k = max(1, int(rho r))``.
+
+  Args:
+    rank_fraction: rho (paper ~8%).
+    scale: lambda (a coefficient; tune on validation data, AdaRank's CART config uses 2.3 with rho 0.16).
+    rank: fixed rank instead of ``rank_fraction``.
+    fallback: vector leaves (``"mean"``: ``theta_avg``, CART's own result).
+  """
+  return R.cart_merge(rank_fraction, scale, rank=rank, fallback=fallback)
+
+
+@register("star", family="subspace", reference="https://arxiv.org/abs/2502.10339")
+def star(eta: float = 40.0, fallback: str = "mean") -> MergeTransform:
+  """STAR: keep the top singular directions holding ``eta`` % of each task matrix's nuclear norm, rescale
+  them to the full nuclear norm, average (no global scale)."""
+  return R.star_merge(eta, fallback=fallback)
+
+
+@register("wudi", family="subspace", reference="https://arxiv.org/abs/2503.08099")
+def wudi(steps: int = 300, learning_rate: float = 1e-5, fallback: str = "mean") -> MergeTransform:
+  """WUDI: per matrix, ``steps`` Adam steps on ``sum_t ||(tau_M - tau_t) tau_t^T||^2 / ||tau_t||^2`` from
+  ``sum_t tau_t`` (FusionBench's config uses 400 steps); vector leaves get the mean; no global scale."""
+  return R.wudi_merge(steps, learning_rate, fallback=fallback)
+
+
+_KNOTS_KNOBS = ("scale", "density", "disjoint", "p")
+
+
+@register("knots", family="subspace", reference="https://arxiv.org/abs/2410.19735")
+def knots(
+    base: str = "task_arithmetic",
+    scale: float | None = None,
+    density: float | None = None,
+    disjoint: str | None = None,
+    p: float | None = None,
+    base_hparams: dict | None = None,
+    eps: float = 1e-4,
+    scaled: bool = False,
+) -> MergeTransform:
+  """KnOTS: joint SVD of the task updates of each matrix, then the ``base`` merger on the aligned ``V_t``.
+
+  Args:
+    base: a reducing registry method (``"task_arithmetic"``, ``"ties"``, ``"dare"``, ``"simple_average"``,
+      ...). Stochastic bases need a key at merge time.
+    scale, density, disjoint, p: the base's knobs of those names (``None``: the base's default).
+    base_hparams: any other hyperparameters of the base.
+    eps: numerical-rank threshold on the joint singular values (FusionBench's 1e-4).
+    scaled: rank magnitudes on ``diag(S) V_t^T`` instead of ``V_t^T``.
+  """
+  info = method_info(base)
+  if info.family == "subspace" or info.per_task:
+    raise ValueError(f"KnOTS needs an elementwise reducing base merger, got {base!r}")
+  hp = dict(base_hparams or {})
+  for name, value in zip(_KNOTS_KNOBS, (scale, density, disjoint, p)):
+    if value is not None:
+      if name not in info.hparams:
+        raise ValueError(f"base {base!r} has no hyperparameter {name!r}; valid: {sorted(info.hparams)}")
+      hp[name] = value
+  return R.knots_merge(get_method(base)(**hp), eps=eps, scaled=scaled)

@@ -1,0 +1,685 @@
+"""Streaming merges: checkpoints in, merged checkpoint out, one tensor at a time.
+
+A model larger than memory (an LLM, or a ViT-L stack of 20 tasks) never has to be held whole. For each
+parameter, :func:`merge_leafwise` reads the pretrained tensor and the ``T`` fine-tuned tensors from lazy
+readers (:class:`jaxmerge.io.safetensors_io.TensorReader`), runs the merge on that one leaf in a jitted
+function, and hands the result to a writer (:class:`jaxmerge.io.safetensors_io.ShardedWriter` writes it to its
+place in a sharded safetensors checkpoint). Peak memory is a few tensors times ``T`` (the next leaf is read
+while the current one is merged).
+
+- **Same results as in memory.** The leaf function is exactly :func:`jaxmerge.merge`'s program restricted to
+  one leaf: float32 task vectors, the transform with the leaf's own path and matrix layout, the result cast to
+  the output dtype. Random steps draw from keys derived from each leaf's path (:func:`jaxmerge.tree.leaf_key`),
+  so DARE or DELLA masks are the ones an in-memory merge draws.
+- **One compile per distinct leaf program.** Each leaf is traced with its real path (a partition or filter may
+  depend on it) and lowered; the compiled executable is cached by the lowered program's text, so leaves that
+  differ only by name (every layer of a transformer) share one compile: one per distinct (shape, dtype, label).
+  Random methods fold the path into the key as a number; with ``jaxmerge.tree.traced_leaf_ids`` (a proposed hook)
+  that number is an argument and they compile once per shape too; without it they compile once per leaf.
+- **Global methods in two passes.** Transforms that are not leafwise need statistics over the whole model
+  (TIES's per-task magnitude threshold, Localize-and-Stitch's, BYOM's, EMR's rescalers). :func:`merge_streaming`
+  runs them exactly: first passes accumulate the statistics tensor by tensor (exact order statistics with
+  :class:`jaxmerge.stats_stream.KthSmallest`), the last pass applies them. :func:`streamable_methods` lists
+  what can stream; anything else raises ``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import hashlib
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmerge import filters as jfilters
+from jaxmerge import tree as jtree
+from jaxmerge.base import REDUCE, MergeContext, MergeTransform
+from jaxmerge.io import llm
+from jaxmerge.io.safetensors_io import TensorReader
+from jaxmerge.stats_stream import KthSmallest, high_histogram, low_histogram
+
+__all__ = ["DictReader", "DictWriter", "StreamResult", "merge_leafwise", "merge_streaming", "streamable_methods",
+           "two_pass_methods"]
+
+Layout = Callable[[str, jax.ShapeDtypeStruct], Any]
+
+
+class DictReader:
+  """A :class:`~jaxmerge.io.safetensors_io.TensorReader` over an in-memory ``{name: array}`` dict (or pytree)."""
+
+  def __init__(self, params: Any, path: str = "<memory>"):
+    self._d = {k: np.asarray(v) for k, v in jtree.flatten_paths(params).items()}
+    self.path = path
+
+  def keys(self):
+    return self._d.keys()
+
+  def __iter__(self):
+    return iter(self._d)
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._d
+
+  def __len__(self) -> int:
+    return len(self._d)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._d[name].shape)
+
+  def dtype(self, name: str) -> np.dtype:
+    return self._d[name].dtype
+
+  def get(self, name: str) -> np.ndarray:
+    return self._d[name]
+
+
+class DictWriter(dict):
+  """A writer that keeps the merged tensors in a dict (``write(name, array)``)."""
+
+  def write(self, name: str, array: Any) -> None:
+    self[name] = np.asarray(array)
+
+
+class StreamResult(NamedTuple):
+  """What a streaming merge did.
+
+  Attributes:
+    tensors: tensors written (per output model).
+    programs: distinct compiled leaf programs it ran (one per distinct shape, dtype and label per pass).
+    compiles: how many of them were compiled now (the others came from the process-wide cache).
+    passes: passes over the inputs.
+    seconds: wall time.
+  """
+
+  tensors: int
+  programs: int
+  compiles: int
+  passes: int
+  seconds: float
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading, compiling, writing.
+
+
+def _path_id(path: str) -> np.ndarray:
+  return np.uint32(zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _traced_ids(path: str, pid: jax.Array):
+  hook = getattr(jtree, "traced_leaf_ids", None)
+  return hook({path: pid}) if hook is not None else contextlib.nullcontext()
+
+
+_PROGRAMS: "collections.OrderedDict[bytes, Any]" = collections.OrderedDict()
+_MAX_PROGRAMS = 512
+
+
+class _Compiler:
+  """Compiles leaf programs, caching executables by the text of the lowered program (see the module docstring).
+
+  The cache is shared by every streaming merge in the process (least recently used programs are dropped past
+  512), so repeated merges of the same architecture compile nothing.
+  """
+
+  def __init__(self):
+    self.programs: set[bytes] = set()
+    self.compiles = 0
+
+  def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+    lowered = jax.jit(fn).lower(*args)
+    # The calling convention (argument tree and types, unused arguments included) is part of the key.
+    sig = repr((jax.tree.structure(args), [(np.shape(x), str(getattr(x, "dtype", type(x))))
+                                           for x in jax.tree.leaves(args)]))
+    digest = hashlib.sha1((sig + lowered.as_text()).encode()).digest()
+    exe = _PROGRAMS.get(digest)
+    if exe is None:
+      exe = lowered.compile()
+      _PROGRAMS[digest] = exe
+      self.compiles += 1
+      while len(_PROGRAMS) > _MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    else:
+      _PROGRAMS.move_to_end(digest)
+    self.programs.add(digest)
+    return exe(*args)
+
+
+def _is_float_dtype(dt: Any) -> bool:
+  return jnp.issubdtype(jnp.dtype(dt), jnp.floating)
+
+
+class _Inputs:
+  """Aligned readers, the parameter order, and a prefetching iterator over ``(name, pre, [ft...])``."""
+
+  def __init__(self, pretrained: Any, models: Sequence[Any], names: Sequence[str] | None, prefetch: bool):
+    pre = pretrained if _is_reader(pretrained) else DictReader(pretrained)
+    fts = [m if _is_reader(m) else DictReader(m, f"model {i}") for i, m in enumerate(models)]
+    if isinstance(pre, llm.AlignedReader) and all(isinstance(m, llm.AlignedReader) for m in fts):
+      self.pre, self.models = pre, list(fts)
+    else:
+      self.pre, self.models = llm.align(pre, fts, policy="error", names=names)
+    self.names = list(names) if names is not None else [str(m.path) for m in fts]
+    self.order = list(self.pre.keys())
+    self.floats = [k for k in self.order if _is_float_dtype(self.pre.dtype(k))]
+    self.prefetch = prefetch
+    self.passes = 0
+
+  def read(self, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    return self.pre.get(name), [m.get(name) for m in self.models]
+
+  def tensors(self, names: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray, list[np.ndarray]]]:
+    """One pass over the float tensors, reading the next one in a background thread."""
+    names = list(self.floats if names is None else names)
+    self.passes += 1
+    if not self.prefetch or len(names) < 2:
+      for n in names:
+        yield (n, *self.read(n))
+      return
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      nxt = pool.submit(self.read, names[0])
+      for i, n in enumerate(names):
+        pre, fts = nxt.result()
+        if i + 1 < len(names):
+          nxt = pool.submit(self.read, names[i + 1])
+        yield n, pre, fts
+        del pre, fts
+
+  def total(self) -> int:
+    return sum(int(np.prod(self.pre.shape(k), dtype=np.int64)) for k in self.floats)
+
+
+def _is_reader(x: Any) -> bool:
+  return callable(getattr(x, "shape", None)) and callable(getattr(x, "dtype", None)) and hasattr(x, "get")
+
+
+def _out_dtype_fn(out_dtype: Any, pre: Any) -> Callable[[str], np.dtype]:
+  if callable(out_dtype) and not isinstance(out_dtype, (type, np.dtype)):
+    return out_dtype
+  if out_dtype is not None:
+    dt = jnp.dtype(out_dtype)
+    return lambda name: dt if _is_float_dtype(pre.dtype(name)) else pre.dtype(name)
+  if hasattr(pre, "out_dtype"):
+    return pre.out_dtype
+  return pre.dtype
+
+
+def _writers(writer: Any, per_task: bool, t: int) -> list[Any]:
+  if per_task:
+    ws = list(writer)
+    if len(ws) != t:
+      raise ValueError(f"a per-task merge of {t} tasks needs {t} writers, got {len(ws)}")
+    return ws
+  return [writer]
+
+
+def _write(ws: list[Any], name: str, out: Any, per_task: bool) -> None:
+  out = np.asarray(jax.device_get(out))
+  if per_task:
+    for i, w in enumerate(ws):
+      w.write(name, out[i])
+  else:
+    ws[0].write(name, out)
+
+
+def _check_flags(flags: Any, name: str, names: Sequence[str]) -> None:
+  flags = np.asarray(jax.device_get(flags))
+  if flags[0]:
+    raise ValueError(f"pretrained model: parameter {name!r} contains NaN or Inf values")
+  bad = [names[i] for i in np.flatnonzero(flags[1:])]
+  if bad:
+    raise ValueError(f"{', '.join(bad)}: parameter {name!r} contains NaN or Inf values")
+
+
+def _finite_flags(pre: jax.Array, fts: Sequence[jax.Array]) -> jax.Array:
+  return jnp.stack([jnp.logical_not(jnp.all(jnp.isfinite(x))) for x in (pre, *fts)])
+
+
+def _deltas(pre: jax.Array, fts: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  pre32 = pre.astype(jnp.float32)
+  return pre32, jnp.stack([f.astype(jnp.float32) for f in fts]) - pre32[None]
+
+
+def _copy_non_float(inp: _Inputs, ws: list[Any]) -> None:
+  for name in inp.order:
+    if name not in inp.floats:
+      x = inp.pre.get(name)
+      for w in ws:
+        w.write(name, x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Leafwise transforms.
+
+
+def merge_leafwise(
+    tx: MergeTransform,
+    pretrained: TensorReader | Any,
+    models: Sequence[TensorReader | Any],
+    writer: Any,
+    *,
+    key: jax.Array | None = None,
+    coeffs: Any = None,
+    layout: Layout | None = None,
+    names: Sequence[str] | None = None,
+    per_task: bool | None = None,
+    out_dtype: Any = None,
+    check_finite: bool = True,
+    prefetch: bool = True,
+) -> StreamResult:
+  """Merges checkpoints tensor by tensor with a *leafwise* transform.
+
+  Args:
+    tx: a transform with ``tx.leafwise`` (each leaf's result depends on that leaf alone).
+    pretrained: a lazy reader (``keys``, ``shape``, ``dtype``, ``get``) or an in-memory pytree.
+    models: one reader or pytree per task.
+    writer: ``writer.write(name, array)`` receives each merged tensor; for per-task transforms, a sequence of
+      ``T`` writers (one model per task).
+    key: PRNG key for stochastic transforms (the same masks as :func:`jaxmerge.merge` with this key).
+    coeffs: coefficients passed to every leaf instead of ``tx.init`` (they must not depend on the tree's
+      structure, e.g. a global scale).
+    layout: matrix layout (default :func:`jaxmerge.filters.hf_layout`).
+    names: model names for error messages (default: the readers' paths).
+    per_task: whether ``tx`` keeps the task axis (default: ``tx.kind != "reduce"``).
+    out_dtype: output dtype for floating tensors (default: the pretrained dtypes).
+    check_finite: reject NaN/Inf inputs (checked tensor by tensor; the error names model and parameter).
+    prefetch: read the next tensor while merging the current one.
+
+  Returns:
+    A :class:`StreamResult`.
+
+  Raises:
+    ValueError: a non-leafwise transform (use :func:`merge_streaming`), mismatched checkpoints, NaN/Inf, or a
+      stochastic transform without a key.
+  """
+  if not tx.leafwise:
+    raise ValueError("this transform is not leafwise (it needs statistics over the whole model); use "
+                     f"jaxmerge.stream.merge_streaming, which streams {', '.join(two_pass_methods())} in two passes")
+  if tx.needs_key and key is None:
+    raise ValueError("this merge is stochastic and needs a PRNG key: pass key=jax.random.key(seed)")
+  t0 = time.perf_counter()
+  inp = _Inputs(pretrained, models, names, prefetch)
+  per_task = tx.kind != REDUCE if per_task is None else per_task
+  ws = _writers(writer, per_task, len(inp.models))
+  layout = layout or jfilters.hf_layout
+  odt = _out_dtype_fn(out_dtype, inp.pre)
+  comp = _Compiler()
+  key = key if key is not None else jax.random.key(0)
+
+  def make(path: str, dt: np.dtype):
+    def leaf(pre, fts, coeffs, key, pid):
+      with _traced_ids(path, pid):
+        pre32, d = _deltas(pre, fts)
+        tree = {path: d}
+        c = tx.init(tree) if coeffs is None else coeffs
+        out = tx.apply(c, tree, key=key, ctx=MergeContext(pretrained={path: pre32}, layout=layout))[path]
+      res = ((pre32[None] if per_task else pre32) + out).astype(dt)
+      return res, (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
+
+    return leaf
+
+  n = 0
+  for name, pre, fts in inp.tensors():
+    out, flags = comp(make(name, np.dtype(odt(name))), pre, tuple(fts), coeffs, key, _path_id(name))
+    if check_finite:
+      _check_flags(flags, name, inp.names)
+    _write(ws, name, out, per_task)
+    n += 1
+  _copy_non_float(inp, ws)
+  return StreamResult(len(inp.order), len(comp.programs), comp.compiles, inp.passes, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two-pass plans for global methods.
+
+
+class _Plan(NamedTuple):
+  """How a registered non-leafwise method streams.
+
+  Attributes:
+    run: ``run(inp, ws, key, layout, odt, check_finite, comp) -> None``.
+    per_task: whether it writes one model per task.
+  """
+
+  run: Callable[..., None]
+  per_task: bool
+
+
+def _hp(name: str, hparams: Mapping[str, Any]) -> dict:
+  from jaxmerge.registry import method_info  # noqa: PLC0415
+
+  info = method_info(name)
+  unknown = sorted(set(hparams) - set(info.hparams))
+  if unknown:
+    raise ValueError(f"unknown hyperparameter(s) {unknown} for method {name!r}; valid: {sorted(info.hparams)}")
+  return {**info.hparams, **hparams}
+
+
+def _ranks_reference(n: int, density: float) -> int:
+  """FusionBench's count rule: the threshold is the ``(n - int(n d))``-th smallest (0 -> keep everything)."""
+  return n - int(n * density)
+
+
+def _thresholds(inp: _Inputs, comp: _Compiler, values: Callable[[str], Callable[..., jax.Array]],
+                ranks: np.ndarray, args: Callable[[str], tuple]) -> np.ndarray:
+  """Exact per-task ``ranks``-th smallest of ``values(name)(pre, fts, *args(name))`` over every tensor: two
+  passes, each tensor's histogram computed inside its leaf program (:mod:`jaxmerge.stats_stream`)."""
+  sel = KthSmallest(ranks, inp.total())
+
+  def count(name: str) -> int:
+    return int(np.prod(inp.pre.shape(name), dtype=np.int64))
+
+  for name, pre, fts in inp.tensors():
+    f = values(name)
+    sel.add_high(comp(lambda pre, fts, *a: high_histogram(f(pre, fts, *a)), pre, tuple(fts), *args(name)),
+                 count(name))
+  sel.finish_high()
+  hi = sel.buckets
+  for name, pre, fts in inp.tensors():
+    f = values(name)
+    sel.add_low(comp(lambda pre, fts, hi, *a: low_histogram(f(pre, fts, *a), hi), pre, tuple(fts), hi, *args(name)),
+                count(name))
+  return sel.finish_low()
+
+
+def _prefixed(prefix: MergeTransform | None, path: str, pre, fts, key, pid, layout) -> tuple[jax.Array, jax.Array]:
+  """Float32 pretrained leaf and the task vectors after the leafwise steps that precede the global one."""
+  pre32, d = _deltas(pre, fts)
+  if prefix is None:
+    return pre32, d
+  with _traced_ids(path, pid):
+    tree = {path: d}
+    k = jax.random.fold_in(key, 0) if prefix.needs_key else None
+    d = prefix.apply(prefix.init(tree), tree, key=k, ctx=MergeContext(pretrained={path: pre32}, layout=layout))[path]
+  return pre32, d
+
+
+def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, count: str, zero_sign: str,
+               scale: float) -> Callable[..., None]:
+  """Exact streaming of ``chain(prefix, ties_merge(...), scale(scale))`` (global TIES and the DARE / Consensus
+  variants built on it)."""
+  from jaxmerge.reductions._mean import _disjoint  # noqa: PLC0415 (the same disjoint rule as in memory)
+
+  def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
+    n = inp.total()
+    t = len(inp.models)
+    trim = density < 1
+    if trim:
+      if count == "reference":
+        rank = _ranks_reference(n, density)
+        trim = rank > 0
+      else:
+        rank = n - max(1, int(density * n)) + 1
+    args = lambda name: (key, _path_id(name))  # noqa: E731
+
+    def absval(path):
+      def f(pre, fts, key, pid):
+        return jnp.abs(_prefixed(prefix, path, pre, fts, key, pid, layout)[1])
+      return f
+
+    thr = (_thresholds(inp, comp, absval, np.full((t,), rank), args)[:, 0] if trim
+           else np.zeros((t,), np.float32))
+
+    def trimmed(path, pre, fts, key, pid, thr):
+      pre32, x = _prefixed(prefix, path, pre, fts, key, pid, layout)
+      if trim:
+        x = jnp.where(jnp.abs(x) >= thr.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+      return pre32, x
+
+    # The majority sign (FusionBench: the sign of the sum of elected signs over the whole model) only matters
+    # where the trimmed task vectors sum to exactly zero with some entry nonzero. The apply pass assumes +1,
+    # accumulates the true sum, and notes such leaves; the rare leaves whose majority turns out different are
+    # merged and written again.
+    def apply(path, dt):
+      def f(pre, fts, key, pid, thr, maj):
+        pre32, x = trimmed(path, pre, fts, key, pid, thr)
+        tot = jtree.task_sum(x)
+        sg = jnp.sign(tot)
+        if zero_sign == "positive":
+          s = jnp.where(tot >= 0, 1.0, -1.0).astype(x.dtype)
+        else:
+          s = jnp.where(sg == 0, maj.astype(sg.dtype), sg)
+        out = _disjoint(x, s, disjoint) * jnp.asarray(scale, jnp.float32)
+        flags = _finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool)
+        ambiguous = jnp.any((sg == 0) & jnp.any(x != 0, axis=0))
+        return (pre32 + out).astype(dt), flags, jnp.sum(sg.astype(jnp.int32)), ambiguous
+      return f
+
+    def merge_leaf(name, pre, fts, maj):
+      return comp(apply(name, np.dtype(odt(name))), pre, tuple(fts), key, _path_id(name), thr, np.float32(maj))
+
+    total, ambiguous = 0, []
+    for name, pre, fts in inp.tensors():
+      out, flags, ssum, amb = merge_leaf(name, pre, fts, 1.0)
+      if check_finite:
+        _check_flags(flags, name, inp.names)
+      _write(ws, name, out, False)
+      total += int(ssum)
+      if bool(amb):
+        ambiguous.append(name)
+    majority = float(np.sign(total))
+    if zero_sign == "majority" and majority != 1.0 and ambiguous:
+      for name, pre, fts in inp.tensors(ambiguous):
+        _write(ws, name, merge_leaf(name, pre, fts, majority)[0], False)
+
+  return run
+
+
+def _stitch_plan(density: float) -> Callable[..., None]:
+  """Exact streaming of Localize-and-Stitch (data-free): per-task thresholds first, then the stitch."""
+
+  def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
+    n = inp.total()
+    t = len(inp.models)
+    k = int(n * density)
+    mode = "zero" if k <= 0 else ("all" if density >= 1 else "thr")
+    thr = np.zeros((t,), np.float32)
+    if mode == "thr":
+      def absval(path):
+        return lambda pre, fts: jnp.abs(_deltas(pre, fts)[1])
+      thr = _thresholds(inp, comp, absval, np.full((t,), n - k + 1), lambda name: ())[:, 0]
+
+    def apply(path, dt):
+      def f(pre, fts, thr):
+        pre32, x = _deltas(pre, fts)
+        if mode == "zero":
+          out = jnp.zeros(x.shape[1:], x.dtype)
+        else:
+          if mode == "all":
+            m = (x != 0).astype(x.dtype)
+          else:
+            m = ((jnp.abs(x) > thr.reshape((-1,) + (1,) * (x.ndim - 1))) & (x != 0)).astype(x.dtype)
+          out = jtree.task_sum(m * x) / jnp.maximum(jtree.task_sum(m), 1.0)
+        return (pre32 + out).astype(dt), (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
+      return f
+
+    for name, pre, fts in inp.tensors():
+      out, flags = comp(apply(name, np.dtype(odt(name))), pre, tuple(fts), thr)
+      if check_finite:
+        _check_flags(flags, name, inp.names)
+      _write(ws, name, out, False)
+
+  return run
+
+
+def _byom_plan(density: float, scale: float) -> Callable[..., None]:
+  """Exact streaming of BYOM-FFT: thresholds of the residuals first, then each task's model."""
+
+  def resid(pre, fts):
+    pre32, x = _deltas(pre, fts)
+    shared = scale * jtree.task_sum(x)
+    return pre32, shared, x - shared[None]
+
+  def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
+    n = inp.total()
+    t = len(inp.models)
+    rank = _ranks_reference(n, density)
+    thr = np.zeros((t,), np.float32)
+    if rank > 0:
+      thr = _thresholds(inp, comp, lambda path: (lambda pre, fts: jnp.abs(resid(pre, fts)[2])),
+                        np.full((t,), rank), lambda name: ())[:, 0]
+
+    def apply(path, dt):
+      def f(pre, fts, thr):
+        pre32, shared, r = resid(pre, fts)
+        out = shared[None] + jnp.where(jnp.abs(r) >= thr.reshape((-1,) + (1,) * (r.ndim - 1)), r, 0)
+        return (pre32[None] + out).astype(dt), (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
+      return f
+
+    for name, pre, fts in inp.tensors():
+      out, flags = comp(apply(name, np.dtype(odt(name))), pre, tuple(fts), thr)
+      if check_finite:
+        _check_flags(flags, name, inp.names)
+      _write(ws, name, out, True)
+
+  return run
+
+
+def _emr_plan(rescaler: str) -> Callable[..., None]:
+  """Exact streaming of EMR-Merging: the rescalers' sums over leaves first, then each task's model."""
+  from jaxmerge.transforms._masks import _emr_parts  # noqa: PLC0415 (the same unified vector and masks)
+
+  def red(v):
+    flat = jnp.abs(v.reshape(v.shape[0], -1))
+    return jnp.mean(flat, axis=1) if rescaler == "reference" else jnp.sum(flat, axis=1)
+
+  def parts(pre, fts):
+    pre32, x = _deltas(pre, fts)
+    uni, masks = _emr_parts({"x": x})
+    return pre32, x, uni["x"], masks["x"]
+
+  def stats(pre, fts):
+    _, x, uni, m = parts(pre, fts)
+    return red(x), red(jnp.where(m, uni[None], 0))
+
+  def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
+    per_leaf = {}
+    for name, pre, fts in inp.tensors():
+      a, b = comp(stats, pre, tuple(fts))
+      per_leaf[name] = (np.asarray(a), np.asarray(b))
+    # The in-memory merge sums the per-leaf terms in the flattened tree's order (dict keys sorted).
+    order = jtree.paths({k: 0 for k in per_leaf})
+    a = b = 0
+    for k in order:
+      a = a + per_leaf[k][0]
+      b = b + per_leaf[k][1]
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      lam = np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0).astype(np.float32)
+
+    def apply(path, dt):
+      def f(pre, fts, lam):
+        pre32, _, uni, m = parts(pre, fts)
+        out = jnp.where(m, uni[None], 0) * lam.reshape((-1,) + (1,) * (m.ndim - 1))
+        return (pre32[None] + out).astype(dt), (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
+      return f
+
+    for name, pre, fts in inp.tensors():
+      out, flags = comp(apply(name, np.dtype(odt(name))), pre, tuple(fts), lam)
+      if check_finite:
+        _check_flags(flags, name, inp.names)
+      _write(ws, name, out, True)
+
+  return run
+
+
+def _plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
+  """The two-pass plan of a registered method with these hyperparameters, or ``None``."""
+  from jaxmerge import transforms as T  # noqa: PLC0415
+
+  hp = _hp(name, hparams)
+  if name == "ties" and hp["scope"] == "global":
+    return _Plan(_ties_plan(None, hp["density"], hp["disjoint"], hp["count"], hp["zero_sign"], hp["scale"]), False)
+  if name == "dare" and hp["base"] == "ties" and hp["scope"] == "global":
+    return _Plan(_ties_plan(T.drop(hp["p"], hp["rescale"]), hp["density"], hp["disjoint"], "reference", "majority",
+                            hp["scale"]), False)
+  if name == "consensus" and hp["base"] == "ties" and hp["scope"] == "global":
+    return _Plan(_ties_plan(T.consensus_mask(hp["k"], hp["tall_lambda"], hp["strict"]), hp["density"],
+                            hp["disjoint"], "reference", "majority", hp["scale"]), False)
+  if name == "localize_stitch":
+    return _Plan(_stitch_plan(hp["density"]), False)
+  if name == "byom":
+    return _Plan(_byom_plan(hp["density"], hp["scale"]), True)
+  if name == "emr":
+    return _Plan(_emr_plan(hp["rescaler"]), True)
+  return None
+
+
+def two_pass_methods() -> list[str]:
+  """Registered methods whose default (global) form streams in several exact passes."""
+  return ["byom", "consensus (base=ties)", "dare (base=ties)", "emr", "localize_stitch", "ties"]
+
+
+def streamable_methods() -> list[str]:
+  """Registered data-free methods that stream with their default hyperparameters (leafwise or two-pass)."""
+  from jaxmerge.registry import list_methods, method_info  # noqa: PLC0415
+
+  out = []
+  for name in list_methods():
+    info = method_info(name)
+    if info.data != "none":
+      continue
+    try:
+      tx = info.factory()
+    except Exception:  # noqa: BLE001 (a method that needs hyperparameters cannot be judged here)
+      continue
+    if tx.leafwise or _plan(name, {}) is not None:
+      out.append(name)
+  return out
+
+
+def merge_streaming(
+    tx: MergeTransform,
+    pretrained: TensorReader | Any,
+    models: Sequence[TensorReader | Any],
+    writer: Any,
+    *,
+    method: tuple[str, Mapping[str, Any]] | None = None,
+    key: jax.Array | None = None,
+    coeffs: Any = None,
+    layout: Layout | None = None,
+    names: Sequence[str] | None = None,
+    per_task: bool | None = None,
+    out_dtype: Any = None,
+    check_finite: bool = True,
+    prefetch: bool = True,
+) -> StreamResult:
+  """Streams any merge that can be streamed: leafwise transforms in one pass (:func:`merge_leafwise`), global
+  registry methods (``method=(name, hparams)``, as ``tx`` was built) in exact multi-pass plans.
+
+  Args:
+    tx: the transform (used as is when leafwise).
+    method: the registry name and hyperparameters ``tx`` was built from; needed for non-leafwise transforms.
+    Other arguments: as :func:`merge_leafwise` (``coeffs`` applies to leafwise transforms only).
+
+  Raises:
+    ValueError: a transform that neither is leafwise nor has a plan (the message lists what streams).
+  """
+  if tx.leafwise:
+    return merge_leafwise(tx, pretrained, models, writer, key=key, coeffs=coeffs, layout=layout, names=names,
+                          per_task=per_task, out_dtype=out_dtype, check_finite=check_finite, prefetch=prefetch)
+  plan = _plan(method[0], method[1]) if method is not None else None
+  if plan is None:
+    what = f"method {method[0]!r} with {dict(method[1])}" if method is not None else "this transform"
+    raise ValueError(f"{what} cannot be streamed: it is not leafwise and has no multi-pass plan. Streamable "
+                     f"methods (default hyperparameters): {', '.join(streamable_methods())}; leafwise variants such "
+                     "as ties(scope='leaf') stream too")
+  if coeffs is not None:
+    raise ValueError("coeffs are not supported by the multi-pass streaming plans")
+  if tx.needs_key and key is None:
+    raise ValueError("this merge is stochastic and needs a PRNG key: pass key=jax.random.key(seed)")
+  t0 = time.perf_counter()
+  inp = _Inputs(pretrained, models, names, prefetch)
+  ws = _writers(writer, plan.per_task, len(inp.models))
+  comp = _Compiler()
+  key = key if key is not None else jax.random.key(0)
+  plan.run(inp, ws, key, layout or jfilters.hf_layout, _out_dtype_fn(out_dtype, inp.pre), check_finite, comp)
+  _copy_non_float(inp, ws)
+  return StreamResult(len(inp.order), len(comp.programs), comp.compiles, inp.passes, time.perf_counter() - t0)
