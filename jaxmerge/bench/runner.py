@@ -54,10 +54,10 @@ _ADAPTERS: dict[str, Adapter] = {}
 
 # Modules imported on demand; each registers its runner or adapter when imported.
 PLUGIN_MODULES: dict[str, tuple[str, ...]] = {
-  "tta": ("jaxmerge.tta.bench",),
-  "val": ("jaxmerge.tta.bench",),
-  "aux": ("jaxmerge.tta.bench",),
-  "ri": ("jaxmerge.tta.ri", "jaxmerge.ri"),
+  "tta": ("jaxmerge.bench.ri_runner",),
+  "val": ("jaxmerge.bench.ri_runner",),
+  "aux": ("jaxmerge.bench.ri_runner",),
+  "ri": ("jaxmerge.bench.ri_runner",),
 }
 
 
