@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "jaxmerge"
 CORE_ALLOWED = {"jax", "jaxlib", "numpy", "jaxtyping", "jaxmerge", "__future__"}
 STDLIB = set(sys.stdlib_module_names)
 NOT_CORE = ("models", "io", "eval", "data", "bench", "tta", "nn", "commands", "cli.py", "config.py", "stream.py",
-            "ri.py", "analysis.py")
+            "ri.py", "analysis.py", "moe", "sharding.py", "interference.py")
 
 
 def _core_files():
