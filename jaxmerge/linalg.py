@@ -154,7 +154,7 @@ def _svd_top_k(x: jax.Array, k: int) -> Factors:
   u, s, vt = jnp.linalg.svd(x, full_matrices=False)
   u, s, vt = u[:, :k], s[:k], vt[:k]
   ok = s > min(x.shape) * _EPS * s[0]
-  return Factors(jnp.where(ok, u, 0.0), jnp.where(ok, s, 0.0), jnp.where(ok[:, None], vt, 0.0))
+  return Factors(jnp.where(ok[None, :], u, 0.0), jnp.where(ok, s, 0.0), jnp.where(ok[:, None], vt, 0.0))
 
 
 def _top_eigh(g: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -188,7 +188,7 @@ def _gram_factors(x: jax.Array, k: int, p: int, tol: float) -> tuple[Factors, ja
   ok = lam > tol * top
   reliable = jnp.logical_or(jnp.all(ok), top == 0)
   sb = jnp.where(ok, jnp.sqrt(lam), 0.0)
-  ub = jnp.where(ok, matmul(x, vb) / jnp.where(ok, sb, 1.0), 0.0)
+  ub = jnp.where(ok[None, :], matmul(x, vb) / jnp.where(ok, sb, 1.0)[None, :], 0.0)
   vbt = jnp.where(ok[:, None], vb.T, 0.0)
   if k <= big:
     return Factors(ub, sb, vbt), reliable
@@ -198,7 +198,7 @@ def _gram_factors(x: jax.Array, k: int, p: int, tol: float) -> tuple[Factors, ja
   ps, ss, wt = jnp.linalg.svd(y, full_matrices=False)
   ks = k - big
   ok_s = ss[:ks] > min(x.shape) * _EPS * jnp.where(top > 0, jnp.sqrt(top), 1.0)
-  us = jnp.where(ok_s, ps[:, :ks], 0.0)
+  us = jnp.where(ok_s[None, :], ps[:, :ks], 0.0)
   vst = jnp.where(ok_s[:, None], matmul(wt[:ks], vs.T), 0.0)
   f = Factors(jnp.concatenate([ub, us], axis=1), jnp.concatenate([sb, jnp.where(ok_s, ss[:ks], 0.0)]),
               jnp.concatenate([vbt, vst], axis=0))

@@ -35,7 +35,7 @@ def star_matrix(x: Float[Array, "m n"], eta: float = 40.0) -> Float[Array, "m n"
   keep = jnp.arange(s.shape[0]) < k
   kept = jnp.sum(jnp.where(keep, s, 0.0))
   s_new = jnp.where(keep, s * (total / jnp.where(kept > 0, kept, 1.0)), 0.0)
-  return linalg.matmul(u * s_new, vt)
+  return linalg.matmul(u * s_new[None, :], vt)
 
 
 def star_merge(
