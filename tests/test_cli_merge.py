@@ -307,3 +307,74 @@ def test_seed_controls_random_methods(tmp_path):
   assert not np.array_equal(s0["vision_model.encoder.layers.0.mlp.fc1.weight"],
                             s1["vision_model.encoder.layers.0.mlp.fc1.weight"])
   _close(s0, jm.merge(jm.get_method("dare")(), pre, fts, key=jax.random.key(0)), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_mesh_option_equals_the_unsharded_merge(tmp_path, capsys, monkeypatch):
+  """``--mesh`` runs the in-memory merge with jaxmerge.sharding: a task mesh and a task x model mesh (first axes
+  sharded where 4 divides them) give the unsharded result; bad meshes are clean errors. (Every method on
+  every mesh kind: tests/test_sharding.py.)"""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from jaxmerge import sharding as Sh
+
+  pre, fts, paths = _write(tmp_path, t=4)
+  common = ["--base", str(tmp_path / "base.safetensors"), *_models_flags(paths), "--seed", "1"]
+  seen = []
+  real = Sh.merge_sharded
+
+  def spy(*a, **k):
+    out = real(*a, **k)
+    seen.append((k["mesh"], out))
+    return out
+
+  monkeypatch.setattr(Sh, "merge_sharded", spy)
+  for method, mesh, shape in (("task_arithmetic", "4", {"task": 4}), ("dare", "2x4", {"task": 2, "model": 4})):
+    argv = ["merge", "--method", method, *common]
+    assert cli.main([*argv, "--out", str(tmp_path / f"{method}_plain")]) == 0
+    assert cli.main([*argv, "--mesh", mesh, "--out", str(tmp_path / f"{method}_mesh")]) == 0
+    m, out = seen.pop()
+    assert dict(m.shape) == shape
+    dirs = [f"task_{i}" for i in range(4)] if jm.method_info(method).per_task else [""]
+    for d in dirs:
+      _close(S.load(tmp_path / f"{method}_mesh" / d), S.load(tmp_path / f"{method}_plain" / d), rtol=2e-5, atol=2e-6)
+    assert json.loads((tmp_path / f"{method}_mesh" / "merge_info.json").read_text())["mesh"] == shape
+    if "model" in shape:  # an (8, 8) parameter is split over the model axis, a (5, 8) one is not
+      fc1 = out["vision_model.encoder.layers.0.mlp.fc1.weight"]
+      assert fc1.sharding.is_equivalent_to(NamedSharding(m, P("model")), fc1.ndim)
+      pos = out["vision_model.embeddings.position_embedding.weight"]
+      assert pos.shape == (5, 8) and pos.sharding.is_equivalent_to(NamedSharding(m, P()), 2)
+  for mesh, needle in (("3", "the task axis (3 devices) does not divide the number of models (4)"),
+                       ("4x4", "needs 16 devices, only 8 are available"),
+                       ("two", "--mesh takes 'auto', TASK or TASKxMODEL")):
+    assert cli.main(["merge", "--method", "ties", *common, "--mesh", mesh, "--out", str(tmp_path / "bad")]) == 2
+    assert needle in capsys.readouterr().err
+  assert cli.main(["merge", "--method", "ties", *common, "--mesh", "2", "--stream", "--out", str(tmp_path / "bad")]) == 2
+  assert "cannot be combined with --stream" in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()
+
+
+def test_architectures_that_disagree_are_refused(tmp_path, capsys):
+  base = _llm_dir(tmp_path / "base", 32, 0)
+  _llm_dir(tmp_path / "a", 32, 1, base=base)
+  _llm_dir(tmp_path / "b", 32, 2, base=base)
+  cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+  (tmp_path / "b" / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"]}))
+  argv = ["merge", "--method", "task_arithmetic", "--base", str(tmp_path / "base"), "--model", str(tmp_path / "a"),
+          "--model", str(tmp_path / "b"), "--out", str(tmp_path / "o")]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert f"{tmp_path / 'b'}: architectures ('MistralForCausalLM',) differs from the pretrained model's " \
+         "('LlamaForCausalLM',)" in err, err
+  # same architecture, different parameter names (a layer missing): the names are listed
+  (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+  sd = S.load(tmp_path / "b")
+  del sd["model.layers.1.mlp.down_proj.weight"]
+  sd["model.layers.1.mlp.down.weight"] = np.zeros((8, 16), BF16)
+  S.save(tmp_path / "b" / "model.safetensors", sd)
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "does not match the pretrained model's parameters: missing ['model.layers.1.mlp.down_proj.weight'], " \
+         "extra ['model.layers.1.mlp.down.weight']" in err, err
+  assert not (tmp_path / "o").exists()

@@ -17,6 +17,12 @@ tokenizer files when it has them, and ``merge_info.json``; methods that keep one
 BYOM) write ``DIR/task_<i>/`` instead. Everything is written under a temporary directory beside ``DIR`` and
 renamed when complete, so an interrupted run never leaves a partial ``DIR``.
 
+``--mesh TASK[xMODEL]`` runs the in-memory merge on a device mesh (:mod:`jaxmerge.sharding`): the stack of
+models is sharded along its task axis over ``TASK`` devices (which must divide the number of models), and with
+``MODEL > 1`` the first axis of every parameter it divides is sharded over ``MODEL`` more devices; ``auto`` uses
+the most devices that divide the number of models. The result equals the unsharded merge (single process; for
+multi-host runs use :func:`jaxmerge.sharding.merge_sharded` after ``jax.distributed.initialize()``).
+
 ``--stream`` merges tensor by tensor (memory: a few tensors times the number of models); it is chosen
 automatically when an in-memory merge would need more than half of the available memory. Global methods
 (TIES's model-wide threshold, Localize-and-Stitch, BYOM, EMR) stream in exact extra passes.
@@ -32,7 +38,7 @@ import shutil
 import tempfile
 import time
 
-__all__ = ["load_config", "register", "run"]
+__all__ = ["load_config", "mesh_rules", "parse_mesh", "register", "run"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -55,6 +61,10 @@ def register(subparsers) -> None:
   stream.add_argument("--stream", dest="stream", action="store_true", default=None,
                       help="merge tensor by tensor (default: automatic for large inputs)")
   stream.add_argument("--no-stream", dest="stream", action="store_false", help="merge in memory")
+  p.add_argument("--mesh", default=None, metavar="TASK[xMODEL]|auto",
+                 help="merge in memory on a device mesh (jaxmerge.sharding): TASK devices along the task axis "
+                      "(must divide the number of models), times MODEL devices sharding the first axis of every "
+                      "parameter it divides; 'auto' = the most devices that divide the number of models")
   p.add_argument("--format", choices=("safetensors", "orbax"), default="safetensors", help="output format")
   p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MiB)")
   p.set_defaults(func=run)
@@ -105,15 +115,74 @@ def _float_bytes(view, floats) -> int:
   return sum(int(np.prod(view.shape(k), dtype=np.int64)) * 4 for k in floats)
 
 
-def _merge_in_memory(spec, base_v, model_vs, floats, key, layout):
+def parse_mesh(text: str, num_tasks: int):
+  """The device mesh of ``--mesh``: ``auto``, ``TASK`` or ``TASKxMODEL`` (e.g. ``4x2``).
+
+  Args:
+    text: the option's value.
+    num_tasks: the number of fine-tuned models (``auto`` picks the most devices that divide it).
+
+  Returns:
+    A ``jax.sharding.Mesh`` with axes ``("task",)`` or ``("task", "model")``.
+
+  Raises:
+    ValueError: a malformed value, more devices than available, or a task axis that does not divide the number
+      of models.
+  """
+  from jaxmerge import sharding  # noqa: PLC0415
+
+  text = str(text).strip().lower()
+  if text == "auto":
+    return sharding.task_mesh(num_tasks)
+  parts = text.split("x")
+  if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(f"--mesh takes 'auto', TASK or TASKxMODEL with positive integers (e.g. 4 or 4x2), got {text!r}")
+  task, model = int(parts[0]), int(parts[1]) if len(parts) == 2 else 1
+  if num_tasks % task:
+    raise ValueError(f"--mesh {text}: the task axis ({task} devices) does not divide the number of models "
+                     f"({num_tasks}); jaxmerge does not pad the task axis (it would change every method that counts "
+                     "tasks): use a divisor of the number of models or 'auto'")
+  if model == 1:
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    devices = jax.devices()
+    if task > len(devices):
+      raise ValueError(f"--mesh {text}: a mesh of shape ({task},) needs {task} devices, only {len(devices)} are "
+                       "available")
+    return jax.sharding.Mesh(np.asarray(devices[:task]), (sharding.TASK,))
+  return sharding.mesh(task, model)
+
+
+def mesh_rules(m, base_v, floats):
+  """Partition rules for ``--mesh``: with a ``"model"`` axis, each floating parameter whose first axis it
+  divides is sharded along it; everything else is sharded along the task axis only."""
+  import re  # noqa: PLC0415
+
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  size = dict(m.shape).get("model", 1)
+  if size == 1:
+    return None
+  return [(re.escape(k), P("task", "model")) for k in floats
+          if len(base_v.shape(k)) >= 1 and base_v.shape(k)[0] % size == 0]
+
+
+def _merge_in_memory(spec, base_v, model_vs, floats, key, layout, mesh=None):
   import numpy as np  # noqa: PLC0415
 
   import jaxmerge as jm  # noqa: PLC0415
 
   base = {k: base_v.get(k) for k in base_v.keys()}
   models = [{k: m.get(k) for k in base} for m in model_vs]
-  fn = jm.merge_per_task if spec.per_task else jm.merge
-  merged = fn(spec.tx, base, models, key=key, layout=layout, names=list(spec.names))
+  if mesh is not None:
+    from jaxmerge import sharding  # noqa: PLC0415
+
+    merged = sharding.merge_sharded(spec.tx, base, models, mesh=mesh, rules=mesh_rules(mesh, base_v, floats),
+                                    key=key, layout=layout, names=list(spec.names), per_task=spec.per_task)
+  else:
+    fn = jm.merge_per_task if spec.per_task else jm.merge
+    merged = fn(spec.tx, base, models, key=key, layout=layout, names=list(spec.names))
   merged = merged if spec.per_task else [merged]
   del models
   return [{k: np.asarray(m[k]).astype(base_v.out_dtype(k)) if k in floats else np.asarray(m[k]) for k in base}
@@ -142,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"output {out} already exists; choose a new --out")
   max_shard = S.parse_size(args.max_shard_size)
   fmt = getattr(args, "format", "safetensors") or "safetensors"
+  llm.check_architectures(spec.base, spec.models, names=list(spec.names))
   base_r = S.open_checkpoint(spec.base)
   model_rs = [S.open_checkpoint(p) for p in spec.models]
   base_v, model_vs = llm.align(base_r, model_rs, policy=spec.vocab_policy, names=list(spec.names),
@@ -152,6 +222,11 @@ def run(args: argparse.Namespace) -> int:
   use_stream = args.stream if args.stream is not None else need > _available_bytes() // 2
   if use_stream and fmt == "orbax":
     raise ValueError("--stream writes safetensors; use --format safetensors (or --no-stream for orbax output)")
+  mesh = None
+  if getattr(args, "mesh", None):
+    if use_stream:
+      raise ValueError("--mesh shards an in-memory merge; it cannot be combined with --stream (pass --no-stream)")
+    mesh = parse_mesh(args.mesh, t)
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
   key = jax.random.key(int(spec.seed))
   for note in spec.notes:
@@ -178,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         raise
       detail = f"streamed in {result.passes} pass(es), {result.compiles} compile(s)"
     else:
-      merged = _merge_in_memory(spec, base_v, model_vs, floats, key, layout)
+      merged = _merge_in_memory(spec, base_v, model_vs, floats, key, layout, mesh)
       for d, m in zip(dirs, merged):
         if fmt == "orbax":
           from jaxmerge.io import orbax_io  # noqa: PLC0415
@@ -194,13 +269,13 @@ def run(args: argparse.Namespace) -> int:
         for f in (tmp / "orbax").iterdir():
           os.replace(f, tmp / f.name)
         (tmp / "orbax").rmdir()
-      detail = "in memory"
+      detail = "in memory" + (f" on a {dict(mesh.shape)} mesh" if mesh is not None else "")
     for d in dirs:
       _finish_dir(d, spec, base_v)
     seconds = time.perf_counter() - t0
     info = {"method": spec.method, "hparams": spec.hparams, "base": spec.base, "models": list(spec.models),
             "dtype": spec.dtype, "seed": spec.seed, "vocab_policy": spec.vocab_policy, "source": spec.source,
-            "stream": bool(use_stream), "format": fmt, "per_task": spec.per_task, "notes": list(spec.notes),
+            "stream": bool(use_stream), "mesh": dict(mesh.shape) if mesh is not None else None, "format": fmt, "per_task": spec.per_task, "notes": list(spec.notes),
             "seconds": seconds, "jaxmerge_version": jm.__version__}
     (tmp / "merge_info.json").write_text(json.dumps(info, indent=1, default=str))
     if out.exists():

@@ -45,7 +45,7 @@ import numpy as np
 from jaxmerge.io.safetensors_io import TensorReader
 
 __all__ = [
-    "AlignedReader", "VOCAB_POLICIES", "align", "copy_model_files", "is_vocab_param", "np_dtype", "vocab_axis", "vocab_size_of",
+    "AlignedReader", "VOCAB_POLICIES", "align", "check_architectures", "copy_model_files", "is_vocab_param", "np_dtype", "vocab_axis", "vocab_size_of",
 ]
 
 VOCAB_POLICIES = ("error", "truncate", "pad_base")
@@ -258,6 +258,57 @@ def align(
   fill = base.get
   views = [AlignedReader(m, order, shapes, read_dtype, out_dtypes, src, fill) for m, src in zip(models, sources)]
   return base_view, views
+
+
+def _architecture(path: pathlib.Path) -> tuple[str | None, tuple[str, ...]] | None:
+  """``(model_type, architectures)`` from the ``config.json`` of a checkpoint directory (None without one)."""
+  cfg_path = path / "config.json"
+  if not cfg_path.is_file():
+    return None
+  try:
+    cfg = json.loads(cfg_path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{cfg_path}: cannot read the model config: {e}") from e
+  if not isinstance(cfg, dict):
+    raise ValueError(f"{cfg_path}: the model config is not a JSON object")
+  archs = cfg.get("architectures") or ()
+  return cfg.get("model_type"), tuple(archs) if isinstance(archs, (list, tuple)) else (str(archs),)
+
+
+def check_architectures(base: str | os.PathLike, models: Sequence[str | os.PathLike],
+                        names: Sequence[str] | None = None) -> None:
+  """Checks that the Hugging Face checkpoints to merge declare the same architecture.
+
+  Each checkpoint directory with a ``config.json`` is compared with the pretrained one on ``model_type`` and
+  ``architectures`` (e.g. a ``MistralForCausalLM`` fine-tune of a ``LlamaForCausalLM`` base, or a
+  ``CLIPVisionModel`` next to a ``BertModel``); checkpoints without a config are checked by their tensor names
+  only (:func:`align`). Merging models of different architectures is rarely intended even when tensor names
+  happen to agree, so this raises rather than warns.
+
+  Args:
+    base: the pretrained checkpoint's path.
+    models: the fine-tuned checkpoints' paths.
+    names: model names for messages (default: the paths).
+
+  Raises:
+    ValueError: naming the model, both architectures and both config files.
+
+  References:
+    Wolf et al., "Transformers: State-of-the-Art Natural Language Processing", EMNLP 2020 (``config.json``).
+  """
+  base = pathlib.Path(base)
+  want = _architecture(base)
+  if want is None:
+    return
+  names = [str(n) for n in names] if names is not None else [str(m) for m in models]
+  for label, m in zip(names, models):
+    got = _architecture(pathlib.Path(m))
+    if got is None:
+      continue
+    for what, a, b in (("model_type", got[0], want[0]), ("architectures", got[1], want[1])):
+      if a and b and a != b:
+        raise ValueError(f"{label}: {what} {a!r} differs from the pretrained model's {b!r} ({base}); checkpoints "
+                         "of different architectures cannot be merged")
 
 
 def copy_model_files(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, vocab_size: int | None = None,
