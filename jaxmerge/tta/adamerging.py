@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxmerge import filters as jfilters
 from jaxmerge import reductions as R
@@ -24,65 +23,16 @@ from jaxmerge import transforms as T
 from jaxmerge import tree as jtree
 from jaxmerge.base import EmptyCoeffs, MergeContext
 from jaxmerge.combine import chain
-from jaxmerge.registry import register
 from jaxmerge.tta import heads as H
 from jaxmerge.tta.adapter import Adapter
 from jaxmerge.tta.fit import fit
 from jaxmerge.tta.losses import entropy
+from jaxmerge.tta.methods import AdaMergingConfig, adamerging_config, check_adamerging
 
 __all__ = ["AdaMergingConfig", "adamerging", "adamerging_adapter", "adamerging_config", "ties_masked"]
 
-_GRANULARITY = ("task", "layer")
-_BASES = ("task_arithmetic", "ties")
 REFERENCE = "https://arxiv.org/abs/2310.02575"
-
-
-class AdaMergingConfig(NamedTuple):
-  """AdaMerging's hyperparameters (what ``jm.get_method("adamerging")(...)`` returns).
-
-  AdaMerging needs data, a model forward and heads, so the registry entry describes the run; call
-  :func:`adamerging` with ``**config.run_kwargs()`` to perform it.
-  """
-
-  granularity: str = "layer"
-  init_scale: float = 0.3
-  base: str = "task_arithmetic"
-  density: float = 0.2
-  learning_rate: float = 1e-3
-  steps: int = 1000
-  batch_size: int = 16
-
-  def run_kwargs(self) -> dict:
-    """Keyword arguments of :func:`adamerging` (the optimizer is Adam at ``learning_rate``)."""
-    return {"granularity": self.granularity, "init_scale": self.init_scale, "base": self.base,
-            "density": self.density, "optimizer": _adam(self.learning_rate), "steps": self.steps}
-
-
-def _check(granularity: str, base: str) -> None:
-  if granularity not in _GRANULARITY:
-    raise ValueError(f"granularity must be one of {list(_GRANULARITY)}, got {granularity!r}")
-  if base not in _BASES:
-    raise ValueError(f"base must be one of {list(_BASES)}, got {base!r}")
-
-
-@register("adamerging", family="adaptation", data="tta", storage="none (coefficients are folded into the weights)",
-          reference=REFERENCE)
-def adamerging_config(granularity: str = "layer", init_scale: float = 0.3, base: str = "task_arithmetic",
-                      density: float = 0.2, learning_rate: float = 1e-3, steps: int = 1000,
-                      batch_size: int = 16) -> AdaMergingConfig:
-  """AdaMerging's registry entry: validated hyperparameters (FusionBench ``adamerging/clip.yaml`` defaults).
-
-  Args:
-    granularity: ``"layer"`` (one coefficient per task and leaf) or ``"task"`` (one per task).
-    init_scale: initial value of every coefficient.
-    base: ``"task_arithmetic"`` (AdaMerging) or ``"ties"`` (AdaMerging++).
-    density: TIES trim density for AdaMerging++.
-    learning_rate: Adam learning rate.
-    steps: optimizer steps.
-    batch_size: unlabeled examples per task per step.
-  """
-  _check(granularity, base)
-  return AdaMergingConfig(granularity, init_scale, base, density, learning_rate, steps, batch_size)
+_check = check_adamerging
 
 
 def ties_masked(tau: dict, density: float = 0.2) -> dict:
@@ -141,6 +91,8 @@ def _adamerging_adapter(forward_fn, pretrained_like, granularity, init_scale, la
 
 @functools.lru_cache(maxsize=8)
 def _adam(learning_rate: float) -> optax.GradientTransformation:
+  import optax  # noqa: PLC0415
+
   return optax.adam(learning_rate)
 
 

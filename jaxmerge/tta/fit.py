@@ -9,7 +9,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxmerge.tta.adapter import Adapter
 
@@ -25,6 +24,8 @@ def make_step(adapter: Adapter, tx: optax.GradientTransformation, loss: Callable
   argument, so large weights are never baked into the program as constants. Gradients are taken with respect
   to ``theta`` only.
   """
+
+  import optax  # noqa: PLC0415  (imported on use: ``import jaxmerge`` must not need optax)
 
   def objective(theta, frozen, batch, key):
     out = adapter.apply(theta, frozen, batch, key=key)

@@ -1,0 +1,173 @@
+"""Registry entries of the methods that need data (validation-driven and test-time adaptation).
+
+This module imports only the registry (no optax), so that ``import jaxmerge`` lists these methods. Each entry
+returns a validated configuration (a ``NamedTuple``); the work is done by :func:`jaxmerge.tta.run_method`
+(or the method's own function, with ``**config.run_kwargs()``), because these methods need a model forward,
+task heads and data, which a plain :class:`~jaxmerge.MergeTransform` does not see.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+from jaxmerge.registry import register
+
+__all__ = ["AdaMergingConfig", "FisherConfig", "RegMeanConfig"]
+
+ADAMERGING_REF = "https://arxiv.org/abs/2310.02575"
+FISHER_REF = "https://arxiv.org/abs/2111.09832"
+REGMEAN_REF = "https://arxiv.org/abs/2212.09849"
+
+_GRANULARITY = ("task", "layer")
+_BASES = ("task_arithmetic", "ties")
+_ESTIMATORS = ("reference", "exact")
+
+
+def _positive_int(name: str, value: int) -> None:
+  if int(value) != value or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class FisherConfig(NamedTuple):
+  """Fisher merging's hyperparameters (see :func:`jaxmerge.tta.validation.fisher`)."""
+
+  num_examples: int = 256
+  batch_size: int = 32
+  normalize: bool = True
+  epsilon: float = 1e-6
+  estimator: str = "reference"
+
+  def run_kwargs(self) -> dict:
+    """Keyword arguments of :func:`jaxmerge.tta.validation.fisher`."""
+    return dict(self._asdict())
+
+
+class RegMeanConfig(NamedTuple):
+  """RegMean's hyperparameters (see :func:`jaxmerge.tta.validation.regmean`)."""
+
+  alpha: float = 0.95
+  num_examples: int = 256
+  batch_size: int = 32
+
+  def run_kwargs(self) -> dict:
+    """Keyword arguments of :func:`jaxmerge.tta.validation.regmean`."""
+    return dict(self._asdict())
+
+
+class AdaMergingConfig(NamedTuple):
+  """AdaMerging's hyperparameters (what ``jm.get_method("adamerging")(...)`` returns).
+
+  Call :func:`jaxmerge.tta.adamerging` with ``**config.run_kwargs()`` to perform it.
+  """
+
+  granularity: str = "layer"
+  init_scale: float = 0.3
+  base: str = "task_arithmetic"
+  density: float = 0.2
+  learning_rate: float = 1e-3
+  steps: int = 1000
+  batch_size: int = 16
+
+  def run_kwargs(self) -> dict:
+    """Keyword arguments of :func:`jaxmerge.tta.adamerging` (the optimizer is Adam at ``learning_rate``)."""
+    return {"granularity": self.granularity, "init_scale": self.init_scale, "base": self.base,
+            "density": self.density, "optimizer": adam(self.learning_rate), "steps": self.steps}
+
+
+@functools.lru_cache(maxsize=16)
+def adam(learning_rate: float):
+  """``optax.adam(learning_rate)``, one object per rate (so that compiled steps, cached per optimizer, are
+  reused across runs)."""
+  import optax  # noqa: PLC0415
+
+  return optax.adam(learning_rate)
+
+
+def check_adamerging(granularity: str, base: str) -> None:
+  """Raises ``ValueError`` for an unknown AdaMerging granularity or base."""
+  if granularity not in _GRANULARITY:
+    raise ValueError(f"granularity must be one of {list(_GRANULARITY)}, got {granularity!r}")
+  if base not in _BASES:
+    raise ValueError(f"base must be one of {list(_BASES)}, got {base!r}")
+
+
+@register("fisher", family="weighted_average", data="val", storage="none (Fishers are transient)",
+          reference=FISHER_REF)
+def fisher_config(num_examples: int = 256, batch_size: int = 32, normalize: bool = True, epsilon: float = 1e-6,
+                  estimator: str = "reference") -> FisherConfig:
+  """Fisher-weighted averaging's registry entry (FusionBench ``clip_fisher_merging.yaml`` defaults).
+
+  Args:
+    num_examples: inputs per task.
+    batch_size: batch size of the Fisher pass.
+    normalize: weight each model by the inverse global norm of its Fisher.
+    epsilon: added to every Fisher entry.
+    estimator: ``"reference"`` (squared batch gradients, as FusionBench) or ``"exact"`` (per-example
+      expectation over the model's predictions).
+
+  Returns:
+    A :class:`FisherConfig`.
+
+  References:
+    Matena and Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022.
+    https://arxiv.org/abs/2111.09832
+  """
+  _positive_int("num_examples", num_examples)
+  _positive_int("batch_size", batch_size)
+  if not epsilon >= 0:
+    raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+  if estimator not in _ESTIMATORS:
+    raise ValueError(f"estimator must be one of {list(_ESTIMATORS)}, got {estimator!r}")
+  return FisherConfig(num_examples, batch_size, bool(normalize), float(epsilon), estimator)
+
+
+@register("regmean", family="weighted_average", data="val", storage="none (Grams are transient)",
+          reference=REGMEAN_REF)
+def regmean_config(alpha: float = 0.95, num_examples: int = 256, batch_size: int = 32) -> RegMeanConfig:
+  """RegMean's registry entry (FusionBench ``clip_regmean.yaml`` defaults: off-diagonal scale 0.95).
+
+  Args:
+    alpha: off-diagonal scale of the Gram matrices, in ``[0, 1]``.
+    num_examples: inputs per task.
+    batch_size: batch size of the capture pass.
+
+  Returns:
+    A :class:`RegMeanConfig`.
+
+  References:
+    Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023.
+    https://arxiv.org/abs/2212.09849
+  """
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+  _positive_int("num_examples", num_examples)
+  _positive_int("batch_size", batch_size)
+  return RegMeanConfig(float(alpha), num_examples, batch_size)
+
+
+@register("adamerging", family="adaptation", data="tta", storage="none (coefficients are folded into the weights)",
+          reference=ADAMERGING_REF)
+def adamerging_config(granularity: str = "layer", init_scale: float = 0.3, base: str = "task_arithmetic",
+                      density: float = 0.2, learning_rate: float = 1e-3, steps: int = 1000,
+                      batch_size: int = 16) -> AdaMergingConfig:
+  """AdaMerging's registry entry: validated hyperparameters (FusionBench ``adamerging/clip.yaml`` defaults).
+
+  Args:
+    granularity: ``"layer"`` (one coefficient per task and leaf) or ``"task"`` (one per task).
+    init_scale: initial value of every coefficient.
+    base: ``"task_arithmetic"`` (AdaMerging) or ``"ties"`` (AdaMerging++).
+    density: TIES trim density for AdaMerging++.
+    learning_rate: Adam learning rate.
+    steps: optimizer steps.
+    batch_size: unlabeled examples per task per step.
+
+  Returns:
+    An :class:`AdaMergingConfig`.
+
+  References:
+    Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024.
+    https://arxiv.org/abs/2310.02575
+  """
+  check_adamerging(granularity, base)
+  return AdaMergingConfig(granularity, init_scale, base, density, learning_rate, steps, batch_size)
