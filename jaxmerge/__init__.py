@@ -19,7 +19,6 @@ from jaxmerge import transforms as transforms
 from jaxmerge import tree as tree
 from jaxmerge import alias as alias
 from jaxmerge.tta import methods as _tta_methods  # registers fisher, regmean, adamerging (no optax import)
-from jaxmerge.tta import methods as _tta_methods  # registers fisher, regmean, adamerging (no optax import)
 from jaxmerge import alias_subspace as alias_subspace
 from jaxmerge.base import EmptyCoeffs as EmptyCoeffs
 from jaxmerge.base import MergeContext as MergeContext
