@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -44,7 +45,7 @@ from jaxmerge.tta.adapter import Adapter
 from jaxmerge.tta.fit import fit
 from jaxmerge.tta.losses import kl_divergence, mse
 
-__all__ = ["RIConfig", "disentangle", "ri_adapter", "ri_config"]
+__all__ = ["RIConfig", "auto_beta", "disentangle", "ri_adapter", "ri_config"]
 
 REFERENCE = "https://arxiv.org/abs/2603.13467"
 _MODES = ("independent", "joint")
@@ -58,7 +59,7 @@ class RIConfig(NamedTuple):
   :func:`disentangle` with ``**config.run_kwargs()``."""
 
   mode: str = "independent"
-  beta: float = 1.0
+  beta: float | None = None
   steps: int = 200
   learning_rate: float = 1e-5
   weight_decay: float = 0.0
@@ -71,14 +72,14 @@ class RIConfig(NamedTuple):
     return dict(self._asdict())
 
 
-def _check(mode: str, preserve: str, task_loop: str, beta: float, temperature: float) -> None:
+def _check(mode: str, preserve: str, task_loop: str, beta: float | None, temperature: float) -> None:
   if mode not in _MODES:
     raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
   if preserve not in _PRESERVE:
     raise ValueError(f"preserve must be one of {list(_PRESERVE)}, got {preserve!r}")
   if task_loop not in _LOOPS:
     raise ValueError(f"task_loop must be one of {list(_LOOPS)}, got {task_loop!r}")
-  if beta < 0:
+  if beta is not None and beta < 0:
     raise ValueError(f"beta must be >= 0, got {beta}")
   if not temperature > 0:
     raise ValueError(f"temperature must be positive, got {temperature}")
@@ -86,7 +87,7 @@ def _check(mode: str, preserve: str, task_loop: str, beta: float, temperature: f
 
 @register("ri", family="adaptation", data="aux", storage="none (a pre-merge adaptation of the experts)",
           reference=REFERENCE)
-def ri_config(mode: str = "independent", beta: float = 1.0, steps: int = 200, learning_rate: float = 1e-5,
+def ri_config(mode: str = "independent", beta: float | None = None, steps: int = 200, learning_rate: float = 1e-5,
               weight_decay: float = 0.0, temperature: float = 1.0, preserve: str = "kl", merge_scale: float = 0.3,
               task_loop: str = "vmap") -> RIConfig:
   """Resolving Interference's registry entry: validated hyperparameters (see :func:`disentangle`)."""
@@ -129,6 +130,8 @@ def ri_adapter(
 def _ri_adapter(forward_fn, pretrained_like, mode, beta, temperature, preserve, merge, merge_scale, task_loop,
                 layout) -> Adapter:
   _check(mode, preserve, task_loop, beta, temperature)
+  if beta is None:
+    raise ValueError("ri_adapter needs a numeric beta (disentangle's default is auto_beta(heads))")
   div = _divergence(preserve, temperature)
   layout = layout or jfilters.hf_layout
   if merge is None:
@@ -220,7 +223,7 @@ def disentangle(
     *,
     forward_fn: Callable[[Any, jax.Array], jax.Array],
     mode: str = "independent",
-    beta: float = 1.0,
+    beta: float | None = None,
     steps: int = 200,
     optimizer: optax.GradientTransformation | None = None,
     learning_rate: float = 1e-5,
@@ -251,7 +254,13 @@ def disentangle(
       ``suite.embed``.
     mode: ``"independent"`` (each expert disentangled on its own, the paper's default) or ``"joint"`` (all
       ``tau'`` at once through the differentiable ``merge``).
-    beta: weight of the preserve term (independent mode).
+    beta: weight of the preserve term (independent mode). ``None`` (default): the heads' mean squared row
+      norm, ``mean_j mean_c ||W_j[c]||^2``. The disentangle term is a squared logit difference, so it scales
+      with the square of the heads' norm, while the KL preserve term does not: CLIP zero-shot heads carry the
+      logit scale ``s`` (100 for OpenAI CLIP, about 14 for the offline suite's tiny CLIP), and a fixed
+      ``beta = 1`` would let the disentangle term dominate by ``s^2``. ``beta = s^2`` measures the disentangle
+      term in unit-norm-head (cosine) units instead, so one default serves every logit scale; it is 1 for
+      unit-norm heads. Pass a number to set it directly.
     steps: optimizer steps (a few hundred).
     optimizer: optax optimizer over ``tau'``; default ``optax.adamw(learning_rate, weight_decay=
       weight_decay)``. Independent experts share one optimizer over the summed loss, which equals separate
@@ -281,7 +290,8 @@ def disentangle(
     (``"preserve_tasks"``, ``"disentangle_tasks"``: ``[steps, T]``), evaluated before each update.
 
   Raises:
-    ValueError: bad choices, a head count that does not match the experts, or incompatible models.
+    ValueError: bad choices, zero experts, a head count or feature size that does not match the experts, an
+      empty auxiliary source (or batch), or incompatible models.
 
   References:
     Ramesh et al., "Resolving Interference: Disentangling Models for Improved Model Merging", 2026.
@@ -289,13 +299,20 @@ def disentangle(
   """
   _check(mode, preserve, task_loop, beta, temperature)
   as_list = isinstance(finetuned, (list, tuple))
+  if as_list and not finetuned:
+    raise ValueError("RI needs at least one expert: the task list is empty (0 tasks)")
   pre, ft, passthrough = prepare(pretrained, finetuned)
   if as_list:
     ft = H.stack_models(ft)
   num_tasks = next(iter(ft.values())).shape[0]
+  if num_tasks == 0:
+    raise ValueError("RI needs at least one expert: the stacked experts have a task axis of size 0")
   hs, mask = H.pad_heads(heads)
   if hs.shape[0] != num_tasks:
     raise ValueError(f"got {hs.shape[0]} heads for {num_tasks} experts")
+  aux_batches = _check_aux(aux_batches, forward_fn, pretrained, hs.shape[-1], steps)
+  if beta is None:
+    beta = auto_beta(hs, mask)
   frozen = {"pre": pre, "ft": ft, "passthrough": passthrough, "heads": hs, "mask": mask}
   adapter = ri_adapter(forward_fn, pretrained, mode=mode, beta=beta, temperature=temperature, preserve=preserve,
                        merge=merge, merge_scale=merge_scale, task_loop=task_loop, layout=layout)
@@ -307,6 +324,47 @@ def disentangle(
   if as_list:
     return jtree.unstack(stacked), history
   return stacked, history
+
+
+def auto_beta(heads: Any, mask: Any = None) -> float:
+  """RI's default preserve weight: the heads' mean squared row norm ``mean_j mean_c ||W_j[c]||^2``.
+
+  For CLIP zero-shot heads (unit class embeddings times the logit scale ``s``) this is ``s^2``: it puts the
+  squared-logit disentangle term in unit-head units against the KL preserve term (see :func:`disentangle`).
+
+  Args:
+    heads: padded heads ``[T, C_max, D]`` (with ``mask``) or a sequence of ``[C_t, D]`` heads.
+    mask: ``bool [T, C_max]`` real classes of padded heads.
+
+  Returns:
+    The weight (a Python float).
+
+  References:
+    Ramesh et al., "Resolving Interference: Disentangling Models for Improved Model Merging", 2026.
+  """
+  if mask is None:
+    heads, mask = H.pad_heads(heads)
+  sq = np.sum(np.square(np.asarray(heads, np.float64)), axis=-1)
+  m = np.asarray(mask, bool)
+  return float(np.mean([sq[t][m[t]].mean() for t in range(sq.shape[0])]))
+
+
+def _check_aux(aux_batches: Any, forward_fn: Callable[..., Any], pretrained: Any, head_dim: int,
+               steps: int) -> Any:
+  """Peeks at the first auxiliary batch: raises for an empty source or features that do not fit the heads."""
+  if steps == 0:
+    return aux_batches
+  it = iter(aux_batches)
+  first = next(it, None)
+  if first is None:
+    raise ValueError("the auxiliary source is empty: aux_batches yielded no batch (RI needs unlabeled inputs)")
+  if not np.shape(first) or np.shape(first)[0] == 0:
+    raise ValueError(f"the auxiliary source yielded an empty batch of shape {np.shape(first)}")
+  feat = jax.eval_shape(forward_fn, pretrained, jnp.asarray(first))
+  if len(feat.shape) != 2 or feat.shape[-1] != head_dim:
+    raise ValueError(f"the heads are [C, {head_dim}] but forward_fn gives features of shape {feat.shape} "
+                     "(expected [B, D] with D the heads' feature size)")
+  return itertools.chain([first], it)
 
 
 @jax.jit

@@ -131,6 +131,11 @@ def test_registry_and_bad_input():
   assert info.family == "adaptation" and info.data == "aux"
   cfg = jm.get_method("ri")(beta=2.0)
   assert cfg.beta == 2.0 and cfg.mode == "independent" and cfg.run_kwargs()["preserve"] == "kl"
+  assert jm.get_method("ri")().beta is None  # default: auto_beta(heads)
+  from jaxmerge.ri import auto_beta
+
+  # Mean over tasks of the mean squared row norm: (25 + (1 + 0) / 2) / 2 (CLIP heads: logit_scale ** 2).
+  assert auto_beta([np.array([[3.0, 4.0]]), np.array([[1.0, 0.0], [0.0, 0.0]])]) == 12.75
   with pytest.raises(ValueError, match="mode"):
     jm.get_method("ri")(mode="both")
   pre, fts, heads = interfering()
@@ -198,3 +203,65 @@ def test_bench_plugins_through_the_runner(monkeypatch):
   assert rows["experts"]["average"] == 1.0 and not res["skipped"]
   # The "ri" method row is RI followed by default task arithmetic: the same model as the adapter row.
   assert rows["ri"]["accuracy"] == rows["ri+task_arithmetic"]["accuracy"]
+
+
+def test_clear_errors_for_zero_tasks_empty_aux_and_mismatched_heads():
+  pre, fts, heads = interfering()
+  with pytest.raises(ValueError, match="0 tasks"):
+    run(pre, [], [], steps=1)
+  with pytest.raises(ValueError, match="auxiliary source is empty"):
+    disentangle(pre, fts, heads, [], forward_fn=forward, steps=5, key=jax.random.key(0), progress=False)
+  with pytest.raises(ValueError, match="empty batch"):
+    disentangle(pre, fts, heads, [np.zeros((0, DIN), np.float32)], forward_fn=forward, steps=5,
+                key=jax.random.key(0), progress=False)
+  wide = [jnp.zeros((c, D + 1)) for c in CLASSES]  # heads over another feature size
+  with pytest.raises(ValueError, match=r"heads are \[C, 10\]"):
+    run(pre, fts, wide, steps=1)
+  from jaxmerge.bench.ri_runner import aux_batches
+
+  with pytest.raises(ValueError, match="fewer than one batch"):
+    next(aux_batches(np.zeros((0, DIN), np.float32), 4))
+
+
+def test_shift_images_is_deterministic_label_free_and_validated():
+  from jaxmerge.data import synthetic
+
+  rng = np.random.default_rng(0)
+  imgs = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+  for kind in synthetic.SHIFTS:
+    a = synthetic.shift_images(imgs, kind, seed=1)
+    assert a.dtype == np.uint8 and a.shape == imgs.shape
+    np.testing.assert_array_equal(a, synthetic.shift_images(imgs, kind, seed=1))
+    assert np.mean(np.abs(a.astype(int) - imgs)) > 2  # the shift is visible
+    np.testing.assert_array_equal(synthetic.shift_images(imgs, kind, severity=0.0), imgs)
+  # Hand-checked cases: a constant image is a fixed point of blur and contrast; contrast halves deviations.
+  flat = np.full((1, 4, 4, 3), 100, np.uint8)
+  np.testing.assert_array_equal(synthetic.shift_images(flat, "blur"), flat)
+  two = np.array([[[[0] * 3, [200] * 3]]], np.uint8)  # mean 100: contrast 0.5 maps 0 -> 50, 200 -> 150
+  np.testing.assert_array_equal(synthetic.shift_images(two, "contrast")[0, 0, :, 0], [50, 150])
+  assert not np.array_equal(synthetic.shift_images(imgs, "noise", seed=1), synthetic.shift_images(imgs, "noise", seed=2))
+  with pytest.raises(ValueError, match="unknown shift"):
+    synthetic.shift_images(imgs, "fog")
+  with pytest.raises(ValueError, match="uint8"):
+    synthetic.shift_images(imgs.astype(np.float32), "blur")
+
+
+def test_jaxmerge_bench_ri_command(monkeypatch, tmp_path):
+  """``jaxmerge bench --ri`` end to end (argument parsing, plug-in loading, RI, merge, reports) on the fake suite."""
+  from jaxmerge import cli
+  from jaxmerge.bench import command, ri_runner
+
+  monkeypatch.setenv("JAXMERGE_NO_XLA_CACHE", "1")
+  monkeypatch.setitem(ri_runner.RI_DEFAULTS, "steps", 10)
+  monkeypatch.setitem(ri_runner.RI_DEFAULTS, "learning_rate", 1e-2)
+  monkeypatch.setattr(command, "build_suite", lambda *a, **k: _FakeSuite())
+  out = tmp_path / "res"
+  rc = cli.main(["bench", "--ri", "--methods", "task_arithmetic", "--out", str(out), "--no-plots", "--no-progress"])
+  assert rc == 0
+  import json
+
+  res = json.loads((out / "results.json").read_text())
+  rows = {r["method"]: r for r in res["rows"]}
+  assert {"task_arithmetic", "ri+task_arithmetic"} <= set(rows) and not res["skipped"]
+  assert rows["ri+task_arithmetic"]["adapt_seconds"] > 0
+  assert "ri+task_arithmetic" in (out / "results.md").read_text()

@@ -41,6 +41,8 @@ __all__ = [
   "make_pretraining",
   "Pretraining",
   "make_task",
+  "SHIFTS",
+  "shift_images",
   "task_spec",
 ]
 
@@ -810,3 +812,64 @@ def make_aux(source: str, *, seed: int = 0, n: int = 1024) -> np.ndarray:
   if source == "mondrian":
     return _to_uint8(_aux_mondrian(rng, n))
   return _to_uint8(_aux_crops(rng, n, seed))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Held-out domain shifts of test images (unseen domains: no expert, pretraining or auxiliary image has them).
+# --------------------------------------------------------------------------------------------------------------
+
+SHIFTS = ("noise", "blur", "contrast", "tint")
+
+
+def _box_blur(x: np.ndarray, radius: int) -> np.ndarray:
+  k = 2 * radius + 1
+  pad = np.pad(x, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
+  out = np.zeros_like(x)
+  for dy in range(k):
+    for dx in range(k):
+      out += pad[:, dy:dy + x.shape[1], dx:dx + x.shape[2]]
+  return out / (k * k)
+
+
+def shift_images(images: np.ndarray, kind: str, *, seed: int = 0, severity: float = 1.0) -> np.ndarray:
+  """Applies a held-out domain shift to uint8 test images (for generalization to unseen domains).
+
+  The shifts are corruption-style (in the spirit of ImageNet-C): ``"noise"`` (Gaussian pixel noise, sigma
+  0.1 x severity), ``"blur"`` (box blur of radius ``max(1, round(severity))``), ``"contrast"`` (contrast scaled
+  by ``1 - 0.5 x severity`` around each image's mean) and ``"tint"`` (a random per-image colour cast, channel
+  gains in ``1 +- 0.35 x severity``). Labels are unchanged. Deterministic in ``(images, kind, seed,
+  severity)``; ``severity=0`` returns the images unchanged.
+
+  Args:
+    images: uint8 [N, H, W, 3].
+    kind: one of :data:`SHIFTS`.
+    seed: seed of the random shifts (noise, tint).
+    severity: strength, ``>= 0``.
+
+  Returns:
+    uint8 [N, H, W, 3].
+
+  Raises:
+    ValueError: an unknown kind, a negative severity or images that are not uint8 [N, H, W, 3].
+  """
+  if kind not in SHIFTS:
+    raise ValueError(f"unknown shift {kind!r}; valid shifts: {', '.join(SHIFTS)}")
+  if severity < 0:
+    raise ValueError(f"severity must be >= 0, got {severity}")
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+  if severity == 0:
+    return images.copy()
+  x = images.astype(np.float32) / 255.0
+  rng = _rng(seed, "shift", kind)
+  if kind == "noise":
+    x = x + 0.1 * severity * rng.standard_normal(x.shape, dtype=np.float32)
+  elif kind == "blur":
+    x = _box_blur(x, max(1, int(round(severity))))
+  elif kind == "contrast":
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    x = mean + (1.0 - 0.5 * min(severity, 1.9)) * (x - mean)
+  else:
+    x = x * rng.uniform(1 - 0.35 * severity, 1 + 0.35 * severity, (len(x), 1, 1, 3)).astype(np.float32)
+  return _to_uint8(x)
