@@ -1,0 +1,78 @@
+"""The notebooks in ``colabs/`` run top to bottom, and the committed copies carry no outputs.
+
+Every notebook runs in its own kernel on the "tiny" offline suite (``JAXMERGE_NOTEBOOK_SMOKE=1``) with one
+suite cache shared by all of them (``JAXMERGE_CACHE``), so the suite is built once, by whichever notebook runs
+first. A cell error fails the test. The notebooks hold their own checks (``assert`` / ``np.testing``): a merge
+against its closed form, ``partition`` against ``masked``, sharded and streamed merges against the in-memory
+merge, RI's and AdaMerging's histories.
+"""
+
+import json
+import os
+import pathlib
+import time
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+COLABS = pathlib.Path(__file__).resolve().parents[1] / "colabs"
+NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
+CELL_TIMEOUT_S = 600
+
+
+def test_notebooks_exist():
+  names = [p.stem for p in NOTEBOOKS]
+  for expected in ("01_quickstart", "02_clip_vit_b32", "03_test_time_adaptation", "04_resolving_interference",
+                   "06_scale"):
+    assert expected in names, names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_has_no_outputs(path):
+  nb = json.loads(path.read_text())
+  assert nb["nbformat"] == 4
+  for i, cell in enumerate(nb["cells"]):
+    if cell["cell_type"] == "code":
+      assert cell.get("outputs") == [], f"{path.name}: cell {i} has outputs (strip them before committing)"
+      assert cell.get("execution_count") is None, f"{path.name}: cell {i} has an execution count"
+  nbformat.validate(nbformat.reads(path.read_text(), as_version=4))
+
+
+@pytest.fixture(scope="module")
+def shared_env(tmp_path_factory):
+  """Environment of every kernel: the tiny suite, one suite cache, a headless matplotlib, and the test run's
+  persistent XLA compilation cache (set up by conftest), so kernels reuse each other's compiled programs."""
+  import jax
+
+  cache = tmp_path_factory.mktemp("notebook-cache")
+  env = {"JAXMERGE_NOTEBOOK_SMOKE": "1", "JAXMERGE_CACHE": str(cache), "MPLBACKEND": "Agg",
+         "TQDM_DISABLE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+  xla = jax.config.jax_compilation_cache_dir
+  if xla:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(xla), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  return cache, env, {}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, shared_env, tmp_path, monkeypatch):
+  cache, env, seconds = shared_env
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  nb = nbformat.reads(path.read_text(), as_version=4)
+  client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  start = time.perf_counter()
+  try:
+    client.execute()
+  except nbclient.exceptions.CellExecutionError as e:
+    pytest.fail(f"{path.name}: a cell failed:\n{e}", pytrace=False)
+  seconds[path.stem] = time.perf_counter() - start
+  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+  assert not errors
+  # One suite for all notebooks: at most one offline suite entry in the shared cache.
+  suites = [p.name for p in cache.iterdir() if p.name.startswith("offline-")]
+  assert len(suites) <= 1, suites
+  print(f"{path.name}: {seconds[path.stem]:.1f} s (so far: {sum(seconds.values()):.1f} s)")
