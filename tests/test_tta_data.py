@@ -147,3 +147,56 @@ def test_run_method_errors_and_dispatch(problem):
   out = api.run_method("fisher", pre, fts, linear_forward, heads, good, num_examples=4, batch_size=2)
   np.testing.assert_allclose(out["w"], V.fisher(pre, fts, linear_forward, heads, [x[:4] for x in xs],
                                                  batch_size=2)["w"], rtol=1e-6)
+
+
+def test_golden_section_and_grid_search():
+  from jaxmerge.tta import search as S
+
+  f = lambda s: -(s - 0.37) ** 2  # noqa: E731
+  best, hist = S.golden_section(f, 0.0, 1.0, iters=14)
+  assert abs(best - 0.37) < 3e-3 and len(hist) == 16
+  best, hist = S.grid_search(lambda s: min(s, 0.4), [0.1, 0.4, 0.5, 0.6])  # ties: the first maximum
+  assert best == 0.4 and [h[0] for h in hist] == [0.1, 0.4, 0.5, 0.6]
+  with pytest.raises(ValueError, match="lo < hi"):
+    S.golden_section(f, 1.0, 0.0)
+
+
+def test_scale_search_is_the_method_at_the_best_scale(problem):
+  pre, fts, xs = problem
+  from jaxmerge.tta import search as S
+
+  for name in ("task_arithmetic", "ties"):
+    unit = jm.merge(jm.get_method(name)(scale=1.0), pre, fts)
+    at = S.rescale(pre, unit)
+    for s in (0.35,):
+      np.testing.assert_allclose(at(s)["w"], jm.merge(jm.get_method(name)(scale=s), pre, fts)["w"], rtol=1e-5, atol=1e-6)
+  # labels from each expert's own predictions on its task: the best scale is found by a brute-force loop too.
+  heads = [jnp.eye(C)] * T
+  data = [(x, np.asarray(jnp.argmax(linear_forward(m, x), -1))) for m, x in zip(fts, xs)]
+  out, info = api.run_method("scale_search", pre, fts, linear_forward, heads, data, return_history=True)
+  tau = sum(m["w"] - pre["w"] for m in fts)
+  brute = [api.validation_accuracy(linear_forward, {"w": pre["w"] + s * tau}, heads, data)
+           for s in jm.get_method("scale_search")().grid()]
+  assert np.isclose(info["history"][:, 1].max(), max(brute)) and np.allclose(info["history"][:, 1], brute)
+  assert api.validation_accuracy(linear_forward, out, heads, data) == max(brute)
+  with pytest.raises(ValueError, match="needs labels"):
+    api.run_method("scale_search", pre, fts, linear_forward, heads, xs)
+
+
+def test_bench_plugin_dispatches_by_name_and_falls_back():
+  calls = []
+  saved = dict(runner._RUNNERS)
+  try:
+    runner.register_runner("val", lambda suite, m, hp, key: calls.append(m) or "previous")
+    import importlib
+
+    from jaxmerge.bench import tta_runner
+
+    run = tta_runner._dispatch("val")
+    assert run(None, "some_other_val_method", {}, None) == "previous" and calls == ["some_other_val_method"]
+    assert set(tta_runner._RUNNERS_BY_NAME) >= {"fisher", "regmean", "scale_search", "adamerging"}
+    assert "jaxmerge.bench.tta_runner" in runner.PLUGIN_MODULES["val"] + runner.PLUGIN_MODULES["tta"]
+    del importlib
+  finally:
+    runner._RUNNERS.clear()
+    runner._RUNNERS.update(saved)

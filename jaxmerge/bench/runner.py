@@ -54,8 +54,8 @@ _ADAPTERS: dict[str, Adapter] = {}
 
 # Modules imported on demand; each registers its runner or adapter when imported.
 PLUGIN_MODULES: dict[str, tuple[str, ...]] = {
-  "tta": ("jaxmerge.bench.ri_runner",),
-  "val": ("jaxmerge.bench.ri_runner",),
+  "tta": ("jaxmerge.bench.ri_runner", "jaxmerge.bench.tta_runner"),
+  "val": ("jaxmerge.bench.ri_runner", "jaxmerge.bench.tta_runner"),
   "aux": ("jaxmerge.bench.ri_runner",),
   "ri": ("jaxmerge.bench.ri_runner",),
 }

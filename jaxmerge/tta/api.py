@@ -38,7 +38,41 @@ def _runners() -> dict:
     return am.adamerging(pre, ft, fwd, heads, per_task, key=k_fit, layout=layout, progress=progress,
                          **cfg.run_kwargs())
 
-  return {"fisher": fisher, "regmean": regmean, "adamerging": adamerging}
+  def scale_search(cfg, pre, ft, fwd, heads, data, key, layout, progress, names):
+    from jaxmerge.tta import search as S  # noqa: PLC0415
+
+    if not all(isinstance(d, tuple) for d in data):
+      raise ValueError("method 'scale_search' needs labels: pass data=[(inputs, labels) per task]")
+    unit = unit_merge(cfg.base, pre, ft, fwd, heads, data, key=key, layout=layout, names=names)
+    score = lambda params: validation_accuracy(fwd, params, heads, data)  # noqa: E731
+    out, info = S.scale_search(pre, unit, score, search=cfg.search, grid=cfg.grid(), lo=cfg.lo, hi=cfg.hi,
+                               iters=cfg.iters)
+    return out, info
+
+  return {"fisher": fisher, "regmean": regmean, "adamerging": adamerging, "scale_search": scale_search}
+
+
+def unit_merge(base: str, pretrained, finetuned, forward_fn, heads, data, *, key, layout=None, names=None):
+  """``base``'s merge at unit scale (``scale=1`` when the method has a ``scale`` hyperparameter, otherwise its
+  defaults); data-needing bases get ``data``."""
+  info = jm.method_info(base)
+  hp = {"scale": 1.0} if "scale" in info.hparams else {}
+  if info.per_task:
+    raise ValueError(f"scale_search needs one merged model; {base!r} keeps one model per task")
+  return run_method(base, pretrained, finetuned, forward_fn, heads, data, key=key, layout=layout, names=names, **hp)
+
+
+def validation_accuracy(forward_fn, params, heads, data, batch_size: int = 256) -> float:
+  """Mean over tasks of the accuracy of ``argmax(forward_fn(params, x) @ head_t.T)`` on ``(x, y)`` pairs."""
+  accs = []
+  for h, (x, y) in zip(heads, data):
+    x, y = np.asarray(x), np.asarray(y)
+    correct = 0
+    for i in range(0, len(x), batch_size):
+      z = forward_fn(params, jax.numpy.asarray(x[i:i + batch_size]))
+      correct += int(np.sum(np.asarray(jax.numpy.argmax(H.head_logits(z, jax.numpy.asarray(h)), -1)) == y[i:i + batch_size]))
+    accs.append(correct / len(x))
+  return float(np.mean(accs))
 
 
 def _inputs(data: Sequence[Any]) -> list:

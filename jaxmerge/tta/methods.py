@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from jaxmerge.registry import register
 
-__all__ = ["AdaMergingConfig", "FisherConfig", "RegMeanConfig"]
+__all__ = ["AdaMergingConfig", "FisherConfig", "RegMeanConfig", "ScaleSearchConfig"]
 
 ADAMERGING_REF = "https://arxiv.org/abs/2310.02575"
 FISHER_REF = "https://arxiv.org/abs/2111.09832"
@@ -171,3 +171,50 @@ def adamerging_config(granularity: str = "layer", init_scale: float = 0.3, base:
   """
   check_adamerging(granularity, base)
   return AdaMergingConfig(granularity, init_scale, base, density, learning_rate, steps, batch_size)
+
+
+class ScaleSearchConfig(NamedTuple):
+  """Scale search's hyperparameters (see :func:`jaxmerge.tta.search.scale_search`)."""
+
+  base: str = "task_arithmetic"
+  search: str = "grid"
+  lo: float = 0.0
+  hi: float = 1.0
+  iters: int = 12
+
+  def grid(self) -> tuple[float, ...]:
+    """The grid of ``search="grid"``: ``lo, lo + 0.05, ..., hi``."""
+    n = int(round((self.hi - self.lo) / 0.05))
+    return tuple(round(self.lo + 0.05 * i, 6) for i in range(n + 1))
+
+
+@register("scale_search", family="weighted_average", data="val", storage="none",
+          reference="https://arxiv.org/abs/2212.04089")
+def scale_search_config(base: str = "task_arithmetic", search: str = "grid", lo: float = 0.0, hi: float = 1.0,
+                        iters: int = 12) -> ScaleSearchConfig:
+  """A global scale chosen on labeled validation data for the merge of any registered method ``base``.
+
+  Args:
+    base: the method whose merged update is rescaled (run with ``scale=1`` when it has a ``scale``).
+    search: ``"grid"`` (``lo, lo + 0.05, ..., hi``; Task Arithmetic's protocol) or ``"golden"``
+      (golden-section search on ``[lo, hi]``, ``iters + 2`` evaluations).
+    lo: smallest scale.
+    hi: largest scale.
+    iters: golden-section iterations.
+
+  Returns:
+    A :class:`ScaleSearchConfig`.
+
+  References:
+    Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. https://arxiv.org/abs/2212.04089
+  """
+  if search not in ("grid", "golden"):
+    raise ValueError(f"search must be 'grid' or 'golden', got {search!r}")
+  if not hi > lo:
+    raise ValueError(f"scale_search needs lo < hi, got [{lo}, {hi}]")
+  if base == "scale_search":
+    raise ValueError("scale_search cannot search its own scale (base='scale_search')")
+  from jaxmerge.registry import method_info  # noqa: PLC0415
+
+  method_info(base)  # unknown names raise with the valid ones
+  return ScaleSearchConfig(base, search, float(lo), float(hi), int(iters))

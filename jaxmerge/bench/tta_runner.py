@@ -1,0 +1,169 @@
+"""Benchmark plug-in for the methods that need data: ``"val"`` (fisher, regmean, scale_search) and ``"tta"``
+(adamerging), for :mod:`jaxmerge.bench.runner`.
+
+Importing this module registers a runner for each of the two data classes that handles these methods by name
+and passes every other method to the runner registered before it (e.g. :mod:`jaxmerge.bench.ri_runner`'s).
+Validation methods read each task's ``val`` split; test-time adaptation draws shuffled unlabeled batches of
+each task's ``test`` inputs. Each run's cost (wall time, process peak memory, trainable parameters) is kept in
+:data:`COSTS` and written, with the loss curve of adaptations (PNG), under :data:`PLOT_DIR`
+(``$JAXMERGE_TTA_OUT``, default ``jaxmerge-results/tta``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+import jaxmerge as jm
+from jaxmerge import tree as jtree
+from jaxmerge.bench import runner as _runner
+from jaxmerge.tta import api
+from jaxmerge.tta import search as S
+from jaxmerge.tta import validation as V
+from jaxmerge.tta.adamerging import adamerging
+
+__all__ = ["COSTS", "HISTORIES", "PLOT_DIR", "TTA_STEPS", "tta_runner", "val_runner"]
+
+TTA_STEPS = 200  # AdaMerging steps on the offline suite (the reference's 1000 at batch 16 is for CLIP ViTs on GPU)
+PLOT_DIR = Path(os.environ.get("JAXMERGE_TTA_OUT", "jaxmerge-results/tta"))
+COSTS: dict[str, dict] = {}
+HISTORIES: dict[str, dict] = {}
+
+
+def _heads(suite) -> list:
+  return [np.asarray(suite.heads[t], np.float32) for t in suite.tasks]
+
+
+def _val(suite, task: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  d = suite.data[task].val
+  return (d.images, d.labels) if n is None else (d.images[:n], d.labels[:n])
+
+
+def _peak_rss_gb() -> float:
+  kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return kb / (1024**3 if sys.platform == "darwin" else 1024**2)
+
+
+def _num_float(tree: Any) -> int:
+  return int(sum(np.size(x) for x in jtree.flatten_paths(tree).values() if jtree.is_float(x)))
+
+
+def _record(method: str, start: float, trainable: int, history: dict | None = None, **extra) -> None:
+  COSTS[method] = {"seconds": time.perf_counter() - start, "peak_rss_gb": _peak_rss_gb(), "trainable": trainable,
+                   **extra}
+  if history is not None:
+    HISTORIES[method] = history
+  try:
+    PLOT_DIR.mkdir(parents=True, exist_ok=True)
+    (PLOT_DIR / "costs.json").write_text(json.dumps(COSTS, indent=1))
+    if history is not None and len(history.get("loss", ())):
+      _plot(method, history)
+  except OSError:  # reporting must not fail a run
+    pass
+
+
+def _plot(method: str, history: dict) -> None:
+  try:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+  except ImportError:
+    return
+  fig, ax = plt.subplots(figsize=(5, 3.2))
+  loss = np.asarray(history["loss"])
+  ax.plot(np.arange(len(loss)), loss, lw=1)
+  ax.set_xlabel("step")
+  ax.set_ylabel(history.get("ylabel", "loss"))
+  ax.set_title(method)
+  fig.tight_layout()
+  fig.savefig(PLOT_DIR / f"{method}_loss.png", dpi=110)
+  plt.close(fig)
+
+
+def _fisher(suite, method, hparams, key):
+  start = time.perf_counter()
+  cfg = jm.get_method(method)(**hparams)
+  data = [_val(suite, t)[0] for t in suite.tasks]
+  merged = V.fisher(suite.pretrained, list(suite.experts), suite.embed, _heads(suite), data, **cfg.run_kwargs())
+  _record(method, start, 0, statistics=_num_float(suite.pretrained) * len(suite.tasks))
+  return merged
+
+
+def _regmean(suite, method, hparams, key):
+  start = time.perf_counter()
+  cfg = jm.get_method(method)(**hparams)
+  data = [_val(suite, t)[0] for t in suite.tasks]
+  merged = V.regmean(suite.pretrained, list(suite.experts), suite.embed, data, **cfg.run_kwargs())
+  _record(method, start, 0)
+  return merged
+
+
+def _score(suite):
+  return lambda params: float(np.mean(list(suite.evaluate(params, split="val").values())))
+
+
+def _scale_search(suite, method, hparams, key):
+  start = time.perf_counter()
+  cfg = jm.get_method(method)(**hparams)
+  info = jm.method_info(cfg.base)
+  if info.data == "none":
+    hp = {"scale": 1.0} if "scale" in info.hparams else {}
+    unit = jm.merge(jm.get_method(cfg.base)(**hp), suite.pretrained, list(suite.experts), key=key,
+                    layout=suite.layout, names=list(suite.tasks))
+  else:
+    runner = _RUNNERS_BY_NAME.get(cfg.base)
+    if runner is None:
+      raise ValueError(f"scale_search cannot run base {cfg.base!r} on this suite")
+    unit = runner(suite, cfg.base, {"scale": 1.0} if "scale" in info.hparams else {}, key)
+  merged, out = S.scale_search(suite.pretrained, unit, _score(suite), search=cfg.search, grid=cfg.grid(),
+                               lo=cfg.lo, hi=cfg.hi, iters=cfg.iters)
+  hist = {"loss": out["history"][:, 1], "scales": out["history"][:, 0], "ylabel": "validation accuracy"}
+  _record(method, start, 1, hist, scale=out["scale"], base=cfg.base)
+  return merged
+
+
+def _adamerging(suite, method, hparams, key):
+  start = time.perf_counter()
+  cfg = jm.get_method(method)(**{"steps": TTA_STEPS, **hparams})
+  k_data, k_fit = jax.random.split(key)
+  per_task = [api.cycle_batches(suite.unlabeled(t, "test"), cfg.batch_size, key=jax.random.fold_in(k_data, i))
+              for i, t in enumerate(suite.tasks)]
+  merged, history = adamerging(suite.pretrained, list(suite.experts), suite.embed, _heads(suite), per_task,
+                               key=k_fit, layout=suite.layout, progress=False, **cfg.run_kwargs())
+  trainable = int(sum(np.size(c) for c in jax.tree.leaves(history["coeffs"])))
+  name = method if not hparams else method + "(" + ",".join(f"{k}={v}" for k, v in sorted(hparams.items())) + ")"
+  _record(name, start, trainable, {"loss": history["loss"], "ylabel": "entropy (sum over tasks)"})
+  return merged
+
+
+_RUNNERS_BY_NAME = {"fisher": _fisher, "regmean": _regmean, "scale_search": _scale_search,
+                    "adamerging": _adamerging}
+
+
+def _dispatch(kind: str):
+  previous = getattr(_runner, "_RUNNERS", {}).get(kind)
+  mine = {n: f for n, f in _RUNNERS_BY_NAME.items() if jm.method_info(n).data == kind}
+
+  def run(suite, method, hparams, key):
+    if method in mine:
+      return mine[method](suite, method, hparams, key)
+    if previous is not None:
+      return previous(suite, method, hparams, key)
+    raise ValueError(f"no benchmark runner for method {method!r} (data {kind!r})")
+
+  return run
+
+
+val_runner = _dispatch("val")
+tta_runner = _dispatch("tta")
+_runner.register_runner("val", val_runner)
+_runner.register_runner("tta", tta_runner)
