@@ -38,6 +38,11 @@ def _f32(x):
   return jnp.asarray(x).astype(jnp.float32)
 
 
+def _add(y: jax.Array, b: jax.Array) -> jax.Array:
+  """``y + b`` with ``b`` broadcast over ``y``'s leading axes (explicitly: rank promotion may be disabled)."""
+  return y + _f32(b).reshape((1,) * (y.ndim - b.ndim) + tuple(b.shape))
+
+
 class SmileFactors(NamedTuple):
   """One SMILE layer's experts, for a kernel ``W (in, out)`` and ``T`` tasks.
 
@@ -140,10 +145,10 @@ def smile_linear(x: Float[Array, "*b i"], kernel: Float[Array, "i o"], bias: Flo
   x = _f32(x)
   y = jnp.matmul(x, _f32(kernel), precision=HIGHEST)
   if bias is not None:
-    y = y + _f32(bias)
+    y = _add(y, bias)
   lam = smile_routing(x, factors.gate, top_k)
   h = jnp.einsum("...i,tik->...tk", x, factors.down, precision=HIGHEST)
-  e = jnp.einsum("...tk,tko->...to", h, factors.up, precision=HIGHEST) + factors.bias
+  e = _add(jnp.einsum("...tk,tko->...to", h, factors.up, precision=HIGHEST), factors.bias)
   return y + jnp.einsum("...t,...to->...o", lam, e, precision=HIGHEST)
 
 
@@ -184,7 +189,7 @@ def router_logits(router: list[dict], h: Float[Array, "*b w"]) -> Float[Array, "
     return jnp.broadcast_to(_f32(router[0]["bias"]), (*h.shape[:-1], router[0]["bias"].shape[0]))
   z = _f32(h)
   for i, layer in enumerate(router):
-    z = jnp.matmul(z, _f32(layer["kernel"]), precision=HIGHEST) + _f32(layer["bias"])
+    z = _add(jnp.matmul(z, _f32(layer["kernel"]), precision=HIGHEST), layer["bias"])
     if i < len(router) - 1:
       z = jax.nn.relu(z)
   return z
