@@ -200,3 +200,24 @@ def test_bench_plugin_dispatches_by_name_and_falls_back():
   finally:
     runner._RUNNERS.clear()
     runner._RUNNERS.update(saved)
+
+
+def test_ugm_formula_and_limits(problem):
+  pre, fts, xs = problem
+  heads = [jnp.eye(C)] * T
+  alphas = [0.2, 0.3, 0.5]
+  fs = []
+  for t in range(T):
+    p = softmax(xs[t] @ fts[t]["w"].T)
+    fs.append(np.einsum("nc,nj->cj", p * (1 - p), xs[t] ** 2) / len(xs[t]))
+  delta = 0.7 * sum(f.sum() for f in fs) / (T * (fs[0].size + C))  # relative prior: 0.7 x mean entry (b's too)
+  out = V.ugm(pre, fts, linear_forward, heads, xs, alphas=alphas, prior_precision=0.7, estimator="exact")
+  num = sum(a * (delta + f) * (m["w"] - pre["w"]) for a, f, m in zip(alphas, fs, fts))
+  np.testing.assert_allclose(out["w"], pre["w"] + num / (delta + sum(a * f for a, f in zip(alphas, fs))), rtol=1e-4)
+  # "b" does not enter the forward (F = 0): task arithmetic with coefficients alpha_t.
+  np.testing.assert_allclose(out["b"], sum(a * m["b"] for a, m in zip(alphas, fts)), rtol=1e-5, atol=1e-6)
+  # delta = 0: Fisher averaging with model weights alpha_t.
+  zero = V.ugm(pre, fts, linear_forward, heads, xs, alphas=alphas, prior_precision=0.0, estimator="exact")
+  fa = V.fisher(pre, fts, linear_forward, heads, xs, estimator="exact", normalize=False, epsilon=0.0, weights=alphas)
+  np.testing.assert_allclose(zero["w"], fa["w"], rtol=1e-4)
+  assert jm.method_info("ugm").data == "val"

@@ -1,4 +1,4 @@
-"""Benchmark plug-in for the methods that need data: ``"val"`` (fisher, regmean, scale_search) and ``"tta"``
+"""Benchmark plug-in for the methods that need data: ``"val"`` (fisher, regmean, ugm, scale_search) and ``"tta"``
 (adamerging), for :mod:`jaxmerge.bench.runner`.
 
 Importing this module registers a runner for each of the two data classes that handles these methods by name
@@ -107,6 +107,15 @@ def _regmean(suite, method, hparams, key):
   return merged
 
 
+def _ugm(suite, method, hparams, key):
+  start = time.perf_counter()
+  cfg = jm.get_method(method)(**hparams)
+  data = [_val(suite, t)[0] for t in suite.tasks]
+  merged = V.ugm(suite.pretrained, list(suite.experts), suite.embed, _heads(suite), data, **cfg.run_kwargs())
+  _record(method, start, 0, statistics=_num_float(suite.pretrained) * len(suite.tasks))
+  return merged
+
+
 def _score(suite):
   return lambda params: float(np.mean(list(suite.evaluate(params, split="val").values())))
 
@@ -145,7 +154,7 @@ def _adamerging(suite, method, hparams, key):
   return merged
 
 
-_RUNNERS_BY_NAME = {"fisher": _fisher, "regmean": _regmean, "scale_search": _scale_search,
+_RUNNERS_BY_NAME = {"fisher": _fisher, "regmean": _regmean, "ugm": _ugm, "scale_search": _scale_search,
                     "adamerging": _adamerging}
 
 

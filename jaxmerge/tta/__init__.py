@@ -25,3 +25,4 @@ from jaxmerge.tta.losses import mse as mse
 from jaxmerge.tta.validation import fisher as fisher
 from jaxmerge.tta.validation import fisher_information as fisher_information
 from jaxmerge.tta.validation import regmean as regmean
+from jaxmerge.tta.validation import ugm as ugm

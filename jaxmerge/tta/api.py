@@ -32,6 +32,9 @@ def _runners() -> dict:
   def regmean(cfg, pre, ft, fwd, heads, data, key, layout, progress, names):
     return V.regmean(pre, ft, fwd, _inputs(data), names=names, **cfg.run_kwargs()), {}
 
+  def ugm(cfg, pre, ft, fwd, heads, data, key, layout, progress, names):
+    return V.ugm(pre, ft, fwd, heads, _inputs(data), names=names, **cfg.run_kwargs()), {}
+
   def adamerging(cfg, pre, ft, fwd, heads, data, key, layout, progress, names):
     k_data, k_fit = jax.random.split(key)
     per_task = [cycle_batches(x, cfg.batch_size, key=jax.random.fold_in(k_data, t)) for t, x in enumerate(_inputs(data))]
@@ -49,7 +52,8 @@ def _runners() -> dict:
                                iters=cfg.iters)
     return out, info
 
-  return {"fisher": fisher, "regmean": regmean, "adamerging": adamerging, "scale_search": scale_search}
+  return {"fisher": fisher, "regmean": regmean, "adamerging": adamerging, "scale_search": scale_search,
+          "ugm": ugm}
 
 
 def unit_merge(base: str, pretrained, finetuned, forward_fn, heads, data, *, key, layout=None, names=None):

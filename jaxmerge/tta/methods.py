@@ -218,3 +218,49 @@ def scale_search_config(base: str = "task_arithmetic", search: str = "grid", lo:
 
   method_info(base)  # unknown names raise with the valid ones
   return ScaleSearchConfig(base, search, float(lo), float(hi), int(iters))
+
+
+class UGMConfig(NamedTuple):
+  """Uncertainty-based gradient matching's hyperparameters (see :func:`jaxmerge.tta.validation.ugm`)."""
+
+  alphas: float = 0.3
+  prior_precision: float = 1.0
+  relative_prior: bool = True
+  num_examples: int = 256
+  batch_size: int = 32
+  estimator: str = "reference"
+
+  def run_kwargs(self) -> dict:
+    """Keyword arguments of :func:`jaxmerge.tta.validation.ugm`."""
+    return dict(self._asdict())
+
+
+@register("ugm", family="weighted_average", data="val", storage="none (Fishers are transient)",
+          reference="https://arxiv.org/abs/2310.12808")
+def ugm_config(alphas: float = 0.3, prior_precision: float = 1.0, relative_prior: bool = True,
+               num_examples: int = 256, batch_size: int = 32, estimator: str = "reference") -> UGMConfig:
+  """Uncertainty-based gradient matching's registry entry (no ViT default is published: alpha = TA's 0.3 and
+  a prior precision equal to the mean Fisher entry).
+
+  Args:
+    alphas: ``alpha_t`` for every task.
+    prior_precision: ``delta`` (relative to the mean Fisher entry with ``relative_prior``).
+    relative_prior: scale ``prior_precision`` by the mean Fisher entry.
+    num_examples: inputs per task for the Fishers.
+    batch_size: batch size of the Fisher pass.
+    estimator: ``"reference"`` or ``"exact"`` Fisher.
+
+  Returns:
+    A :class:`UGMConfig`.
+
+  References:
+    Daheim et al., "Model Merging by Uncertainty-Based Gradient Matching", ICLR 2024.
+    https://arxiv.org/abs/2310.12808
+  """
+  if prior_precision < 0:
+    raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
+  if estimator not in _ESTIMATORS:
+    raise ValueError(f"estimator must be one of {list(_ESTIMATORS)}, got {estimator!r}")
+  _positive_int("num_examples", num_examples)
+  _positive_int("batch_size", batch_size)
+  return UGMConfig(alphas, float(prior_precision), bool(relative_prior), num_examples, batch_size, estimator)

@@ -20,7 +20,7 @@ from jaxmerge import tree as jtree
 from jaxmerge.tta import heads as H
 from jaxmerge.tta.capture import linear_grams
 
-__all__ = ["fisher", "fisher_information", "regmean", "task_inputs"]
+__all__ = ["fisher", "fisher_information", "regmean", "task_inputs", "ugm"]
 
 _ESTIMATORS = ("reference", "exact")
 
@@ -337,4 +337,82 @@ def _regmean_merge(pre32, tau, grams, alpha, axes, merged_paths):
     rhs = jnp.einsum("tij,tjo->io", g, w, precision=jax.lax.Precision.HIGHEST)
     sol = jnp.linalg.solve(jnp.sum(g, axis=0), rhs)
     out[p] = jnp.moveaxis(sol, 0, axes[p])
+  return out
+
+
+def ugm(
+    pretrained: Any,
+    finetuned: Sequence[Any] | Any,
+    forward_fn: Callable[[Any, jax.Array], jax.Array],
+    heads: Sequence[Any],
+    batches: Any,
+    *,
+    alphas: float | Sequence[float] = 0.3,
+    prior_precision: float = 1.0,
+    relative_prior: bool = True,
+    num_examples: int = 256,
+    batch_size: int = 32,
+    estimator: str = "reference",
+    names: Sequence[str] | None = None,
+) -> Any:
+  """Uncertainty-based gradient matching with diagonal Fishers (an uncertainty-weighted task arithmetic):
+  ``theta[j] = theta_0[j] + sum_t alpha_t (delta + F_t[j]) tau_t[j] / (delta + sum_s alpha_s F_s[j])``.
+
+  Args:
+    pretrained: pretrained parameters.
+    finetuned: ``T`` fine-tuned models.
+    forward_fn: ``forward_fn(params, inputs) -> features [B, D]``.
+    heads: ``T`` frozen heads ``[C_t, D]``.
+    batches: per task, inputs ``[N, ...]`` or an iterable of batches.
+    alphas: ``alpha_t`` (one value for every task, or ``T`` values; default TA's 0.3).
+    prior_precision: ``delta`` (``H_0 = delta I``); with ``relative_prior`` it is multiplied by the mean
+      Fisher entry over all models and leaves, so that it is on the Fishers' scale.
+    relative_prior: see ``prior_precision``.
+    num_examples: inputs per task for the Fishers.
+    batch_size: batch size of the Fisher pass.
+    estimator: Fisher estimator (see :func:`fisher_information`).
+    names: model names for error messages.
+
+  Returns:
+    The merged parameters. Where ``delta`` and every Fisher are 0 the alpha-weighted mean of the task vectors
+    is used (the limit of Fisher averaging).
+
+  References:
+    Daheim et al., "Model Merging by Uncertainty-Based Gradient Matching", ICLR 2024.
+    https://arxiv.org/abs/2310.12808
+  """
+  if prior_precision < 0:
+    raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
+  pre32, tau, passthrough = H.split_params(pretrained, finetuned, names=names)
+  num_tasks = next(iter(tau.values())).shape[0]
+  hs = _head_check(heads, num_tasks)
+  a = np.broadcast_to(np.asarray(alphas, np.float64), (num_tasks,)) if np.ndim(alphas) == 0 else np.asarray(alphas)
+  if a.shape != (num_tasks,):
+    raise ValueError(f"alphas must be a scalar or have one entry per model ({num_tasks}), got shape {a.shape}")
+  data = task_inputs(batches, num_tasks, num_examples, batch_size, what="ugm")
+  st = H.structure_of(pretrained)
+  fishers = []
+  for t in range(num_tasks):
+    model = H.assemble(st, _model(pre32, tau, t), passthrough)
+    total, n = fisher_information(forward_fn, model, hs[t], data[t], estimator=estimator)
+    fishers.append({p: total[p] / n for p in pre32})
+  merged = _ugm_merge(pre32, tau, fishers, jnp.asarray(a, jnp.float32), float(prior_precision), bool(relative_prior))
+  return _finish(pretrained, pre32, merged, passthrough)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _ugm_merge(pre32, tau, fishers, alphas, prior, relative):
+  delta = jnp.float32(prior)
+  if relative:
+    total = sum(jnp.sum(f[p]) for f in fishers for p in f)
+    count = sum(f[p].size for f in fishers for p in f)
+    delta = delta * total / count
+  out = {}
+  for p in pre32:
+    f = jnp.stack([fi[p] for fi in fishers])
+    a = alphas.reshape((-1,) + (1,) * (f.ndim - 1))
+    num = jnp.sum(a * (delta + f) * tau[p], axis=0)
+    den = delta + jnp.sum(a * f, axis=0)
+    fallback = jnp.sum(a * tau[p], axis=0) / jnp.sum(alphas)
+    out[p] = pre32[p] + jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), fallback)
   return out
