@@ -52,6 +52,14 @@ class MergeContext(NamedTuple):
 
 
 def context_of(ctx: MergeContext | None) -> MergeContext:
+  """The merge context ``ctx``, or an empty :class:`MergeContext` when it is ``None``.
+
+  Args:
+    ctx: a context or ``None``.
+
+  Returns:
+    A :class:`MergeContext`.
+  """
   return ctx if ctx is not None else MergeContext()
 
 
@@ -79,7 +87,18 @@ class MergeTransform(NamedTuple):
 
 
 def require_key(key: PRNGKey | None, what: str) -> PRNGKey:
-  """Raises a clear error when a stochastic step gets no key."""
+  """Raises a clear error when a stochastic step gets no key.
+
+  Args:
+    key: the key a stochastic step received.
+    what: the step's name, for the message.
+
+  Returns:
+    ``key``.
+
+  Raises:
+    ValueError: ``key`` is ``None``.
+  """
   if key is None:
     raise ValueError(f"{what} is stochastic and needs a PRNG key: pass key=jax.random.key(seed)")
   return key
@@ -92,6 +111,12 @@ def _empty_init(tree: Stacked) -> EmptyCoeffs:
 
 def per_task(fn: Callable[[jax.Array], jax.Array]) -> MergeTransform:
   """Lifts ``fn`` on one task's leaf to a task-preserving step with ``vmap`` over the task axis.
+
+  Args:
+    fn: ``fn(x)`` on one task's leaf ``(...)``, returning a leaf of the same shape.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (task-preserving, ``(T, ...) -> (T, ...)``).
 
   >>> import jax.numpy as jnp
   >>> t = per_task(lambda x: x * 2)
@@ -107,7 +132,14 @@ def per_task(fn: Callable[[jax.Array], jax.Array]) -> MergeTransform:
 
 
 def across_tasks(fn: Callable[[jax.Array], jax.Array]) -> MergeTransform:
-  """A reduction from ``fn`` on one leaf's whole ``(T, ...)`` slice to a ``(...)`` leaf."""
+  """A reduction from ``fn`` on one leaf's whole ``(T, ...)`` slice to a ``(...)`` leaf.
+
+  Args:
+    fn: ``fn(x)`` maps one leaf's stacked ``(T, ...)`` array to a ``(...)`` array.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+  """
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
@@ -128,6 +160,15 @@ def per_leaf(
   ``x`` is one stacked leaf ``(T, ...)``; ``key`` is that leaf's own key (derived from the path, see
   :func:`jaxmerge.tree.leaf_key`) or ``None``; ``spec`` is the leaf's :class:`~jaxmerge.filters.MatrixSpec`
   under the merge's layout (``None`` for non-matrix leaves); ``pretrained`` is the pretrained leaf or ``None``.
+
+  Args:
+    fn: the leaf function (see above).
+    kind: ``"task"`` (task-preserving), ``"reduce"`` (removes the task axis) or ``"any"``.
+    needs_key: the step is random and needs a PRNG key.
+    init: ``init(stacked) -> coeffs`` (default: no coefficients).
+
+  Returns:
+    A leafwise :class:`~jaxmerge.base.MergeTransform`.
   """
 
   def apply(coeffs, tree, *, key=None, ctx=None):

@@ -44,7 +44,14 @@ def _chain_kind(kinds: list[str]) -> str:
 
 
 def named_chain(*named: tuple[str, MergeTransform]) -> MergeTransform:
-  """Like :func:`chain`, with coefficients in a dict keyed by the step names."""
+  """Like :func:`chain`, with coefficients in a dict keyed by the step names.
+
+  Args:
+    *named: ``(name, transform)`` pairs, in order.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` with coefficients ``{name: coeffs}``.
+  """
   names = [n for n, _ in named]
   if len(set(names)) != len(names):
     raise ValueError(f"named_chain step names must be unique, got {names}")
@@ -64,6 +71,13 @@ def chain(*transforms: MergeTransform) -> MergeTransform:
 
   Step ``i`` receives ``jax.random.fold_in(key, i)`` as its key. A task-preserving step after a reduction
   raises ``ValueError`` when the chain is built.
+
+  Args:
+    *transforms: the steps, in order (task-preserving steps, then at most one reduction, then steps that
+      accept either arity).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` with coefficients ``(c_0, c_1, ...)``.
 
   >>> import jax.numpy as jnp, jaxmerge as jm
   >>> tx = jm.chain(jm.transforms.sum_tasks(), jm.transforms.scale(0.5))
@@ -157,6 +171,14 @@ def masked(inner: MergeTransform, where: Filter | Any, fallback: MergeTransform 
 
   Unselected leaves pass through unchanged for task-preserving steps; when ``inner`` is a reduction they are
   reduced by ``fallback`` (default: the mean over tasks).
+
+  Args:
+    inner: the transform for the selected leaves.
+    where: a filter ``(path, per-task struct) -> bool`` or a tree of booleans with the stack's structure.
+    fallback: the transform for the other leaves (default: identity, or the mean for reductions).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` with coefficients ``(inner coeffs, fallback coeffs)``.
   """
   if fallback is None:
     if inner.kind == REDUCE:

@@ -69,6 +69,13 @@ def hf_layout(path: Path, struct: jax.ShapeDtypeStruct) -> MatrixSpec | None:
 
   This is the reference implementations' rule (``ndim == 2``): it includes 2-D position-embedding tables and
   projections, and excludes the 4-D patch-embedding convolution.
+
+  Args:
+    path: the leaf's path string.
+    struct: the per-task ``ShapeDtypeStruct`` of the leaf.
+
+  Returns:
+    The leaf's :class:`MatrixSpec`, or ``None`` for a leaf that is not a matrix.
   """
   del path
   return HF_MATRIX if len(struct.shape) == 2 else None
@@ -76,7 +83,15 @@ def hf_layout(path: Path, struct: jax.ShapeDtypeStruct) -> MatrixSpec | None:
 
 def flax_layout(path: Path, struct: jax.ShapeDtypeStruct) -> MatrixSpec | None:
   """Flax layout: 2-D leaves named ``.../kernel`` are Dense kernels stored ``(in, out)``; other 2-D leaves
-  (embedding tables) are read like their Hugging Face counterparts, rows first."""
+  (embedding tables) are read like their Hugging Face counterparts, rows first.
+
+  Args:
+    path: the leaf's path string.
+    struct: the per-task ``ShapeDtypeStruct`` of the leaf.
+
+  Returns:
+    The leaf's :class:`MatrixSpec`, or ``None`` for a leaf that is not a matrix.
+  """
   if len(struct.shape) != 2:
     return None
   return FLAX_KERNEL if path.split("/")[-1] == "kernel" else HF_MATRIX
@@ -84,7 +99,14 @@ def flax_layout(path: Path, struct: jax.ShapeDtypeStruct) -> MatrixSpec | None:
 
 def layout_from_rules(rules: Sequence[tuple[str, MatrixSpec | None]]) -> Layout:
   """A layout from ``[(regex, MatrixSpec or None), ...]``; the first rule whose regex fully matches wins,
-  and a leaf no rule matches is not a matrix."""
+  and a leaf no rule matches is not a matrix.
+
+  Args:
+    rules: ``[(regex over path strings, MatrixSpec or None), ...]``.
+
+  Returns:
+    A layout function ``(path, struct) -> MatrixSpec | None``.
+  """
   compiled = [(re.compile(r), spec) for r, spec in rules]
 
   def layout(path: Path, struct: jax.ShapeDtypeStruct) -> MatrixSpec | None:
@@ -134,7 +156,17 @@ def to_matrix(x: jax.Array, spec: MatrixSpec, batch_dims: int = 0) -> jax.Array:
 
 
 def from_matrix(y: jax.Array, spec: MatrixSpec, shape: tuple[int, ...], batch_dims: int = 0) -> jax.Array:
-  """Inverse of :func:`to_matrix`: ``shape`` is the original leaf's shape (including lead axes)."""
+  """Inverse of :func:`to_matrix`: ``shape`` is the original leaf's shape (including lead axes).
+
+  Args:
+    y: the matrix view (``batch_dims`` lead axes, then ``(out, in)``).
+    spec: the leaf's :class:`MatrixSpec`.
+    shape: the original leaf's shape.
+    batch_dims: number of lead axes (e.g. 1 for a task axis).
+
+  Returns:
+    An array of ``shape``.
+  """
   lead = shape[:batch_dims]
   inner = shape[batch_dims:]
   nd = len(inner)
@@ -149,7 +181,14 @@ def from_matrix(y: jax.Array, spec: MatrixSpec, shape: tuple[int, ...], batch_di
 
 
 def per_task_struct(x: _Any) -> jax.ShapeDtypeStruct:
-  """The ``ShapeDtypeStruct`` of one task's slice of a stacked leaf."""
+  """The ``ShapeDtypeStruct`` of one task's slice of a stacked leaf.
+
+  Args:
+    x: a stacked leaf ``(T, ...)`` (an array or a ``ShapeDtypeStruct``).
+
+  Returns:
+    The ``ShapeDtypeStruct`` of shape ``(...)``.
+  """
   return jax.ShapeDtypeStruct(tuple(np.shape(x))[1:], jax.numpy.result_type(x))
 
 
@@ -158,30 +197,68 @@ def per_task_struct(x: _Any) -> jax.ShapeDtypeStruct:
 
 
 def is_matrix(path: Path, struct: jax.ShapeDtypeStruct) -> bool:
-  """A per-task leaf of rank 2 (the reference implementations' matrix rule)."""
+  """A per-task leaf of rank 2 (the reference implementations' matrix rule).
+
+  Args:
+    path: the leaf's path string.
+    struct: the per-task ``ShapeDtypeStruct`` of the leaf.
+
+  Returns:
+    Whether the leaf is selected.
+  """
   del path
   return len(struct.shape) == 2
 
 
 def is_vector(path: Path, struct: jax.ShapeDtypeStruct) -> bool:
-  """Any leaf that is not of rank 2."""
+  """Any leaf that is not of rank 2.
+
+  Args:
+    path: the leaf's path string.
+    struct: the per-task ``ShapeDtypeStruct`` of the leaf.
+
+  Returns:
+    Whether the leaf is selected.
+  """
   return not is_matrix(path, struct)
 
 
 def is_linear_kernel(path: Path, struct: jax.ShapeDtypeStruct) -> bool:
-  """A rank-2 leaf whose path ends in ``kernel`` or ``weight`` and is not an embedding table."""
+  """A rank-2 leaf whose path ends in ``kernel`` or ``weight`` and is not an embedding table.
+
+  Args:
+    path: the leaf's path string.
+    struct: the per-task ``ShapeDtypeStruct`` of the leaf.
+
+  Returns:
+    Whether the leaf is selected.
+  """
   last = path.replace(".", "/").split("/")
   return len(struct.shape) == 2 and last[-1] in ("kernel", "weight") and not any("embed" in s for s in last)
 
 
 def path_matches(regex: str) -> Filter:
-  """Selects leaves whose path *fully* matches ``regex`` (big_vision's rule)."""
+  """Selects leaves whose path *fully* matches ``regex`` (big_vision's rule).
+
+  Args:
+    regex: a regular expression over path strings.
+
+  Returns:
+    A filter ``(path, struct) -> bool``.
+  """
   r = re.compile(regex)
   return lambda path, struct: r.fullmatch(path) is not None
 
 
 def path_contains(substring: str) -> Filter:
-  """Selects leaves whose path contains ``substring``."""
+  """Selects leaves whose path contains ``substring``.
+
+  Args:
+    substring: the text to look for.
+
+  Returns:
+    A filter ``(path, struct) -> bool``.
+  """
   return lambda path, struct: substring in path
 
 
@@ -222,6 +299,9 @@ def labels_from_rules(rules: Sequence[tuple[str, str]], tree: _Any, *, stacked: 
     rules: regex over path strings and the label to give.
     tree: a model or a stack (``stacked=True``) whose structure the labels follow.
     stacked: whether ``tree`` has a leading task axis.
+
+  Returns:
+    A tree of labels with ``tree``'s structure.
 
   Raises:
     ValueError: a leaf that no rule matches (name it with a catch-all ``(".*", label)``).

@@ -42,6 +42,12 @@ def prepare(
 ) -> tuple[dict, dict, dict]:
   """Validates inputs and splits them by path into float leaves and copied leaves.
 
+  Args:
+    pretrained: any pytree of arrays.
+    finetuned: a list of ``T`` pytrees, or one stack (leading task axis).
+    names: model names used in error messages.
+    check_finite: reject NaN/Inf weights.
+
   Returns:
     ``(pre_float, ft_float, passthrough)``: a flat ``{path: array}`` dict of the pretrained float leaves; the
     fine-tuned float leaves, either a tuple of such dicts (one per model, when a list was given) or one dict of
@@ -220,6 +226,19 @@ def merge_per_task(
   """Builds one model per task with a task-preserving transform (EMR, TALL masks, BYOM, TSV-C).
 
   Same arguments as :func:`merge`; returns a list of ``T`` parameter pytrees, model ``t`` for task ``t``.
+
+  Args:
+    tx: a task-preserving :class:`~jaxmerge.base.MergeTransform`.
+    pretrained: any pytree of arrays.
+    finetuned: a list of ``T`` pytrees, or one stack (leading task axis).
+    key: PRNG key for stochastic methods.
+    coeffs: coefficients to use instead of ``tx.init(...)``.
+    layout: matrix layout (default :func:`jaxmerge.filters.hf_layout`).
+    names: model names used in error messages.
+    check_finite: reject NaN/Inf weights before merging.
+
+  Returns:
+    A list of ``T`` pytrees with ``pretrained``'s structure and dtypes.
   """
   _check_tx(tx, key, per_task=True)
   pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=check_finite)
@@ -229,7 +248,15 @@ def merge_per_task(
 
 def make_merger(tx: MergeTransform, layout: Layout | None = None) -> Callable[..., Params]:
   """A jitted ``(pretrained, stacked, coeffs=None, key=None) -> merged`` for flat float ``{path: array}``
-  dicts, without host-side validation (for loops and sweeps; validate once with :func:`prepare`)."""
+  dicts, without host-side validation (for loops and sweeps; validate once with :func:`prepare`).
+
+  Args:
+    tx: a reducing transform.
+    layout: matrix layout (default :func:`jaxmerge.filters.hf_layout`).
+
+  Returns:
+    ``merger(pretrained, stacked, coeffs=None, key=None) -> merged`` (a flat dict of float leaves).
+  """
   _check_tx(tx, jax.random.key(0) if tx.needs_key else None, per_task=False)
   fn = _compiled(tx, layout or jfilters.hf_layout, False)
 

@@ -63,7 +63,19 @@ def register(
     per_task: bool = False,
     reference: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-  """Decorator that adds a factory to the registry under ``name``."""
+  """Decorator that adds a factory to the registry under ``name``.
+
+  Args:
+    name: the registry name.
+    family: the survey's family (``weighted_average``, ``sparsification``, ``subspace``, ...).
+    data: data the method needs: ``none``, ``val``, ``aux`` or ``tta``.
+    storage: extra storage beyond one model.
+    per_task: the method keeps one model per task (:func:`jaxmerge.merge_per_task`).
+    reference: the paper's URL.
+
+  Returns:
+    A decorator that registers the factory and returns it unchanged.
+  """
   if family not in FAMILIES:
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
   if data not in DATA:
@@ -90,12 +102,23 @@ def register(
 
 
 def list_methods() -> list[str]:
-  """Sorted names of every registered method."""
+  """Sorted names of every registered method.
+
+  Returns:
+    A sorted list of method names.
+  """
   return sorted(_REGISTRY)
 
 
 def method_info(name: str) -> MethodInfo:
-  """The :class:`MethodInfo` of ``name``; raises ``ValueError`` listing the valid names."""
+  """The :class:`MethodInfo` of ``name``; raises ``ValueError`` listing the valid names.
+
+  Args:
+    name: a registered method name.
+
+  Returns:
+    The method's :class:`MethodInfo` (family, data needed, extra storage, reference, defaults).
+  """
   if name not in _REGISTRY:
     raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}")
   return _REGISTRY[name]
@@ -105,5 +128,15 @@ def get_method(name: str) -> Callable[..., Any]:
   """The factory of ``name``: ``get_method("ties")(density=0.2)`` returns a MergeTransform.
 
   Unknown hyperparameter names raise ``ValueError`` listing the valid ones.
+
+  Args:
+    name: a registered method name (see :func:`list_methods`).
+
+  Returns:
+    The method's factory; calling it with hyperparameters returns a
+    :class:`~jaxmerge.base.MergeTransform` (or a config object for methods that need data).
+
+  Raises:
+    ValueError: an unknown name (listing the valid ones).
   """
   return method_info(name).factory

@@ -73,6 +73,13 @@ def top_fraction_threshold(magnitudes: Sequence[jax.Array], density: float) -> j
   With ``N`` entries, the threshold is the ``(N - int(N * density))``-th smallest value and entries
   ``>= threshold`` are kept (ties at the threshold are all kept, so slightly more than ``density`` may
   survive). ``density >= 1`` keeps everything (threshold 0).
+
+  Args:
+    magnitudes: arrays of nonnegative values (concatenated flat).
+    density: fraction kept.
+
+  Returns:
+    The scalar threshold.
   """
   n = sum(int(m.size) for m in magnitudes)
   k = n - int(n * density)
@@ -82,7 +89,15 @@ def top_fraction_threshold(magnitudes: Sequence[jax.Array], density: float) -> j
 
 
 def order_statistic(values: Sequence[jax.Array], index: int) -> jax.Array:
-  """``sort(concat(values))[index]`` (0-indexed, negative indices count from the end)."""
+  """``sort(concat(values))[index]`` (0-indexed, negative indices count from the end).
+
+  Args:
+    values: arrays of any shapes (concatenated flat).
+    index: the rank to return.
+
+  Returns:
+    A scalar.
+  """
   n = sum(int(v.size) for v in values)
   if not -n <= index < n:
     raise ValueError(f"order statistic {index} out of range for {n} values")

@@ -57,6 +57,12 @@ def _key_str(k: Any) -> str:
 def path_str(keypath: Sequence[Any]) -> Path:
   """Turns a JAX key path into a ``a/b/c`` string (flat-dict keys are kept verbatim).
 
+  Args:
+    keypath: a JAX key path.
+
+  Returns:
+    The path string.
+
   >>> import jax
   >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": {"b": 1}, "c": [2]})[0]]
   ['a/b', 'c/0']
@@ -65,17 +71,40 @@ def path_str(keypath: Sequence[Any]) -> Path:
 
 
 def paths(tree: Any) -> list[Path]:
-  """The path string of every leaf of ``tree``, in flattening order."""
+  """The path string of every leaf of ``tree``, in flattening order.
+
+  Args:
+    tree: any pytree.
+
+  Returns:
+    A list of path strings.
+  """
   return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
-  """``jax.tree.map`` whose function also receives the leaf's path string first."""
+  """``jax.tree.map`` whose function also receives the leaf's path string first.
+
+  Args:
+    fn: ``fn(path, leaf, *rest_leaves)``.
+    tree: the tree whose paths are passed.
+    *rest: trees with the same structure.
+
+  Returns:
+    The mapped tree.
+  """
   return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(path_str(p), *xs), tree, *rest)
 
 
 def flatten_paths(tree: Any) -> dict[Path, Any]:
-  """A flat ``{path: leaf}`` dict in flattening order; raises on duplicate path strings."""
+  """A flat ``{path: leaf}`` dict in flattening order; raises on duplicate path strings.
+
+  Args:
+    tree: any pytree.
+
+  Returns:
+    ``{path: leaf}``.
+  """
   out: dict[Path, Any] = {}
   for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     s = path_str(p)
@@ -86,18 +115,40 @@ def flatten_paths(tree: Any) -> dict[Path, Any]:
 
 
 def unflatten_paths(like: Any, flat: Mapping[Path, Any]) -> Any:
-  """Inverse of :func:`flatten_paths`: rebuilds ``like``'s structure from a ``{path: leaf}`` dict."""
+  """Inverse of :func:`flatten_paths`: rebuilds ``like``'s structure from a ``{path: leaf}`` dict.
+
+  Args:
+    like: a pytree whose structure is rebuilt.
+    flat: ``{path: leaf}`` with every path of ``like``.
+
+  Returns:
+    A pytree with ``like``'s structure and ``flat``'s leaves.
+  """
   treedef = jax.tree_util.tree_structure(like)
   return jax.tree_util.tree_unflatten(treedef, [flat[p] for p in paths(like)])
 
 
 def is_float(x: Any) -> bool:
-  """True for arrays of a floating dtype (the leaves that are merged; others are copied)."""
+  """True for arrays of a floating dtype (the leaves that are merged; others are copied).
+
+  Args:
+    x: any leaf.
+
+  Returns:
+    Whether ``x`` has a floating dtype.
+  """
   return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
 def num_tasks(stacked: Stacked) -> int:
-  """The size ``T`` of the leading task axis (all leaves must agree)."""
+  """The size ``T`` of the leading task axis (all leaves must agree).
+
+  Args:
+    stacked: a stack of models.
+
+  Returns:
+    ``T``.
+  """
   sizes = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}
   if len(sizes) != 1:
     raise ValueError(f"leaves disagree on the task axis size: {sorted(sizes)}")
@@ -105,30 +156,69 @@ def num_tasks(stacked: Stacked) -> int:
 
 
 def stack(models: Sequence[Params]) -> Stacked:
-  """Stacks ``T`` models with the same structure into one pytree with a leading task axis."""
+  """Stacks ``T`` models with the same structure into one pytree with a leading task axis.
+
+  Args:
+    models: ``T`` pytrees with the same structure, shapes and dtypes.
+
+  Returns:
+    One pytree whose leaves are ``(T, ...)``.
+  """
   if len(models) == 0:
     raise ValueError("cannot stack an empty list of models")
   return jax.tree.map(lambda *xs: jnp.stack(xs), *models)
 
 
 def unstack(stacked: Stacked) -> list[Params]:
-  """Splits a stack back into a list of ``T`` models."""
+  """Splits a stack back into a list of ``T`` models.
+
+  Args:
+    stacked: a pytree whose leaves are ``(T, ...)``.
+
+  Returns:
+    A list of ``T`` pytrees.
+  """
   t = num_tasks(stacked)
   return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(t)]
 
 
 def task_vectors(pretrained: Params, finetuned: Stacked, dtype: Any = jnp.float32) -> Stacked:
-  """``finetuned - pretrained[None]`` leaf by leaf, computed in ``dtype``."""
+  """``finetuned - pretrained[None]`` leaf by leaf, computed in ``dtype``.
+
+  Args:
+    pretrained: the pretrained parameters.
+    finetuned: a stack ``(T, ...)`` with the same structure.
+    dtype: the dtype of the result.
+
+  Returns:
+    A stack of task vectors ``(T, ...)``.
+  """
   return jax.tree.map(lambda f, p: f.astype(dtype) - p.astype(dtype)[None], finetuned, pretrained)
 
 
 def cast_like(tree: Any, like: Any) -> Any:
-  """Casts every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+  """Casts every leaf of ``tree`` to the dtype of the matching leaf of ``like``.
+
+  Args:
+    tree: any pytree of arrays.
+    like: a pytree with the same structure.
+
+  Returns:
+    ``tree`` with ``like``'s dtypes.
+  """
   return jax.tree.map(lambda x, y: jnp.asarray(x).astype(jnp.result_type(y)), tree, like)
 
 
 def apply_delta(pretrained: Params, delta: Params) -> Params:
-  """``pretrained + delta`` in float32, cast back to the pretrained dtypes (cf. ``optax.apply_updates``)."""
+  """``pretrained + delta`` in float32, cast back to the pretrained dtypes (cf. ``optax.apply_updates``).
+
+  Args:
+    pretrained: the pretrained parameters.
+    delta: a tree of the same structure (e.g. a merged task vector).
+
+  Returns:
+    ``pretrained + delta`` with ``pretrained``'s dtypes.
+  """
   return jax.tree.map(
       lambda p, d: (p.astype(jnp.float32) + d.astype(jnp.float32)).astype(p.dtype), pretrained, delta
   )
@@ -142,6 +232,13 @@ def task_sum(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
 
   For up to 64 tasks this is an unrolled chain of elementwise adds: XLA fuses it with its producers, and on CPU
   it is ~30x faster than ``jnp.sum(x, axis=0)``, which reduces over the major dimension.
+
+  Args:
+    x: ``(T, ...)``.
+    weights: ``(T,)`` weights (default: all ones).
+
+  Returns:
+    ``(...)``.
   """
   t = x.shape[0]
   if t > _UNROLL:
@@ -153,7 +250,14 @@ def task_sum(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
 
 
 def task_max(x: jax.Array) -> jax.Array:
-  """``max_t x[t]`` over the leading task axis (unrolled like :func:`task_sum`)."""
+  """``max_t x[t]`` over the leading task axis (unrolled like :func:`task_sum`).
+
+  Args:
+    x: ``(T, ...)``.
+
+  Returns:
+    ``(...)``.
+  """
   if x.shape[0] > _UNROLL:
     return jnp.max(x, axis=0)
   out = x[0]
@@ -163,7 +267,14 @@ def task_max(x: jax.Array) -> jax.Array:
 
 
 def task_mean(x: jax.Array) -> jax.Array:
-  """``mean_t x[t]`` over the leading task axis."""
+  """``mean_t x[t]`` over the leading task axis.
+
+  Args:
+    x: ``(T, ...)``.
+
+  Returns:
+    ``(...)``.
+  """
   return task_sum(x) / x.shape[0]
 
 
@@ -173,6 +284,12 @@ def flat_tasks(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
   The inverse takes a ``(N,)`` array (a reduced model) or a ``(T, N)`` array (a stack) and rebuilds the tree.
   Global steps (one threshold per task over the whole model) run on this view: a handful of large fused
   operations instead of one small operation per leaf and task, which is much faster on CPU.
+
+  Args:
+    tree: a stack ``(T, ...)``.
+
+  Returns:
+    ``(flat, unflatten)``: the ``(T, N)`` array and the inverse map.
   """
   leaves, treedef = jax.tree.flatten(tree)
   if not leaves:
@@ -192,7 +309,15 @@ def flat_tasks(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
 
 def leaf_key(key: PRNGKey, path: Path) -> PRNGKey:
   """A key for one leaf, derived from its path (not its position), so that a streamed merge, a partition
-  or a whole-tree merge all draw the same random numbers for the same leaf."""
+  or a whole-tree merge all draw the same random numbers for the same leaf.
+
+  Args:
+    key: the merge's PRNG key.
+    path: the leaf's path string.
+
+  Returns:
+    The leaf's PRNG key.
+  """
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
@@ -201,6 +326,14 @@ def leaf_uniform(key: PRNGKey, path: Path, shape: tuple[int, ...]) -> jax.Array:
 
   The draws come from XLA's counter-based bit generator seeded by the leaf key (``rbg``), which runs and
   compiles faster on CPU than threefry while staying deterministic under the key.
+
+  Args:
+    key: the merge's PRNG key.
+    path: the leaf's path string.
+    shape: the shape of the draws.
+
+  Returns:
+    float32 ``U[0, 1)`` draws of ``shape``.
   """
   seed = jax.random.bits(leaf_key(key, path), (4,), jnp.uint32)
   return jax.random.uniform(jax.random.wrap_key_data(seed, impl="rbg"), shape, jnp.float32)
@@ -214,6 +347,11 @@ def check_compatible(pretrained: Params, models: Sequence[Params], names: Sequen
   """Raises ``ValueError`` naming the model and path where ``models`` differ from ``pretrained``.
 
   Checks tree structure (missing or extra paths), shapes and dtypes.
+
+  Args:
+    pretrained: the reference tree.
+    models: the trees to check.
+    names: model names for the messages (default ``model 0``, ``model 1``, ...).
   """
   if len(models) == 0:
     raise ValueError("no fine-tuned models given: the task list is empty")
@@ -246,6 +384,11 @@ def check_finite(tree: Any, name: str = "model", stacked_names: Sequence[str] | 
 
   This runs *before* a merge (one small device-to-host transfer of a boolean per leaf), never inside it.
   With ``stacked_names`` the tree is a stack and the message names the task whose slice is bad.
+
+  Args:
+    tree: any pytree of arrays.
+    name: the model name for the message.
+    stacked_names: task names when ``tree`` is a stack.
   """
   floats = {p: x for p, x in flatten_paths(tree).items() if is_float(x)}
   bad = jax.device_get(_nonfinite(floats))

@@ -26,7 +26,11 @@ __all__ = ["load_eval_model", "register", "run", "task_batches"]
 
 
 def register(subparsers) -> None:
-  """Adds the ``eval`` subcommand (called by :mod:`jaxmerge.cli`)."""
+  """Adds the ``eval`` subcommand (called by :mod:`jaxmerge.cli`).
+
+  Args:
+    subparsers: the CLI's subparsers.
+  """
   p = subparsers.add_parser("eval", help="zero-shot evaluation of a CLIP vision tower on image tasks",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="model directory, merged checkpoint, or cached hub repo id")
@@ -48,6 +52,13 @@ def register(subparsers) -> None:
 def load_eval_model(model: str, pretrained: str | None = None):
   """``(pretrained_config, pretrained_params, vision_params, pretrained_dir)`` for ``jaxmerge eval``.
 
+  Args:
+    model: the evaluated model (a directory, file or cached hub id).
+    pretrained: the pretrained ``CLIPModel`` (default: ``model`` itself).
+
+  Returns:
+    ``(pretrained_config, pretrained_params, vision_params, pretrained_dir)``.
+
   Raises:
     ValueError: unreadable checkpoints, a pretrained model without text tower, or incompatible towers.
   """
@@ -64,7 +75,20 @@ def load_eval_model(model: str, pretrained: str | None = None):
 
 
 def task_batches(task: str, *, data: str | None, split: str, batch_size: int, preprocess, limit=None, workers=0):
-  """Batches of one task from ``data/<task>`` (dataset or image folder) or its Hugging Face id."""
+  """Batches of one task from ``data/<task>`` (dataset or image folder) or its Hugging Face id.
+
+  Args:
+    task: a task name.
+    data: a directory with ``data/<task>``, or ``None`` for the hub.
+    split: the split.
+    batch_size: images per batch.
+    preprocess: image sizes and normalization.
+    limit: evaluate only the first ``limit`` images.
+    workers: image-decoding threads.
+
+  Returns:
+    An iterator of ``{"image", "label"}`` batches.
+  """
   from jaxmerge.data import datasets as D  # noqa: PLC0415
 
   if data is not None:
@@ -88,7 +112,14 @@ def _table(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-  """Runs ``jaxmerge eval``; returns the exit status."""
+  """Runs ``jaxmerge eval``; returns the exit status.
+
+  Args:
+    args: the parsed arguments.
+
+  Returns:
+    The exit status.
+  """
   import transformers  # noqa: PLC0415
 
   from jaxmerge.data.preprocess import Preprocess  # noqa: PLC0415

@@ -22,6 +22,14 @@ def batch_sums(logits: Float[Array, "B C"], labels: Int[Array, "B"], mask: Bool[
 
   ``correct`` counts ``argmax(logits) == label`` (ties go to the lowest class index); ``loss`` sums
   ``-log_softmax(logits)[label]``.
+
+  Args:
+    logits: ``[B, C]``.
+    labels: int ``[B]``.
+    mask: ``[B]``, True for real rows (padding rows are ignored).
+
+  Returns:
+    ``{"correct", "loss", "count"}``.
   """
   logits = logits.astype(jnp.float32)
   m = mask.astype(jnp.float32)
@@ -33,6 +41,12 @@ def batch_sums(logits: Float[Array, "B C"], labels: Int[Array, "B"], mask: Bool[
 def finalize(sums: Mapping[str, Array]) -> dict[str, float]:
   """``{"accuracy", "loss", "count"}`` from accumulated :func:`batch_sums` (one host transfer).
 
+  Args:
+    sums: accumulated :func:`batch_sums`.
+
+  Returns:
+    ``{"accuracy", "loss", "count"}``.
+
   Raises:
     ValueError: no examples were evaluated.
   """
@@ -43,7 +57,14 @@ def finalize(sums: Mapping[str, Array]) -> dict[str, float]:
 
 
 def summarize(per_task: Mapping[str, Mapping[str, float]]) -> dict:
-  """``{"tasks": per_task, "average": {"accuracy", "loss"}}`` with the unweighted mean over tasks."""
+  """``{"tasks": per_task, "average": {"accuracy", "loss"}}`` with the unweighted mean over tasks.
+
+  Args:
+    per_task: ``{task: {"accuracy", "loss", ...}}``.
+
+  Returns:
+    ``{"tasks", "average"}``.
+  """
   if not per_task:
     raise ValueError("no tasks to summarize")
   avg = {k: float(np.mean([m[k] for m in per_task.values()])) for k in ("accuracy", "loss")}

@@ -42,14 +42,31 @@ Templates = Sequence[str | Callable[[str], str]]
 
 
 def l2_normalize(x: Any, axis: int = -1) -> Any:
-  """``x / ||x||`` along ``axis`` (NumPy or JAX)."""
+  """``x / ||x||`` along ``axis`` (NumPy or JAX).
+
+  Args:
+    x: an array.
+    axis: the normalized axis.
+
+  Returns:
+    An array like ``x``.
+  """
   xp = jnp if isinstance(x, jax.Array) else np
   return x / xp.linalg.norm(x, axis=axis, keepdims=True)
 
 
 def head_logits(image_embeds: Float[Array, "B D"], head: Float[Array, "C D"],
                 logit_scale: Float[Array, ""] | float) -> Float[Array, "B C"]:
-  """``exp(logit_scale) * normalize(image_embeds) @ head.T`` (head rows already normalized)."""
+  """``exp(logit_scale) * normalize(image_embeds) @ head.T`` (head rows already normalized).
+
+  Args:
+    image_embeds: ``[B, D]`` image embeddings.
+    head: ``[C, D]`` normalized class embeddings.
+    logit_scale: the log of the scale.
+
+  Returns:
+    ``[B, C]`` logits.
+  """
   img = image_embeds.astype(jnp.float32)
   img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
   return jnp.exp(jnp.asarray(logit_scale, jnp.float32)) * jnp.dot(img, head.astype(jnp.float32).T,
@@ -62,7 +79,16 @@ def head_logits(image_embeds: Float[Array, "B D"], head: Float[Array, "C D"],
 
 def tokenize(tokenizer: Any, texts: Sequence[str], context_length: int) -> tuple[np.ndarray, np.ndarray]:
   """``(input_ids, attention_mask)``, int32 ``[N, context_length]``, with a transformers tokenizer (padded to the
-  full context so every call has one shape; over-long prompts are truncated, keeping the end-of-text token)."""
+  full context so every call has one shape; over-long prompts are truncated, keeping the end-of-text token).
+
+  Args:
+    tokenizer: a transformers CLIP tokenizer.
+    texts: the prompts.
+    context_length: the model's context length.
+
+  Returns:
+    ``(input_ids, attention_mask)``.
+  """
   out = tokenizer(list(texts), padding="max_length", max_length=context_length, truncation=True,
                   return_tensors="np")
   return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
@@ -83,6 +109,9 @@ def text_encoder(config, params: Mapping, tokenizer: Any, *, batch_size: int = 2
     params: the model's parameters (``text_model``, ``text_projection``).
     tokenizer: a transformers CLIP tokenizer (``CLIPTokenizer.from_pretrained(model_dir)``).
     batch_size: prompts per jitted call (the last call is padded: one compilation).
+
+  Returns:
+    ``encode(texts) -> float32 [N, D]``.
   """
   fn = _jit_encode_text(config)
 
@@ -134,12 +163,28 @@ def build_head(encode_text_fn: Callable[[Sequence[str]], Any], classnames: Seque
 
 def build_heads(encode_text_fn: Callable[[Sequence[str]], Any],
                 tasks: Mapping[str, tuple[Sequence[str], Templates]]) -> dict[str, np.ndarray]:
-  """``{task: head}`` for ``tasks = {task: (classnames, templates)}``."""
+  """``{task: head}`` for ``tasks = {task: (classnames, templates)}``.
+
+  Args:
+    encode_text_fn: ``texts -> [N, D]`` text embeddings.
+    tasks: ``{task: (classnames, templates)}``.
+
+  Returns:
+    ``{task: float32 [C, D]}`` normalized heads.
+  """
   return {t: build_head(encode_text_fn, c, tp) for t, (c, tp) in tasks.items()}
 
 
 def save_heads(path: str | os.PathLike, heads: Mapping[str, Any]) -> pathlib.Path:
-  """Writes ``{task: [C, D]}`` heads as an orbax checkpoint (replacing ``path``; orbax writes atomically)."""
+  """Writes ``{task: [C, D]}`` heads as an orbax checkpoint (replacing ``path``; orbax writes atomically).
+
+  Args:
+    path: the checkpoint directory.
+    heads: ``{task: [C, D]}``.
+
+  Returns:
+    ``path``.
+  """
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   path = pathlib.Path(path).absolute()
@@ -151,6 +196,12 @@ def save_heads(path: str | os.PathLike, heads: Mapping[str, Any]) -> pathlib.Pat
 
 def load_heads(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads heads written by :func:`save_heads`.
+
+  Args:
+    path: the checkpoint directory.
+
+  Returns:
+    ``{task: float32 [C, D]}``.
 
   Raises:
     ValueError: ``path`` is missing or not a heads checkpoint.
@@ -171,6 +222,14 @@ def cached_heads(path: str | os.PathLike | None, encode_text_fn: Callable[[Seque
                  tasks: Mapping[str, tuple[Sequence[str], Templates]]) -> dict[str, np.ndarray]:
   """Heads of ``tasks`` from the cache at ``path`` when present with the right class counts, else built with
   ``encode_text_fn`` and written back (all cached heads kept).
+
+  Args:
+    path: the orbax cache directory (``None``: no cache).
+    encode_text_fn: ``texts -> [N, D]`` (needed only for heads not in the cache).
+    tasks: ``{task: (classnames, templates)}``.
+
+  Returns:
+    ``{task: float32 [C, D]}``.
 
   Raises:
     ValueError: heads must be built but ``encode_text_fn`` is None.
@@ -258,7 +317,15 @@ def evaluate(embed_fn: Callable[[Any, jax.Array], jax.Array], params: Any, head:
 
 @functools.lru_cache(maxsize=16)
 def clip_embed_fn(config, preprocess: Preprocess = Preprocess()) -> Callable[[Any, jax.Array], jax.Array]:
-  """``(params, uint8 images) -> encode_image(config, params, normalize(images))`` (cached per config)."""
+  """``(params, uint8 images) -> encode_image(config, params, normalize(images))`` (cached per config).
+
+  Args:
+    config: the model's :class:`jaxmerge.models.clip.ClipConfig`.
+    preprocess: image sizes and normalization.
+
+  Returns:
+    ``embed(params, uint8 [B, H, W, 3]) -> [B, D]``.
+  """
   from jaxmerge.models import clip  # noqa: PLC0415
 
   if preprocess.crop != config.image_size:

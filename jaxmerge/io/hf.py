@@ -75,6 +75,12 @@ def name_map(config: mclip.ClipConfig) -> list[tuple[str, str, str]]:
   ``kind`` is ``"linear"`` (transpose), ``"conv"`` (``(O, I, kh, kw) <-> (kh, kw, I, O)``) or ``"same"``.
   jaxmerge paths are ``"/"``-joined (``"vision_model/encoder/layers/0/mlp/fc1/kernel"``); HF names are those of
   ``CLIPModel`` (a ``CLIPVisionModel`` uses the ``vision_model.`` ones).
+
+  Args:
+    config: the model's config.
+
+  Returns:
+    A list of ``(hf_name, jaxmerge_path, kind)``.
   """
   v, vo = "vision_model.", "vision_model"
   m = [(f"{v}embeddings.class_embedding", f"{vo}/embeddings/class_embedding", "same"),
@@ -159,6 +165,14 @@ def _normalize_keys(config: mclip.ClipConfig, state: Mapping[str, Any]) -> dict[
 def from_hf_state_dict(config: mclip.ClipConfig, state: Mapping[str, Any], source: str = "checkpoint") -> dict:
   """Maps a Hugging Face CLIP state dict (``{name: array}``) to jaxmerge parameters, checking names and shapes.
 
+  Args:
+    config: the model's config.
+    state: ``{hf_name: array}``.
+    source: the checkpoint's name, for error messages.
+
+  Returns:
+    The nested parameter dict of :mod:`jaxmerge.models.clip`.
+
   Raises:
     ValueError: listing missing, unexpected and misshapen keys (naming ``source``).
   """
@@ -199,6 +213,9 @@ def to_hf_state_dict(config: mclip.ClipConfig, params: Mapping, *, vision_only: 
     vision_prefix: what replaces ``"vision_model."`` in vision names (``""``: transformers 5's
       ``CLIPVisionModel`` spelling).
 
+  Returns:
+    ``{hf_name: array}``.
+
   Raises:
     ValueError: a parameter of ``config`` is absent from ``params`` (naming its path).
   """
@@ -223,6 +240,12 @@ def to_hf_state_dict(config: mclip.ClipConfig, params: Mapping, *, vision_only: 
 
 def resolve(path: str | os.PathLike) -> pathlib.Path:
   """A local path, or the snapshot directory of a repo id in the Hugging Face hub cache (never the network).
+
+  Args:
+    path: a local path or a hub repo id.
+
+  Returns:
+    The local path.
 
   Raises:
     ValueError: neither exists.
@@ -270,6 +293,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   Order of preference in a directory: sharded safetensors (index), ``model.safetensors`` (or the only
   ``*.safetensors``), then ``pytorch_model.bin`` (sharded with ``pytorch_model.bin.index.json``; needs torch).
+
+  Args:
+    path: a checkpoint directory or weights file.
+
+  Returns:
+    ``{name: numpy array}``.
 
   Raises:
     ValueError: no weights, a corrupt or truncated file (named), or .bin weights without torch.
@@ -408,7 +437,16 @@ def save_clip_vision(path: str | os.PathLike, config: mclip.ClipConfig, params: 
 
 def save_clip(path: str | os.PathLike, config: mclip.ClipConfig, params: Mapping) -> pathlib.Path:
   """Writes a whole model as a ``CLIPModel`` directory (``CLIPVisionModel`` if ``config.has_text`` is False),
-  atomically. Returns ``path``."""
+  atomically. Returns ``path``.
+
+  Args:
+    path: the output directory.
+    config: the model's config.
+    params: the model's parameters.
+
+  Returns:
+    ``path``.
+  """
   if not config.has_text:
     return save_clip_vision(path, config, params)
   return _write_dir(path, config.to_hf(), to_hf_state_dict(config, params), "CLIPModel")

@@ -60,17 +60,39 @@ _MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
 
 
 def is_vocab_param(name: str) -> bool:
-  """Whether ``name`` is an embedding-like parameter with a vocabulary axis."""
+  """Whether ``name`` is an embedding-like parameter with a vocabulary axis.
+
+  Args:
+    name: a parameter name.
+
+  Returns:
+    Whether it has a vocabulary axis.
+  """
   return _VOCAB.fullmatch(name) is not None
 
 
 def vocab_axis(name: str, ndim: int) -> int:
-  """The vocabulary axis: 0 for Hugging Face tensors, the last axis of a Flax ``kernel``."""
+  """The vocabulary axis: 0 for Hugging Face tensors, the last axis of a Flax ``kernel``.
+
+  Args:
+    name: the parameter name.
+    ndim: its rank.
+
+  Returns:
+    The axis index.
+  """
   return ndim - 1 if re.search(r"[./]kernel$", name) else 0
 
 
 def np_dtype(value: str | np.dtype) -> np.dtype:
-  """A NumPy dtype from a name, ``"bfloat16"`` included (via ``ml_dtypes``)."""
+  """A NumPy dtype from a name, ``"bfloat16"`` included (via ``ml_dtypes``).
+
+  Args:
+    value: a dtype or its name.
+
+  Returns:
+    The NumPy dtype.
+  """
   if isinstance(value, str) and value.lower() in ("bfloat16", "bf16"):
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(value)
@@ -317,6 +339,15 @@ def copy_model_files(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
   ``config.json`` gets ``vocab_size`` (when the vocabulary policy changed it) and ``torch_dtype`` (when the
   output dtype differs). Returns the copied file names. Nothing happens when ``base_dir`` is not a directory.
+
+  Args:
+    base_dir: the base model's Hugging Face directory.
+    out_dir: the merged model's directory.
+    vocab_size: the merged vocabulary size, written to ``config.json``.
+    dtype: the output dtype name, written as ``torch_dtype``.
+
+  Returns:
+    The copied file names.
   """
   base_dir, out_dir = pathlib.Path(base_dir), pathlib.Path(out_dir)
   if not base_dir.is_dir():
@@ -345,7 +376,14 @@ def copy_model_files(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 
 def vocab_size_of(view: AlignedReader) -> int | None:
-  """The merged vocabulary size (rows of the first embedding-like parameter), if any."""
+  """The merged vocabulary size (rows of the first embedding-like parameter), if any.
+
+  Args:
+    view: the aligned checkpoint reader.
+
+  Returns:
+    The vocabulary size, or ``None`` without embedding-like parameters.
+  """
   for k in view.keys():
     if _EMBEDS.fullmatch(k) or k in _HEADS:
       shape = view.shape(k)

@@ -34,14 +34,28 @@ def _ocp():
 
 
 def is_orbax_dir(path: str | os.PathLike) -> bool:
-  """Whether ``path`` is an orbax PyTree checkpoint directory (it holds orbax's metadata files)."""
+  """Whether ``path`` is an orbax PyTree checkpoint directory (it holds orbax's metadata files).
+
+  Args:
+    path: a directory.
+
+  Returns:
+    Whether it is an orbax checkpoint.
+  """
   p = pathlib.Path(path)
   return p.is_dir() and any((p / m).exists() for m in _MARKERS[:3])
 
 
 def find_item_dir(path: str | os.PathLike) -> pathlib.Path | None:
   """The orbax item directory at ``path``: the directory itself, its only item subdirectory (a
-  ``CheckpointManager`` step such as ``.../10/default``), or the latest numeric step of a manager root."""
+  ``CheckpointManager`` step such as ``.../10/default``), or the latest numeric step of a manager root.
+
+  Args:
+    path: a directory.
+
+  Returns:
+    The item directory, or ``None`` when ``path`` holds no orbax checkpoint.
+  """
   p = pathlib.Path(path)
   if p.is_dir() and ((p / "_METADATA").exists() or (p / "manifest.ocdbt").exists()):
     return p
@@ -154,7 +168,14 @@ class OrbaxReader:
 
 
 def restore(path: str | os.PathLike) -> Any:
-  """Restores a whole PyTree checkpoint as NumPy arrays (nested containers as saved)."""
+  """Restores a whole PyTree checkpoint as NumPy arrays (nested containers as saved).
+
+  Args:
+    path: an orbax checkpoint directory.
+
+  Returns:
+    The saved pytree with NumPy leaves.
+  """
   p = find_item_dir(path)
   if p is None:
     raise ValueError(f"{path} is not an orbax checkpoint directory")
@@ -165,7 +186,14 @@ def restore(path: str | os.PathLike) -> Any:
 
 
 def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Restores a checkpoint into a flat ``{path: array}`` dict."""
+  """Restores a checkpoint into a flat ``{path: array}`` dict.
+
+  Args:
+    path: an orbax checkpoint directory.
+
+  Returns:
+    ``{path: array}``.
+  """
   from jaxmerge import tree as jtree  # noqa: PLC0415
 
   return {k: np.asarray(v) for k, v in jtree.flatten_paths(restore(path)).items()}
@@ -174,6 +202,12 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def nest(flat: Mapping[str, Any]) -> dict:
   """``{"a/b": x, "c": y}`` -> ``{"a": {"b": x}, "c": y}``: the inverse of :func:`jaxmerge.tree.flatten_paths`
   for nested dicts (names without ``/``, such as Hugging Face names, stay flat keys).
+
+  Args:
+    flat: ``{path: value}``.
+
+  Returns:
+    The nested dict.
 
   Raises:
     ValueError: two names that would collide in orbax's storage (orbax joins nested keys with ``.``).

@@ -333,7 +333,14 @@ def open_checkpoint(path: str | os.PathLike) -> TensorReader:
 
 
 def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a whole checkpoint into a flat ``{name: array}`` dict (safetensors arrays are memory-mapped views)."""
+  """Reads a whole checkpoint into a flat ``{name: array}`` dict (safetensors arrays are memory-mapped views).
+
+  Args:
+    path: a checkpoint (see :func:`open_checkpoint`).
+
+  Returns:
+    ``{name: array}``.
+  """
   ckpt = open_checkpoint(path)
   if isinstance(ckpt, (SafetensorsReader, ShardedReader)):
     return {k: ckpt[k] for k in ckpt}
@@ -396,7 +403,13 @@ def _fsync_dir(path: pathlib.Path) -> None:
 
 
 def save(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
-  """Writes ``tensors`` to one safetensors file atomically (temporary file, fsync, rename)."""
+  """Writes ``tensors`` to one safetensors file atomically (temporary file, fsync, rename).
+
+  Args:
+    path: the output file.
+    tensors: ``{name: array}``.
+    metadata: string metadata for the header.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   arrays = {k: _as_host(k, v) for k, v in tensors.items()}
@@ -422,7 +435,14 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str | int) -> int:
-  """``"5GB"`` / ``"500MiB"`` / ``1024`` -> bytes (decimal for kB/MB/GB, binary for KiB/MiB/GiB)."""
+  """``"5GB"`` / ``"500MiB"`` / ``1024`` -> bytes (decimal for kB/MB/GB, binary for KiB/MiB/GiB).
+
+  Args:
+    text: a size with an optional unit, or a number of bytes.
+
+  Returns:
+    The size in bytes.
+  """
   if isinstance(text, int):
     return text
   m = _SIZE.match(str(text))
@@ -621,7 +641,14 @@ def save_sharded(directory: str | os.PathLike, tensors: Mapping[str, Any], *,
   """Writes a checkpoint directory from in-memory tensors: one ``model.safetensors``, or shards plus
   ``model.safetensors.index.json`` when larger than ``max_shard_bytes``. Each file is written with :func:`save`
   inside a temporary directory that is renamed when complete, so the directory appears whole (an existing one
-  is replaced)."""
+  is replaced).
+
+  Args:
+    directory: the output directory.
+    tensors: ``{name: array}``.
+    max_shard_bytes: the largest data size of one shard file.
+    metadata: string metadata for every shard's header.
+  """
   directory = pathlib.Path(directory)
   arrays = {k: _as_host(k, v) for k, v in tensors.items()}
   groups = _plan_shards({k: (a.shape, a.dtype) for k, a in arrays.items()}, max_shard_bytes)

@@ -245,6 +245,11 @@ def check_compatible(reference: ClipConfig, config: ClipConfig, *, what: str = "
   """Checks that ``config``'s vision tower has the shapes of ``reference``'s (so their weights can be merged
   and evaluated with ``reference``'s projection and heads).
 
+  Args:
+    reference: the pretrained model's config.
+    config: the config to check.
+    what: the checked model's name, for the message.
+
   Raises:
     ValueError: naming every differing field, e.g. a fine-tuned tower whose width differs from the pretrained.
   """
@@ -463,7 +468,14 @@ def _encoder(layers, width, mlp):
 
 def param_specs(config: ClipConfig) -> dict:
   """The parameter tree with ``(kind, shape, ...)`` leaves: ``("normal", shape, std)``, ``("zeros", shape)``,
-  ``("ones", shape)`` or ``("const", (), value)``. Its structure is the ``params`` structure of ``config``."""
+  ``("ones", shape)`` or ``("const", (), value)``. Its structure is the ``params`` structure of ``config``.
+
+  Args:
+    config: the model's config.
+
+  Returns:
+    The tree of specs.
+  """
   cfg = config
   w, p = cfg.vision_width, cfg.patch_size
   spec: dict = {"vision_model": {
@@ -497,6 +509,13 @@ def _init_params(config: ClipConfig, key: jax.Array) -> dict:
   Dense kernels ``N(0, 1/fan_in)``, the patch kernel ``N(0, 1/(3 p^2))``, embeddings ``N(0, 0.02^2)`` (text
   positions ``0.01``), zero biases, layer norms at identity, ``logit_scale = config.logit_scale_init``.
   Deterministic in ``key``: one normal draw sliced into the leaves (fast to compile).
+
+  Args:
+    config: the model's config.
+    key: PRNG key.
+
+  Returns:
+    The nested parameter dict.
   """
   spec = param_specs(config)
   leaves, treedef = jax.tree.flatten(spec, is_leaf=_is_spec)
@@ -523,6 +542,13 @@ def init(config: ClipConfig, key: jax.Array) -> dict:
 
   Kept bit-identical so that caches and results built with it (the offline suite) reproduce. Same
   distributions as :func:`init_params`, different values; prefer :func:`init_params` (much faster to run).
+
+  Args:
+    config: the model's config.
+    key: PRNG key.
+
+  Returns:
+    The nested parameter dict.
   """
   cfg = config
   k = jax.random.split(key, 10)
@@ -633,6 +659,9 @@ def _vision_features(config: ClipConfig, params: dict, images: Float[Array, "B H
     params: a dict with ``"vision_model"`` (other entries are ignored).
     images: float ``[B, H, W, 3]``, already preprocessed (CLIP mean/std), ``H = W = config.image_size``.
 
+  Returns:
+    ``[B, vision_width]`` pooled features.
+
   Raises:
     ValueError: images of the wrong shape, or vision parameters that do not match ``config``.
   """
@@ -655,6 +684,9 @@ def _encode_image(config: ClipConfig, params: dict, images: Float[Array, "B H W 
     config: the model's :class:`ClipConfig`.
     params: ``{"vision_model": ..., "visual_projection": ...}`` (the text tower may be absent).
     images: float32 ``[B, H, W, 3]`` preprocessed as CLIP expects (:mod:`jaxmerge.data.preprocess`).
+
+  Returns:
+    float32 ``[B, D]`` image embeddings.
   """
   pooled = _vision_features(config, params, images)
   if config.projection_dim is None:
@@ -674,6 +706,9 @@ def _encode_text(config: ClipConfig, params: dict, input_ids: Int[Array, "B T"],
   Args:
     input_ids: int ``[B, T]`` with ``T <= config.context_length`` (pad after the end-of-text token).
     attention_mask: ``[B, T]``, 1 for real tokens (``None``: all real).
+
+  Returns:
+    float32 ``[B, D]`` text embeddings.
 
   Raises:
     ValueError: a config or params without a text tower, or sequences longer than ``context_length``.
@@ -699,7 +734,16 @@ encode_text = jax.jit(_encode_text, static_argnums=0)
 
 def logits(image_embeds: Float[Array, "B D"], text_embeds: Float[Array, "C D"],
            logit_scale: Float[Array, ""]) -> Float[Array, "B C"]:
-  """``exp(logit_scale) * normalize(image) @ normalize(text).T`` (CLIP's ``logits_per_image``)."""
+  """``exp(logit_scale) * normalize(image) @ normalize(text).T`` (CLIP's ``logits_per_image``).
+
+  Args:
+    image_embeds: ``[B, D]`` image embeddings.
+    text_embeds: ``[C, D]`` text embeddings.
+    logit_scale: the log of the scale.
+
+  Returns:
+    ``[B, C]`` logits.
+  """
   i = image_embeds / jnp.linalg.norm(image_embeds, axis=-1, keepdims=True)
   t = text_embeds / jnp.linalg.norm(text_embeds, axis=-1, keepdims=True)
   return jnp.exp(logit_scale) * jnp.dot(i, t.T, precision=jax.lax.Precision.HIGHEST)

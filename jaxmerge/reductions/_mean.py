@@ -19,7 +19,11 @@ def _empty(tree):
 
 
 def sum_tasks() -> MergeTransform:
-  """``(T, ...) -> (...)``: the sum of the task vectors (task arithmetic's multi-task vector)."""
+  """``(T, ...) -> (...)``: the sum of the task vectors (task arithmetic's multi-task vector).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+  """
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
@@ -29,7 +33,11 @@ def sum_tasks() -> MergeTransform:
 
 
 def mean_tasks() -> MergeTransform:
-  """``(T, ...) -> (...)``: the mean of the task vectors (simple averaging, model soups)."""
+  """``(T, ...) -> (...)``: the mean of the task vectors (simple averaging, model soups).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+  """
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
@@ -43,6 +51,9 @@ def weighted_sum(weights) -> MergeTransform:
 
   Args:
     weights: a sequence of ``T`` floats; kept as traced coefficients.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
   """
   w0 = jnp.asarray(weights, jnp.float32)
 
@@ -63,6 +74,13 @@ def elected_sign(tree, scope: str = "global"):
 
   The majority sign is ``sgn`` of the sum of all elected signs over the whole tree (``scope="global"``, the
   reference's rule, where the model is one flattened vector) or over each leaf (``scope="leaf"``).
+
+  Args:
+    tree: a stack of task vectors ``(T, ...)``.
+    scope: ``"global"`` or ``"leaf"`` (see above).
+
+  Returns:
+    A tree of ``(...)`` signs in ``{-1, 0, +1}``.
   """
   if scope == "global":
     x, unflat = flat_tasks(tree)
@@ -91,6 +109,15 @@ def ties_merge(
   Equivalent to ``chain(trim(density, "global", count), disjoint_merge(merge_func, "global", zero_sign))``,
   computed on one ``(T, N)`` view of the whole model (one concatenation, one split), which compiles and runs
   faster than the two steps apart.
+
+  Args:
+    density: fraction of each task's entries kept.
+    merge_func: ``"sum"``, ``"mean"`` or ``"max"`` (see :func:`disjoint_merge`).
+    count: ``"reference"`` or ``"exact"`` (see :func:`jaxmerge.transforms.trim`).
+    zero_sign: ``"majority"`` or ``"positive"`` (see :func:`disjoint_merge`).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
   """
   from jaxmerge.transforms._sparsify import task_thresholds  # noqa: PLC0415 (transforms import reductions)
 
@@ -130,6 +157,9 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sig
     sign_scope: where zero elected signs take the majority sign from (see :func:`elected_sign`).
     zero_sign: ``"majority"`` (FusionBench: zero sums take the majority sign) or ``"positive"`` (mergekit:
       a zero sum elects ``+``, and only entries whose sign equals the elected sign count).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
 
   References:
     Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.

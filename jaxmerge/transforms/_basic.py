@@ -22,7 +22,11 @@ class ScaleTasksCoeffs(NamedTuple):
 
 
 def identity() -> MergeTransform:
-  """Leaves every leaf as it is (either arity)."""
+  """Leaves every leaf as it is (either arity).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (either arity).
+  """
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
@@ -35,6 +39,12 @@ def scale(value: float = 1.0) -> MergeTransform:
   """Multiplies every leaf by a global factor (the survey's lambda or alpha); works on stacks and trees.
 
   The factor is a coefficient (``ScaleCoeffs.scale``), so a sweep over it compiles once.
+
+  Args:
+    value: the initial factor.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` of either arity with coefficients :class:`ScaleCoeffs`.
   """
 
   def init(tree):
@@ -55,6 +65,9 @@ def scale_tasks(values: float | Sequence[float] = 1.0, *, per_leaf: bool = False
   Args:
     values: one float for every task, or a sequence of ``T`` floats.
     per_leaf: give every leaf its own ``(T,)`` coefficients (initialized from ``values``).
+
+  Returns:
+    A task-preserving :class:`~jaxmerge.base.MergeTransform` with coefficients :class:`ScaleTasksCoeffs`.
   """
 
   def init(tree):

@@ -58,6 +58,9 @@ def tall_masks(tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) 
     tall_lambda: ``lambda_t``, one value or one per task.
     strict: use ``>`` (the reference code) or ``>=`` (the survey) in the mask.
 
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (task-preserving, ``(T, ...) -> (T, ...)``).
+
   References:
     Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024.
     https://arxiv.org/abs/2405.07813
@@ -81,6 +84,14 @@ def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, stric
 
   The TALL masks are computed against ``tau_MTL = sum_t tau_t``; the output keeps every task's entries where
   ``sum_t m_t >= k`` (so ``k = 0`` changes nothing), ready for any reduction (TA's sum, TIES).
+
+  Args:
+    k: minimum number of tasks whose TALL mask must claim an entry.
+    tall_lambda: TALL's ``lambda_t``, one value or one per task.
+    strict: ``>`` (the reference code) or ``>=`` in the TALL mask.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (task-preserving, ``(T, ...) -> (T, ...)``).
 
   References:
     Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024.
@@ -110,7 +121,11 @@ def _emr_parts(tree):
 
 def emr_unified() -> MergeTransform:
   """``(T, ...) -> (...)``: EMR's unified task vector ``sgn * max_{agreeing t} |tau_t|`` (zero sums count as
-  negative, the reference rule)."""
+  negative, the reference rule).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+  """
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
@@ -125,6 +140,12 @@ def emr_modulate(rescaler: str = "reference") -> MergeTransform:
   ``M_t = (tau_t * tau_uni > 0)``; ``lambda_t = A_t / B_t`` with ``A_t`` the mean absolute value of
   ``tau_t`` and ``B_t`` that of ``M_t * tau_uni``, summed over leaves of per-leaf means
   (``rescaler="reference"``) or taken over the whole model (``"global"``, the survey's formula).
+
+  Args:
+    rescaler: ``"reference"`` or ``"global"`` (see above).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (task-preserving, ``(T, ...) -> (T, ...)``).
 
   References:
     Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
@@ -153,6 +174,12 @@ def stitch(density: float = 0.1) -> MergeTransform:
   strictly above its ``k``-th largest over the whole model (``k = int(N * density)``; exact zeros are never
   kept; ``density >= 1`` keeps every nonzero entry), and overlapping entries are averaged over the tasks that
   claim them (the reference code's rule).
+
+  Args:
+    density: fraction of each task's entries kept.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
 
   References:
     He et al., "Localize-and-Stitch: Efficient Model Merging via Sparse Task Arithmetic", TMLR 2025.
@@ -183,6 +210,13 @@ def stitch(density: float = 0.1) -> MergeTransform:
 def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
   """``(T, ...) -> (T, ...)``: BYOM-FFT's task models: the shared ``scale * sum_t tau_t`` plus each task's
   residual ``tau_t - shared`` trimmed to its top-``density`` magnitudes over the whole model.
+
+  Args:
+    density: fraction of each residual kept (over the whole model).
+    scale: factor of the shared task vector sum.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (task-preserving, ``(T, ...) -> (T, ...)``).
 
   References:
     Jiang et al., "BYOM: Building Your Own Multi-Task Model For Free", 2023. https://arxiv.org/abs/2310.01886
@@ -220,6 +254,15 @@ def pcb_reduce(
   ``tanh(x_t * sum_s x_s)`` (``"raw"``, the generic helper); their product is clamped from below at its
   ``int(d (1 - ratio))``-th order statistic and min-max normalized, so only about the top ``ratio`` keep a
   nonzero score ``b_t``; the result is ``sum_t lambda_t b_t x'_t / max(sum_t b_t, 1e-12)``.
+
+  Args:
+    ratio: fraction of entries kept with a nonzero score.
+    scales: ``lambda_t``, one value or one per task.
+    clamp_ratio: ``c``, the fraction clamped at each end of the magnitude order.
+    inter: ``"signed_minmax"`` or ``"raw"`` inter-balancing.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
 
   References:
     Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024.

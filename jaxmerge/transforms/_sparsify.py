@@ -62,6 +62,9 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
     count: ``"reference"``: the threshold is the ``(N - int(N * density))``-th smallest magnitude and entries
       ``>=`` it survive (FusionBench); ``"exact"``: the ``max(1, int(N * density))`` largest survive (mergekit).
 
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (task-preserving, ``(T, ...) -> (T, ...)``).
+
   References:
     Yadav et al., "TIES-Merging", NeurIPS 2023. https://arxiv.org/abs/2306.01708
   """
@@ -96,6 +99,13 @@ def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
 
   An entry survives when ``u >= p`` with ``u ~ U[0, 1)``, so ``p = 0`` keeps everything deterministically;
   ``p = 1`` returns zeros. Needs a key.
+
+  Args:
+    p: drop probability, in ``[0, 1]``.
+    rescale: ``True``, ``"l1"`` or ``False`` (see above).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (task-preserving, ``(T, ...) -> (T, ...)``).
 
   References:
     Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
@@ -159,6 +169,14 @@ def magprune(p: float = 0.3, window: float = 0.14, rescale: bool = True) -> Merg
   half-width, as in the reference code). An entry survives when ``u >= 1 - q`` and is rescaled by ``1 / q``
   (``rescale=True``). With ``window = 0`` this equals :func:`drop` with the same key.
 
+  Args:
+    p: mean drop probability.
+    window: half-width of the drop probabilities around ``p``.
+    rescale: rescale survivors by ``1 / q``.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (task-preserving, ``(T, ...) -> (T, ...)``).
+
   References:
     Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling",
     2024. https://arxiv.org/abs/2406.11617
@@ -193,6 +211,14 @@ def outlier_mask(density: float = 0.85, gamma: float = 0.006, granularity: str =
   Counts are ``int(gamma * n)`` and ``int(density * n)`` per row of the canonical ``(out, in)`` view
   (``granularity="row"``, the reference) or per tensor (``"tensor"``, mergekit). Leaves with fewer than two
   entries pass through.
+
+  Args:
+    density: fraction kept after the outliers.
+    gamma: fraction of largest magnitudes dropped.
+    granularity: ``"row"`` or ``"tensor"``.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (task-preserving, ``(T, ...) -> (T, ...)``).
 
   References:
     Davari and Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",

@@ -29,6 +29,13 @@ def nan_reduce(global_scale: float | None = None, norm_of: str = "task_vector") 
   default) or the fine-tuned weights (``"weights"``), and the result ``g * sum_t a_t tau_t`` with the global
   factor ``g = T / 2`` unless ``global_scale`` is given. Zero-norm task vectors get weight 0.
 
+  Args:
+    global_scale: the factor ``g`` (default ``T / 2``).
+    norm_of: ``"task_vector"`` or ``"weights"``.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+
   References:
     Si et al., "NAN: A Training-Free Solution to Coefficient Estimation in Model Merging", 2025.
     https://arxiv.org/abs/2505.16148
@@ -62,6 +69,14 @@ def slerp_reduce(t: float = 0.5, dot_threshold: float = 0.9995, epsilon: float =
   exceeds ``dot_threshold`` in absolute value the result is linear interpolation, otherwise
   ``sin((1-t) W)/sin(W) v0 + sin(t W)/sin(W) v1`` with ``W = arccos(cos)``. Norms below ``epsilon`` skip
   normalization (FusionBench's rule). Returns the result minus the pretrained leaf.
+
+  Args:
+    t: interpolation factor (0: the first model, 1: the second).
+    dot_threshold: above this absolute cosine, interpolate linearly.
+    epsilon: norms below it skip normalization.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(2, ...) -> (...)``).
 
   References:
     Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985.
@@ -102,6 +117,14 @@ def model_stock_reduce(average: str = "angle", clamp: bool = False, epsilon: flo
   mean pairwise angle, FusionBench's rule; ``"cosine"``: the mean pairwise cosine, the paper's), and the
   ratio ``r = T c / ((T - 1) c + 1 + epsilon)`` gives ``r * mean_t tau_t``. ``clamp=True`` clips ``c`` to
   ``[0, 1]`` (guards the denominator). With one task ``r = 1``.
+
+  Args:
+    average: ``"angle"`` or ``"cosine"`` (see above).
+    clamp: clip ``c`` to ``[0, 1]``.
+    epsilon: added to the ratio's denominator.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
 
   References:
     Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024.
