@@ -1,0 +1,166 @@
+"""Documentation: the API reference builds with pdoc without warnings, and every public function of the core
+modules documents its arguments and its result (Google-style ``Args:`` / ``Returns:`` sections)."""
+
+import ast
+import importlib
+import inspect
+import pathlib
+import re
+import textwrap
+import types
+import warnings
+
+import pytest
+
+# The modules whose public names must be documented: the package namespace and the core, I/O, CLIP and
+# evaluation modules.
+DOCUMENTED = [
+    "jaxmerge", "jaxmerge.base", "jaxmerge.transforms", "jaxmerge.reductions", "jaxmerge.combine",
+    "jaxmerge.merge", "jaxmerge.registry", "jaxmerge.tree", "jaxmerge.filters", "jaxmerge.stats",
+    "jaxmerge.io.safetensors_io", "jaxmerge.io.hf", "jaxmerge.io.orbax_io", "jaxmerge.io.llm",
+    "jaxmerge.models.clip", "jaxmerge.eval.zeroshot", "jaxmerge.eval.metrics", "jaxmerge.eval.command",
+]
+# Modules whose names are re-exported above but that are still under construction by other engineers; their
+# docstrings are checked once they land. Not listed in DOCUMENTED at all (same reason): jaxmerge.alias_subspace,
+# jaxmerge.tta, jaxmerge.moe, jaxmerge.ri, jaxmerge.analysis.
+UNDER_CONSTRUCTION = {
+    "jaxmerge.reductions._tsv": "subspace family (TSV) being added",
+    "jaxmerge.reductions._iso": "subspace family (Iso-C/CTS) being added",
+    "jaxmerge.reductions._cart": "subspace family (CART) being added",
+    "jaxmerge.reductions._knots": "subspace family (KnOTS) being added",
+    "jaxmerge.reductions._star": "subspace family (STAR) being added",
+    "jaxmerge.reductions._wudi": "subspace family (WUDI) being added",
+    "jaxmerge.reductions._matrix": "shared SVD helpers of the subspace family being added",
+}
+
+
+def _public(mod: types.ModuleType) -> list[tuple[str, object]]:
+  names = getattr(mod, "__all__", None)
+  if names is None:
+    names = [n for n, v in vars(mod).items() if not n.startswith("_") and (inspect.isfunction(v) or inspect.isclass(v))
+             and getattr(v, "__module__", "").startswith(mod.__name__)]
+  return [(n, getattr(mod, n)) for n in names if not isinstance(getattr(mod, n), types.ModuleType)]
+
+
+def _returns_value(fn) -> bool:
+  """From the return annotation, else from the source (a ``return <value>`` or a ``yield``)."""
+  ann = inspect.signature(fn).return_annotation
+  if ann is not inspect.Signature.empty:
+    return ann not in (None, "None", type(None), "NoReturn")
+  try:
+    node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+  except (OSError, TypeError):
+    return False
+  for n in ast.walk(node):
+    if n is not node and isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+      continue
+    if isinstance(n, ast.Return) and n.value is not None or isinstance(n, (ast.Yield, ast.YieldFrom)):
+      return True
+  return False
+
+
+def _problems(qualname: str, obj) -> list[str]:
+  if inspect.isclass(obj):
+    return [] if (obj.__doc__ or "").strip() else [f"{qualname}: no docstring"]
+  if not callable(obj):
+    return []
+  fn = inspect.unwrap(obj)
+  doc = fn.__doc__ or ""
+  if not doc.strip():
+    return [f"{qualname}: no docstring"]
+  out = []
+  if inspect.signature(fn).parameters and not re.search(r"^\s*(Args|Arguments):\s*$", doc, re.M):
+    out.append(f"{qualname}: no Args section")
+  if _returns_value(fn) and not re.search(r"^\s*(Returns|Yields):\s*$", doc, re.M):
+    out.append(f"{qualname}: no Returns section")
+  return out
+
+
+def test_checker_flags_missing_sections():
+  def documented(x: int) -> int:
+    """Doubles.
+
+    Args:
+      x: a number.
+
+    Returns:
+      ``2 x``.
+    """
+    return 2 * x
+
+  def undocumented(x):
+    """Doubles."""
+    return 2 * x
+
+  def no_result(x) -> None:
+    """Prints.
+
+    Args:
+      x: a number.
+    """
+
+  assert _problems("documented", documented) == []
+  assert _problems("no_result", no_result) == []
+  assert _problems("undocumented", undocumented) == ["undocumented: no Args section", "undocumented: no Returns section"]
+  assert _problems("bare", lambda: 1) == ["bare: no docstring"]
+
+
+def test_public_names_have_docstrings_with_args_and_returns():
+  problems, checked = [], 0
+  for name in DOCUMENTED:
+    mod = importlib.import_module(name)
+    for attr, obj in _public(mod):
+      if getattr(inspect.unwrap(obj), "__module__", None) in UNDER_CONSTRUCTION:
+        continue
+      checked += 1
+      problems += _problems(f"{name}.{attr}", obj)
+  assert checked > 150  # the lists above really are walked
+  assert not problems, "\n".join(problems)
+
+
+# pdoc bug (mitmproxy/pdoc#765, open): with ``from __future__ import annotations``, the generated __init__ of a
+# NamedTuple has string annotations that pdoc evaluates in the wrong namespace. Nothing to fix on our side;
+# the warning is accepted only for NamedTuple classes.
+_NAMEDTUPLE_BUG = re.compile(r"Error parsing type annotation .* for (?P<obj>[\w.]+)\.__init__\. Import of \w+ failed")
+
+
+def _is_namedtuple(qualname: str) -> bool:
+  parts = qualname.split(".")
+  for i in range(len(parts) - 1, 0, -1):
+    try:
+      obj = importlib.import_module(".".join(parts[:i]))
+    except ImportError:
+      continue
+    for p in parts[i:]:
+      obj = getattr(obj, p, None)
+    return isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")
+  return False
+
+
+def test_api_reference_builds_without_warnings(tmp_path):
+  pdoc = pytest.importorskip("pdoc")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pdoc.pdoc("jaxmerge", output_directory=tmp_path)
+  unexpected = []
+  for w in caught:
+    if not w.filename.replace("\\", "/").rsplit("/site-packages/", 1)[-1].startswith("pdoc/"):
+      continue  # a library's own warning while pdoc imports the package, not a documentation problem
+    m = _NAMEDTUPLE_BUG.search(str(w.message))
+    if m and _is_namedtuple(m["obj"]):
+      continue
+    unexpected.append(f"{w.category.__name__}: {w.message}")
+  assert not unexpected, "\n".join(unexpected)
+  pages = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.html")}
+  for page in ("jaxmerge.html", "jaxmerge/merge.html", "jaxmerge/transforms.html", "jaxmerge/io/hf.html",
+               "jaxmerge/models/clip.html", "jaxmerge/bench/suite.html"):
+    assert page in pages, sorted(pages)[:20]
+  merge_page = (tmp_path / "jaxmerge" / "merge.html").read_text()
+  assert "Merges fine-tuned models into one model." in merge_page
+  assert "Returns" in merge_page
+
+
+def test_namedtuple_filter_is_narrow():
+  assert _is_namedtuple("jaxmerge.base.MergeTransform")
+  assert not _is_namedtuple("jaxmerge.merge.merge")
+  assert not _is_namedtuple("jaxmerge.base.no_such_name")
