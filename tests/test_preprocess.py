@@ -139,6 +139,17 @@ def test_task_table():
   assert T.get_task("cifar100").num_classes == 100 and T.get_task("sun397").num_classes == 397
   assert T.get_task("mnist").prompts("3") == ['a photo of the number: "3".']
   assert all(t.templates and all(s.count("{}") == 1 for s in t.templates) for t in T.TASKS.values())
+  # every TALL20 task: its dataset's class count (hand-checked against the datasets), distinct non-empty names,
+  # a dataset id and a test split
+  classes = {"sun397": 397, "stanford-cars": 196, "resisc45": 45, "eurosat": 10, "svhn": 10, "gtsrb": 43,
+             "mnist": 10, "dtd": 47, "oxford_flowers102": 102, "pcam": 2, "fer2013": 7, "oxford-iiit-pet": 37,
+             "stl10": 10, "cifar100": 100, "cifar10": 10, "food101": 101, "fashion_mnist": 10, "emnist_letters": 26,
+             "kmnist": 10, "rendered-sst2": 2}
+  assert T.get_suite(20) == tuple(classes)
+  for name, n in classes.items():
+    t = T.get_task(name)
+    assert t.num_classes == n == len(set(t.classnames)) and all(c.strip() for c in t.classnames), name
+    assert t.hf_path and t.test_split, name
   with pytest.raises(ValueError, match="unknown task 'imagenet'; known tasks: sun397, stanford-cars"):
     T.get_task("imagenet")
   with pytest.raises(ValueError, match="unknown suite"):
