@@ -211,11 +211,12 @@ class Router(nnx.Module):
 
   def __init__(self, layers: list[dict]):
     self.depth = len(layers) if "kernel" in layers[0] else 0
-    self.layers = nnx.List([nnx.Dict({k: RouterParam(jnp.asarray(v, jnp.float32)) for k, v in layer.items()})
-                            for layer in layers])
+    # String keys (not an nnx.List): they survive an orbax round trip unchanged.
+    self.layers = nnx.Dict({str(i): nnx.Dict({k: RouterParam(jnp.asarray(v, jnp.float32)) for k, v in layer.items()})
+                            for i, layer in enumerate(layers)})
 
   def params(self) -> list[dict]:
-    return [{k: v[...] for k, v in layer.items()} for layer in self.layers]
+    return [{k: v[...] for k, v in self.layers[str(i)].items()} for i in range(len(self.layers))]
 
   def __call__(self, h):
     return mm.router_logits(self.params(), h)
