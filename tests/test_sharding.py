@@ -43,15 +43,25 @@ def _tasks(name):
 _BOUNDARY = {"byom": 1}
 
 
+def _tol(name):
+  """Elementwise methods: float32 roundoff. SVD-based (subspace) methods: a sharded matrix axis changes the
+  reduction order of the products feeding the SVD, and the SVD amplifies it by the inverse singular gaps,
+  so they are compared at 1e-4 relative to the leaf's scale."""
+  if name and jm.method_info(name).family == "subspace":
+    return dict(rtol=1e-4, atol=1e-5)
+  return dict(rtol=2e-5, atol=2e-6)
+
+
 def _check(got, want, per_task, name=""):
   gots, wants = (got, want) if per_task else ([got], [want])
+  tol = _tol(name)
   for g, w in zip(gots, wants):
     for k in w:
       a, b = np.asarray(g[k]), np.asarray(w[k])
-      bad = ~np.isclose(a, b, rtol=2e-5, atol=2e-6)
+      bad = ~np.isclose(a, b, **tol)
       if bad.sum() <= _BOUNDARY.get(name, 0):
         continue
-      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=f"{name}: {k}")
+      np.testing.assert_allclose(a, b, **tol, err_msg=f"{name}: {k}")
 
 
 @pytest.mark.parametrize("name", _data_free())
