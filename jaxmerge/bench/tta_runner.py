@@ -1,5 +1,5 @@
 """Benchmark plug-in for the methods that need data: ``"val"`` (fisher, regmean, ugm, scale_search) and ``"tta"``
-(adamerging), for :mod:`jaxmerge.bench.runner`.
+(adamerging, concrete, adarank), for :mod:`jaxmerge.bench.runner`.
 
 Importing this module registers a runner for each of the two data classes that handles these methods by name
 and passes every other method to the runner registered before it (e.g. :mod:`jaxmerge.bench.ri_runner`'s).
@@ -32,7 +32,9 @@ from jaxmerge.tta.adamerging import adamerging
 
 __all__ = ["COSTS", "HISTORIES", "PLOT_DIR", "TTA_STEPS", "tta_runner", "val_runner"]
 
-TTA_STEPS = 200  # AdaMerging steps on the offline suite (the reference's 1000 at batch 16 is for CLIP ViTs on GPU)
+# Adaptation steps on the offline suite (the references' 1000-2000 at batch 16 are for CLIP ViTs on GPUs);
+# $JAXMERGE_TTA_STEPS overrides it.
+TTA_STEPS = int(os.environ.get("JAXMERGE_TTA_STEPS", "200"))
 PLOT_DIR = Path(os.environ.get("JAXMERGE_TTA_OUT", "jaxmerge-results/tta"))
 COSTS: dict[str, dict] = {}
 HISTORIES: dict[str, dict] = {}
@@ -154,7 +156,33 @@ def _adamerging(suite, method, hparams, key):
   return merged
 
 
-_RUNNERS_BY_NAME = {"fisher": _fisher, "regmean": _regmean, "ugm": _ugm, "scale_search": _scale_search,
+def _masked(fn_name: str, default_steps: int):
+  def run(suite, method, hparams, key):
+    from jaxmerge.tta import masks as M  # noqa: PLC0415
+
+    start = time.perf_counter()
+    cfg = jm.get_method(method)(**{"steps": default_steps, **hparams})
+    k_data, k_fit = jax.random.split(key)
+    per_task = [api.cycle_batches(suite.unlabeled(t, "test"), cfg.batch_size, key=jax.random.fold_in(k_data, i))
+                for i, t in enumerate(suite.tasks)]
+    kw = {"layout": suite.layout} if fn_name == "concrete" else {}
+    merged, history = getattr(M, fn_name)(suite.pretrained, list(suite.experts), suite.embed, _heads(suite), per_task,
+                                          key=k_fit, progress=False, **kw, **cfg.run_kwargs())
+    n_float = _num_float(suite.pretrained)
+    if fn_name == "concrete":
+      trainable = n_float
+    else:
+      t = history["theta"]
+      trainable = int(sum(np.size(x) for x in jax.tree.leaves(t)))
+    _record(method, start, trainable, {"loss": history["loss"], "ylabel": "entropy (sum over tasks)"},
+            **{k: v for k, v in history.items() if k in ("kept_fraction", "mask_density")})
+    return merged
+
+  return run
+
+
+_RUNNERS_BY_NAME = {"concrete": _masked("concrete", TTA_STEPS), "adarank": _masked("adarank", TTA_STEPS),
+                    "fisher": _fisher, "regmean": _regmean, "ugm": _ugm, "scale_search": _scale_search,
                     "adamerging": _adamerging}
 
 

@@ -26,3 +26,5 @@ from jaxmerge.tta.validation import fisher as fisher
 from jaxmerge.tta.validation import fisher_information as fisher_information
 from jaxmerge.tta.validation import regmean as regmean
 from jaxmerge.tta.validation import ugm as ugm
+from jaxmerge.tta.masks import adarank as adarank
+from jaxmerge.tta.masks import concrete as concrete

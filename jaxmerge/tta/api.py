@@ -41,6 +41,17 @@ def _runners() -> dict:
     return am.adamerging(pre, ft, fwd, heads, per_task, key=k_fit, layout=layout, progress=progress,
                          **cfg.run_kwargs())
 
+  def masked(fn):
+    def run(cfg, pre, ft, fwd, heads, data, key, layout, progress, names):
+      from jaxmerge.tta import masks as M  # noqa: PLC0415
+
+      k_data, k_fit = jax.random.split(key)
+      per_task = [cycle_batches(x, cfg.batch_size, key=jax.random.fold_in(k_data, t))
+                  for t, x in enumerate(_inputs(data))]
+      kw = {"layout": layout} if fn == "concrete" else {}
+      return getattr(M, fn)(pre, ft, fwd, heads, per_task, key=k_fit, progress=progress, **kw, **cfg.run_kwargs())
+    return run
+
   def scale_search(cfg, pre, ft, fwd, heads, data, key, layout, progress, names):
     from jaxmerge.tta import search as S  # noqa: PLC0415
 
@@ -53,7 +64,7 @@ def _runners() -> dict:
     return out, info
 
   return {"fisher": fisher, "regmean": regmean, "adamerging": adamerging, "scale_search": scale_search,
-          "ugm": ugm}
+          "ugm": ugm, "concrete": masked("concrete"), "adarank": masked("adarank")}
 
 
 def unit_merge(base: str, pretrained, finetuned, forward_fn, heads, data, *, key, layout=None, names=None):

@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 from jaxmerge.registry import register
 
-__all__ = ["AdaMergingConfig", "FisherConfig", "RegMeanConfig", "ScaleSearchConfig"]
+__all__ = ["AdaMergingConfig", "AdaRankConfig", "ConcreteConfig", "FisherConfig", "RegMeanConfig", "ScaleSearchConfig",
+           "UGMConfig"]
 
 ADAMERGING_REF = "https://arxiv.org/abs/2310.02575"
 FISHER_REF = "https://arxiv.org/abs/2111.09832"
@@ -264,3 +265,99 @@ def ugm_config(alphas: float = 0.3, prior_precision: float = 1.0, relative_prior
   _positive_int("num_examples", num_examples)
   _positive_int("batch_size", batch_size)
   return UGMConfig(alphas, float(prior_precision), bool(relative_prior), num_examples, batch_size, estimator)
+
+
+class ConcreteConfig(NamedTuple):
+  """Concrete subspace learning's hyperparameters (see :func:`jaxmerge.tta.masks.concrete`)."""
+
+  base: str = "task_arithmetic"
+  scale: float = 0.3
+  temperature: float = 0.5
+  learning_rate: float = 1e-3
+  steps: int = 2000
+  adamerging_steps: int = 1000
+  batch_size: int = 16
+  mask_type: str = "continuous"
+
+  def run_kwargs(self) -> dict:
+    """Keyword arguments of :func:`jaxmerge.tta.masks.concrete`."""
+    return {"base": self.base, "scale": self.scale, "temperature": self.temperature,
+            "optimizer": adam(self.learning_rate), "steps": self.steps, "adamerging_steps": self.adamerging_steps,
+            "mask_type": self.mask_type}
+
+
+@register("concrete", family="sparsification", data="tta", storage="none (mask baked into the weights)",
+          reference="https://arxiv.org/abs/2312.06173")
+def concrete_config(base: str = "task_arithmetic", scale: float = 0.3, temperature: float = 0.5,
+                    learning_rate: float = 1e-3, steps: int = 2000, adamerging_steps: int = 1000, batch_size: int = 16,
+                    mask_type: str = "continuous") -> ConcreteConfig:
+  """Concrete TA / Concrete AdaMerging's registry entry (FusionBench ``concrete_subspace`` defaults).
+
+  Args:
+    base: ``"task_arithmetic"`` or ``"adamerging"``.
+    scale: task-arithmetic coefficient (AdaMerging's initial coefficient).
+    temperature: Concrete temperature.
+    learning_rate: Adam learning rate.
+    steps: mask steps.
+    adamerging_steps: AdaMerging steps after the mask (``base="adamerging"``).
+    batch_size: unlabeled examples per task per step.
+    mask_type: ``"continuous"`` or ``"discrete"`` mask baked in.
+
+  Returns:
+    A :class:`ConcreteConfig`.
+
+  References:
+    Tang et al., "Concrete Subspace Learning based Interference Elimination for Multi-task Model Fusion", 2023.
+    https://arxiv.org/abs/2312.06173
+  """
+  if base not in ("task_arithmetic", "adamerging"):
+    raise ValueError(f"base must be 'task_arithmetic' or 'adamerging', got {base!r}")
+  if mask_type not in ("continuous", "discrete"):
+    raise ValueError(f"mask_type must be 'continuous' or 'discrete', got {mask_type!r}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be positive, got {temperature}")
+  _positive_int("batch_size", batch_size)
+  return ConcreteConfig(base, float(scale), float(temperature), float(learning_rate), int(steps),
+                        int(adamerging_steps), int(batch_size), mask_type)
+
+
+class AdaRankConfig(NamedTuple):
+  """AdaRank's hyperparameters (see :func:`jaxmerge.tta.masks.adarank`)."""
+
+  init_scale: float = 0.3
+  temperature: float = 10.0
+  learning_rate: float = 1e-3
+  steps: int = 1000
+  batch_size: int = 16
+
+  def run_kwargs(self) -> dict:
+    """Keyword arguments of :func:`jaxmerge.tta.masks.adarank`."""
+    return {"init_scale": self.init_scale, "temperature": self.temperature, "optimizer": adam(self.learning_rate),
+            "steps": self.steps}
+
+
+@register("adarank", family="subspace", data="tta", storage="none (masks baked into the weights)",
+          reference="https://arxiv.org/abs/2503.22178")
+def adarank_config(init_scale: float = 0.3, temperature: float = 10.0, learning_rate: float = 1e-3,
+                   steps: int = 1000, batch_size: int = 16) -> AdaRankConfig:
+  """AdaRank's registry entry on task arithmetic (reference config: coefficient 0.3, every component kept
+  initially, mask temperature 10, batch 16; its 10000 steps are for GPUs, 1000 here).
+
+  Args:
+    init_scale: initial layer-wise coefficient.
+    temperature: mask temperature.
+    learning_rate: Adam learning rate.
+    steps: optimizer steps.
+    batch_size: unlabeled examples per task per step.
+
+  Returns:
+    An :class:`AdaRankConfig`.
+
+  References:
+    Lee et al., "AdaRank: Adaptive Rank Pruning for Enhanced Multi-Task Model Merging", 2025.
+    https://arxiv.org/abs/2503.22178
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature must be positive, got {temperature}")
+  _positive_int("batch_size", batch_size)
+  return AdaRankConfig(float(init_scale), float(temperature), float(learning_rate), int(steps), int(batch_size))
