@@ -66,6 +66,9 @@ def _check(got, want, per_task, name=""):
 
 @pytest.mark.parametrize("name", _data_free())
 def test_task_axis_sharding_equals_unsharded(name):
+  """Every registered data-free method (the subspace family included) on a task mesh: equal to the unsharded
+  merge, outputs sharded as declared (merged: replicated; per-task: along "task"), and the jitted merge moves no
+  data between host and devices (transfer guard "disallow" around the call, after compiling)."""
   info = jm.method_info(name)
   try:
     tx = info.factory()
@@ -76,7 +79,16 @@ def test_task_axis_sharding_equals_unsharded(name):
   want = (jm.merge_per_task if info.per_task else jm.merge)(tx, pre, fts, key=key)
   mesh = S.task_mesh(len(fts))
   assert mesh.shape["task"] == len(fts)
-  got = S.merge_sharded(tx, pre, fts, mesh=mesh, key=key)
+  pre_s, ft_s = S.shard_params(pre, mesh), S.stack_sharded(fts, mesh)
+  key_s = jax.device_put(key, NamedSharding(mesh, P()))
+  merger = S.make_sharded_merger(tx, mesh, pre_s, ft_s, per_task=info.per_task)
+  merger(pre_s, ft_s, None, key_s)  # compile outside the guard
+  with jax.transfer_guard("disallow"):
+    got = jax.block_until_ready(merger(pre_s, ft_s, None, key_s))
+  for k, x in got.items():
+    assert x.sharding.is_equivalent_to(NamedSharding(mesh, P("task") if info.per_task else P()), x.ndim), k
+  if info.per_task:
+    got = [{k: x[i] for k, x in got.items()} for i in range(len(fts))]
   _check(got, want, info.per_task, name)
 
 
