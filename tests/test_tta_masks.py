@@ -94,3 +94,31 @@ def test_adarank_starting_point_gradients_and_objective(problem):
   assert h1["loss"][-1] < h1["loss"][0]
   np.testing.assert_array_equal(h1["loss"], h2["loss"])
   _close(m1, m2, 0.0)
+
+
+def test_surgery_identity_gradients_and_objective(problem):
+  import importlib
+
+  S = importlib.import_module("jaxmerge.tta.surgery")  # (jaxmerge.tta.surgery is also the function's name)
+
+  pre, fts, heads, x, frozen, ta = problem
+  adapters, hist = S.surgery(ta, fts, forward, [x], steps=0, key=jax.random.key(0), progress=False)
+  z = forward(ta, x[0])
+  np.testing.assert_array_equal(S.apply_surgery(adapters, 1, z), z)  # W_up = 0: identity before training
+  assert adapters["down"].shape == (T, 16, z.shape[-1]) and hist["loss"].shape == (0,)
+  experts = jax.tree.map(lambda *xs: jnp.stack(xs), *fts)
+  fr = {"merged": ta, "experts": experts, "dim": jnp.zeros(z.shape[-1])}
+  adapter = S.surgery_adapter(forward, rank=4)
+  theta = adapter.init(jax.random.key(1), fr)
+  theta["up"] = 0.1 * jax.random.normal(jax.random.key(2), theta["up"].shape)
+  f = jax.jit(lambda th: S.l1_loss(adapter.apply(th, fr, x), x))
+  g = jax.grad(f)(theta)
+  for name, idx in (("up", (0, 3, 1)), ("down", (2, 1, 5)), ("up", (1, 0, 2))):
+    fd = (f({**theta, name: theta[name].at[idx].add(1e-3)}) - f({**theta, name: theta[name].at[idx].add(-1e-3)})) / 2e-3
+    np.testing.assert_allclose(g[name][idx], fd, rtol=3e-2, atol=2e-4)
+  kw = dict(steps=20, key=jax.random.key(3), progress=False, optimizer=jm.tta.methods.adam(1e-2))
+  a1, h1 = S.surgery(ta, fts, forward, repeat(x, 20), **kw)
+  a2, h2 = S.surgery(ta, fts, forward, repeat(x, 20), **kw)
+  assert h1["loss"][-1] < 0.9 * h1["loss"][0]
+  np.testing.assert_array_equal(h1["loss"], h2["loss"])
+  np.testing.assert_array_equal(a1["up"], a2["up"])

@@ -28,3 +28,5 @@ from jaxmerge.tta.validation import regmean as regmean
 from jaxmerge.tta.validation import ugm as ugm
 from jaxmerge.tta.masks import adarank as adarank
 from jaxmerge.tta.masks import concrete as concrete
+from jaxmerge.tta.surgery import apply_surgery as apply_surgery
+from jaxmerge.tta.surgery import surgery as surgery
