@@ -6,7 +6,8 @@ update ``tau_M`` on task ``t`` is measured on ``tau_t``'s own rows:
 Grams, so the layout matters). Starting from ``sum_t tau_t``, a fixed number of Adam steps is taken.
 
 The gradient ``2 sum_t (tau_M - tau_t) G_t`` with ``G_t = tau_t^T tau_t / ||tau_t||^2`` equals
-``2 (tau_M G - C)`` with ``G = sum_t G_t`` and ``C = sum_t tau_t G_t``, both computed once: each step is then one
+``2 ((tau_M - S) G + E)`` with ``S = sum_t tau_t`` (the start), ``G = sum_t G_t`` and ``E = sum_t (S - tau_t) G_t``
+(the gradient at the start, exactly zero for orthogonal row spaces), both computed once: each step is then one
 ``(out x in) @ (in x in)`` product instead of ``2T`` products (the per-task form is used when it is cheaper,
 i.e. when ``in > 2 T out``). optax is imported when a WUDI transform is built, so ``import jaxmerge`` stays light.
 """
@@ -40,19 +41,22 @@ def wudi_matrix(x: Float[Array, "T m n"], optimizer, steps: int) -> Float[Array,
   norms = jnp.sum(jnp.square(x), axis=(1, 2))
   w = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
   hi = linalg.HIGHEST
+  start = task_sum(x)
   if n <= 2 * t * m:
     g = jnp.einsum("t,tmn,tmk->nk", w, x, x, precision=hi)  # sum_t w_t tau_t^T tau_t
-    c = jnp.einsum("tmn,tnk->mk", x, jnp.einsum("t,tmn,tmk->tnk", w, x, x, precision=hi), precision=hi)
+    # The gradient at the start, sum_t w_t (S - tau_t) tau_t^T tau_t, in the per-task form, so that it is exactly
+    # zero when the row spaces are orthogonal (Adam would turn rounding-level gradients into lr-sized steps).
+    prod0 = jnp.einsum("tmn,tkn->tmk", start[None] - x, x, precision=hi)
+    e = jnp.einsum("t,tmk,tkn->mn", w, prod0, x, precision=hi)
 
     def grad(mat):
-      return 2.0 * (linalg.matmul(mat, g) - c)
+      return 2.0 * (linalg.matmul(mat - start, g) + e)
   else:
 
     def grad(mat):
       prod = jnp.einsum("tmn,tkn->tmk", mat[None] - x, x, precision=hi)
       return 2.0 * jnp.einsum("t,tmk,tkn->mn", w, prod, x, precision=hi)
 
-  start = task_sum(x)
 
   def body(_, carry):
     mat, state = carry
