@@ -63,13 +63,14 @@ def test_nnx_module_and_functional_api_agree(key):
   assert set(params["vision_model"]["encoder"]["layers"]) == {"0", "1"}  # documented: string layer keys
   images = jax.random.normal(key, (2, 32, 32, 3))
   ids = jnp.asarray([[0, 5, 9, 63] + [1] * 12, [0, 7, 63] + [1] * 13], jnp.int32)
-  # the module's own forward (nnx.jit over the module) == the functional API on its pure dict
-  pooled = nnx.jit(lambda m, x: m.vision_model(x))(model, images)
-  np.testing.assert_allclose(pooled, clip.vision_features(cfg, params, images), rtol=1e-6, atol=1e-6)
-  text = nnx.jit(lambda m, i: m.text_model(i))(model, ids)
-  np.testing.assert_allclose(text @ params["text_projection"]["kernel"], clip.encode_text(cfg, params, ids),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(model.encode_image(images), clip.encode_image(cfg, params, images), rtol=1e-6, atol=1e-6)
+  # the module's own forward (nnx.jit over the module) == the functional API on its pure dict (jitted: eager
+  # mode compiles every primitive separately, which is what made this test slow)
+  pooled, text, emb = nnx.jit(lambda m, x, i: (m.vision_model(x), m.text_model(i), m.encode_image(x)))(model, images, ids)
+  f_pooled, f_text, f_emb = jax.jit(lambda p, x, i: (clip.vision_features(cfg, p, x), clip.encode_text(cfg, p, i),
+                                                     clip.encode_image(cfg, p, x)))(params, images, ids)
+  np.testing.assert_allclose(pooled, f_pooled, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(text @ params["text_projection"]["kernel"], f_text, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(emb, f_emb, rtol=1e-6, atol=1e-6)
 
 
 def test_functional_contract(key):
@@ -78,27 +79,32 @@ def test_functional_contract(key):
   images = jax.random.normal(key, (3, 32, 32, 3))
   ids = jnp.asarray(np.tile(np.r_[0, 4, 8, 63, [1] * 12], (3, 1)), jnp.int32)
   mask = (ids != 1).astype(jnp.int32)
-  eager = clip.encode_image(cfg, params, images)
+  enc = jax.jit(clip.encode_image, static_argnums=0)
+  eager = clip.encode_image(cfg, params, images)  # works outside jit too (the only eager call: it is slow)
   assert eager.shape == (3, cfg.projection_dim)
-  np.testing.assert_allclose(jax.jit(clip.encode_image, static_argnums=0)(cfg, params, images), eager, rtol=1e-6, atol=1e-6)
+  jitted = enc(cfg, params, images)
+  np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
   # integer layer keys (an nnx.List state) give the same model
   as_int = jax.tree.map(lambda x: x, params)
   for tower in ("vision_model", "text_model"):
     layers = as_int[tower]["encoder"]["layers"]
     as_int[tower]["encoder"]["layers"] = {int(k): v for k, v in layers.items()}
-  np.testing.assert_array_equal(clip.encode_image(cfg, as_int, images), eager)
-  np.testing.assert_array_equal(clip.encode_text(cfg, as_int, ids, mask), clip.encode_text(cfg, params, ids, mask))
+  text = jax.jit(lambda a, b: (clip.encode_text(cfg, a, ids, mask), clip.encode_text(cfg, b, ids, mask)))
+  t_int, t_str = text(as_int, params)
+  np.testing.assert_array_equal(enc(cfg, as_int, images), jitted)
+  np.testing.assert_array_equal(t_int, t_str)
   # bfloat16 parameters are upcast: equal to float32 math on the rounded weights
   bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   rounded = jax.tree.map(lambda x: x.astype(jnp.float32), bf)
-  np.testing.assert_allclose(clip.encode_image(cfg, bf, images), clip.encode_image(cfg, rounded, images), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(enc(cfg, bf, images), enc(cfg, rounded, images), rtol=1e-6, atol=1e-6)
   # gradients flow through the pure function
-  g = jax.grad(lambda p: jnp.sum(clip.encode_image(cfg, p, images) ** 2))(params)
+  g = jax.jit(jax.grad(lambda p: jnp.sum(clip.encode_image(cfg, p, images) ** 2)))(params)
   assert float(jnp.abs(g["vision_model"]["encoder"]["layers"]["1"]["mlp"]["fc2"]["kernel"]).max()) > 0
   # vision-only configs return the pooled output
   vcfg = cfg.vision_only()
-  pooled = clip.encode_image(vcfg, {"vision_model": params["vision_model"]}, images)
-  np.testing.assert_allclose(pooled, clip.vision_features(cfg, params, images), rtol=1e-6)
+  pooled, feats = jax.jit(lambda p: (clip.encode_image(vcfg, {"vision_model": p["vision_model"]}, images),
+                                     clip.vision_features(cfg, p, images)))(params)
+  np.testing.assert_allclose(pooled, feats, rtol=1e-6)
   np.testing.assert_allclose(eager, pooled @ params["visual_projection"]["kernel"], rtol=1e-5, atol=1e-6)
 
 

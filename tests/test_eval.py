@@ -236,11 +236,11 @@ def test_real_suite_script_on_tiny_fixtures(suite_files, tmp_path):
   spec.loader.exec_module(suites)
   cfg = {"name": "tiny", "pretrained": str(pre), "experts": {t: str(p) for t, p in experts.items()},
          "suite": ["mnist", "svhn"], "data": str(root / "data"), "batch_size": 4, "workers": 0,
-         "cache": str(tmp_path / "cache"), "methods": {"task_arithmetic": {"scale": 0.5}, "ties": {}, "tall_mask": {},
+         "cache": str(tmp_path / "cache"), "methods": {"task_arithmetic": {"scale": 0.5}, "tall_mask": {},
                                                       "not_a_method": {}}}
   res = suites.run(cfg, tmp_path / "out", progress=False)
   names = [r["method"] for r in res["rows"]]
-  assert names == ["pretrained", "experts", "task_arithmetic", "ties", "tall_mask"]
+  assert names == ["pretrained", "experts", "task_arithmetic", "tall_mask"]  # a merged and a per-task method
   assert res["skipped"] == {"not_a_method": "not registered in this jaxmerge"}
   assert all((tmp_path / "out" / f"results.{e}").exists() for e in ("json", "md", "csv"))
   assert "| tall_mask † |" in (tmp_path / "out" / "results.md").read_text()
