@@ -212,5 +212,8 @@ def test_shape_mismatches_are_clear_errors(setup):
   f = moe.math.smile_factors(np.zeros((32, 128)), np.ones((2, 32, 128)), k=2, gate_k=1)
   with pytest.raises(ValueError, match="SMILE fc"):
     moe.SmileLinear(moe.vision_module(CFG, pre).encoder.layers["0"].mlp.fc2, f, path="fc")
+  twin = moe.twin_model(fwd, pre, fts, rank=2)
+  with pytest.raises(ValueError, match="router has 2 outputs for 3 experts"):
+    moe.ExpertModel(fwd, pre, twin.base, twin.experts, T, (moe.math.init_router(jax.random.key(0), 32, 2), fwd))
   with pytest.raises(ValueError, match="upcycle"):
     moe.upcycle(moe.vision_module(CFG, pre), moe.SmileLinear, lambda p, m: m)

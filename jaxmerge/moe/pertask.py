@@ -79,6 +79,16 @@ class ExpertModel:
   router: Any = None
   name: str = "model"
 
+  def __post_init__(self):
+    if self.router is not None:
+      out = np.shape(self.router[0][-1]["bias"])
+      if out != (self.num_tasks,):
+        raise ValueError(f"{self.name}: the router has {out[-1] if out else 0} outputs for {self.num_tasks} experts")
+    for p, (kind, arrs) in self.experts.items():
+      lead = {np.shape(a)[0] for k, a in arrs.items() if k != "vec"}
+      if p not in self.base or lead != {self.num_tasks}:
+        raise ValueError(f"{self.name}: experts at {p!r} do not match the base model or {self.num_tasks} tasks")
+
   # ---- parameters
   def delta(self, weights: Float[Array, " T"]) -> dict:
     """``{path: sum_t weights_t delta_t}`` for every leaf with experts."""
