@@ -51,6 +51,7 @@ METHODS = ("task_arithmetic", "ties", "tsv_m", "iso_cts")
 SCALES = {"task_arithmetic": (0.1, 0.2, 0.3, 0.5, 0.7, 1.0), "ties": (0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
           "tsv_m": (0.25, 0.5, 0.75, 1.0, 1.5, 2.0), "iso_cts": (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)}
 CTI_IMAGES = 200
+CURVE_SEEDS = (0,)  # scale curves with RI for these seeds only (CPU budget of the shared machine)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -191,8 +192,9 @@ def ri_cache_path(suite, seed: int, source: str, cfg: dict) -> pathlib.Path:
   return pathlib.Path(default_cache_dir()) / f"offline-{suite.config.hash}" / "ri" / f"{seed}-{source}-{h}.npz"
 
 
-def ri_adapted(suite, seed: int, source: str):
-  """RI-adapted experts for ``(seed, source)``, from the cache or computed (then cached)."""
+def ri_adapted(suite, seed: int, source: str, beta="bench"):
+  """RI-adapted experts for ``(seed, source)``, from the cache or computed (then cached). ``beta``: ``"bench"``
+  (``RI_DEFAULTS``' 100), ``None`` (the library default, ``auto_beta``) or a number."""
   import jax
 
   from jaxmerge import tree as jtree
@@ -200,6 +202,8 @@ def ri_adapted(suite, seed: int, source: str):
   from jaxmerge.data import synthetic
 
   cfg = {**ri_runner.RI_DEFAULTS, "aux_source": source, "seed": seed, **SMOKE}
+  if beta != "bench":
+    cfg["beta"] = beta
   path = ri_cache_path(suite, seed, source, cfg)
   like = [jax.tree.map(np.asarray, e) for e in suite.experts]
   if path.exists():
@@ -253,7 +257,7 @@ def method_block(suite, experts, shifted, *, curves: bool) -> dict:
   return out
 
 
-def run(seeds, sources, *, curves_for=("fractal",)) -> None:
+def run(seeds, sources, *, curves_for=("fractal",), beta="bench") -> None:
   suite = load_suite(0)
   (OUT / "runs").mkdir(parents=True, exist_ok=True)
   shifted = shifted_test(suite, seed=0)
@@ -270,15 +274,38 @@ def run(seeds, sources, *, curves_for=("fractal",)) -> None:
     base_path.write_text(json.dumps(base, indent=1))
   for seed in seeds:
     for source in sources:
-      path = OUT / "runs" / f"{seed}-{source}.json"
+      tag = "" if beta == "bench" else f"-beta{'auto' if beta is None else beta}"
+      path = OUT / "runs" / f"{seed}-{source}{tag}.json"
       if path.exists():
         continue
-      print(f"RI seed {seed} source {source}", flush=True)
-      experts, meta = ri_adapted(suite, seed, source)
+      print(f"RI seed {seed} source {source}{tag}", flush=True)
+      experts, meta = ri_adapted(suite, seed, source, beta)
       print(f"  RI: {meta['seconds']:.0f} s", flush=True)
-      res = {"seed": seed, "source": source, "ri": meta,
-             "methods": method_block(suite, experts, shifted, curves=source in curves_for)}
+      res = {"seed": seed, "source": source + tag, "ri": meta,
+             "methods": method_block(suite, experts, shifted, curves=source in curves_for and not tag and seed in CURVE_SEEDS)}
       path.write_text(json.dumps(res, indent=1))
+
+
+def experts_check(seed: int, source: str) -> None:
+  """How far RI moved each expert's own function on its task data: own-task accuracy (test and shifted) and
+  the head-space drift ``E||h_i(z(x; theta'_i)) - h_i(z(x; theta_i))||`` (CTI of the adapted expert against the
+  original one, on the same 200 test images per task). Writes ``runs/experts-<seed>-<source>.json``."""
+  from jaxmerge.interference import cross_task_interference
+
+  suite = load_suite(0)
+  experts, _ = ri_adapted(suite, seed, source)
+  shifted = shifted_test(suite, seed=0)
+  out = {"seed": seed, "source": source, "accuracy": {}, "shifted": {}, "head_drift": [], "feature_drift": []}
+  for i, (t, e) in enumerate(zip(suite.tasks, experts)):
+    out["accuracy"][t] = suite.evaluate(e, [t])[t]
+    images, labels, _ = shifted[t]
+    out["shifted"][t] = float(suite._correct(e, images, labels, np.full(len(labels), i, np.int32)).mean())
+    d = cross_task_interference(suite.embed, e, [suite.experts[i]], [suite.data[t].test.images[:CTI_IMAGES]],
+                                [suite.heads[t]])
+    out["head_drift"].append(float(d["head"][0]))
+    out["feature_drift"].append(float(d["feature"][0]))
+  (OUT / "runs" / f"experts-{seed}-{source}.json").write_text(json.dumps(out, indent=1))
+  print(json.dumps(out, indent=1))
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -295,6 +322,11 @@ def _ms(xs) -> str:
   return f"{xs.mean():.2f} ± {xs.std(ddof=1):.2f}"
 
 
+def _cmd_for(cmd: str, seeds: str, label: str) -> str:
+  src, _, beta = label.partition("-beta")
+  return cmd.format(seeds=seeds, src=src) + (f" --beta {beta}" if beta else "")
+
+
 def report() -> None:
   import matplotlib
 
@@ -303,6 +335,7 @@ def report() -> None:
 
   base = json.loads((OUT / "runs" / "baseline-0.json").read_text())
   runs = [json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("[0-9]*-*.json"))]
+  checks = [json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("experts-*.json"))]
   tasks = base["tasks"]
   by_source: dict[str, list] = {}
   for r in runs:
@@ -333,18 +366,20 @@ def report() -> None:
   for src, rs in sorted(by_source.items()):
     lines.append(f"| {src} | {seeds_of(rs)} | " + " | ".join(_ms([_avg(r['methods'][m]['accuracy']) for r in rs])
                                                           for m in METHODS)
-                 + f" | {_ms([r['ri']['seconds'] for r in rs])} | `{cmd.format(seeds=seeds_of(rs), src=src)}` |")
+                 + f" | {_ms([r['ri']['seconds'] for r in rs])} | `{_cmd_for(cmd, seeds_of(rs), src)}` |")
 
   # (c) scale curves.
   if main:
     fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 3.4))
-    lines += ["", "#### (c) Accuracy (%) against the merge scale (fractal)", "",
+    n_curve = sum("curve" in r["methods"]["task_arithmetic"] for r in main)
+    lines += ["", f"#### (c) Accuracy (%) against the merge scale (fractal; RI seeds with a curve: {n_curve})", "",
               "| method | scale | " + " | ".join(str(s) for s in SCALES["task_arithmetic"]) + " |", "|---|---|" +
               "---|" * len(SCALES["task_arithmetic"])]
     for ax, m in zip(axes, METHODS):
       xs = SCALES[m]
       b = [_avg(base["methods"][m]["curve"][str(s)]) for s in xs]
       w = np.array([[_avg(r["methods"][m]["curve"][str(s)]) for s in xs] for r in main if "curve" in r["methods"][m]])
+      n_curve = len(w)
       ax.plot(xs, b, "o-", label="without RI")
       ax.errorbar(xs, w.mean(0), yerr=w.std(0, ddof=1) if len(w) > 1 else None, fmt="s-", capsize=3, label="with RI")
       ax.set_title(names[m])
@@ -415,6 +450,12 @@ def report() -> None:
     fig.tight_layout()
     fig.savefig(OUT / "cti_vs_drop.png", dpi=110)
     plt.close(fig)
+    for c in checks:
+      lines += ["", f"RI-adapted experts (seed {c['seed']}, {c['source']}) on their own task, original → adapted: "
+                f"accuracy {_avg(base['experts']):.2f} → {_avg(c['accuracy']):.2f}, shifted "
+                f"{_avg(base['experts_shifted']):.2f} → {_avg(c['shifted']):.2f}; own-head drift from the original "
+                f"expert on its task images (head-space CTI of the adapted expert alone) "
+                f"{np.mean(c['head_drift']):.3g} (per task {', '.join(f'{x:.3g}' for x in c['head_drift'])})."]
     lines += ["", "CTI of the RI merges against the *adapted* experts (mean over tasks, head / feature): " + ", ".join(
       f"{names[m]} {np.mean([np.mean(r['methods'][m]['cti_vs_adapted']['head']) for r in main]):.3g} / "
       f"{np.mean([np.mean(r['methods'][m]['cti_vs_adapted']['feature']) for r in main]):.3g}" for m in METHODS) + "."]
@@ -457,7 +498,11 @@ def main(argv=None) -> int:
   r = sub.add_parser("run")
   r.add_argument("--seeds", type=int, nargs="+", default=[0])
   r.add_argument("--sources", nargs="+", default=["fractal"])
+  r.add_argument("--beta", default="bench", help="RI's beta: 'bench' (RI_DEFAULTS, 100), 'auto' or a number")
   sub.add_parser("report")
+  e = sub.add_parser("experts", help="own-task accuracy and drift of the RI-adapted experts")
+  e.add_argument("--seed", type=int, default=0)
+  e.add_argument("--source", default="fractal")
   p.add_argument("--smoke", action="store_true", help="reduced suite and 5 RI steps, results in a temp dir")
   args = p.parse_args(argv)
   if args.smoke:
@@ -466,8 +511,11 @@ def main(argv=None) -> int:
     global OUT
     SMOKE["steps"] = 5
     OUT = pathlib.Path(tempfile.gettempdir()) / "ri_offline_smoke"
-  if args.cmd == "run":
-    run(args.seeds, args.sources)
+  if args.cmd == "experts":
+    experts_check(args.seed, args.source)
+  elif args.cmd == "run":
+    beta = args.beta if args.beta == "bench" else None if args.beta == "auto" else float(args.beta)
+    run(args.seeds, args.sources, beta=beta)
   else:
     report()
   return 0

@@ -257,7 +257,7 @@ def disentangle(
     beta: weight of the preserve term (independent mode). ``None`` (default): the heads' mean squared row
       norm, ``mean_j mean_c ||W_j[c]||^2``. The disentangle term is a squared logit difference, so it scales
       with the square of the heads' norm, while the KL preserve term does not: CLIP zero-shot heads carry the
-      logit scale ``s`` (100 for OpenAI CLIP, about 14 for the offline suite's tiny CLIP), and a fixed
+      logit scale ``s`` (100 for OpenAI CLIP, 16.6 for the offline suite's tiny CLIP), and a fixed
       ``beta = 1`` would let the disentangle term dominate by ``s^2``. ``beta = s^2`` measures the disentangle
       term in unit-norm-head (cosine) units instead, so one default serves every logit scale; it is 1 for
       unit-norm heads. Pass a number to set it directly.

@@ -32,7 +32,7 @@ __all__ = ["RI_DEFAULTS", "aux_batches", "aux_runner", "ri_experts", "tta_runner
 
 # RI settings for the benchmark (tiny CLIP on CPU), overridable through ri_experts(**kw). beta = 100 balances
 # the disentangle term (squared differences of logits that carry CLIP's logit scale) against the KL term. It is
-# of the order of jaxmerge.ri's default, auto_beta = logit_scale^2 (about 200 for the tiny CLIP), and is kept
+# of the order of jaxmerge.ri's default, auto_beta = logit_scale^2 (16.6^2 = 276 for the tiny CLIP), and is kept
 # fixed here so that the benchmark rows do not move with the pretrained model's learned scale. Results:
 # experiments/README.md, section "Resolving Interference" (python experiments/ri_offline.py).
 RI_DEFAULTS = {"aux_source": "fractal", "n_aux": 1024, "batch_size": 32, "steps": 100, "learning_rate": 1e-4,
