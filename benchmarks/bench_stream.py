@@ -1,20 +1,32 @@
-"""Peak memory and time of streaming merges (jaxmerge.stream) vs in-memory merges (jaxmerge.merge).
+"""Merging a Llama-style model from disk: ``jaxmerge merge`` (streaming and in memory) vs ``mergekit``, plus the
+scaling of the sharded in-memory merge over 1 to 8 (fake) CPU devices.
 
-A synthetic LLM-like checkpoint is written to disk: a pretrained model and ``T`` fine-tuned models, bf16,
-Llama-style names, ``--tensor-mb`` MiB per tensor, sharded safetensors with an index (``--shard-mb``). Every
-case runs in its own subprocess so that its peak resident memory (``VmHWM``) is its own:
+Inputs: a random Llama-style causal LM (``LlamaForCausalLM`` names and ``config.json``, bf16, untied
+embeddings; default hidden 1024, 16 layers, vocabulary 32000: 253 M parameters, 0.5 GB per model) written as a
+"pretrained" model and ``--models`` (default 3) "fine-tuned" copies (pretrained + small random task vectors),
+each sharded safetensors with an index. One mergekit YAML per method is run by both tools on the same
+directories (jaxmerge reads mergekit's schema; ``dtype: float32`` so both compute in float32 and write bf16):
 
-- ``stream``: ``jaxmerge.stream.merge_streaming`` from the lazy readers to a ``ShardedWriter`` (the
-  ``jaxmerge merge --stream`` path);
-- ``memory``: the whole checkpoints read into memory, ``jaxmerge.merge``, then ``save_sharded`` (the
-  ``jaxmerge merge --no-stream`` path), run only where it fits (``--memory-gb``, the largest model size for
-  which it is attempted).
+- ``mergekit``: ``mergekit.merge.run_merge`` (what ``mergekit-yaml`` runs) with its defaults (lazy loading,
+  no GPU);
+- ``jaxmerge --stream``: ``jaxmerge merge CONFIG --stream`` (tensor by tensor from memory-mapped shards);
+- ``jaxmerge in memory``: ``jaxmerge merge CONFIG --no-stream``.
 
-    python benchmarks/bench_stream.py                         # 8 tasks x 1 GB and 8 x 128 MB (bf16)
-    python benchmarks/bench_stream.py --sizes-gb 0.25 --tasks 4 --methods ties
+Every case runs in a fresh subprocess; time = wall time of the merge call (reading, computing, writing the
+output, and for jaxmerge the XLA compilation: the persistent compilation cache is disabled); peak = that
+process's peak resident memory (``VmHWM``) minus its resident memory just before the call (libraries
+imported). Cases run in a rotating order over ``--rounds`` rounds, and the table reports medians. The merged
+tensors of the tools are compared (max difference in bf16 ulps).
 
-Writes a markdown table to benchmarks/results/stream.md. Times include reading inputs and writing the merged
-checkpoint (page cache warm after the first case of a size) and XLA compilation.
+The scaling part times ``jaxmerge.sharding.merge_sharded`` (TIES and Task Arithmetic) on ``8`` task vectors of
+``--scaling-mparams`` million parameters each, on task meshes of 1, 2, 4 and 8 fake CPU devices
+(``--xla_force_host_platform_device_count=8``): on a CPU host, fake devices share the same cores, so this shows
+the sharded program's overhead and partitioning, not a speed-up from more hardware.
+
+    python benchmarks/bench_stream.py                           # 253 M params, 3 models, ties + task_arithmetic
+    python benchmarks/bench_stream.py --layers 4 --rounds 1     # quick
+
+Writes benchmarks/results/stream.md.
 """
 
 from __future__ import annotations
@@ -34,144 +46,293 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 _CHILD = r"""
-import json, pathlib, sys, time
-import numpy as np
-import jax
-import jaxmerge as jm
-from jaxmerge import stream
-from jaxmerge.io import safetensors_io as S
-
-root, mode, method, tasks, out = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-hp = json.loads(sys.argv[6])
+import json, os, pathlib, sys, time
+mode, cfg, out = sys.argv[1], sys.argv[2], sys.argv[3]
 
 def status(key):
   for line in open("/proc/self/status"):
     if line.startswith(key + ":"):
       return int(line.split()[1]) * 1024
 
-tx = jm.get_method(method)(**hp)
-key = jax.random.key(0)
-jax.numpy.ones(1).block_until_ready()
-base_rss = status("VmRSS")
-t0 = time.perf_counter()
-pre = S.open_checkpoint(root / "base")
-models = [S.open_checkpoint(root / f"ft{i}") for i in range(tasks)]
-extra = {}
-if mode == "stream":
-  w = S.ShardedWriter(root / out, {k: (pre.shape(k), pre.dtype(k)) for k in pre.keys()}, max_shard_bytes=1 << 30)
-  res = stream.merge_streaming(tx, pre, models, w, method=(method, hp), key=key)
-  w.close()
-  extra = {"passes": res.passes, "programs": res.programs}
+if mode == "mergekit":
+  import torch, yaml
+  from mergekit.config import MergeConfiguration
+  from mergekit.merge import run_merge
+  from mergekit.options import MergeOptions
+  conf = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
+  opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
+  run = lambda: run_merge(conf, out, options=opts)
 else:
-  base = {k: pre.get(k) for k in pre.keys()}
-  fts = [{k: m.get(k) for k in base} for m in models]
-  merged = jm.merge(tx, base, fts, key=key)
-  S.save_sharded(root / out, {k: np.asarray(v) for k, v in merged.items()}, max_shard_bytes=1 << 30)
+  import jax
+  from jaxmerge import cli
+  jax.numpy.ones(1).block_until_ready()
+  flag = "--stream" if mode == "stream" else "--no-stream"
+  run = lambda: cli.main(["merge", cfg, flag, "--out", out])
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+t0 = time.perf_counter()
+rc = run()
 seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "peak": status("VmHWM"), "base_rss": base_rss, **extra}))
+assert not rc, rc
+print(json.dumps({"seconds": seconds, "peak": status("VmHWM") - before, "before": before}))
 """
 
-HPARAMS = {"task_arithmetic": {"scale": 0.3}, "ties": {"density": 0.2, "scale": 0.3}, "dare": {"p": 0.5}}
+_SCALING = r"""
+import json, os, sys, time
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import jax, numpy as np
+import jaxmerge as jm
+from jaxmerge import sharding as S
+jax.config.update("jax_enable_compilation_cache", False)
+mparams, rounds = float(sys.argv[1]), int(sys.argv[2])
+T, cols = 8, 1024
+rows = max(8, int(mparams * 1e6 / cols / 8) // 8 * 8)
+rng = np.random.default_rng(0)
+pre = {f"model.layers.{i}.mlp.down_proj.weight": rng.standard_normal((rows, cols), dtype=np.float32) for i in range(8)}
+fts = [{k: v + 0.01 * rng.standard_normal(v.shape, dtype=np.float32) for k, v in pre.items()} for _ in range(T)]
+res = {"params_per_model": 8 * rows * cols, "tasks": T, "rows": []}
+for method in ("task_arithmetic", "ties"):
+  tx = jm.get_method(method)()
+  want = np.asarray(jm.merge(tx, pre, fts)[next(iter(pre))])
+  for n in (1, 2, 4, 8):
+    mesh = S.task_mesh(T, devices=jax.devices()[:n])
+    pre_s = S.shard_params(pre, mesh)
+    ft_s = S.stack_sharded(fts, mesh)
+    merger = S.make_sharded_merger(tx, mesh, pre_s, ft_s)
+    t0 = time.perf_counter()
+    out = merger(pre_s, ft_s)
+    jax.block_until_ready(out)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(rounds):
+      t0 = time.perf_counter()
+      jax.block_until_ready(merger(pre_s, ft_s))
+      times.append(time.perf_counter() - t0)
+    err = float(np.abs(np.asarray(out[next(iter(pre))]) - want).max())
+    res["rows"].append({"method": method, "devices": n, "first": first, "median": float(np.median(times)),
+                        "best": float(min(times)), "max_abs_diff": err,
+                        "tasks_per_device": ft_s[next(iter(pre))].addressable_shards[0].data.shape[0]})
+    print(json.dumps(res["rows"][-1]), file=sys.stderr, flush=True)
+print(json.dumps(res))
+"""
 
 
-def make_checkpoints(root: pathlib.Path, tasks: int, model_bytes: int, tensor_mb: int, shard_mb: int) -> dict:
-  """Writes base/ and ft<i>/ (bf16, Llama-style names) with the given total size per model."""
+def llama_config(hidden: int, layers: int, vocab: int) -> dict:
+  inter = int(hidden * 2.75) // 64 * 64
+  heads = max(1, hidden // 64)
+  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+          "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+          "num_key_value_heads": max(1, heads // 2), "vocab_size": vocab, "max_position_embeddings": 2048,
+          "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu"}
+
+
+def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+  h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+  kv = h * cfg["num_key_value_heads"] // cfg["num_attention_heads"]
+  shapes = {"model.embed_tokens.weight": (v, h)}
+  for n in range(cfg["num_hidden_layers"]):
+    p = f"model.layers.{n}."
+    shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                   p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                   p + "post_attention_layernorm.weight": (h,)})
+  shapes.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+  return shapes
+
+
+def make_checkpoints(root: pathlib.Path, cfg: dict, models: int, shard_mb: int) -> int:
+  """Writes base/ and ft<i>/ (bf16 sharded safetensors + config.json). Returns the parameter count."""
   import ml_dtypes
   import numpy as np
 
   sys.path.insert(0, str(ROOT))
   from jaxmerge.io import safetensors_io as S
 
-  cols = 4096
-  rows = max(1, tensor_mb * 2**20 // (2 * cols))
-  n = max(1, model_bytes // (rows * cols * 2))
-  names = [f"model.layers.{i // 4}.mlp.{['gate', 'up', 'down', 'o'][i % 4]}_proj.weight" for i in range(n)]
-  rng = np.random.default_rng(0)
-  noise = rng.standard_normal((rows, cols), dtype=np.float32) * 0.01
-  for who in ["base"] + [f"ft{i}" for i in range(tasks)]:
-    specs = {k: ((rows, cols), np.dtype(ml_dtypes.bfloat16)) for k in names}
-    with S.ShardedWriter(root / who, specs, max_shard_bytes=shard_mb * 2**20, overwrite=True) as w:
-      for j, k in enumerate(names):
-        b = np.random.default_rng(j).standard_normal((rows, cols), dtype=np.float32)
+  shapes = llama_shapes(cfg)
+  bf16 = np.dtype(ml_dtypes.bfloat16)
+  for who in ["base"] + [f"ft{i}" for i in range(models)]:
+    specs = {k: (s, bf16) for k, s in shapes.items()}
+    with S.ShardedWriter(root / who, specs, max_shard_bytes=shard_mb << 20, overwrite=True,
+                         metadata={"format": "pt"}) as w:
+      for j, (k, s) in enumerate(shapes.items()):
+        x = np.random.default_rng(j).standard_normal(s, dtype=np.float32) * 0.02
+        if len(s) == 1:
+          x += 1.0
         if who != "base":
-          b += np.roll(noise, 7 * j + 13 * int(who[2:]), axis=1)
-        w.write(k, b.astype(ml_dtypes.bfloat16))
-  return {"tensors": n, "shape": (rows, cols), "model_bytes": n * rows * cols * 2}
+          x += np.random.default_rng((j, int(who[2:]))).standard_normal(s, dtype=np.float32) * 0.002
+        w.write(k, x.astype(bf16))
+    (root / who / "config.json").write_text(json.dumps(cfg))
+  return sum(int(np.prod(s)) for s in shapes.values())
 
 
-def run_case(root: pathlib.Path, mode: str, method: str, tasks: int) -> dict:
-  out = f"out_{mode}_{method}"
-  shutil.rmtree(root / out, ignore_errors=True)
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), mode, method, str(tasks), out,
-                         json.dumps(HPARAMS[method])], env=env, capture_output=True, text=True)
-  shutil.rmtree(root / out, ignore_errors=True)
+def mergekit_yaml(method: str, root: pathlib.Path, models: int) -> dict:
+  per = {"task_arithmetic": {"weight": 1.0}, "ties": {"weight": 1.0, "density": 0.5},
+         "linear": {"weight": 1.0}}[method]
+  cfg = {"merge_method": method, "dtype": "float32", "out_dtype": "bfloat16",
+         "models": [{"model": str(root / f"ft{i}"), "parameters": dict(per)} for i in range(models)]}
+  if method != "linear":
+    cfg["base_model"] = str(root / "base")
+  if method == "task_arithmetic":
+    cfg["parameters"] = {"lambda": 0.5}
+  return cfg
+
+
+def run_case(mode: str, cfg_path: pathlib.Path, out: pathlib.Path) -> dict:
+  shutil.rmtree(out, ignore_errors=True)
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAXMERGE_NO_XLA_CACHE": "1",
+         "XLA_FLAGS": ""}
+  proc = subprocess.run([sys.executable, "-c", _CHILD, mode, str(cfg_path), str(out)], env=env, capture_output=True,
+                        text=True)
   if proc.returncode != 0:
-    return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:200], "rc": proc.returncode}
+    return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:300], "rc": proc.returncode}
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(a: pathlib.Path, b: pathlib.Path) -> dict:
+  """Max |a - b| over all tensors, in bf16 ulps of b, and the share of differing entries."""
+  import numpy as np
+
+  sys.path.insert(0, str(ROOT))
+  from jaxmerge.io import safetensors_io as S
+
+  ra, rb = S.open_checkpoint(a), S.open_checkpoint(b)
+  if set(ra.keys()) != set(rb.keys()):
+    return {"same_names": False}
+  worst, differ, total = 0.0, 0, 0
+  for k in rb.keys():
+    x, y = np.asarray(ra.get(k), np.float32), np.asarray(rb.get(k), np.float32)
+    ulp = np.abs(y) * 2.0**-7 + 1e-30
+    worst = max(worst, float((np.abs(x - y) / ulp).max()))
+    differ += int((x != y).sum())
+    total += x.size
+  return {"same_names": True, "max_ulps": worst, "differ": differ / total}
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--tasks", type=int, default=8)
-  ap.add_argument("--sizes-gb", default="0.125,1", help="model sizes (GB of bf16 per model), comma separated")
-  ap.add_argument("--memory-gb", type=float, default=0.125, help="run the in-memory merge up to this model size")
-  ap.add_argument("--methods", default="task_arithmetic,ties,dare")
-  ap.add_argument("--tensor-mb", type=int, default=32)
-  ap.add_argument("--shard-mb", type=int, default=256)
+  ap.add_argument("--hidden", type=int, default=1024)
+  ap.add_argument("--layers", type=int, default=16)
+  ap.add_argument("--vocab", type=int, default=32000)
+  ap.add_argument("--models", type=int, default=3, help="fine-tuned models")
+  ap.add_argument("--methods", default="task_arithmetic,ties")
+  ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--shard-mb", type=int, default=200)
+  ap.add_argument("--scaling-mparams", type=float, default=16.0, help="M params per model in the scaling part")
+  ap.add_argument("--scaling-rounds", type=int, default=3)
+  ap.add_argument("--skip-scaling", action="store_true")
   ap.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
   ap.add_argument("--out", default=str(HERE / "results" / "stream.md"))
   args = ap.parse_args()
 
   scratch = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="jaxmerge-bench-stream-"))
-  rows = []
+  cfg = llama_config(args.hidden, args.layers, args.vocab)
+  modes = ["mergekit", "stream", "memory"]
+  results = {}
   try:
-    for size in [float(s) for s in args.sizes_gb.split(",")]:
-      root = scratch / f"{size}gb"
-      root.mkdir(parents=True, exist_ok=True)
-      t0 = time.perf_counter()
-      info = make_checkpoints(root, args.tasks, int(size * 1e9), args.tensor_mb, args.shard_mb)
-      print(f"wrote {args.tasks + 1} x {info['model_bytes'] / 1e9:.2f} GB ({info['tensors']} tensors of "
-            f"{info['shape']}) in {time.perf_counter() - t0:.0f} s", flush=True)
-      for method in args.methods.split(","):
-        modes = ["stream"] + (["memory"] if size <= args.memory_gb else [])
-        for mode in modes:
-          r = run_case(root, mode, method, args.tasks)
-          r.update(size=size, method=method, mode=mode, model_bytes=info["model_bytes"])
-          print(json.dumps(r), flush=True)
-          rows.append(r)
-      shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    nparams = make_checkpoints(scratch, cfg, args.models, args.shard_mb)
+    print(f"wrote {args.models + 1} x {nparams / 1e6:.0f} M params (bf16, {2 * nparams / 1e9:.2f} GB each) in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    for method in args.methods.split(","):
+      path = scratch / f"{method}.yaml"
+      path.write_text(json.dumps(mergekit_yaml(method, scratch, args.models)))
+      for r in range(args.rounds):
+        order = modes[r % len(modes):] + modes[: r % len(modes)]
+        for mode in order:
+          res = run_case(mode, path, scratch / f"out_{method}_{mode}")
+          res["load"] = os.getloadavg()[0]
+          print(method, mode, json.dumps(res), flush=True)
+          results.setdefault((method, mode), []).append(res)
+      diffs = {m: compare(scratch / f"out_{method}_{m}", scratch / f"out_{method}_mergekit")
+               for m in ("stream", "memory") if (scratch / f"out_{method}_{m}").exists()
+               and (scratch / f"out_{method}_mergekit").exists()}
+      results[(method, "diff")] = diffs
+      print(method, "diff", json.dumps(diffs), flush=True)
+      for mode in modes:
+        shutil.rmtree(scratch / f"out_{method}_{mode}", ignore_errors=True)
   finally:
     if not args.dir:
       shutil.rmtree(scratch, ignore_errors=True)
 
+  scaling = None
+  if not args.skip_scaling:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.run([sys.executable, "-c", _SCALING, str(args.scaling_mparams), str(args.scaling_rounds)],
+                          env=env, capture_output=True, text=True)
+    scaling = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
+
+  import numpy as np
+
+  def med(xs, key):
+    return float(np.median([x[key] for x in xs]))
+
   lines = [
-      "# Streaming vs in-memory merges",
+      "# Merging from disk: jaxmerge vs mergekit, and sharded scaling",
       "",
-      f"`python benchmarks/bench_stream.py --tasks {args.tasks} --sizes-gb {args.sizes_gb} --methods {args.methods}`",
-      f"on {platform.machine()} with {os.cpu_count()} CPU cores (JAX CPU backend), {time.strftime('%Y-%m-%d')}.",
+      f"`python benchmarks/bench_stream.py --hidden {args.hidden} --layers {args.layers} --vocab {args.vocab} "
+      f"--models {args.models} --methods {args.methods} --rounds {args.rounds}` on {platform.machine()}, "
+      f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. **The machine was shared "
+      "with other jobs** (load average during the cases below), so absolute times are noisy; every case ran "
+      f"{args.rounds} times in a rotating order and the table shows medians.",
       "",
-      f"Inputs: a pretrained model and {args.tasks} fine-tuned models, bf16, Llama-style names, "
-      f"{args.tensor_mb} MiB tensors, sharded safetensors ({args.shard_mb} MiB shards) with an index. Inputs on disk "
-      f"total (T + 1) x model size. Peak = the process's peak resident memory (VmHWM) minus its resident memory "
-      "after importing JAX; time includes reading the inputs, XLA compilation and writing the merged checkpoint.",
+      f"Model: random Llama-style causal LM, hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
+      f"{cfg['num_hidden_layers']} layers, vocabulary {cfg['vocab_size']}, untied: **{nparams / 1e6:.0f} M "
+      f"parameters**, bf16 ({2 * nparams / 1e9:.2f} GB per model), a pretrained model and {args.models} fine-tuned "
+      f"ones, sharded safetensors ({args.shard_mb} MiB shards). The same mergekit YAML (`dtype: float32`, "
+      "`out_dtype: bfloat16`) for both tools. Time: the merge call, including reading, writing and (jaxmerge) XLA "
+      "compilation without a persistent cache. Peak: increase of the process's peak RSS during the call.",
       "",
-      "| model size | method | mode | passes | time (s) | peak memory (GB) | inputs on disk (GB) |",
-      "|---|---|---|---|---|---|---|",
+      "| method | tool | time (s) | peak RSS (GB) | speed vs mergekit | memory vs mergekit | load avg | output vs mergekit |",
+      "|---|---|---|---|---|---|---|---|",
   ]
-  for r in rows:
-    inputs = (args.tasks + 1) * r["model_bytes"] / 1e9
-    if "error" in r:
-      lines.append(f"| {r['model_bytes'] / 1e9:.2f} GB | {r['method']} | {r['mode']} | - | failed: {r['error']} | - | "
-                   f"{inputs:.1f} |")
-      continue
-    lines.append(f"| {r['model_bytes'] / 1e9:.2f} GB | {r['method']} | {r['mode']} | {r.get('passes', 1)} | "
-                 f"{r['seconds']:.1f} | {(r['peak'] - r['base_rss']) / 1e9:.2f} | {inputs:.1f} |")
-  lines += ["", "In-memory merges are run only for the smaller size: at 1 GB per model they would hold the "
-            f"{args.tasks + 1} checkpoints plus their float32 task vectors "
-            f"(about {(args.tasks + 1) * 1 + args.tasks * 2} GB), more than this machine can spare."]
+  for method in args.methods.split(","):
+    ref = results.get((method, "mergekit"), [])
+    ok_ref = [x for x in ref if "error" not in x]
+    for mode in modes:
+      xs = results.get((method, mode), [])
+      ok = [x for x in xs if "error" not in x]
+      name = {"mergekit": "mergekit 0.1.5 `run_merge`", "stream": "`jaxmerge merge --stream`",
+              "memory": "`jaxmerge merge --no-stream`"}[mode]
+      if not ok:
+        lines.append(f"| {method} | {name} | failed: {xs[0].get('error') if xs else 'not run'} | | | | | |")
+        continue
+      t, p = med(ok, "seconds"), med(ok, "peak")
+      speed = f"{med(ok_ref, 'seconds') / t:.2f}x" if ok_ref else "-"
+      memr = f"{p / med(ok_ref, 'peak'):.2f}x" if ok_ref else "-"
+      d = results.get((method, "diff"), {}).get(mode)
+      dtext = "-" if mode == "mergekit" else (
+          "names differ" if d and not d["same_names"] else
+          f"max {d['max_ulps']:.1f} bf16 ulp, {100 * d['differ']:.3f}% entries differ" if d else "-")
+      lines.append(f"| {method} | {name} | {t:.1f} | {p / 1e9:.2f} | {speed} | {memr} | "
+                   f"{med(ok, 'load'):.1f} | {dtext} |")
+  if scaling and "rows" in scaling:
+    lines += [
+        "",
+        f"## Sharded merge: 1 to 8 fake CPU devices",
+        "",
+        f"`jaxmerge.sharding.make_sharded_merger` on {scaling['tasks']} task vectors of "
+        f"{scaling['params_per_model'] / 1e6:.1f} M float32 parameters (8 matrices), stack sharded along the task "
+        f"axis over a task mesh of N devices ({scaling['tasks']}/N tasks per device); inputs placed on the mesh "
+        f"before timing; median and best of {args.scaling_rounds} calls after the first (compiling) one. The fake "
+        "devices share the same 2 cores, so this measures the partitioned program (collectives included), not "
+        "added hardware; max |sharded - unsharded| shows the results agree.",
+        "",
+        "| method | devices | tasks per device | first call (s, compile) | median (s) | best (s) | vs 1 device (median) | max abs diff vs jm.merge |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = {}
+    for r in scaling["rows"]:
+      if r["devices"] == 1:
+        base[r["method"]] = r["median"]
+      lines.append(f"| {r['method']} | {r['devices']} | {r['tasks_per_device']} | {r['first']:.2f} | {r['median']:.3f} | "
+                   f"{r['best']:.3f} | {base[r['method']] / r['median']:.2f}x | {r['max_abs_diff']:.1e} |")
+  elif scaling:
+    lines += ["", f"Scaling part failed: {scaling['error']}"]
+  text = "\n".join(lines) + "\n"
   pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
+  pathlib.Path(args.out).write_text(text)
+  print(text)
   print(f"wrote {args.out}")
 
 
