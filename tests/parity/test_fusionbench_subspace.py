@@ -100,7 +100,7 @@ def test_iso_cts(num_tasks, fraction, scale):
 # --------------------------------------------------------------------------------------------------- WUDI
 
 
-@pytest.mark.parametrize("num_tasks,steps", [(3, 40)])
+@pytest.mark.parametrize("num_tasks,steps", [(3, 25)])
 def test_wudi(num_tasks, steps):
   """FusionBench's ``wudi_merging`` (Adam, lr 1e-5) with fewer steps than the default; the result moves well
   away from the task-arithmetic start (checked), so the steps are compared, not just the start."""
