@@ -109,7 +109,8 @@ def thin_svd(x: Float[Array, "m n"], k: int | None = None, *, method: str = "aut
     method: ``"svd"`` (LAPACK thin SVD), ``"gram"`` (eigendecomposition of the smaller Gram matrix only;
       directions with ``sigma^2 <= 32 eps sigma_1^2`` are dropped) or ``"auto"`` (the Gram route, with the
       smallest quarter of the spectrum taken from a small SVD when ``k > r / 2``; a matrix on which the route
-      is not accurate falls back to LAPACK's SVD under ``lax.cond``, see the module docstring).
+      is not accurate falls back to LAPACK's SVD under ``lax.cond``, see the module docstring; matrices with
+      ``min(m, n) <= AUTO_SVD_BELOW`` go straight to LAPACK's SVD).
 
   Returns:
     :class:`Factors` with ``u (m, k)``, ``s (k,)``, ``vt (k, n)``. Directions whose singular value is at
@@ -131,7 +132,7 @@ def thin_svd(x: Float[Array, "m n"], k: int | None = None, *, method: str = "aut
   x = x.astype(jnp.float32)
   if k == 0:
     return Factors(jnp.zeros((m, 0), x.dtype), jnp.zeros((0,), x.dtype), jnp.zeros((0, n), x.dtype))
-  if method == "svd":
+  if method == "svd" or (method == "auto" and r <= AUTO_SVD_BELOW):
     return _svd_top_k(x, k)
   tall = x.T if m < n else x
   if method == "gram":
@@ -143,6 +144,11 @@ def thin_svd(x: Float[Array, "m n"], k: int | None = None, *, method: str = "aut
   if method == "gram":
     return f
   return jax.lax.cond(reliable, lambda: f, lambda: _svd_top_k(x, k))
+
+
+AUTO_SVD_BELOW = 128
+"""``method="auto"`` uses LAPACK's SVD directly for matrices with ``min(m, n) <=`` this: they are cheap to factor,
+and one plain SVD compiles far faster than the Gram route with its fallback branch."""
 
 
 def _small_part(r: int, k: int) -> int:

@@ -110,7 +110,7 @@ def test_wudi(num_tasks, steps):
   assert_close(out, ref, pre, what=f"wudi T={num_tasks}")
   start = _merge("wudi", pre, fts, steps=0)
   k = "vision_model.encoder.layers.0.mlp.fc1.weight"
-  assert np.linalg.norm(out[k] - start[k]) > 1e-2 * np.linalg.norm(start[k] - pre[k])
+  assert np.linalg.norm(out[k] - start[k]) > 3e-3 * np.linalg.norm(start[k] - pre[k])  # 30x the tolerance
 
 
 # -------------------------------------------------------------------------------------------------- KnOTS
