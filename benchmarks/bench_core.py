@@ -62,7 +62,7 @@ HPARAMS = {
 }
 
 
-def run_jaxmerge(method: str, tasks: int) -> dict:
+def run_jaxmerge(method: str, tasks: int, engine: str = "jit") -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -81,16 +81,24 @@ def run_jaxmerge(method: str, tasks: int) -> dict:
   input_gb = (tasks + 1) * n_params * 4 / 1024**3
   base_rss = _rss_gb()
   tx = jm.get_method(method)(**HPARAMS[method])
+  if engine == "stream":  # tensor by tensor (jaxmerge.stream), exact multi-pass plans for global methods
+    from jaxmerge import stream
+
+    def run():
+      w = stream.DictWriter()
+      stream.merge_streaming(tx, pre, fts, w, method=(method, HPARAMS[method]), key=jax.random.key(1), prefetch=False)
+      return w
+  else:
+    def run():
+      return jax.block_until_ready(jm.merge(tx, pre, fts, key=jax.random.key(1)))
   t0 = time.perf_counter()
-  out = jm.merge(tx, pre, fts, key=jax.random.key(1))
-  jax.block_until_ready(out)
+  out = run()
   first = time.perf_counter() - t0
   t0 = time.perf_counter()
-  out = jm.merge(tx, pre, fts, key=jax.random.key(1))
-  jax.block_until_ready(out)
+  out = run()
   second = time.perf_counter() - t0
   checksum = float(sum(np.abs(np.asarray(v, np.float64) - pre[k]).sum() for k, v in out.items()))
-  return {"lib": "jaxmerge", "method": method, "tasks": tasks, "params": n_params, "first_s": first,
+  return {"lib": "jaxmerge" if engine == "jit" else "jaxmerge-stream", "method": method, "tasks": tasks, "params": n_params, "first_s": first,
           "warm_s": second, "peak_gb": _rss_gb(), "inputs_gb": input_gb, "rss_before_gb": base_rss,
           "checksum": checksum}
 
@@ -142,8 +150,11 @@ def run_fusion_bench(method: str, tasks: int) -> dict:
 
 
 def child(lib: str, method: str, tasks: int) -> None:
-  fn = run_jaxmerge if lib == "jaxmerge" else run_fusion_bench
-  print("RESULT " + json.dumps(fn(method, tasks)), flush=True)
+  if lib == "fusion-bench":
+    r = run_fusion_bench(method, tasks)
+  else:
+    r = run_jaxmerge(method, tasks, "stream" if lib == "jaxmerge-stream" else "jit")
+  print("RESULT " + json.dumps(r), flush=True)
 
 
 def main() -> None:
@@ -151,6 +162,8 @@ def main() -> None:
   ap.add_argument("--methods", default="task_arithmetic,ties,dare")
   ap.add_argument("--tasks", default="4,8", help="task counts for jaxmerge")
   ap.add_argument("--fb-tasks", default="4", help="task counts for fusion-bench (8 does not fit in 24 GB)")
+  ap.add_argument("--engines", default="jit,stream",
+                  help="jaxmerge engines: jit (one jitted program, jm.merge) and stream (tensor by tensor)")
   ap.add_argument("--out", default=str(HERE / "results" / "core.md"))
   ap.add_argument("--child", nargs=3, metavar=("LIB", "METHOD", "TASKS"))
   args = ap.parse_args()
@@ -159,7 +172,9 @@ def main() -> None:
     return
   rows = []
   for method in args.methods.split(","):
-    cases = [("fusion-bench", int(t)) for t in args.fb_tasks.split(",") if t] + [("jaxmerge", int(t)) for t in args.tasks.split(",")]
+    libs = [{"jit": "jaxmerge", "stream": "jaxmerge-stream"}[e] for e in args.engines.split(",") if e]
+    cases = [("fusion-bench", int(t)) for t in args.fb_tasks.split(",") if t] + [
+        (lib, int(t)) for lib in libs for t in args.tasks.split(",")]
     for lib, t in cases:
       proc = subprocess.run([sys.executable, __file__, "--child", lib, method, str(t)], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(HERE.parent)})
@@ -172,14 +187,15 @@ def main() -> None:
       rows.append(r)
       print(f"{lib:12s} {method:16s} T={t}: {r['first_s']:.2f} s (warm {r['warm_s'] if r['warm_s'] is None else round(r['warm_s'], 2)}), "
             f"peak {r['peak_gb']:.2f} GB, inputs {r['inputs_gb']:.2f} GB", flush=True)
-  lines = ["| method | library | tasks | time (s, first call incl. compile) | warm (s) | speed-up vs fusion-bench | peak RSS (GB) | inputs (GB) | peak / inputs |",
+  lines = ["| method | library | tasks | time (s, first call incl. compile) | warm (s) | speed-up vs fusion-bench (first / warm) | peak RSS (GB) | inputs (GB) | peak / inputs |",
            "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
       lines.append(f"| {r['method']} | {r['lib']} | {r['tasks']} | failed | | | | | |")
       continue
     ref = next((x for x in rows if x.get("lib") == "fusion-bench" and x["method"] == r["method"] and x["tasks"] == r["tasks"] and "error" not in x), None)
-    speed = f"{ref['first_s'] / r['first_s']:.1f}x" if ref and r["lib"] == "jaxmerge" else ""
+    speed = (f"{ref['first_s'] / r['first_s']:.1f}x / {ref['first_s'] / r['warm_s']:.1f}x"
+             if ref and r["lib"] != "fusion-bench" else "")
     warm = f"{r['warm_s']:.2f}" if r["warm_s"] is not None else ""
     lines.append(f"| {r['method']} | {r['lib']} | {r['tasks']} | {r['first_s']:.2f} | {warm} | {speed} | {r['peak_gb']:.2f} | "
                  f"{r['inputs_gb']:.2f} | {r['peak_gb'] / r['inputs_gb']:.2f} |")

@@ -26,7 +26,7 @@ SUITES = ("offline", *CLIP_SUITES)
 # progress) returning an object with the runner's Suite interface.
 CLIP_SUITE_PROVIDERS = ("jaxmerge.data.clip_suites", "jaxmerge.bench.clip_suites")
 # --smoke without --methods: a few representative methods (compilation dominates a smoke run's time).
-SMOKE_METHODS = ("simple_average", "task_arithmetic", "ties", "tsv_m", "iso_c")
+SMOKE_METHODS = ("simple_average", "task_arithmetic", "ties")
 
 
 def build_suite(name: str, *, cache_dir=None, seed: int = 0, smoke: bool = False, progress: bool = True):
