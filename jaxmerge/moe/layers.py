@@ -57,6 +57,13 @@ def _path(keys: Sequence[Any]) -> str:
 def vision_module(config: clip.ClipConfig, params: Any) -> clip.VisionTransformer:
   """The NNX vision tower of ``config`` holding ``params`` (the ``vision_model`` subtree of a CLIP params dict).
 
+  Args:
+    config: the CLIP configuration.
+    params: the ``vision_model`` parameter tree (cast to float32).
+
+  Returns:
+    A :class:`jaxmerge.models.clip.VisionTransformer` holding ``params``.
+
   Raises:
     ValueError: missing, unexpected or misshapen parameters (named).
   """
@@ -324,13 +331,30 @@ def wemoe(config: clip.ClipConfig, pretrained: Any, finetuned: Sequence[Any], *,
 
 
 def count_params(model: nnx.Module, *filters) -> int:
-  """Number of scalars in ``model``'s state (optionally of the given variable types)."""
+  """Number of scalars in ``model``'s state (optionally of the given variable types).
+
+  Args:
+    model: any NNX module.
+    *filters: NNX variable filters (e.g. :class:`RouterParam`); none counts every variable.
+
+  Returns:
+    The total number of array elements.
+  """
   state = nnx.state(model, *filters) if filters else nnx.state(model)
   return int(sum(np.size(x) for x in jax.tree.leaves(state)))
 
 
 def save_state(path, model: nnx.Module, *, overwrite: bool = False):
-  """Saves every variable of ``model`` (weights, experts, routers) as an orbax checkpoint."""
+  """Saves every variable of ``model`` (weights, experts, routers) as an orbax checkpoint.
+
+  Args:
+    path: the checkpoint directory.
+    model: the NNX module to save.
+    overwrite: replace an existing checkpoint (else an existing ``path`` is an error).
+
+  Returns:
+    The checkpoint path (a :class:`pathlib.Path`), as returned by :func:`jaxmerge.io.orbax_io.save`.
+  """
   from jaxmerge.io import orbax_io  # noqa: PLC0415
 
   return orbax_io.save(path, nnx.to_pure_dict(nnx.state(model)), overwrite=overwrite)
@@ -338,6 +362,13 @@ def save_state(path, model: nnx.Module, *, overwrite: bool = False):
 
 def load_state(path, like: nnx.Module) -> nnx.Module:
   """A copy of ``like`` (a model built the same way) with the variables saved at ``path``.
+
+  Args:
+    path: a checkpoint written by :func:`save_state`.
+    like: a model of the same structure (left untouched).
+
+  Returns:
+    A new model with the saved variables.
 
   Raises:
     ValueError: the checkpoint's tree or shapes differ from ``like``'s (e.g. another number of experts).

@@ -108,6 +108,14 @@ def smile_routing(x: Float[Array, "*b i"], gate: Float[Array, "T i g"], top_k: i
 
   With one task the weight is 1 (the reference's rule).
 
+  Args:
+    x: inputs ``[..., in]`` (one routing decision per row).
+    gate: routing vectors ``(T, in, k_gate)`` (:attr:`SmileFactors.gate`).
+    top_k: experts kept per row (clipped to ``T``).
+
+  Returns:
+    Routing weights ``[..., T]``: zero outside the ``top_k`` largest, the kept ones summing to 1.
+
   References:
     Tang et al., "SMILE", 2024. https://arxiv.org/abs/2408.10174
   """
@@ -162,6 +170,13 @@ def init_router(key: jax.Array, width: int, num_tasks: int, *, hidden_layers: in
   Kernels ``N(0, 0.01^2)``, hidden biases 0, output bias ``init_lambda`` (so the initial weights are close to
   task arithmetic with ``init_lambda``). ``hidden_layers=0`` is a constant (input-independent) weight vector.
 
+  Args:
+    key: PRNG key for the kernels.
+    width: the router's input width (and hidden size).
+    num_tasks: ``T``, the number of output logits.
+    hidden_layers: number of ReLU layers, 0, 1 or 2 (the reference's depth is 2).
+    init_lambda: the output bias, i.e. the initial task weight.
+
   Returns:
     A list of ``{"kernel": (in, out), "bias": (out,)}`` dicts (just ``[{"bias": (T,)}]`` for depth 0).
 
@@ -184,7 +199,18 @@ def init_router(key: jax.Array, width: int, num_tasks: int, *, hidden_layers: in
 
 
 def router_logits(router: list[dict], h: Float[Array, "*b w"]) -> Float[Array, "*b T"]:
-  """Applies a router from :func:`init_router` (ReLU between layers; depth 0 ignores ``h``)."""
+  """Applies a router from :func:`init_router` (ReLU between layers; depth 0 ignores ``h``).
+
+  Args:
+    router: the layer list of :func:`init_router`.
+    h: inputs ``[..., width]``.
+
+  Returns:
+    Task logits ``[..., T]`` (the depth-0 bias broadcast over ``h``'s leading axes).
+
+  References:
+    Tang et al., "WEMoE", ICML 2024. https://arxiv.org/abs/2402.00433
+  """
   if "kernel" not in router[0]:
     return jnp.broadcast_to(_f32(router[0]["bias"]), (*h.shape[:-1], router[0]["bias"].shape[0]))
   z = _f32(h)
@@ -198,6 +224,14 @@ def router_logits(router: list[dict], h: Float[Array, "*b w"]) -> Float[Array, "
 def wemoe_gate(router: list[dict], h: Float[Array, "B N w"], batch_reduce: bool) -> Float[Array, "B T"]:
   """Per-sample task weights of a WEMoE layer: router logits averaged over tokens (and over the batch with
   ``batch_reduce``, then broadcast back to ``B`` rows).
+
+  Args:
+    router: the layer list of :func:`init_router`.
+    h: token features ``(B, N, width)``.
+    batch_reduce: average the weights over the batch as well.
+
+  Returns:
+    Task weights ``(B, T)``.
 
   References:
     Tang et al., "WEMoE", ICML 2024. https://arxiv.org/abs/2402.00433
@@ -220,6 +254,9 @@ def wemoe_mlp(h: Float[Array, "B N w"], base: dict, deltas: dict, weights: Float
     weights: per-sample task weights from :func:`wemoe_gate`.
     act: the activation function.
 
+  Returns:
+    The MLP output ``(B, N, width)``.
+
   References:
     Tang et al., "WEMoE", ICML 2024. https://arxiv.org/abs/2402.00433
   """
@@ -239,6 +276,13 @@ def high_pass(x: Float[Array, "m n"], cutoff: float) -> Float[Array, "m n"]:
   """FREE-Merging's frequency filter: ``real(F^-1(H * F(x)))`` with ``H = 1[sqrt(eta^2 + gamma^2) >= cutoff]``
   on the centered (``fftshift``) 2-D frequency grid. ``cutoff = 0`` passes everything. Symmetric under
   transposition of ``x`` (the result is transposed with it), so the matrix layout does not matter.
+
+  Args:
+    x: a matrix ``(m, n)``.
+    cutoff: radius (in frequency-grid units) below which frequencies are removed.
+
+  Returns:
+    The filtered matrix ``(m, n)``, float32.
 
   References:
     Zheng and Wang, "FREE-Merging: Fourier Transform for Efficient Model Merging", 2024.

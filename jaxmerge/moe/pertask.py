@@ -185,6 +185,19 @@ def emr_model(apply_fn, pretrained: Params, finetuned, *, rescaler: str = "refer
   """EMR-Merging's per-task model: ``theta_0 + lambda_t (M_t * tau_uni)`` from the unified task vector, ``T``
   bit-masks and ``T`` scalars (:func:`jaxmerge.transforms.emr_modulate`'s definition).
 
+  Args:
+    apply_fn: ``apply_fn(params, images) -> outputs`` of the plain model.
+    pretrained: the pretrained parameter tree.
+    finetuned: a list of ``T`` fine-tuned trees, or one stacked tree (leading task axis).
+    rescaler: ``"reference"`` (per-leaf mean absolute values, summed over leaves) or ``"global"`` (over the
+      whole model) for the scalars ``lambda_t``.
+
+  Returns:
+    An :class:`ExpertModel` with ``T`` experts.
+
+  Raises:
+    ValueError: an unknown ``rescaler``.
+
   References:
     Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
     https://arxiv.org/abs/2405.17461
@@ -205,6 +218,16 @@ def emr_model(apply_fn, pretrained: Params, finetuned, *, rescaler: str = "refer
 def tall_model(apply_fn, pretrained: Params, finetuned, *, tall_lambda: float | Sequence[float] = 0.6,
                strict: bool = True) -> ExpertModel:
   """TALL masks' per-task model ``theta_0 + m_t * tau_MTL`` (``tau_MTL = sum_t tau_t``, T bit-masks).
+
+  Args:
+    apply_fn: ``apply_fn(params, images) -> outputs`` of the plain model.
+    pretrained: the pretrained parameter tree.
+    finetuned: a list of ``T`` fine-tuned trees, or one stacked tree (leading task axis).
+    tall_lambda: ``lambda_t`` of the mask ``|tau_t| > lambda_t |tau_MTL - tau_t|``, one value or one per task.
+    strict: use ``>`` (the reference code) or ``>=`` (the survey) in the mask.
+
+  Returns:
+    An :class:`ExpertModel` with ``T`` experts.
 
   References:
     Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024.
@@ -230,6 +253,20 @@ def low_rank_model(apply_fn, pretrained: Params, finetuned, *, rank_fraction: fl
   """Per-task model ``theta_0 + SVD_k(Delta_t)`` on 2-D leaves, each task's own vector leaves elsewhere:
   TSV-C (``k = int(r * rank_fraction)``, default ``1/T``) or BYOM-LoRA (a fixed ``rank``, clipped to ``r``).
 
+  Args:
+    apply_fn: ``apply_fn(params, images) -> outputs`` of the plain model.
+    pretrained: the pretrained parameter tree.
+    finetuned: a list of ``T`` fine-tuned trees, or one stacked tree (leading task axis).
+    rank_fraction: TSV-C's fraction of each 2-D leaf's full rank ``r`` (``None``: ``1/T``).
+    rank: a fixed rank instead (BYOM-LoRA); give at most one of ``rank`` and ``rank_fraction``.
+    name: the model's name (``"tsv_c"``, ``"byom_lora"``).
+
+  Returns:
+    An :class:`ExpertModel` with ``T`` experts.
+
+  Raises:
+    ValueError: both ``rank`` and ``rank_fraction`` given.
+
   References:
     Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
     https://arxiv.org/abs/2412.00081 ; Jiang et al., "BYOM", 2023. https://arxiv.org/abs/2310.01886
@@ -254,6 +291,16 @@ def byom_model(apply_fn, pretrained: Params, finetuned, *, density: float = 0.1,
   """BYOM-FFT: shared ``theta* = theta_0 + scale sum_t tau_t`` plus task ``t``'s residual ``tau_t - scale sum_s
   tau_s`` kept at its top-``density`` magnitudes over the whole model (``>=`` the reference threshold).
 
+  Args:
+    apply_fn: ``apply_fn(params, images) -> outputs`` of the plain model.
+    pretrained: the pretrained parameter tree.
+    finetuned: a list of ``T`` fine-tuned trees, or one stacked tree (leading task axis).
+    density: fraction of each task's residual entries kept.
+    scale: the shared part's task-arithmetic coefficient.
+
+  Returns:
+    An :class:`ExpertModel` with ``T`` experts.
+
   References:
     Jiang et al., "BYOM: Building Your Own Multi-Task Model For Free", 2023. https://arxiv.org/abs/2310.01886
   """
@@ -277,6 +324,18 @@ def twin_model(apply_fn, pretrained: Params, finetuned, *, scale: float = 0.3, r
   """Twin-Merging: shared ``theta_s = theta_0 + scale sum_t tau_t``, exclusive parts ``D_t = theta_t - theta_s``
   compressed to rank ``rank`` on 2-D leaves (``None``: full rank) and kept dense on vector leaves; a router
   (see :func:`train_router`) mixes them per input: ``theta(x) = theta_s + sum_t w_t(x) SVD_r(D_t)``.
+
+  Args:
+    apply_fn: ``apply_fn(params, images) -> outputs`` of the plain model.
+    pretrained: the pretrained parameter tree.
+    finetuned: a list of ``T`` fine-tuned trees, or one stacked tree (leading task axis).
+    scale: the shared part's task-arithmetic coefficient.
+    rank: rank of the exclusive parts on 2-D leaves (clipped to the full rank; ``None``: full rank).
+    router: optional ``(router_params, feature_fn)`` (see :class:`ExpertModel`); without it, call the model
+      with a task id or explicit weights.
+
+  Returns:
+    An :class:`ExpertModel` with ``T`` experts.
 
   References:
     Lu et al., "Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging", NeurIPS 2024.
@@ -305,6 +364,11 @@ def free_backbone(pretrained: Params, finetuned, *, cutoff: float = 0.0) -> tupl
   filtered (:func:`jaxmerge.moe.math.high_pass`; vector leaves unfiltered), ``lambda_t = E(tau_t) / sum_s
   E(tau_s)`` with ``E`` the mean absolute value over the whole model (absolute values: METHODS.md 5.2).
 
+  Args:
+    pretrained: the pretrained parameter tree.
+    finetuned: a list of ``T`` fine-tuned trees, or one stacked tree (leading task axis).
+    cutoff: the high-pass radius (``0`` passes everything).
+
   Returns:
     ``(backbone {path: array}, tau {path: (T, ...)}, lambda (T,), like)``.
 
@@ -330,6 +394,20 @@ def free_model(apply_fn, pretrained: Params, finetuned, *, cutoff: float = 0.0, 
   """FREE-Merging: the :func:`free_backbone` plus lightweight experts ``mu_t M(tau_t, d)`` (top-``density``
   magnitudes of each task vector over the whole model) with ``mu_t = -E(M(tau_t, d)) log(d) / (lambda_t
   E(tau_t))`` (the survey's formula), mixed by a router. ``density=None``: no experts (the backbone alone).
+
+  Args:
+    apply_fn: ``apply_fn(params, images) -> outputs`` of the plain model.
+    pretrained: the pretrained parameter tree.
+    finetuned: a list of ``T`` fine-tuned trees, or one stacked tree (leading task axis).
+    cutoff: the backbone's high-pass radius.
+    density: fraction of each task vector's entries kept in its expert, in ``(0, 1)``; ``None``: no experts.
+    router: optional ``(router_params, feature_fn)`` (see :class:`ExpertModel`).
+
+  Returns:
+    An :class:`ExpertModel` with ``T`` experts.
+
+  Raises:
+    ValueError: ``density`` outside ``(0, 1)``.
 
   References:
     Zheng and Wang, "FREE-Merging", 2024. https://arxiv.org/abs/2411.16815
@@ -362,6 +440,10 @@ def train_router(features: Float[Array, "N F"], task_ids, *, hidden: int = 64, h
     hidden, hidden_layers: router size (ReLU MLP; ``hidden_layers=0`` is linear).
     steps, learning_rate, batch_size: Adam settings.
     key: PRNG key.
+
+  Returns:
+    The trained router, a list of ``{"kernel": (in, out), "bias": (out,)}`` dicts mapping ``F`` features to
+    ``T = max(task_ids) + 1`` logits.
 
   References:
     Lu et al., "Twin-Merging", NeurIPS 2024. https://arxiv.org/abs/2406.15479

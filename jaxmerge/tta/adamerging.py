@@ -37,7 +37,19 @@ _check = check_adamerging
 
 def ties_masked(tau: dict, density: float = 0.2) -> dict:
   """AdaMerging++'s ``Phi``: each task vector trimmed to its top-``density`` entries (one global threshold
-  per task), then only the entries agreeing with TIES's elected sign kept. ``(T, ...) -> (T, ...)``."""
+  per task), then only the entries agreeing with TIES's elected sign kept. ``(T, ...) -> (T, ...)``.
+
+  Args:
+    tau: flat ``{path: (T, ...)}`` task vectors.
+    density: fraction of each task vector's entries kept by the trim.
+
+  Returns:
+    ``{path: (T, ...)}`` trimmed, sign-masked task vectors (zeros elsewhere).
+
+  References:
+    Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024.
+    https://arxiv.org/abs/2310.02575
+  """
   tr = T.trim(density, "global")
   trimmed = tr.apply(tr.init(tau), tau)
   sign = R.elected_sign(trimmed, "global")
@@ -54,6 +66,24 @@ def adamerging_adapter(forward_fn: Callable[[Any, jax.Array], jax.Array], pretra
   :class:`~jaxmerge.tta.heads.Structure`) gives the tree structure ``forward_fn`` expects. Adapters are cached
   per arguments, so repeated runs on one model structure compile their step once. ``remat=True`` wraps the
   merge in ``jax.checkpoint`` (the merged weights are recomputed in the backward pass instead of stored).
+
+  Args:
+    forward_fn: ``forward_fn(params, images [B, ...]) -> features [B, D]`` (jit-compatible).
+    pretrained_like: the pretrained pytree or its :class:`~jaxmerge.tta.heads.Structure`.
+    granularity: ``"layer"`` (per-leaf ``(T,)`` coefficients) or ``"task"`` (one ``(T,)`` table).
+    init_scale: initial coefficient.
+    layout: matrix layout passed to the merge context (default :func:`jaxmerge.filters.hf_layout`).
+    remat: recompute the merged weights in the backward pass.
+
+  Returns:
+    The (cached) :class:`Adapter`.
+
+  Raises:
+    ValueError: an unknown ``granularity``.
+
+  References:
+    Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024.
+    https://arxiv.org/abs/2310.02575
   """
   return _adamerging_adapter(forward_fn, H.structure_of(pretrained_like), granularity, init_scale, layout, remat)
 

@@ -95,7 +95,16 @@ def _inputs(data: Sequence[Any]) -> list:
 
 
 def check_labels(labels: Any, num_classes: int, task: str) -> None:
-  """Raises ``ValueError`` unless ``labels`` are integers in ``[0, num_classes)`` (the head's classes)."""
+  """Raises ``ValueError`` unless ``labels`` are integers in ``[0, num_classes)`` (the head's classes).
+
+  Args:
+    labels: an array-like of class labels (non-empty).
+    num_classes: the number of classes of the task's head.
+    task: the task's name, for the error message.
+
+  Raises:
+    ValueError: empty, non-integer or out-of-range labels.
+  """
   y = np.asarray(labels)
   if y.size == 0:
     raise ValueError(f"task {task}: no labels (empty batch)")
@@ -109,7 +118,20 @@ def check_labels(labels: Any, num_classes: int, task: str) -> None:
 
 def cycle_batches(x: Any, batch_size: int, *, key: jax.Array) -> Iterator[np.ndarray]:
   """Endless shuffled batches of ``min(batch_size, N)`` inputs from an array ``[N, ...]`` (deterministic under
-  ``key``); an iterable is returned unchanged."""
+  ``key``); an iterable is returned unchanged.
+
+  Args:
+    x: an array ``[N, ...]`` (anything with a ``shape``), or an iterable of batches.
+    batch_size: inputs per batch (clipped to ``N``; a remainder of fewer inputs is skipped in each epoch).
+    key: PRNG key seeding the shuffles.
+
+  Returns:
+    An endless iterator of ``[min(batch_size, N), ...]`` numpy batches (each epoch a new permutation), or
+    ``iter(x)`` for an iterable.
+
+  Raises:
+    ValueError: an empty array.
+  """
   if not hasattr(x, "shape"):
     return iter(x)
   x = np.asarray(x)

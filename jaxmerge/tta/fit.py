@@ -23,6 +23,15 @@ def make_step(adapter: Adapter, tx: optax.GradientTransformation, loss: Callable
   ``theta`` and ``opt_state`` are donated (their buffers are reused for the outputs); ``frozen`` is an
   argument, so large weights are never baked into the program as constants. Gradients are taken with respect
   to ``theta`` only.
+
+  Args:
+    adapter: the :class:`~jaxmerge.tta.adapter.Adapter` whose ``apply`` produces the loss's input.
+    tx: the optax optimizer over ``theta``.
+    loss: ``loss(out, batch) -> scalar`` (``-> (scalar, aux)`` with ``has_aux``).
+    has_aux: the loss also returns an auxiliary pytree.
+
+  Returns:
+    The jitted step function (cached per arguments); ``aux`` is ``{}`` without ``has_aux``.
   """
 
   import optax  # noqa: PLC0415  (imported on use: ``import jaxmerge`` must not need optax)

@@ -25,6 +25,13 @@ __all__ = ["Structure", "assemble", "head_logits", "pad_heads", "split_params", 
 def pad_heads(heads: Sequence[Any] | Mapping[str, Any]) -> tuple[Float[Array, "T C D"], Bool[Array, "T C"]]:
   """Stacks ``T`` heads ``[C_t, D]`` into float32 ``[T, C_max, D]`` (zero rows) and a real-class mask.
 
+  Args:
+    heads: ``T`` head arrays ``[C_t, D]``, as a sequence or a mapping (its values, in order).
+
+  Returns:
+    ``(stacked, mask)``: float32 ``[T, C_max, D]`` heads padded with zero rows and a bool ``[T, C_max]`` mask
+    that is ``True`` on the real classes.
+
   Raises:
     ValueError: no heads, a head that is not 2-D, or heads with different feature sizes ``D``.
   """
@@ -44,7 +51,15 @@ def pad_heads(heads: Sequence[Any] | Mapping[str, Any]) -> tuple[Float[Array, "T
 
 
 def head_logits(features: Float[Array, "*b D"], head: Float[Array, "C D"]) -> Float[Array, "*b C"]:
-  """``features @ head.T`` in float32 (highest matmul precision)."""
+  """``features @ head.T`` in float32 (highest matmul precision).
+
+  Args:
+    features: features ``[..., D]``.
+    head: one task head ``[C, D]``.
+
+  Returns:
+    float32 logits ``[..., C]``.
+  """
   return jnp.einsum("...d,cd->...c", features.astype(jnp.float32), head.astype(jnp.float32),
                     precision=jax.lax.Precision.HIGHEST)
 
@@ -54,6 +69,15 @@ def split_params(pretrained: Any, finetuned: Any, *, names: Sequence[str] | None
 
   ``tau32`` holds the stacked float32 task vectors ``[T, ...]`` of every floating leaf; ``passthrough`` the
   non-floating pretrained leaves (copied, never adapted).
+
+  Args:
+    pretrained: the pretrained parameter tree.
+    finetuned: a list of ``T`` fine-tuned trees, or one stacked tree (leading task axis).
+    names: model names used in error messages.
+
+  Returns:
+    ``(pre32, tau32, passthrough)``: the float32 pretrained leaves, the float32 task vectors ``[T, ...]`` and
+    the non-floating pretrained leaves, each a flat ``{path: array}`` dict.
   """
   pre, ft, passthrough = prepare(pretrained, finetuned, names=names)
   pre32, tau = _task_vectors(pre, ft)
@@ -72,7 +96,14 @@ def _task_vectors(pre: dict, ft: Any) -> tuple[dict, dict]:
 
 @jax.jit
 def stack_models(ft: tuple) -> dict:
-  """Stacks a tuple of flat ``{path: array}`` dicts into one dict of ``[T, ...]`` arrays (dtypes kept)."""
+  """Stacks a tuple of flat ``{path: array}`` dicts into one dict of ``[T, ...]`` arrays (dtypes kept).
+
+  Args:
+    ft: a tuple of ``T`` flat dicts with the same paths (those of the first are used).
+
+  Returns:
+    ``{path: [T, ...] array}``.
+  """
   return {p: jnp.stack([m[p] for m in ft]) for p in ft[0]}
 
 
@@ -85,7 +116,14 @@ class Structure(NamedTuple):
 
 
 def structure_of(tree: Any) -> Structure:
-  """The :class:`Structure` of ``tree`` (a ``Structure`` is returned unchanged)."""
+  """The :class:`Structure` of ``tree`` (a ``Structure`` is returned unchanged).
+
+  Args:
+    tree: a parameter pytree, or a :class:`Structure`.
+
+  Returns:
+    The :class:`Structure` (treedef and leaf paths).
+  """
   if isinstance(tree, Structure):
     return tree
   return Structure(jax.tree.structure(tree), tuple(jtree.paths(tree)))
@@ -93,7 +131,16 @@ def structure_of(tree: Any) -> Structure:
 
 def assemble(like: Any, flat: Mapping[str, Any], passthrough: Mapping[str, Any]) -> Any:
   """Rebuilds a full parameter pytree with ``like``'s structure (a pytree or a :class:`Structure`) from float
-  leaves and passthrough leaves."""
+  leaves and passthrough leaves.
+
+  Args:
+    like: the target pytree or its :class:`Structure`.
+    flat: ``{path: array}`` float leaves.
+    passthrough: ``{path: array}`` remaining leaves; together with ``flat`` they must cover every path.
+
+  Returns:
+    A pytree with ``like``'s structure.
+  """
   st = structure_of(like)
   merged = {**flat, **passthrough}
   return jax.tree.unflatten(st.treedef, [merged[p] for p in st.paths])

@@ -107,7 +107,16 @@ def kl_divergence(
 def mse(
     a: Float[Array, "*batch C"], b: Float[Array, "*batch C"], mask: Bool[Array, "*batch C"] | None = None
 ) -> Float[Array, "*batch"]:
-  """Mean squared difference over the last axis (over the real classes when ``mask`` is given)."""
+  """Mean squared difference over the last axis (over the real classes when ``mask`` is given).
+
+  Args:
+    a: predictions ``[..., C]``.
+    b: targets ``[..., C]``.
+    mask: optional bool ``[..., C]`` (broadcastable) real-class mask.
+
+  Returns:
+    float32 ``[...]``: the mean over ``C`` (over the masked-in classes, at least one counted).
+  """
   d = jnp.square(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))
   if mask is None:
     return jnp.mean(d, axis=-1)

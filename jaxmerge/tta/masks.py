@@ -40,6 +40,14 @@ def concrete_mask(logits: dict, temperature: float, key: jax.Array | None) -> di
   """Concrete (relaxed Bernoulli) sample ``sigmoid((log(u / (1 - u)) + x) / temperature)`` per entry, or the
   mean mask ``sigmoid(x)`` when ``key`` is ``None``; ``u`` is clipped to ``(1e-6, 1 - 1e-6)``.
 
+  Args:
+    logits: ``{path: array}`` mask logits ``x``.
+    temperature: the Concrete temperature (positive).
+    key: PRNG key for the uniform noise (one independent draw per leaf), or ``None`` for the mean mask.
+
+  Returns:
+    ``{path: array}`` masks in ``(0, 1)``, each of its logits' shape.
+
   References:
     Maddison et al., "The Concrete Distribution", ICLR 2017. https://arxiv.org/abs/1611.00712
   """
@@ -61,7 +69,22 @@ def concrete_adapter(forward_fn: Callable[[Any, jax.Array], jax.Array], pretrain
                      scale: float = 0.3, temperature: float = 0.5) -> Adapter:
   """The :class:`Adapter` of Concrete TA: ``theta = {path: mask logits}`` (one mask shared by the tasks, init 0),
   merged model ``theta_0 + scale sum_t tau_t m / mean(m)`` with a fresh Concrete sample ``m`` per step
-  (the mean mask ``sigmoid(x)`` when no key is given)."""
+  (the mean mask ``sigmoid(x)`` when no key is given).
+
+  Args:
+    forward_fn: ``forward_fn(params, images [B, ...]) -> features [B, D]`` (jit-compatible).
+    pretrained_like: the pretrained pytree or its :class:`~jaxmerge.tta.heads.Structure`.
+    scale: the task-arithmetic coefficient.
+    temperature: the Concrete temperature.
+
+  Returns:
+    The (cached) :class:`Adapter`; its ``apply`` returns ``(logits [T, B, C_max], mask [T, C_max])`` for a
+    stacked batch ``[T, B, ...]``, over ``frozen = {"pre", "deltas", "passthrough", "heads", "mask"}``.
+
+  References:
+    Tang et al., "Concrete Subspace Learning based Interference Elimination for Multi-task Model Fusion", 2023.
+    https://arxiv.org/abs/2312.06173
+  """
   return _concrete_adapter(forward_fn, H.structure_of(pretrained_like), float(scale), float(temperature))
 
 
@@ -203,7 +226,23 @@ def adarank_adapter(forward_fn: Callable[[Any, jax.Array], jax.Array], pretraine
   "mask"}``: ``theta = {"coef": {path: [T]}, "mask": {path: [T, r]}}``; a matrix leaf is
   ``theta_0 + sum_t coef_t U_t diag(B_t * S_t) V_t^T`` with ``B_t = round(sigmoid(z_t / temperature))`` in the
   forward pass and the sigmoid's gradient in the backward pass (straight-through); other leaves
-  ``theta_0 + sum_t coef_t tau_t``. Initially every component is kept (``z = init_logit > 0``)."""
+  ``theta_0 + sum_t coef_t tau_t``. Initially every component is kept (``z = init_logit > 0``).
+
+  Args:
+    forward_fn: ``forward_fn(params, images [B, ...]) -> features [B, D]`` (jit-compatible).
+    pretrained_like: the pretrained pytree or its :class:`~jaxmerge.tta.heads.Structure`.
+    init_scale: initial coefficient ``coef_t`` of every leaf.
+    temperature: the sigmoid temperature of the rank mask.
+    init_logit: initial mask logit ``z`` of every singular component.
+
+  Returns:
+    The (cached) :class:`Adapter`; its ``apply`` returns ``(logits [T, B, C_max], mask [T, C_max])`` for a
+    stacked batch ``[T, B, ...]``.
+
+  References:
+    Lee et al., "AdaRank: Adaptive Rank Pruning for Enhanced Multi-Task Model Merging", 2025.
+    https://arxiv.org/abs/2503.22178
+  """
   return _adarank_adapter(forward_fn, H.structure_of(pretrained_like), float(init_scale), float(temperature),
                           float(init_logit))[0]
 

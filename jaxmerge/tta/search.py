@@ -29,6 +29,16 @@ _INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
 def grid_search(score: Callable[[float], float], grid: Sequence[float]) -> tuple[float, list[tuple[float, float]]]:
   """The grid point with the highest ``score`` (the first one on ties) and every ``(point, score)``.
 
+  Args:
+    score: ``score(point) -> float`` (higher is better).
+    grid: the points to evaluate (at least one), in order.
+
+  Returns:
+    ``(best point, [(point, score), ...])`` with one entry per grid point, in grid order.
+
+  Raises:
+    ValueError: an empty grid.
+
   References:
     Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (lambda chosen on validation data from
     ``0, 0.05, ..., 1``). https://arxiv.org/abs/2212.04089
@@ -44,6 +54,12 @@ def grid_search(score: Callable[[float], float], grid: Sequence[float]) -> tuple
 def golden_section(score: Callable[[float], float], lo: float, hi: float, iters: int = 12
                    ) -> tuple[float, list[tuple[float, float]]]:
   """Golden-section search for the maximum of a unimodal ``score`` on ``[lo, hi]`` (``iters + 2`` evaluations).
+
+  Args:
+    score: ``score(point) -> float`` (higher is better).
+    lo: the interval's lower end.
+    hi: the interval's upper end (``> lo``).
+    iters: interval reductions (each one new evaluation; ``>= 0``).
 
   Returns:
     ``(best evaluated point, [(point, score), ...])``.
@@ -80,7 +96,15 @@ def _rescale(pre: dict, delta: dict, s: jax.Array) -> dict:
 
 
 def rescale(pretrained: Any, merged: Any) -> Callable[[float], Any]:
-  """``s -> theta_0 + s * (merged - theta_0)`` on float leaves (others from ``merged``); compiled once."""
+  """``s -> theta_0 + s * (merged - theta_0)`` on float leaves (others from ``merged``); compiled once.
+
+  Args:
+    pretrained: pretrained parameters ``theta_0`` (any pytree).
+    merged: a merged model with the same paths.
+
+  Returns:
+    ``at(s) -> params``: the pytree like ``merged`` at scale ``s`` (float leaves in the pretrained dtypes).
+  """
   pre = {p: x for p, x in jtree.flatten_paths(pretrained).items() if jtree.is_float(x)}
   flat_m = jtree.flatten_paths(merged)
   delta = {p: jnp.asarray(flat_m[p], jnp.float32) - jnp.asarray(pre[p], jnp.float32) for p in pre}

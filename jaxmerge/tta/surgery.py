@@ -27,6 +27,14 @@ __all__ = ["apply_surgery", "l1_loss", "surgery", "surgery_adapter"]
 def apply_surgery(adapters: dict, task: int, features: Float[Array, "B D"]) -> Float[Array, "B D"]:
   """``h - W_up ReLU(W_down h)`` with task ``task``'s adapter (``adapters = {"down": [T, r, D], "up": [T, D, r]}``).
 
+  Args:
+    adapters: the trained adapters of :func:`surgery`.
+    task: the task id ``t`` (an index into the leading axis).
+    features: the merged model's features ``[B, D]``.
+
+  Returns:
+    float32 corrected features ``[B, D]``.
+
   References:
     Yang et al., "Representation Surgery for Multi-Task Model Merging", ICML 2024.
     https://arxiv.org/abs/2402.02705
@@ -46,7 +54,21 @@ def _surgery_all(adapters: dict, z: jax.Array) -> jax.Array:
 def surgery_adapter(forward_fn: Callable[[Any, jax.Array], jax.Array], *, rank: int = 16) -> Adapter:
   """The :class:`Adapter` over ``frozen = {"merged": params, "experts": stacked params [T, ...]}``:
   ``apply`` returns ``(surgery features [T, B, D], expert features [T, B, D])`` for a batch ``[T, B, ...]``.
-  ``init`` draws ``W_down ~ N(0, 1/D)`` and sets ``W_up = 0``."""
+  ``init`` draws ``W_down ~ N(0, 1/D)`` and sets ``W_up = 0``.
+
+  ``frozen`` also holds ``"dim"``, a ``[D]`` array whose length gives the feature size (see :func:`surgery`).
+
+  Args:
+    forward_fn: ``forward_fn(params, images [B, ...]) -> features [B, D]`` (jit-compatible).
+    rank: the bottleneck size ``r``.
+
+  Returns:
+    The (cached) :class:`Adapter`; ``theta = {"down": [T, r, D], "up": [T, D, r]}``.
+
+  References:
+    Yang et al., "Representation Surgery for Multi-Task Model Merging", ICML 2024.
+    https://arxiv.org/abs/2402.02705
+  """
   return _surgery_adapter(forward_fn, int(rank))
 
 
@@ -74,7 +96,19 @@ def _surgery_adapter(forward_fn, rank) -> Adapter:
 
 
 def l1_loss(out, batch) -> jax.Array:
-  """``sum_t mean_b ||h_t - target_t||_1`` (the reference's L1 objective, summed over tasks)."""
+  """``sum_t mean_b ||h_t - target_t||_1`` (the reference's L1 objective, summed over tasks).
+
+  Args:
+    out: ``(h [T, B, D], target [T, B, D])``, the output of :func:`surgery_adapter`'s ``apply``.
+    batch: unused (the loss signature of :func:`jaxmerge.tta.fit`).
+
+  Returns:
+    The scalar loss.
+
+  References:
+    Yang et al., "Representation Surgery for Multi-Task Model Merging", ICML 2024.
+    https://arxiv.org/abs/2402.02705
+  """
   del batch
   h, target = out
   return jnp.sum(jnp.mean(jnp.sum(jnp.abs(h - target), axis=-1), axis=1))

@@ -32,6 +32,17 @@ def task_inputs(batches: Any, num_tasks: int, num_examples: int, batch_size: int
   batches (whole batches are read until ``num_examples`` inputs are reached, as the references' loaders do).
   ``(inputs, labels)`` tuples are accepted (labels are ignored).
 
+  Args:
+    batches: ``T`` per-task entries (a sequence, or a dict's values in order), each an array ``[N, ...]``, an
+      iterable of batches, or an ``(inputs, labels)`` tuple of either.
+    num_tasks: the expected number of tasks ``T``.
+    num_examples: inputs to take per task (``>= 1``).
+    batch_size: batch size when splitting an array (``>= 1``); an iterable's batches are kept whole.
+    what: the method's name, for error messages.
+
+  Returns:
+    ``T`` lists of numpy input batches ``[b, ...]`` (an iterable's last batch may overshoot ``num_examples``).
+
   Raises:
     ValueError: no data, a different number of tasks, a task with no input, or bad sizes.
   """
