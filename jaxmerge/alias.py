@@ -44,6 +44,9 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 def simple_average() -> MergeTransform:
   """Model soup: ``theta_0 + mean_t tau_t``.
 
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
   References:
     Wortsman et al., "Model soups", ICML 2022. https://arxiv.org/abs/2203.05482
   """
@@ -56,6 +59,9 @@ def task_arithmetic(scale: float = 0.3) -> MergeTransform:
 
   Args:
     scale: lambda (FusionBench default 0.3); a coefficient, so sweeps do not recompile.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
 
   References:
     Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. https://arxiv.org/abs/2212.04089
@@ -70,13 +76,33 @@ def nan(global_scale: float | None = None, norm_of: str = "task_vector") -> Merg
   Args:
     global_scale: the global factor (default ``T / 2``).
     norm_of: ``"task_vector"`` (default) or ``"weights"`` (norm of the fine-tuned weights).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    "NAN: A Training-Free Solution to Coefficient Estimation in Model Merging", 2025.
+    https://arxiv.org/abs/2505.16148
   """
   return T.nan_reduce(global_scale, norm_of)
 
 
 @register("slerp", family="weighted_average", reference="https://dl.acm.org/doi/10.1145/325165.325242")
 def slerp(t: float = 0.5, dot_threshold: float = 0.9995, epsilon: float = 1e-8) -> MergeTransform:
-  """Spherical interpolation of two fine-tuned models, per leaf (FusionBench defaults)."""
+  """Spherical interpolation of two fine-tuned models, per leaf (FusionBench defaults).
+
+  Args:
+    t: interpolation factor, from the first (0) to the second (1) fine-tuned model.
+    dot_threshold: above this absolute cosine the two leaves are treated as colinear and interpolated linearly.
+    epsilon: norms below it skip normalization.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the two stacked task vectors to one update.
+
+  References:
+    Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985.
+    https://dl.acm.org/doi/10.1145/325165.325242
+  """
   return T.slerp_reduce(t, dot_threshold, epsilon)
 
 
@@ -87,6 +113,13 @@ def model_stock(average: str = "angle", clamp: bool = False) -> MergeTransform:
   Args:
     average: ``"angle"`` (mean pairwise angle, FusionBench) or ``"cosine"`` (mean pairwise cosine).
     clamp: clip the cosine to ``[0, 1]``.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024.
+    https://arxiv.org/abs/2403.19522
   """
   return T.model_stock_reduce(average, clamp)
 
@@ -124,6 +157,13 @@ def ties(
 
   mergekit's ``ties`` (with weights 1 and ``normalize: true``) is ``scope="leaf", count="exact",
   zero_sign="positive", disjoint="mean"`` with ``scale`` = its ``lambda``.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+    https://arxiv.org/abs/2306.01708
   """
   return chain(*_ties_core(density, disjoint, scope, count, zero_sign), T.scale(scale))
 
@@ -153,6 +193,15 @@ def dare(
       ``False`` keeps them as they are.
     base: ``"task_arithmetic"`` or ``"ties"`` (then ``density``, ``disjoint``, ``scope`` are TIES's).
     scale: the base method's lambda.
+    density, disjoint, scope: TIES's knobs (see :func:`ties`), used when ``base="ties"``.
+
+  Returns:
+    A stochastic :class:`~jaxmerge.base.MergeTransform` (``needs_key``) that reduces the stacked task vectors
+    to one update.
+
+  References:
+    Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
+    ICML 2024. https://arxiv.org/abs/2311.03099
   """
   return chain(T.drop(p, rescale), *_base_reduction(base, density, disjoint, scope), T.scale(scale))
 
@@ -166,6 +215,13 @@ def breadcrumbs(density: float = 0.85, gamma: float = 0.006, scale: float = 0.2,
     gamma: top fraction dropped as outliers.
     scale: lambda.
     granularity: ``"row"`` (rows of the ``(out, in)`` view, the reference) or ``"tensor"`` (mergekit).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    Davari and Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV 2024.
+    https://arxiv.org/abs/2312.06795
   """
   return chain(T.outlier_mask(density, gamma, granularity), R.sum_tasks(), T.scale(scale))
 
@@ -179,6 +235,14 @@ def della(p: float = 0.3, window: float = 0.14, scale: float = 1.1, rescale: boo
     window: half-width of the drop probabilities around ``p`` (the reference's ``epsilon``).
     scale: lambda.
     rescale: rescale survivors by their keep probability.
+
+  Returns:
+    A stochastic :class:`~jaxmerge.base.MergeTransform` (``needs_key``) that reduces the stacked task vectors
+    to one update.
+
+  References:
+    Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling", 2024.
+    https://arxiv.org/abs/2406.11617
   """
   return chain(T.magprune(p, window, rescale), R.disjoint_merge("mean", "leaf"), T.scale(scale))
 
@@ -194,6 +258,13 @@ def pcb(
     scale: lambda_t, one value or one per task (1.2 in the reference ViT-B/32 script).
     clamp_ratio: magnitudes are clamped to their ``[clamp_ratio, 1 - clamp_ratio]`` order statistics.
     inter: ``"signed_minmax"`` (vision code) or ``"raw"`` (generic helper) inter-balancing.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2410.02396
   """
   return T.pcb_reduce(ratio, scale, clamp_ratio, inter)
 
@@ -211,6 +282,14 @@ def tall_mask(tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) -
   Args:
     tall_lambda: lambda_t (FusionBench 0.6).
     strict: ``>`` (reference) or ``>=`` (survey) in the mask.
+
+  Returns:
+    A per-task :class:`~jaxmerge.base.MergeTransform` (one model per task; use
+    :func:`jaxmerge.merge_per_task`).
+
+  References:
+    Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024.
+    https://arxiv.org/abs/2405.07813
   """
   return T.tall_masks(tall_lambda, strict)
 
@@ -233,6 +312,15 @@ def consensus(
     tall_lambda: lambda_t of the TALL masks.
     base: ``"task_arithmetic"`` or ``"ties"`` (with ``density``, ``disjoint``, ``scope``).
     scale: the base method's lambda.
+    density, disjoint, scope: TIES's knobs (see :func:`ties`), used when ``base="ties"``.
+    strict: ``>`` (reference) or ``>=`` (survey) in the TALL masks.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024.
+    https://arxiv.org/abs/2405.07813
   """
   return chain(T.consensus_mask(k, tall_lambda, strict), *_base_reduction(base, density, disjoint, scope), T.scale(scale))
 
@@ -249,13 +337,32 @@ def emr(rescaler: str = "reference") -> MergeTransform:
 
   Args:
     rescaler: ``"reference"`` (sum of per-leaf mean magnitudes) or ``"global"`` (the survey's global sums).
+
+  Returns:
+    A per-task :class:`~jaxmerge.base.MergeTransform` (one model per task; use
+    :func:`jaxmerge.merge_per_task`).
+
+  References:
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2405.17461
   """
   return T.emr_modulate(rescaler)
 
 
 @register("localize_stitch", family="sparsification", reference="https://arxiv.org/abs/2408.13656")
 def localize_stitch(density: float = 0.1) -> MergeTransform:
-  """Localize-and-Stitch, data-free: top-``density`` masks per task, stitched with overlap averaging."""
+  """Localize-and-Stitch, data-free: top-``density`` masks per task, stitched with overlap averaging.
+
+  Args:
+    density: fraction of each task vector's entries kept (by magnitude, over the whole model) in its mask.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    He et al., "Localize-and-Stitch: Efficient Model Merging via Sparse Task Arithmetic", 2024.
+    https://arxiv.org/abs/2408.13656
+  """
   return T.stitch(density)
 
 
@@ -267,5 +374,17 @@ def localize_stitch(density: float = 0.1) -> MergeTransform:
     reference="https://arxiv.org/abs/2310.01886",
 )
 def byom(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
-  """BYOM-FFT: shared task-arithmetic model plus each task's top-``density`` residual (needs the task id)."""
+  """BYOM-FFT: shared task-arithmetic model plus each task's top-``density`` residual (needs the task id).
+
+  Args:
+    density: fraction of each task's residual ``tau_t - shared`` kept by magnitude (over the whole model).
+    scale: factor of the shared task-vector sum ``scale * sum_t tau_t``.
+
+  Returns:
+    A per-task :class:`~jaxmerge.base.MergeTransform` (one model per task; use
+    :func:`jaxmerge.merge_per_task`).
+
+  References:
+    Jiang et al., "BYOM: Building Your Own Multi-Task Model For Free", 2023. https://arxiv.org/abs/2310.01886
+  """
   return T.byom_residuals(density, scale)

@@ -39,6 +39,9 @@ def tsv_m(
     rank_fraction: per-task rank as a share of ``min(m, n)``; default ``1/T``.
     fallback: vector leaves (``"mean"``, ``"task_arithmetic"``, ``"pretrained"``).
 
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
   References:
     Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
     https://arxiv.org/abs/2412.00081
@@ -61,6 +64,14 @@ def tsv_c(rank_fraction: float | None = None, fallback: str = "task") -> MergeTr
     rank_fraction: per-task rank as a share of ``min(m, n)``; default ``1/T``.
     fallback: vector leaves: ``"task"`` (each task's own vector, as FusionBench stores them), ``"mean"`` or
       ``"pretrained"``.
+
+  Returns:
+    A per-task :class:`~jaxmerge.base.MergeTransform` (one model per task; use
+    :func:`jaxmerge.merge_per_task`).
+
+  References:
+    Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
+    https://arxiv.org/abs/2412.00081
   """
   return R.low_rank_tasks(rank_fraction, fallback=fallback)
 
@@ -76,6 +87,14 @@ def byom_lora(rank: int = 4, fallback: str = "task") -> MergeTransform:
   """BYOM-LoRA: each task's model is ``theta_0 + SVD_q(Delta_t)`` on matrix leaves (LoRA-adapted layers; use
   :func:`jaxmerge.merge_per_task`). The paper gives no fixed ``q`` for ViT-B/32 (default 4, unverified).
 
+  Args:
+    rank: the rank ``q`` kept per task and matrix (clipped to ``min(m, n)``).
+    fallback: vector leaves: ``"task"`` (each task's own vector), ``"mean"`` or ``"pretrained"``.
+
+  Returns:
+    A per-task :class:`~jaxmerge.base.MergeTransform` (one model per task; use
+    :func:`jaxmerge.merge_per_task`).
+
   References:
     Jiang et al., "BYOM: Building Your Own Multi-Task Model For Free", 2023. https://arxiv.org/abs/2310.01886
   """
@@ -89,6 +108,13 @@ def iso_c(scale: float = 1.0, fallback: str = "mean") -> MergeTransform:
   Args:
     scale: alpha (FusionBench config 1.0; its ViT-B/32 8-task example uses 1.5).
     fallback: vector leaves (mean times alpha by default).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",
+    ICML 2025. https://arxiv.org/abs/2502.04959
   """
   return chain(R.iso_c_merge(fallback=fallback), T.scale(scale))
 
@@ -102,6 +128,13 @@ def iso_cts(scale: float = 1.0, common_fraction: float = 0.8, fallback: str = "m
     scale: alpha.
     common_fraction: share of the rank kept for the common subspace (0.8).
     fallback: vector leaves (mean times alpha by default).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",
+    ICML 2025. https://arxiv.org/abs/2502.04959
   """
   return chain(R.iso_cts_merge(common_fraction, fallback=fallback), T.scale(scale))
 
@@ -115,6 +148,12 @@ def cart(rank_fraction: float = 0.08, scale: float = 1.0, rank: int | None = Non
     scale: lambda (a coefficient; tune on validation data, AdaRank's CART config uses 2.3 with rho 0.16).
     rank: fixed rank instead of ``rank_fraction``.
     fallback: vector leaves (``"mean"``: ``theta_avg``, CART's own result).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    Choi et al., "Revisiting Weight Averaging for Model Merging", 2024. https://arxiv.org/abs/2412.12153
   """
   return R.cart_merge(rank_fraction, scale, rank=rank, fallback=fallback)
 
@@ -122,14 +161,39 @@ def cart(rank_fraction: float = 0.08, scale: float = 1.0, rank: int | None = Non
 @register("star", family="subspace", reference="https://arxiv.org/abs/2502.10339")
 def star(eta: float = 40.0, fallback: str = "mean") -> MergeTransform:
   """STAR: keep the top singular directions holding ``eta`` % of each task matrix's nuclear norm, rescale
-  them to the full nuclear norm, average (no global scale)."""
+  them to the full nuclear norm, average (no global scale).
+
+  Args:
+    eta: percentage of each task matrix's nuclear norm kept (paper 40).
+    fallback: vector leaves (``"mean"`` by default).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    Lee et al., "STAR: Spectral Truncation and Rescale for Model Merging", NAACL 2025.
+    https://arxiv.org/abs/2502.10339
+  """
   return R.star_merge(eta, fallback=fallback)
 
 
 @register("wudi", family="subspace", reference="https://arxiv.org/abs/2503.08099")
 def wudi(steps: int = 300, learning_rate: float = 1e-5, fallback: str = "mean") -> MergeTransform:
   """WUDI: per matrix, ``steps`` Adam steps on ``sum_t ||(tau_M - tau_t) tau_t^T||^2 / ||tau_t||^2`` from
-  ``sum_t tau_t`` (FusionBench's config uses 400 steps); vector leaves get the mean; no global scale."""
+  ``sum_t tau_t`` (FusionBench's config uses 400 steps); vector leaves get the mean; no global scale.
+
+  Args:
+    steps: Adam iterations per matrix (300).
+    learning_rate: Adam step size (1e-5).
+    fallback: vector leaves (``"mean"``, the reference's).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  References:
+    Cheng et al., "Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task
+    Vectors", ICML 2025. https://arxiv.org/abs/2503.08099
+  """
   return R.wudi_merge(steps, learning_rate, fallback=fallback)
 
 
@@ -156,6 +220,15 @@ def knots(
     base_hparams: any other hyperparameters of the base.
     eps: numerical-rank threshold on the joint singular values (FusionBench's 1e-4).
     scaled: rank magnitudes on ``diag(S) V_t^T`` instead of ``V_t^T``.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` that reduces the stacked task vectors to one update.
+
+  Raises:
+    ValueError: a subspace or per-task base, or a knob the base does not have.
+
+  References:
+    Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025. https://arxiv.org/abs/2410.19735
   """
   info = method_info(base)
   if info.family == "subspace" or info.per_task:

@@ -151,6 +151,11 @@ def subspace_alignment_ratio_matrix(x: Float[Array, "T m n"], merged: Float[Arra
   the projector on the merged matrix's top ``k_M`` left (output-space) singular vectors,
   ``k_M = min{k : sum_{i>k} sigma_i^2 <= eps^2 sum_i sigma_i^2}``.
 
+  Args:
+    x: the task matrices ``Delta_t``, ``(T, m, n)``.
+    merged: the merged matrix, ``(m, n)``.
+    eps: share of the merged matrix's Frobenius norm left outside the kept subspace (static).
+
   Returns:
     ``(sar (T,), k_M)``; a zero task matrix has SAR 0.
 
@@ -256,6 +261,13 @@ def cart_interference(
 ) -> dict[str, Any]:
   """CART's I(k) and R(k) per matrix leaf (ranks clipped to each matrix's ``min(m, n)``) and summed.
 
+  Args:
+    task_vectors: list or stack of task vectors.
+    ks: the ranks ``k`` (``K`` of them).
+    centered: measure on the centered task matrices ``Delta_t - mean_s Delta_s`` (CART) or the plain ones
+      (see :func:`cart_interference_matrix`).
+    layout, where: matrix view and selection.
+
   Returns:
     ``{"ks": (K,), "interference": {path: (B, K)}, "reconstruction": {path: (B, K)}, "interference_total": (K,),
     "reconstruction_total": (K,)}``.
@@ -291,6 +303,13 @@ def _flat_rows(stack: Any, per_leaf: bool) -> dict[str, jax.Array]:
 def cosine_similarity(task_vectors: Any, *, per_leaf: bool = False) -> Any:
   """``T x T`` cosine similarities ``<tau_i, tau_j> / (||tau_i|| ||tau_j||)`` over all float leaves
   concatenated (default) or per leaf (``{path: T x T}``). Zero task vectors get similarity 0.
+
+  Args:
+    task_vectors: list or stack of task vectors.
+    per_leaf: one matrix per float leaf instead of one over the whole model.
+
+  Returns:
+    A ``(T, T)`` NumPy array, or ``{path: (T, T)}`` with ``per_leaf=True``.
 
   References:
     Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. https://arxiv.org/abs/2212.04089
@@ -364,7 +383,22 @@ def sign_conflict_rate(task_vectors: Any, *, density: float | None = None, per_l
 def plot_heatmap(matrix: Any, path: str, *, labels: Sequence[str] | None = None, title: str = "",
                  cmap: str = "viridis", annotate: bool = True) -> str:
   """Writes a PNG heat map of a 2-D array (e.g. :func:`cosine_similarity`, pairwise sign conflicts, per-layer
-  metrics stacked as ``(layers, tasks)``). Returns ``path``."""
+  metrics stacked as ``(layers, tasks)``). Returns ``path``.
+
+  Args:
+    matrix: a 2-D array ``(rows, cols)``.
+    path: the PNG file to write.
+    labels: tick labels (the first ``cols`` on the x axis, the first ``rows`` on the y axis).
+    title: the plot title.
+    cmap: a matplotlib colormap name.
+    annotate: print each value in its cell (only for at most 400 cells).
+
+  Returns:
+    ``path``.
+
+  Raises:
+    ValueError: ``matrix`` is not 2-D.
+  """
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
@@ -391,7 +425,21 @@ def plot_heatmap(matrix: Any, path: str, *, labels: Sequence[str] | None = None,
 
 def plot_curves(x: Sequence[float], curves: Mapping[str, Sequence[float]], path: str, *, xlabel: str = "",
                 ylabel: str = "", title: str = "", logy: bool = False) -> str:
-  """Writes a PNG line plot of several curves over ``x`` (e.g. I(k) and R(k) against k). Returns ``path``."""
+  """Writes a PNG line plot of several curves over ``x`` (e.g. I(k) and R(k) against k). Returns ``path``.
+
+  Args:
+    x: the ``N`` x values.
+    curves: ``{legend label: N y values}``.
+    path: the PNG file to write.
+    xlabel, ylabel, title: axis labels and title.
+    logy: logarithmic y axis.
+
+  Returns:
+    ``path``.
+
+  Raises:
+    ValueError: a curve whose length differs from ``len(x)``.
+  """
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")

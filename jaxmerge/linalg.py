@@ -89,12 +89,28 @@ class Factors(NamedTuple):
 
 
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``a @ b`` in float32 at ``HIGHEST`` precision."""
+  """``a @ b`` in float32 at ``HIGHEST`` precision.
+
+  Args:
+    a: an ``(..., m, k)`` array (the callers pass float32; no cast is done here).
+    b: a ``(..., k, n)`` array.
+
+  Returns:
+    The ``(..., m, n)`` product (``jnp.matmul`` broadcasting rules).
+  """
   return jnp.matmul(a, b, precision=HIGHEST)
 
 
 def rank_from_fraction(r: int, fraction: float) -> int:
-  """``int(r * fraction)`` (FusionBench's rule, including its float rounding), clipped to ``[0, r]``."""
+  """``int(r * fraction)`` (FusionBench's rule, including its float rounding), clipped to ``[0, r]``.
+
+  Args:
+    r: the full rank ``min(m, n)``.
+    fraction: the kept share of ``r``.
+
+  Returns:
+    The rank, an int in ``[0, r]``.
+  """
   return max(0, min(r, int(r * fraction)))
 
 
@@ -222,6 +238,18 @@ def low_rank(x: Float[Array, "m n"], k: int, *, method: str = "auto") -> Float[A
   With the Gram route (``"auto"`` and ``"gram"``) this is the projection ``x V_k V_k^T`` (or ``U_k U_k^T x`` for
   a wide matrix) on the top eigenvectors of the smaller Gram matrix: no division by singular values, exact on
   rank-deficient input. ``"svd"`` uses LAPACK's SVD.
+
+  Args:
+    x: an ``(m, n)`` matrix (computed in float32).
+    k: the rank, ``0 <= k <= min(m, n)`` (``0`` gives zeros, ``min(m, n)`` returns ``x`` itself).
+    method: ``"auto"`` or ``"svd"`` (LAPACK's SVD; ``"auto"`` currently takes it, see :func:`thin_svd`) or
+      ``"gram"`` (the Gram-projection route).
+
+  Returns:
+    The rank-``k`` float32 ``(m, n)`` matrix.
+
+  Raises:
+    ValueError: ``k`` out of range.
   """
   m, n = x.shape
   r = min(m, n)
@@ -242,12 +270,27 @@ def low_rank(x: Float[Array, "m n"], k: int, *, method: str = "auto") -> Float[A
 
 
 def truncate(f: Factors, k: int) -> Factors:
-  """Keeps the first ``k`` triplets (works with any leading axes)."""
+  """Keeps the first ``k`` triplets (works with any leading axes).
+
+  Args:
+    f: factors ``u (..., m, r)``, ``s (..., r)``, ``vt (..., r, n)``.
+    k: how many triplets to keep.
+
+  Returns:
+    :class:`Factors` ``u (..., m, k)``, ``s (..., k)``, ``vt (..., k, n)``.
+  """
   return Factors(f.u[..., :k], f.s[..., :k], f.vt[..., :k, :])
 
 
 def reconstruct(f: Factors) -> jax.Array:
-  """``u diag(s) vt`` (any leading axes)."""
+  """``u diag(s) vt`` (any leading axes).
+
+  Args:
+    f: factors ``u (..., m, k)``, ``s (..., k)``, ``vt (..., k, n)``.
+
+  Returns:
+    The ``(..., m, n)`` product, at ``HIGHEST`` precision.
+  """
   return matmul(f.u * f.s[..., None, :], f.vt)
 
 
@@ -345,19 +388,43 @@ orthogonalize = polar
 
 
 def nuclear_norm(x: Float[Array, "m n"], *, method: str = "auto") -> jax.Array:
-  """``||x||_*``, the sum of the singular values (``trace(Q^T x)`` with ``Q`` the polar factor)."""
+  """``||x||_*``, the sum of the singular values (``trace(Q^T x)`` with ``Q`` the polar factor).
+
+  Args:
+    x: an ``(m, n)`` matrix.
+    method: polar-factor algorithm (:func:`polar`).
+
+  Returns:
+    The nuclear norm, a float32 scalar.
+  """
   return _polar_and_nuclear(x, method)[1]
 
 
 def flatten_spectrum(x: Float[Array, "m n"], *, method: str = "auto") -> Float[Array, "m n"]:
   """``mean(sigma) U V^T``: every singular value replaced by their mean over all ``min(m, n)`` of them
-  (Iso-C's isotropic rescale; the nuclear norm is preserved)."""
+  (Iso-C's isotropic rescale; the nuclear norm is preserved).
+
+  Args:
+    x: an ``(m, n)`` matrix.
+    method: polar-factor algorithm (:func:`polar`).
+
+  Returns:
+    The ``(m, n)`` matrix ``(||x||_* / min(m, n)) Q``, ``Q`` the polar factor of ``x``.
+  """
   q, nuc = _polar_and_nuclear(x, method)
   return (nuc / min(x.shape)) * q
 
 
 def project_out(x: Float[Array, "m n"], basis: Float[Array, "m k"]) -> Float[Array, "m n"]:
-  """``x - B B^T x``: removes the column-space directions of the orthonormal ``basis``."""
+  """``x - B B^T x``: removes the column-space directions of the orthonormal ``basis``.
+
+  Args:
+    x: an ``(m, n)`` matrix.
+    basis: ``B``, an ``(m, k)`` matrix with orthonormal columns.
+
+  Returns:
+    The ``(m, n)`` projection of ``x`` on the orthogonal complement of ``B``'s columns.
+  """
   return x - matmul(basis, matmul(basis.T, x))
 
 
@@ -372,6 +439,10 @@ def matrix_specs(tree: Any, layout: Callable[..., Any] = jfilters.hf_layout, whe
     tree: a stack (leading task axis, ``stacked=True``) or one model.
     layout: ``(path, per-task struct) -> MatrixSpec | None``.
     where: optional extra filter on ``(path, per-task struct)`` (e.g. to exclude keys).
+    stacked: whether ``tree``'s leaves have a leading task axis (dropped before ``layout`` sees them).
+
+  Returns:
+    ``{path: MatrixSpec}`` for the float leaves that ``layout`` maps to a matrix and ``where`` selects.
   """
   out = {}
   for p, x in jtree.flatten_paths(tree).items():
@@ -390,7 +461,16 @@ def _canonical(x: jax.Array, spec: jfilters.MatrixSpec) -> jax.Array:
 
 
 def group_matrices(xs: Mapping[Path, jax.Array], specs: Mapping[Path, jfilters.MatrixSpec]) -> dict:
-  """Groups stacked matrix leaves by their canonical ``(m, n)``: ``{(m, n): [(path, batch), ...]}``."""
+  """Groups stacked matrix leaves by their canonical ``(m, n)``: ``{(m, n): [(path, batch), ...]}``.
+
+  Args:
+    xs: ``{path: stacked leaf (T, ...)}``.
+    specs: ``{path: MatrixSpec}`` (per-task axes) of the matrix leaves.
+
+  Returns:
+    ``{(m, n): [(path, batch), ...]}``, ``batch`` the number of ``(m, n)`` matrices in one task's leaf (the
+    product of its batch axes).
+  """
   groups: dict[tuple[int, int], list[tuple[Path, int]]] = {}
   for p, spec in specs.items():
     inner = np.shape(xs[p])[1:]
@@ -409,7 +489,15 @@ def _default_batch_size() -> int | None:
 
 def map_tasks(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
   """``fn`` over the leading (task) axis: a sequential ``lax.map`` on CPU (LAPACK runs one matrix at a time
-  there, and data-dependent ``lax.cond`` fallbacks inside ``fn`` stay real branches), ``vmap`` elsewhere."""
+  there, and data-dependent ``lax.cond`` fallbacks inside ``fn`` stay real branches), ``vmap`` elsewhere.
+
+  Args:
+    fn: a function of one task's slice ``x[t]``, returning a pytree of arrays.
+    x: an array with a leading task axis ``(T, ...)``.
+
+  Returns:
+    ``fn``'s pytree with a leading ``T`` axis on every leaf.
+  """
   if x.shape[0] == 1:
     return jax.tree.map(lambda a: a[None], fn(x[0]))
   if jax.default_backend() == "cpu":
@@ -460,7 +548,18 @@ def map_matrices(
 
 def to_leaf(y: jax.Array, spec: jfilters.MatrixSpec, shape: tuple[int, ...], *, tasks: bool = False) -> jax.Array:
   """Maps a kernel result back to a leaf: ``(B, m, n) -> shape``, or ``(B, T, m, n) -> (T, *shape)`` with
-  ``tasks=True`` (``shape`` is the per-task leaf shape)."""
+  ``tasks=True`` (``shape`` is the per-task leaf shape).
+
+  Args:
+    y: the kernel result, ``(B, m, n)`` (or ``(B, T, m, n)`` with ``tasks=True``), ``B`` the batch axes'
+      product.
+    spec: the leaf's :class:`~jaxmerge.filters.MatrixSpec`.
+    shape: the per-task leaf shape.
+    tasks: whether ``y`` has a task axis.
+
+  Returns:
+    The leaf, ``shape`` (or ``(T, *shape)`` with ``tasks=True``).
+  """
   if tasks:
     y = jnp.moveaxis(y, 1, 0)
     return jfilters.from_matrix(y, spec, (y.shape[0],) + tuple(shape), batch_dims=1)
@@ -520,7 +619,15 @@ def decompose(
 
 
 def batch_shape(x: jax.Array, spec: jfilters.MatrixSpec) -> tuple[int, ...]:
-  """The non-matrix (batch) axes of a stacked leaf ``x (T, ...)`` under ``spec``, in their original order."""
+  """The non-matrix (batch) axes of a stacked leaf ``x (T, ...)`` under ``spec``, in their original order.
+
+  Args:
+    x: a stacked leaf ``(T, ...)``.
+    spec: its per-task :class:`~jaxmerge.filters.MatrixSpec`.
+
+  Returns:
+    The sizes of the per-task axes that are neither ``spec.out_axes`` nor ``spec.in_axes`` (a tuple of ints).
+  """
   inner = np.shape(x)[1:]
   nd = len(inner)
   used = {a % nd for a in tuple(spec.in_axes) + tuple(spec.out_axes)}
@@ -529,7 +636,17 @@ def batch_shape(x: jax.Array, spec: jfilters.MatrixSpec) -> tuple[int, ...]:
 
 def compose(factors: Any, like: Any, *, layout: Callable[..., Any] = jfilters.hf_layout) -> Any:
   """Inverse of :func:`decompose`: reconstructs each :class:`Factors` leaf into the layout of ``like`` (a
-  stack, or a tree of ``ShapeDtypeStruct`` with the task axis), leaving other leaves as they are."""
+  stack, or a tree of ``ShapeDtypeStruct`` with the task axis), leaving other leaves as they are.
+
+  Args:
+    factors: a tree whose matrix leaves are :class:`Factors` (as :func:`decompose` returns them).
+    like: the stack the factors came from (or its ``ShapeDtypeStruct`` tree), for the leaf shapes.
+    layout: the matrix layout used by :func:`decompose`.
+
+  Returns:
+    The tree with every :class:`Factors` leaf replaced by its ``(T, ...)`` reconstruction ``u diag(s) vt`` in
+    ``like``'s shape.
+  """
   is_f = lambda v: isinstance(v, Factors)  # noqa: E731
   flat_like = jtree.flatten_paths(like)
   leaves, treedef = jax.tree_util.tree_flatten(factors, is_leaf=is_f)

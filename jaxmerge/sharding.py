@@ -76,6 +76,9 @@ def task_mesh(num_tasks: int | None = None, *, devices: Sequence[Any] | None = N
   Args:
     num_tasks: ``T``; the mesh uses the largest number of devices that divides it (all devices when ``None``).
     devices: the devices to use (default ``jax.devices()``).
+
+  Returns:
+    A ``Mesh`` of shape ``(n,)`` over the first ``n`` devices.
   """
   n = len(devices if devices is not None else jax.devices())
   if num_tasks is not None:
@@ -86,12 +89,31 @@ def task_mesh(num_tasks: int | None = None, *, devices: Sequence[Any] | None = N
 
 
 def mesh(task: int, model: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
-  """A 2-D ``("task", "model")`` mesh of ``task * model`` devices (``model`` shards matrix axes)."""
+  """A 2-D ``("task", "model")`` mesh of ``task * model`` devices (``model`` shards matrix axes).
+
+  Args:
+    task: size of the ``"task"`` axis.
+    model: size of the ``"model"`` axis.
+    devices: the devices to use (default ``jax.devices()``; the first ``task * model`` are taken).
+
+  Returns:
+    A ``Mesh`` of shape ``(task, model)``.
+
+  Raises:
+    ValueError: fewer than ``task * model`` devices.
+  """
   return _auto_mesh((task, model), (TASK, MODEL), devices)
 
 
 def unstacked_spec(spec: P) -> P:
-  """The spec of a pretrained or merged leaf from the spec of its stacked leaf (drops the task entry)."""
+  """The spec of a pretrained or merged leaf from the spec of its stacked leaf (drops the task entry).
+
+  Args:
+    spec: the ``PartitionSpec`` of a stacked ``(T, ...)`` leaf.
+
+  Returns:
+    ``spec`` without its first entry.
+  """
   return P(*tuple(spec)[1:])
 
 
@@ -108,6 +130,15 @@ def specs_from_rules(rules: Rules | None, tree: Any, *, stacked: bool = True) ->
   Specs are written for stacked leaves; with ``stacked=False`` (a model) the task entry is dropped. Leaves no
   rule matches get ``P("task")`` (stacked) or ``P()`` (replicated). A spec longer than the leaf's rank raises
   ``ValueError`` naming the path.
+
+  Args:
+    rules: ``[(regex, PartitionSpec for the stacked leaf), ...]``, matched against each leaf's path; ``None``
+      for no rules.
+    tree: a stack (``stacked=True``) or one model, whose leaves' ranks are checked.
+    stacked: whether ``tree``'s leaves have a leading task axis.
+
+  Returns:
+    A tree of ``PartitionSpec`` with ``tree``'s structure.
   """
   compiled = [(re.compile(r), s) for r, s in (rules or ())]
 
@@ -141,7 +172,21 @@ def _check_divisible(m: Mesh, path: str, shape: tuple[int, ...], spec: P, stacke
 
 def shardings_from_rules(m: Mesh, rules: Rules | None, tree: Any, *, stacked: bool = True) -> Any:
   """``NamedSharding`` s for ``tree`` (see :func:`specs_from_rules`), checking that each sharded axis divides
-  evenly over the mesh."""
+  evenly over the mesh.
+
+  Args:
+    m: the mesh.
+    rules: ``[(regex, PartitionSpec for the stacked leaf), ...]`` or ``None``.
+    tree: a stack (``stacked=True``) or one model (arrays or ``ShapeDtypeStruct`` s).
+    stacked: whether ``tree``'s leaves have a leading task axis.
+
+  Returns:
+    A tree of ``NamedSharding`` on ``m`` with ``tree``'s structure.
+
+  Raises:
+    ValueError: a spec longer than its leaf's rank, or a sharded axis (the task axis included) not divisible by
+      its mesh axes' size.
+  """
   specs = specs_from_rules(rules, tree, stacked=stacked)
 
   def leaf(x: Any, spec: P, path: str) -> NamedSharding:
@@ -152,18 +197,48 @@ def shardings_from_rules(m: Mesh, rules: Rules | None, tree: Any, *, stacked: bo
 
 
 def shard_stack(stacked: Stacked, m: Mesh, rules: Rules | None = None) -> Stacked:
-  """Places a stack (leading task axis) on ``m`` by the rules (default ``P("task")``)."""
+  """Places a stack (leading task axis) on ``m`` by the rules (default ``P("task")``).
+
+  Args:
+    stacked: a pytree of ``(T, ...)`` arrays.
+    m: the mesh.
+    rules: ``[(regex, PartitionSpec for the stacked leaf), ...]`` (see :func:`specs_from_rules`).
+
+  Returns:
+    The same stack, each leaf a ``jax.Array`` sharded on ``m``.
+  """
   return jax.tree.map(jax.device_put, stacked, shardings_from_rules(m, rules, stacked))
 
 
 def shard_params(params: Params, m: Mesh, rules: Rules | None = None) -> Params:
-  """Places a model on ``m`` with the rules' specs minus their task entry (default: replicated)."""
+  """Places a model on ``m`` with the rules' specs minus their task entry (default: replicated).
+
+  Args:
+    params: one model (no task axis).
+    m: the mesh.
+    rules: ``[(regex, PartitionSpec for the stacked leaf), ...]`` (see :func:`specs_from_rules`).
+
+  Returns:
+    The same model, each leaf a ``jax.Array`` sharded (or replicated) on ``m``.
+  """
   return jax.tree.map(jax.device_put, params, shardings_from_rules(m, rules, params, stacked=False))
 
 
 def stack_sharded(models: Sequence[Params], m: Mesh, rules: Rules | None = None) -> Stacked:
   """Stacks ``T`` models straight into sharded arrays: each device receives only its own tasks' slices
-  (``jax.make_array_from_callback``), so no full stack is ever built on one host buffer or device."""
+  (``jax.make_array_from_callback``), so no full stack is ever built on one host buffer or device.
+
+  Args:
+    models: ``T`` models with the same structure and shapes.
+    m: the mesh.
+    rules: ``[(regex, PartitionSpec for the stacked leaf), ...]`` (see :func:`specs_from_rules`).
+
+  Returns:
+    A stack with ``models[0]``'s structure, each leaf a sharded ``(T, ...)`` ``jax.Array``.
+
+  Raises:
+    ValueError: an empty ``models``, or a spec that does not fit the mesh.
+  """
   if not models:
     raise ValueError("no fine-tuned models given: the task list is empty")
   flats = [jtree.flatten_paths(x) for x in models]
@@ -181,7 +256,15 @@ def stack_sharded(models: Sequence[Params], m: Mesh, rules: Rules | None = None)
 
 def batch_sharded(x: jax.Array) -> jax.Array:
   """Inside a merge on a mesh, constrains a ``(T, ...)`` array to be sharded along the task axis only, so an
-  SVD sees whole matrices; a no-op when no mesh with a ``"task"`` axis is active (plain :func:`jaxmerge.merge`)."""
+  SVD sees whole matrices; a no-op when no mesh with a ``"task"`` axis is active (plain :func:`jaxmerge.merge`).
+
+  Args:
+    x: a ``(T, ...)`` array.
+
+  Returns:
+    ``x``, with a ``P("task", None, ...)`` sharding constraint (``P()``, replicated, when the task axis's size
+    does not divide ``T``), or unchanged without a task mesh.
+  """
   am = jax.sharding.get_abstract_mesh()
   if am.empty or TASK not in am.axis_names:
     return x
@@ -216,6 +299,20 @@ def make_sharded_merger(
   model, the stacked specs for per-task outputs. No validation happens inside (validate once, then sweep).
   With the inputs already on the mesh (:func:`shard_params`, :func:`stack_sharded`, and a key replicated with
   ``NamedSharding(mesh, P())``), a call moves no data between host and devices.
+
+  Args:
+    tx: the transform.
+    m: the mesh.
+    pretrained: flat ``{path: array}`` dict of the pretrained floating leaves.
+    stacked: flat ``{path: (T, ...) array}`` dict of the stacked fine-tuned (or task-vector) leaves, as
+      :func:`jaxmerge.merge.prepare` gives them.
+    rules: ``[(regex, PartitionSpec for the stacked leaf), ...]`` (see :func:`specs_from_rules`).
+    layout: matrix layout (default :func:`jaxmerge.filters.hf_layout`).
+    per_task: one model per task (default: when ``tx`` is task-preserving).
+
+  Returns:
+    ``merger(pretrained, stacked, coeffs=None, key=None) -> merged``, run under ``m``: a flat dict of merged
+    leaves, or of ``(T, ...)`` leaves when ``per_task``.
   """
   per_task = tx.kind != REDUCE if per_task is None else per_task
   inner = _compiled(tx, layout or jfilters.hf_layout, per_task)

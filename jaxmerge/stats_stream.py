@@ -29,14 +29,29 @@ _B = 1 << 16
 
 
 def float_keys(x: jax.Array) -> jax.Array:
-  """uint32 keys that order like the float32 values of ``x`` (flattened)."""
+  """uint32 keys that order like the float32 values of ``x`` (flattened).
+
+  Args:
+    x: an array of any shape (cast to float32).
+
+  Returns:
+    A 1-D uint32 array of ``x.size`` keys, monotone in the float values (negative floats bit-inverted,
+    non-negative ones with the sign bit set).
+  """
   b = jax.lax.bitcast_convert_type(x.astype(jnp.float32).ravel(), jnp.uint32)
   neg = (b >> 31) == 1
   return jnp.where(neg, ~b, b | jnp.uint32(0x80000000))
 
 
 def keys_to_float(k: np.ndarray) -> np.ndarray:
-  """Inverse of :func:`float_keys` (NumPy, for the host side)."""
+  """Inverse of :func:`float_keys` (NumPy, for the host side).
+
+  Args:
+    k: uint32 keys (any shape).
+
+  Returns:
+    The float32 values, in ``k``'s shape.
+  """
   k = np.asarray(k, np.uint32)
   pos = (k >> 31) == 1
   b = np.where(pos, k & np.uint32(0x7FFFFFFF), ~k).astype(np.uint32)
@@ -44,7 +59,14 @@ def keys_to_float(k: np.ndarray) -> np.ndarray:
 
 
 def high_histogram(x: jax.Array) -> jax.Array:
-  """Pass-1 histogram ``(T, 65536)`` int32 of the high 16 bits of each task row's keys (jit-compatible)."""
+  """Pass-1 histogram ``(T, 65536)`` int32 of the high 16 bits of each task row's keys (jit-compatible).
+
+  Args:
+    x: one tensor with a leading task axis, ``(T, ...)`` (each task's entries are one row).
+
+  Returns:
+    The ``(T, 65536)`` int32 counts.
+  """
   t = x.shape[0]
   rows = x.reshape(t, -1)
   return jnp.stack([jnp.bincount((float_keys(rows[i]) >> 16).astype(jnp.int32), length=_B) for i in range(t)])
@@ -52,7 +74,15 @@ def high_histogram(x: jax.Array) -> jax.Array:
 
 def low_histogram(x: jax.Array, hi: jax.Array) -> jax.Array:
   """Pass-2 histogram ``(T, R, 65536)`` int32 of the low 16 bits of the keys whose high bits equal ``hi[t, r]``
-  (``hi`` from :meth:`KthSmallest.buckets`; jit-compatible)."""
+  (``hi`` from :meth:`KthSmallest.buckets`; jit-compatible).
+
+  Args:
+    x: one tensor with a leading task axis, ``(T, ...)``.
+    hi: ``(T, R)`` int32 high-16-bit buckets, one per task and requested rank.
+
+  Returns:
+    The ``(T, R, 65536)`` int32 counts.
+  """
   t, r = hi.shape
   rows = x.reshape(t, -1)
   out = []

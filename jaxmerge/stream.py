@@ -613,12 +613,20 @@ def _plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
 
 
 def two_pass_methods() -> list[str]:
-  """Registered methods whose default (global) form streams in several exact passes."""
+  """Registered methods whose default (global) form streams in several exact passes.
+
+  Returns:
+    The method names (with the base noted where only one base streams), sorted.
+  """
   return ["byom", "consensus (base=ties)", "dare (base=ties)", "emr", "localize_stitch", "ties"]
 
 
 def streamable_methods() -> list[str]:
-  """Registered data-free methods that stream with their default hyperparameters (leafwise or two-pass)."""
+  """Registered data-free methods that stream with their default hyperparameters (leafwise or two-pass).
+
+  Returns:
+    The registry names, in :func:`jaxmerge.registry.list_methods` order.
+  """
   from jaxmerge.registry import list_methods, method_info  # noqa: PLC0415
 
   out = []
@@ -658,6 +666,9 @@ def merge_streaming(
     tx: the transform (used as is when leafwise).
     method: the registry name and hyperparameters ``tx`` was built from; needed for non-leafwise transforms.
     Other arguments: as :func:`merge_leafwise` (``coeffs`` applies to leafwise transforms only).
+
+  Returns:
+    A :class:`StreamResult` (tensors written, programs, compiles, passes over the inputs, seconds).
 
   Raises:
     ValueError: a transform that neither is leafwise nor has a plan (the message lists what streams).

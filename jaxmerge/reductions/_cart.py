@@ -27,7 +27,19 @@ class CartCoeffs(NamedTuple):
 
 
 def cart_rank(r: int, rank_fraction: float, rank: int | None = None) -> int:
-  """``max(1, int(rho r))`` (the reference), or ``rank`` clipped to ``[0, r]`` when given."""
+  """``max(1, int(rho r))`` (the reference), or ``rank`` clipped to ``[0, r]`` when given.
+
+  Args:
+    r: the matrix rank ``min(m, n)``.
+    rank_fraction: rho, the kept share of ``r``.
+    rank: a fixed rank that overrides ``rank_fraction``.
+
+  Returns:
+    The rank ``k`` (an int in ``[0, r]``; at least 1 from ``rank_fraction`` when ``r >= 1``).
+
+  References:
+    Choi et al., "Revisiting Weight Averaging for Model Merging", 2024. https://arxiv.org/abs/2412.12153
+  """
   if rank is not None:
     return max(0, min(int(rank), r))
   return min(r, max(1, int(r * rank_fraction)))
@@ -53,6 +65,11 @@ def cart_merge(
     fallback: vector leaves: ``"mean"`` (``theta_avg``, CART's own result), ``"task_arithmetic"``
       (``lambda sum_t tau_t``) or ``"pretrained"``.
     where: restricts the matrix leaves (the reference uses attention and MLP weights only).
+    batch_size: matrices processed together (:func:`jaxmerge.linalg.map_matrices`).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``) with coefficients
+    :class:`CartCoeffs`.
 
   References:
     Choi et al., "Revisiting Weight Averaging for Model Merging", 2024. https://arxiv.org/abs/2412.12153

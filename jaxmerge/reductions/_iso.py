@@ -38,6 +38,10 @@ def iso_c_merge(
     method: polar-factor algorithm (:func:`jaxmerge.linalg.polar`).
     fallback: vector leaves (``"mean"``, ``"task_arithmetic"``, ``"pretrained"``).
     where: restricts the matrix leaves.
+    batch_size: matrices processed together (:func:`jaxmerge.linalg.map_matrices`).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
 
   References:
     Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",
@@ -53,7 +57,20 @@ def iso_c_merge(
 
 def iso_cts_sizes(r: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
   """``(k_c, s)``: common rank and per-task rank, adjusted so that ``r - k_c = T s`` (FusionBench's rule:
-  ``k_c = r - round((r - int(r f)) / T) T``; when that rounding would exceed ``r`` it rounds down)."""
+  ``k_c = r - round((r - int(r f)) / T) T``; when that rounding would exceed ``r`` it rounds down).
+
+  Args:
+    r: the matrix rank ``min(m, n)``.
+    num_tasks: ``T``.
+    common_fraction: share ``f`` of the rank given to the common subspace.
+
+  Returns:
+    ``(k_c, s)``: two ints with ``k_c + T s = r``.
+
+  References:
+    Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",
+    ICML 2025. https://arxiv.org/abs/2502.04959
+  """
   kc = int(r * common_fraction)
   ts = round((r - kc) / num_tasks) * num_tasks
   if ts > r:
@@ -62,7 +79,20 @@ def iso_cts_sizes(r: int, num_tasks: int, common_fraction: float) -> tuple[int, 
 
 
 def iso_cts_matrix(x: Float[Array, "T m n"], common_fraction: float = 0.8, *, method: str = "auto") -> Float[Array, "m n"]:
-  """Iso-CTS for one matrix (unscaled): ``sigma_bar polar([U_c | U_ts]) polar([V_c | V_ts])^T``."""
+  """Iso-CTS for one matrix (unscaled): ``sigma_bar polar([U_c | U_ts]) polar([V_c | V_ts])^T``.
+
+  Args:
+    x: the task matrices, ``(T, m, n)`` (canonical ``(out, in)`` view).
+    common_fraction: share of the rank given to the common subspace (see :func:`iso_cts_sizes`).
+    method: polar-factor algorithm (:func:`jaxmerge.linalg.polar`).
+
+  Returns:
+    The merged ``(m, n)`` matrix; Iso-C's flat spectrum of ``sum_t x_t`` when the per-task rank ``s`` is 0.
+
+  References:
+    Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",
+    ICML 2025. https://arxiv.org/abs/2502.04959
+  """
   t, m, n = x.shape
   r = min(m, n)
   kc, s = iso_cts_sizes(r, t, common_fraction)
@@ -105,6 +135,10 @@ def iso_cts_merge(
     method: polar-factor algorithm.
     fallback: vector leaves.
     where: restricts the matrix leaves.
+    batch_size: matrices processed together (:func:`jaxmerge.linalg.map_matrices`).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
 
   References:
     Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",

@@ -62,6 +62,10 @@ def knots_merge(
     eps: numerical-rank threshold on the joint singular values.
     scaled: merge ``diag(S) V_t^T`` instead of ``V_t^T`` (magnitudes ranked on the scaled rows).
     where: restricts the matrix leaves (KnOTS targets LoRA-adapted layers).
+    batch_size: matrices processed together (:func:`jaxmerge.linalg.map_matrices`).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``) wrapping ``base``.
 
   References:
     Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025. https://arxiv.org/abs/2410.19735

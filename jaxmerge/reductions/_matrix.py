@@ -37,7 +37,19 @@ TASK_FALLBACKS = ("task", "mean", "pretrained")
 
 
 def vector_fallback(name: str, kind: str = REDUCE) -> Callable[[jax.Array], jax.Array]:
-  """The leaf function of a named fallback (see the module docstring)."""
+  """The leaf function of a named fallback (see the module docstring).
+
+  Args:
+    name: the fallback's name (:data:`REDUCE_FALLBACKS` or :data:`TASK_FALLBACKS`, depending on ``kind``).
+    kind: ``"reduce"`` or ``"task"``.
+
+  Returns:
+    ``fn(x) -> leaf`` on one stacked ``(T, ...)`` leaf: ``(...)`` for reductions, ``(T, ...)`` float32 for
+    task-preserving steps.
+
+  Raises:
+    ValueError: an unknown name.
+  """
   if kind == REDUCE:
     table = {
         "mean": task_mean,
@@ -80,6 +92,10 @@ def matrix_transform(
     where: optional filter restricting the matrix leaves (others take the fallback).
     init: default coefficients (``EmptyCoeffs`` when omitted).
     batch_size: see :func:`jaxmerge.linalg.map_matrices`.
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` of the given ``kind``; each matrix leaf comes back in its own
+    shape (through :func:`jaxmerge.linalg.to_leaf`).
   """
   if kind not in (REDUCE, TASK):
     raise ValueError(f"kind must be {REDUCE!r} or {TASK!r}, got {kind!r}")

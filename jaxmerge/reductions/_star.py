@@ -27,6 +27,17 @@ def star_matrix(x: Float[Array, "m n"], eta: float = 40.0) -> Float[Array, "m n"
 
   ``k = min{k : sum_{i<=k} sigma_i >= (eta / 100) sum_i sigma_i}`` (tested with a ``1e-6`` relative slack),
   ``sigma'_i = sigma_i sum_j sigma_j / sum_{j<=k} sigma_j`` for ``i <= k``.
+
+  Args:
+    x: one task matrix, ``(m, n)``.
+    eta: percentage of the nuclear norm the kept singular values must reach.
+
+  Returns:
+    The rank-``k`` float32 ``(m, n)`` matrix with the same nuclear norm as ``x``.
+
+  References:
+    Lee et al., "STAR: Spectral Truncation and Rescale for Model Merging", NAACL 2025.
+    https://arxiv.org/abs/2502.10339
   """
   u, s, vt = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
   total = jnp.sum(s)
@@ -47,6 +58,10 @@ def star_merge(
     eta: percentage of each task matrix's nuclear norm kept (paper 40); 100 gives the simple average.
     fallback: vector leaves (``"mean"`` recommended by METHODS.md; the survey does not specify).
     where: restricts the matrix leaves.
+    batch_size: matrices processed together (:func:`jaxmerge.linalg.map_matrices`).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
 
   References:
     Lee et al., "STAR: Spectral Truncation and Rescale for Model Merging", NAACL 2025.

@@ -28,7 +28,20 @@ __all__ = ["low_rank_tasks", "tsv_merge", "tsv_merge_factors", "tsv_rank"]
 
 
 def tsv_rank(r: int, num_tasks: int, rank_fraction: float | None = None) -> int:
-  """``k = int(r * (1 / T))`` (FusionBench's expression, float rounding included) or ``int(r * fraction)``."""
+  """``k = int(r * (1 / T))`` (FusionBench's expression, float rounding included) or ``int(r * fraction)``.
+
+  Args:
+    r: the matrix rank ``min(m, n)``.
+    num_tasks: ``T``.
+    rank_fraction: per-task share of ``r``; ``None`` means ``1 / T``.
+
+  Returns:
+    The per-task rank ``k`` (an int, see :func:`jaxmerge.linalg.rank_from_fraction`).
+
+  References:
+    Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
+    https://arxiv.org/abs/2412.00081
+  """
   return linalg.rank_from_fraction(r, 1 / num_tasks if rank_fraction is None else rank_fraction)
 
 
@@ -71,6 +84,9 @@ def tsv_merge(
     where: restricts the matrix leaves (e.g. to exclude keys).
     batch_size: matrices processed together (:func:`jaxmerge.linalg.map_matrices`).
 
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+
   References:
     Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
     https://arxiv.org/abs/2412.00081
@@ -103,6 +119,16 @@ def low_rank_tasks(
     svd_method: see :func:`jaxmerge.linalg.low_rank`.
     fallback: vector leaves: ``"task"`` (each task's own vector, FusionBench's TSV-C), ``"mean"`` or
       ``"pretrained"``.
+    where: restricts the matrix leaves.
+    batch_size: matrices processed together (:func:`jaxmerge.linalg.map_matrices`).
+
+  Returns:
+    A task-preserving :class:`~jaxmerge.base.MergeTransform` (``(T, ...) -> (T, ...)``; use
+    :func:`jaxmerge.merge_per_task`).
+
+  References:
+    Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
+    https://arxiv.org/abs/2412.00081
   """
   if rank is not None and rank_fraction is not None:
     raise ValueError("give rank or rank_fraction, not both")

@@ -28,7 +28,19 @@ __all__ = ["wudi_loss", "wudi_matrix", "wudi_merge"]
 
 
 def wudi_loss(merged: Float[Array, "m n"], x: Float[Array, "T m n"]) -> jax.Array:
-  """``sum_t ||(tau_M - tau_t) tau_t^T||_F^2 / ||tau_t||_F^2`` (zero task matrices are skipped)."""
+  """``sum_t ||(tau_M - tau_t) tau_t^T||_F^2 / ||tau_t||_F^2`` (zero task matrices are skipped).
+
+  Args:
+    merged: the merged update ``tau_M``, ``(m, n)``.
+    x: the task matrices ``tau_t``, ``(T, m, n)``.
+
+  Returns:
+    The loss, a scalar.
+
+  References:
+    Cheng et al., "Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task
+    Vectors", ICML 2025. https://arxiv.org/abs/2503.08099
+  """
   norms = jnp.sum(jnp.square(x), axis=(1, 2))
   w = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
   prod = jnp.einsum("tmn,tkn->tmk", merged[None] - x, x, precision=linalg.HIGHEST)
@@ -36,7 +48,20 @@ def wudi_loss(merged: Float[Array, "m n"], x: Float[Array, "T m n"]) -> jax.Arra
 
 
 def wudi_matrix(x: Float[Array, "T m n"], optimizer, steps: int) -> Float[Array, "m n"]:
-  """WUDI for one matrix: ``steps`` optimizer updates from ``sum_t tau_t`` (an optax ``GradientTransformation``)."""
+  """WUDI for one matrix: ``steps`` optimizer updates from ``sum_t tau_t`` (an optax ``GradientTransformation``).
+
+  Args:
+    x: the task matrices ``tau_t``, ``(T, m, n)``.
+    optimizer: an optax ``GradientTransformation`` (Adam in :func:`wudi_merge`).
+    steps: number of updates (a ``fori_loop``; 0 returns ``sum_t tau_t``).
+
+  Returns:
+    The merged ``(m, n)`` matrix after ``steps`` updates minimizing :func:`wudi_loss`.
+
+  References:
+    Cheng et al., "Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task
+    Vectors", ICML 2025. https://arxiv.org/abs/2503.08099
+  """
   t, m, n = x.shape
   norms = jnp.sum(jnp.square(x), axis=(1, 2))
   w = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
@@ -86,6 +111,10 @@ def wudi_merge(
     b1, b2, eps: Adam's moments and epsilon (PyTorch's defaults, as in the reference).
     fallback: vector leaves (``"mean"``, the reference's).
     where: restricts the matrix leaves.
+    batch_size: matrices processed together (:func:`jaxmerge.linalg.map_matrices`).
+
+  Returns:
+    A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
 
   References:
     Cheng et al., "Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task
