@@ -22,6 +22,11 @@ _COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+  """The ``jaxmerge`` argument parser, with the subcommands whose modules are importable.
+
+  Returns:
+    The parser; each subcommand sets ``func`` (called with the parsed arguments).
+  """
   parser = argparse.ArgumentParser(
       prog="jaxmerge",
       description="Model merging in JAX: benchmark, merge and evaluate models.",
@@ -51,6 +56,15 @@ def _enable_compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs the ``jaxmerge`` command (enabling the persistent XLA compilation cache first).
+
+  Args:
+    argv: the command-line arguments without the program name; ``None`` reads ``sys.argv[1:]``.
+
+  Returns:
+    The exit status: the subcommand's (0 on success), 1 without a subcommand (after printing the help), 2 when
+    it raised ``ValueError`` (the message is printed to stderr as one line).
+  """
   _enable_compilation_cache()
   parser = build_parser()
   args = parser.parse_args(argv)

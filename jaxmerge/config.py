@@ -101,7 +101,19 @@ class MergeSpec:
 
 
 def canonical_dtype(value: Any, what: str = "dtype") -> str | None:
-  """``"bf16"`` -> ``"bfloat16"`` etc.; ``None`` stays ``None``; anything else raises ``ValueError``."""
+  """``"bf16"`` -> ``"bfloat16"`` etc.; ``None`` stays ``None``; anything else raises ``ValueError``.
+
+  Args:
+    value: a dtype name or alias (case-insensitive: ``float32``/``fp32``/``f32``/``float``,
+      ``bfloat16``/``bf16``, ``float16``/``fp16``/``f16``/``half``), or ``None``.
+    what: how to name the value in the error message.
+
+  Returns:
+    One of ``DTYPES``, or ``None``.
+
+  Raises:
+    ValueError: an unknown dtype name.
+  """
   if value is None:
     return None
   name = _DTYPE_ALIASES.get(str(value).lower())
@@ -111,7 +123,17 @@ def canonical_dtype(value: Any, what: str = "dtype") -> str | None:
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
-  """Reads a YAML mapping; ``ValueError`` naming the file on unreadable or invalid YAML."""
+  """Reads a YAML mapping; ``ValueError`` naming the file on unreadable or invalid YAML.
+
+  Args:
+    path: the YAML file.
+
+  Returns:
+    The parsed mapping (``{}`` for an empty file).
+
+  Raises:
+    ValueError: an unreadable file, invalid YAML, or a document that is not a mapping.
+  """
   import yaml  # noqa: PLC0415
 
   try:
@@ -128,7 +150,14 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 def is_mergekit(cfg: Mapping[str, Any]) -> bool:
-  """Whether a config dict is in mergekit's schema (it has ``merge_method``)."""
+  """Whether a config dict is in mergekit's schema (it has ``merge_method``).
+
+  Args:
+    cfg: the parsed YAML.
+
+  Returns:
+    ``True`` for mergekit's schema, ``False`` for jaxmerge's.
+  """
   return "merge_method" in cfg
 
 
@@ -140,6 +169,9 @@ def from_dict(cfg: Mapping[str, Any], *, where: str = "config", relative_to: str
     where: how to name the config in errors.
     relative_to: directory that relative checkpoint paths are resolved against (e.g. the YAML's directory);
       ``None`` keeps them as given (relative to the working directory).
+
+  Returns:
+    The :class:`MergeSpec`.
   """
   spec = _from_mergekit(cfg, where) if is_mergekit(cfg) else _from_jaxmerge(cfg, where)
   if relative_to is not None:
@@ -158,6 +190,19 @@ def resolve(cfg: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, 
   ``overrides`` keys: ``method``, ``base``, ``models``, ``hparams`` (merged into the config's), ``dtype``,
   ``seed``, ``layout``, ``vocab_policy``. With a mergekit config only ``dtype``, ``seed``, ``layout`` and
   ``vocab_policy`` may be overridden.
+
+  Args:
+    cfg: the parsed YAML (either schema; ``{}`` when only flags are given).
+    overrides: the flags' values; ``None``, empty lists and empty dicts count as not given.
+    where: how to name the config in errors.
+    relative_to: directory that relative checkpoint paths are resolved against (see :func:`from_dict`).
+
+  Returns:
+    The :class:`MergeSpec`.
+
+  Raises:
+    ValueError: a mergekit config with overridden ``method``, ``base``, ``models`` or ``hparams``, or an
+      invalid config.
   """
   cfg = dict(cfg)
   overrides = {k: v for k, v in (overrides or {}).items() if v is not None and v != [] and v != {}}

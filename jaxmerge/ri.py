@@ -90,7 +90,30 @@ def _check(mode: str, preserve: str, task_loop: str, beta: float | None, tempera
 def ri_config(mode: str = "independent", beta: float | None = None, steps: int = 200, learning_rate: float = 1e-5,
               weight_decay: float = 0.0, temperature: float = 1.0, preserve: str = "kl", merge_scale: float = 0.3,
               task_loop: str = "vmap") -> RIConfig:
-  """Resolving Interference's registry entry: validated hyperparameters (see :func:`disentangle`)."""
+  """Resolving Interference's registry entry: validated hyperparameters (see :func:`disentangle`).
+
+  Args:
+    mode: ``"independent"`` or ``"joint"``.
+    beta: weight of the preserve term (``None``: the heads' mean squared row norm).
+    steps: optimizer steps.
+    learning_rate: the default AdamW's learning rate.
+    weight_decay: the default AdamW's decoupled weight decay on ``tau'``.
+    temperature: softmax temperature of the KL preserve term.
+    preserve: ``"kl"`` or ``"mse"``.
+    merge_scale: task arithmetic's lambda for joint mode's default merge.
+    task_loop: ``"vmap"`` or ``"map"`` (independent mode's loop over experts).
+
+  Returns:
+    The :class:`RIConfig`.
+
+  Raises:
+    ValueError: an unknown ``mode``, ``preserve`` or ``task_loop``, a negative ``beta`` or a non-positive
+      ``temperature``.
+
+  References:
+    Ramesh et al., "Resolving Interference: Disentangling Models for Improved Model Merging", 2026.
+    https://arxiv.org/abs/2603.13467
+  """
   _check(mode, preserve, task_loop, beta, temperature)
   return RIConfig(mode, beta, steps, learning_rate, weight_decay, temperature, preserve, merge_scale, task_loop)
 
@@ -121,6 +144,30 @@ def ri_adapter(
   class mask. ``theta`` is the float32 task-vector stack ``tau'`` (flat ``{path: [T, ...]}``). All math is
   float32. See :func:`disentangle` for the arguments. Adapters are cached per arguments (``pretrained_like``
   is reduced to its hashable :class:`~jaxmerge.tta.heads.Structure`), so repeated runs compile once.
+
+  Args:
+    forward_fn: ``forward_fn(params, inputs) -> features [B, D]``.
+    pretrained_like: a pytree with the pretrained model's structure (only its structure is used).
+    mode: ``"independent"`` or ``"joint"``.
+    beta: weight of the preserve term (independent mode); a number (:func:`disentangle` resolves ``None``
+      with :func:`auto_beta` before calling this).
+    temperature: softmax temperature of the KL preserve term.
+    preserve: ``"kl"`` or ``"mse"``.
+    merge: joint mode's differentiable merge, a reducing :class:`~jaxmerge.base.MergeTransform` (default:
+      task arithmetic at ``merge_scale``).
+    merge_scale: task arithmetic's lambda for joint mode's default merge.
+    task_loop: ``"vmap"`` or ``"map"`` (independent mode's loop over experts).
+    layout: parameter layout for the merge (default :func:`jaxmerge.filters.hf_layout`).
+
+  Returns:
+    The :class:`~jaxmerge.tta.Adapter`.
+
+  Raises:
+    ValueError: an invalid hyperparameter, ``beta=None``, or a ``merge`` that is not a reducing transform.
+
+  References:
+    Ramesh et al., "Resolving Interference: Disentangling Models for Improved Model Merging", 2026.
+    https://arxiv.org/abs/2603.13467
   """
   return _ri_adapter(forward_fn, H.structure_of(pretrained_like), mode, beta, temperature, preserve, merge,
                      merge_scale, task_loop, layout)

@@ -31,7 +31,11 @@ class CorruptEntryWarning(UserWarning):
 
 
 def default_cache_dir() -> Path:
-  """``$JAXMERGE_CACHE`` if set, else ``~/.cache/jaxmerge``."""
+  """The default cache directory.
+
+  Returns:
+    ``$JAXMERGE_CACHE`` (user-expanded) if set, else ``~/.cache/jaxmerge``; the directory is not created.
+  """
   env = os.environ.get("JAXMERGE_CACHE")
   return Path(env).expanduser() if env else Path.home() / ".cache" / "jaxmerge"
 

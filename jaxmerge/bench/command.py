@@ -32,6 +32,17 @@ SMOKE_METHODS = ("simple_average", "task_arithmetic", "ties")
 def build_suite(name: str, *, cache_dir=None, seed: int = 0, smoke: bool = False, progress: bool = True):
   """Builds the suite ``name`` (see ``SUITES``).
 
+  Args:
+    name: ``"offline"`` (built here, from the cache when it holds it) or a CLIP suite, built by the first
+      importable module of ``CLIP_SUITE_PROVIDERS``.
+    cache_dir: cache directory; ``None`` uses the default (:func:`jaxmerge.bench.cache.default_cache_dir`).
+    seed: suite seed.
+    smoke: build the reduced smoke-test variant (the offline one is named ``"offline-smoke"``).
+    progress: show progress bars.
+
+  Returns:
+    The built suite (it implements :class:`jaxmerge.bench.runner.Suite`).
+
   Raises:
     ValueError: an unknown suite name (listing the valid ones), or a CLIP suite whose weights or data are not
       reachable.
@@ -78,7 +89,12 @@ def _enable_compilation_cache(cache_dir) -> None:
 
 
 def register(subparsers) -> None:
-  """Adds the ``bench`` subcommand (called by :mod:`jaxmerge.cli`)."""
+  """Adds the ``bench`` subcommand (called by :mod:`jaxmerge.cli`).
+
+  Args:
+    subparsers: the ``argparse`` sub-parsers action of the ``jaxmerge`` parser; the new parser's ``func``
+      default is :func:`run`.
+  """
   p = subparsers.add_parser(
     "bench", help="benchmark every merging method on a suite (default: the offline 8-task suite)",
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,7 +119,18 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  """Runs ``jaxmerge bench`` with parsed ``args``; returns the exit status."""
+  """Runs ``jaxmerge bench``: builds the suite, merges and evaluates the methods, writes the reports to
+  ``args.out`` and prints ``results.md``.
+
+  Args:
+    args: the parsed options of the ``bench`` subcommand (see :func:`register`).
+
+  Returns:
+    The exit status, 0.
+
+  Raises:
+    ValueError: an unknown suite, method or adapter, or an unreachable suite.
+  """
   from jaxmerge.bench.report import write_reports
   from jaxmerge.bench.runner import check_adapters, resolve_methods, run_suite
 

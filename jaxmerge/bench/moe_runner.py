@@ -157,7 +157,20 @@ def _per_task(suite, key, name, s) -> Built:
 
 
 def build(suite, name: str, key: jax.Array) -> Built:
-  """Builds (and trains, where the method has a router) the model-level merge ``name`` on ``suite``."""
+  """Builds (and trains, where the method has a router) the model-level merge ``name`` on ``suite``.
+
+  Args:
+    suite: a built suite.
+    name: one of ``MOE_METHODS``; its settings come from ``SETTINGS[name]``.
+    key: PRNG key.
+
+  Returns:
+    A :class:`Built` with the model's forward, its extra parameter count, whether it keeps one model per
+    task (``per_task``), and the build time in seconds (``build_seconds``).
+
+  Raises:
+    ValueError: an unknown method name.
+  """
   s = SETTINGS.get(name, {})
   start = time.perf_counter()
   if name == "wemoe":

@@ -56,6 +56,11 @@ def _kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
 def compare_with_reference(rows: Sequence[dict], reference: dict[str, float] = FUSIONBENCH_VIT_B32) -> dict:
   """Ranks the methods present both here and in ``reference`` by average accuracy.
 
+  Args:
+    rows: result rows (``{"method": name, "average": accuracy in [0, 1], ...}``).
+    reference: average accuracy in percent per method name (default: FusionBench's CLIP ViT-B/32 8-task
+      table).
+
   Returns:
     ``{"methods": [...], "ours": [...], "reference": [...], "ours_rank": [...], "reference_rank": [...],
     "kendall_tau": float}`` (ranks: 1 = best).

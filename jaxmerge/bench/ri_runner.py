@@ -41,7 +41,22 @@ TTA_STEPS = 200  # AdaMerging steps in the benchmark (the reference's 1000 at ba
 
 
 def aux_batches(images: np.ndarray, batch_size: int, *, seed: int = 0) -> Iterator[np.ndarray]:
-  """Endless shuffled fixed-size batches of unlabeled auxiliary images (deterministic under ``seed``)."""
+  """Endless shuffled fixed-size batches of unlabeled auxiliary images (deterministic under ``seed``).
+
+  Each pass over the images is a fresh permutation; the remainder of a pass that does not fill a batch is
+  dropped.
+
+  Args:
+    images: ``[N, ...]`` auxiliary images (e.g. uint8 ``[N, H, W, 3]``).
+    batch_size: images per batch ``B`` (at most ``N``).
+    seed: seeds the shuffling.
+
+  Yields:
+    ``[B, ...]`` batches of ``images``, without end.
+
+  Raises:
+    ValueError: fewer than ``batch_size`` images (raised at the first ``next``).
+  """
   if len(images) < batch_size:
     raise ValueError(f"{len(images)} auxiliary images are fewer than one batch of {batch_size}")
   rng = np.random.default_rng(seed)
@@ -65,6 +80,14 @@ def ri_experts(suite, key: jax.Array, *, return_history: bool = False, progress:
     progress: tqdm bar over RI steps.
     **overrides: entries of :data:`RI_DEFAULTS` (``aux_source``, ``n_aux``, ``batch_size``, ``seed``) or any
       keyword of :func:`jaxmerge.ri.disentangle`.
+
+  Returns:
+    The adapted experts (a list of ``T`` vision-tower parameter trees), or ``(experts, history)`` with
+    ``return_history`` (``history``: :func:`jaxmerge.ri.disentangle`'s per-step losses).
+
+  References:
+    Ramesh et al., "Resolving Interference: Disentangling Models for Improved Model Merging", 2026.
+    https://arxiv.org/abs/2603.13467
   """
   cfg = {**RI_DEFAULTS, **overrides}
   source, n_aux, bs, seed = (cfg.pop(k) for k in ("aux_source", "n_aux", "batch_size", "seed"))
@@ -82,6 +105,21 @@ def _dispatch(kind: str, mine: dict):
   previous = _previous(kind)
 
   def run(suite, method, hparams, key):
+    """A method runner for one data class: the methods this module handles, else the runner registered
+    before it.
+
+    Args:
+      suite: a built suite.
+      method: registry name.
+      hparams: hyperparameters overriding the method's defaults.
+      key: PRNG key.
+
+    Returns:
+      The merged parameters (a list of ``T`` parameter trees for per-task methods).
+
+    Raises:
+      ValueError: a method that neither this runner nor the previous one handles.
+    """
     if method in mine:
       return mine[method](suite, method, hparams, key)
     if previous is not None:

@@ -62,12 +62,25 @@ PLUGIN_MODULES: dict[str, tuple[str, ...]] = {
 
 
 def register_runner(data: str, runner: MethodRunner) -> None:
-  """Registers the runner of every method whose ``jm.method_info(name).data == data``."""
+  """Registers the runner of every method whose ``jm.method_info(name).data == data``.
+
+  Args:
+    data: the data class it serves (``"val"``, ``"aux"``, ``"tta"``; ``"none"`` is the built-in runner);
+      replaces a runner already registered for it.
+    runner: ``runner(suite, method, hparams, key)`` returning the merged parameters, or a list of ``T``
+      parameter trees (one per task) for per-task methods.
+  """
   _RUNNERS[data] = runner
 
 
 def register_adapter(name: str, adapter: Adapter) -> None:
-  """Registers a pre-merge adaptation (``name`` is used in row names, e.g. ``"ri"``)."""
+  """Registers a pre-merge adaptation.
+
+  Args:
+    name: the adapter's name, used in row names (``"<name>+<method>"``, e.g. ``"ri"``) and in
+      ``run_suite(adapters=...)``.
+    adapter: ``adapter(suite, key)`` returning the adapted experts (a list of ``T`` parameter trees).
+  """
   _ADAPTERS[name] = adapter
 
 
@@ -81,7 +94,14 @@ def _load_plugins(kind: str) -> None:
 
 
 def check_adapters(adapters: Sequence[str]) -> None:
-  """Imports the plug-ins of ``adapters`` and raises ``ValueError`` for any that is not registered."""
+  """Imports the plug-ins of ``adapters`` and raises ``ValueError`` for any that is not registered.
+
+  Args:
+    adapters: adapter names (e.g. ``("ri",)``); their modules are looked up in ``PLUGIN_MODULES``.
+
+  Raises:
+    ValueError: an adapter that no module registers (the message lists the registered ones).
+  """
   for a in adapters:
     if a not in _ADAPTERS:
       _load_plugins(a)
@@ -108,6 +128,10 @@ def resolve_methods(spec: str | Sequence[str] | None, *, tta: bool = False) -> l
     spec: comma-separated names or a list; ``None`` or ``"all"`` selects every registered method that needs
       no data (plus those needing TTA data when ``tta``).
     tta: include methods with ``data == "tta"`` in the default selection.
+
+  Returns:
+    The registry names to run, in the order given (duplicates dropped), or in registry order for the default
+    selection.
 
   Raises:
     ValueError: an unknown method (the message lists the valid ones).

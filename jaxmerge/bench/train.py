@@ -101,7 +101,19 @@ def pretrain(model, config: "OfflineConfig", pre, tok, *, preprocess: Callable, 
 def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig"
                        ) -> tuple[Callable, optax.GradientTransformation]:
   """One jitted fine-tuning step shared by every expert (heads padded to a common class count), and its
-  optimizer: ``step(vision, opt_state, images, labels, task_index) -> (vision, opt_state, loss)``."""
+  optimizer: ``step(vision, opt_state, images, labels, task_index) -> (vision, opt_state, loss)``.
+
+  Args:
+    suite: the suite under construction (its ``padded_logits`` scores the frozen zero-shot heads).
+    config: the suite's configuration: ``finetune_steps``, ``finetune_lr`` and ``weight_decay`` set the
+      optimizer (AdamW with linear warmup over the first 10% of steps and cosine decay to 5% of the peak
+      rate, after global-norm clipping at 1).
+
+  Returns:
+    ``(step, optimizer)``: ``step`` takes uint8 ``images [B, H, W, 3]``, int ``labels [B]`` and a scalar task
+    index, and returns the updated parameters, optimizer state and the mean cross-entropy; ``optimizer``
+    is the optax transformation whose ``init`` gives ``opt_state``.
+  """
   steps = config.finetune_steps
   sched = optax.warmup_cosine_decay_schedule(0.0, config.finetune_lr, max(1, steps // 10), steps,
                                              config.finetune_lr * 0.05)
@@ -121,6 +133,13 @@ def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig"
 
 def finetune(suite: "OfflineSuite", config: "OfflineConfig", task: str, step_and_opt) -> Any:
   """Fine-tunes the pretrained vision tower on ``task`` with its frozen zero-shot head.
+
+  Args:
+    suite: the suite under construction (pretrained tower, tasks and training data).
+    config: the suite's configuration (``finetune_steps`` steps of ``finetune_batch`` examples drawn with
+      replacement, seeded by ``seed`` and the task's index).
+    task: the task's name.
+    step_and_opt: ``(step, optimizer)`` from :func:`make_finetune_step`.
 
   Returns:
     The expert's vision-tower parameters.

@@ -191,6 +191,21 @@ def _dispatch(kind: str):
   mine = {n: f for n, f in _RUNNERS_BY_NAME.items() if jm.method_info(n).data == kind}
 
   def run(suite, method, hparams, key):
+    """A method runner for one data class: the methods this module implements for it, else the runner
+    registered before it.
+
+    Args:
+      suite: a built suite.
+      method: registry name.
+      hparams: hyperparameters overriding the method's defaults (and the benchmark's settings).
+      key: PRNG key.
+
+    Returns:
+      The merged parameters (a list of ``T`` parameter trees for per-task methods).
+
+    Raises:
+      ValueError: a method that neither this runner nor the previous one handles.
+    """
     if method in mine:
       return mine[method](suite, method, hparams, key)
     if previous is not None:

@@ -44,6 +44,12 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(subparsers) -> None:
+  """Adds the ``merge`` subcommand (called by :mod:`jaxmerge.cli`).
+
+  Args:
+    subparsers: the ``argparse`` sub-parsers action of the ``jaxmerge`` parser; the new parser's ``func``
+      default is :func:`run`.
+  """
   p = subparsers.add_parser("merge", help="merge checkpoints into one", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("config", nargs="?", help="YAML config (jaxmerge's schema or mergekit's)")
@@ -80,7 +86,18 @@ def _value(text: str):
 
 
 def load_config(args: argparse.Namespace):
-  """The resolved :class:`jaxmerge.config.MergeSpec`: the YAML file first, then the flags."""
+  """The resolved :class:`jaxmerge.config.MergeSpec`: the YAML file first, then the flags.
+
+  Args:
+    args: the parsed options of the ``merge`` subcommand; relative checkpoint paths in the YAML are also
+      looked up beside the YAML file.
+
+  Returns:
+    The :class:`jaxmerge.config.MergeSpec`.
+
+  Raises:
+    ValueError: an unreadable or invalid config, a malformed ``--hparam``, or an invalid merge.
+  """
   from jaxmerge import config  # noqa: PLC0415
 
   cfg, where, rel = {}, "flags", None
@@ -156,7 +173,17 @@ def parse_mesh(text: str, num_tasks: int):
 
 def mesh_rules(m, base_v, floats):
   """Partition rules for ``--mesh``: with a ``"model"`` axis, each floating parameter whose first axis it
-  divides is sharded along it; everything else is sharded along the task axis only."""
+  divides is sharded along it; everything else is sharded along the task axis only.
+
+  Args:
+    m: the ``jax.sharding.Mesh`` (from :func:`parse_mesh`).
+    base_v: the aligned pretrained checkpoint (a view with ``shape(key)``).
+    floats: the keys of the floating-point parameters.
+
+  Returns:
+    ``None`` when the mesh has no ``"model"`` axis larger than 1, else a list of ``(regex, PartitionSpec)``
+    rules, ``P("task", "model")`` for each floating parameter whose first axis the model axis divides.
+  """
   import re  # noqa: PLC0415
 
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
@@ -198,6 +225,18 @@ def _finish_dir(d: pathlib.Path, spec, base_v) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  """Runs ``jaxmerge merge``: resolves the config, merges (in memory, on a mesh, or streamed) and writes
+  ``args.out`` atomically (see the module docstring).
+
+  Args:
+    args: the parsed options of the ``merge`` subcommand (see :func:`register`).
+
+  Returns:
+    The exit status, 0.
+
+  Raises:
+    ValueError: an invalid config or flag combination, incompatible checkpoints, or an existing output.
+  """
   import jax  # noqa: PLC0415
 
   import jaxmerge as jm  # noqa: PLC0415

@@ -9,13 +9,24 @@ __all__ = ["register", "run", "table"]
 
 
 def register(subparsers) -> None:
+  """Adds the ``methods`` subcommand (called by :mod:`jaxmerge.cli`).
+
+  Args:
+    subparsers: the ``argparse`` sub-parsers action of the ``jaxmerge`` parser; the new parser's ``func``
+      default is :func:`run`.
+  """
   p = subparsers.add_parser("methods", help="list the merge methods")
   p.add_argument("--format", choices=("markdown", "json"), default="markdown")
   p.set_defaults(func=run)
 
 
 def table() -> str:
-  """The registry as a markdown table."""
+  """The registry as a markdown table.
+
+  Returns:
+    The table (one row per registered method: family, data, extra storage, one model per task, streaming,
+    default hyperparameters), lines joined by newlines.
+  """
   import jaxmerge as jm
 
   rows = ["| method | family | data | extra storage | task id | streams | hyperparameters (defaults) |",
@@ -46,6 +57,14 @@ def _streams(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+  """Prints the registry: the markdown :func:`table`, or JSON with every method's info.
+
+  Args:
+    args: the parsed options; ``args.format`` is ``"markdown"`` or ``"json"``.
+
+  Returns:
+    The exit status, 0.
+  """
   import json
 
   import jaxmerge as jm

@@ -219,6 +219,17 @@ def load_hf(path: str, split: str = "test", *, name: str | None = None, image_co
       items) or ``"val"`` (``val_fraction`` of ``train_split``, chosen with ``seed`` and ``split_rule``; see
       :func:`train_val_indices`), or ``"full_train"`` (the whole train split).
     name: dataset configuration (``load_dataset(path, name)``).
+    image_column: the column holding the images.
+    label_column: the column holding the labels.
+    test_split: the dataset split that ``"test"`` reads.
+    train_split: the dataset split that ``"train"``, ``"val"`` and ``"full_train"`` read.
+    val_fraction: share of ``train_split`` held out as ``"val"``.
+    seed: seed of the train/validation permutation.
+    split_rule: ``"numpy"`` or ``"torch"`` (see :func:`train_val_indices`).
+    cache_dir: ``datasets`` cache directory (``None``: its default).
+
+  Returns:
+    The :class:`HFSource` of the split, named ``"<path>[/<name>]:<split>"`` in errors.
 
   Raises:
     ValueError: an unknown split, an unreachable dataset, or missing columns.
@@ -239,7 +250,21 @@ def load_hf(path: str, split: str = "test", *, name: str | None = None, image_co
 
 def load_task(task: str, split: str = "test", *, path: str | None = None, **kwargs) -> HFSource:
   """The dataset of one of the 20 TALL tasks (:mod:`jaxmerge.data.tasks`), from ``path`` if given (a local copy
-  or another id) or from its Hugging Face id. Extra arguments go to :func:`load_hf`."""
+  or another id) or from its Hugging Face id. Extra arguments go to :func:`load_hf`.
+
+  Args:
+    task: a task name (a key of :data:`jaxmerge.data.tasks.TASKS`).
+    split: ``"test"``, ``"train"``, ``"val"`` or ``"full_train"`` (see :func:`load_hf`).
+    path: a local copy (``save_to_disk`` or dataset directory) or another dataset id; the task's
+      configuration name is then not passed. ``None`` loads the task's Hugging Face id.
+    **kwargs: further keywords of :func:`load_hf`; they override the task's columns and splits.
+
+  Returns:
+    The :class:`HFSource` of the split.
+
+  Raises:
+    ValueError: an unknown task, or the errors of :func:`load_hf`.
+  """
   from jaxmerge.data.tasks import get_task  # noqa: PLC0415
 
   spec = get_task(task)
@@ -260,6 +285,9 @@ def batches(source: Source, batch_size: int, *, preprocess: Preprocess = Preproc
     preprocess: sizes (``S = preprocess.crop``).
     limit: use only the first ``limit`` items.
     num_workers: threads decoding and resizing (PIL releases the GIL); 0 decodes in this thread.
+
+  Yields:
+    ``{"image": uint8[B, S, S, 3], "label": int32[B]}`` batches, ``B = batch_size`` except possibly the last.
 
   Raises:
     ValueError: an undecodable image (naming it) or a bad batch size.

@@ -73,6 +73,13 @@ class Preprocess:
 def decode_image(data: bytes | str | os.PathLike, name: str | None = None):
   """Opens and fully decodes an image (bytes or a file path) with PIL.
 
+  Args:
+    data: the encoded image bytes, or a file path.
+    name: how errors name the image (default: the path, or ``"<bytes>"``).
+
+  Returns:
+    The decoded ``PIL.Image.Image`` (in its own mode; see :func:`to_rgb`).
+
   Raises:
     ValueError: the data is not a decodable image (naming ``name`` or the path).
   """
@@ -92,6 +99,13 @@ def to_rgb(image: Any, name: str | None = None) -> np.ndarray:
 
   Grayscale is replicated; an alpha channel (or a palette transparency) is composited onto white, as
   transformers' ``convert_to_rgb``.
+
+  Args:
+    image: a PIL image (any mode), or a uint8 array ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]``.
+    name: how errors name the image.
+
+  Returns:
+    A uint8 ``[H, W, 3]`` array (the input itself when it already is one).
 
   Raises:
     ValueError: an array that is not uint8 or has another shape (naming ``name``).
@@ -133,6 +147,10 @@ def resize_and_crop(image: Any, config: Preprocess = Preprocess(), name: str | N
     image: a PIL image or a uint8 array (see :func:`to_rgb`).
     config: sizes.
     name: how errors name the image.
+
+  Returns:
+    A contiguous uint8 ``[crop, crop, 3]`` array (``crop = config.crop``); an image smaller than the crop is
+    centred on black.
   """
   from PIL import Image  # noqa: PLC0415
 
@@ -156,6 +174,13 @@ def normalize(images: Any, config: Preprocess = Preprocess()) -> Any:
   """uint8 ``[..., 3]`` -> float32 ``(x / 255 - mean) / std`` (NumPy in, NumPy out; JAX in, JAX out).
 
   NumPy inputs follow the processor's arithmetic exactly (rescale in float64, cast, normalize in float32).
+
+  Args:
+    images: uint8 images ``[..., 3]`` (channels last), a NumPy or JAX array.
+    config: the normalization's ``mean`` and ``std``.
+
+  Returns:
+    float32 images of the same shape, of the input's array type.
   """
   if isinstance(images, np.ndarray):
     x = (images.astype(np.float64) * (1 / 255)).astype(np.float32)
@@ -171,7 +196,16 @@ def normalize(images: Any, config: Preprocess = Preprocess()) -> Any:
 
 def preprocess(images: Any, config: Preprocess = Preprocess()) -> np.ndarray:
   """Images (a list of PIL images / uint8 arrays, or one uint8 ``[B, H, W, C]`` batch) -> float32
-  ``[B, crop, crop, 3]``: ``CLIPImageProcessor(...)(images).pixel_values`` in channels-last order."""
+  ``[B, crop, crop, 3]``: ``CLIPImageProcessor(...)(images).pixel_values`` in channels-last order.
+
+  Args:
+    images: a sequence of PIL images or uint8 arrays (any sizes; see :func:`to_rgb`), or one uint8
+      ``[B, H, W, C]`` array.
+    config: sizes and normalization.
+
+  Returns:
+    float32 ``[B, crop, crop, 3]`` (``crop = config.crop``), resized, centre-cropped and normalized.
+  """
   if isinstance(images, np.ndarray) and images.ndim == 4:
     images = list(images)
   return normalize(np.stack([resize_and_crop(im, config, name=f"#{i}") for i, im in enumerate(images)]), config)

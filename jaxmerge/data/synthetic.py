@@ -608,6 +608,12 @@ _SPLITS = ("train", "val", "test")
 def task_spec(name: str) -> TaskSpec:
   """Returns the static description of task ``name``.
 
+  Args:
+    name: a task name (one of ``TASKS``).
+
+  Returns:
+    The task's :class:`TaskSpec`.
+
   Raises:
     ValueError: if ``name`` is not one of ``TASKS``.
   """

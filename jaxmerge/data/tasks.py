@@ -482,6 +482,12 @@ SUITES: dict[str, tuple[str, ...]] = {
 def get_task(name: str) -> TaskSpec:
   """The task ``name``.
 
+  Args:
+    name: a task name (a key of ``TASKS``, FusionBench's spelling).
+
+  Returns:
+    The task's :class:`TaskSpec`.
+
   Raises:
     ValueError: an unknown name (listing the known ones).
   """
@@ -493,6 +499,12 @@ def get_task(name: str) -> TaskSpec:
 
 def get_suite(name: str | int) -> tuple[str, ...]:
   """Task names of a suite: ``"TALL8"``/``8``, ``"TALL14"``/``14``, ``"TALL20"``/``20``.
+
+  Args:
+    name: the suite's name (a key of ``SUITES``) or its task count (an int or a digit string).
+
+  Returns:
+    The suite's task names, in order.
 
   Raises:
     ValueError: an unknown suite.
