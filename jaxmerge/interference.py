@@ -67,6 +67,10 @@ def cross_task_interference(
 
   Raises:
     ValueError: the numbers of experts, task inputs and heads differ.
+
+  References:
+    Ramesh et al., "Resolving Interference: Disentangling Models for Improved Model Merging", 2026.
+    https://arxiv.org/abs/2603.13467
   """
   t = len(expert_params_list)
   if len(task_batches) != t:

@@ -36,6 +36,9 @@ def knots_align(x: jax.Array, eps: float = 1e-4) -> tuple[jax.Array, jax.Array, 
 
   Returns:
     ``u (m, k)``, ``s (k,)``, ``vt (T, k, n)`` with ``k = min(m, T n)`` and ``x[t] = u diag(s) vt[t]``.
+
+  References:
+    Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025. https://arxiv.org/abs/2410.19735
   """
   t, m, n = x.shape
   cat = jnp.transpose(x.astype(jnp.float32), (1, 0, 2)).reshape(m, t * n)

@@ -23,6 +23,9 @@ def sum_tasks() -> MergeTransform:
 
   Returns:
     A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+
+  References:
+    Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. https://arxiv.org/abs/2212.04089
   """
 
   def apply(coeffs, tree, *, key=None, ctx=None):
@@ -37,6 +40,9 @@ def mean_tasks() -> MergeTransform:
 
   Returns:
     A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+
+  References:
+    Wortsman et al., "Model soups", ICML 2022. https://arxiv.org/abs/2203.05482
   """
 
   def apply(coeffs, tree, *, key=None, ctx=None):
@@ -81,6 +87,10 @@ def elected_sign(tree, scope: str = "global"):
 
   Returns:
     A tree of ``(...)`` signs in ``{-1, 0, +1}``.
+
+  References:
+    Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+    https://arxiv.org/abs/2306.01708
   """
   if scope == "global":
     x, unflat = flat_tasks(tree)
@@ -118,6 +128,10 @@ def ties_merge(
 
   Returns:
     A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+
+  References:
+    Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+    https://arxiv.org/abs/2306.01708
   """
   from jaxmerge.transforms._sparsify import task_thresholds  # noqa: PLC0415 (transforms import reductions)
 

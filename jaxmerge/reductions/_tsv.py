@@ -54,6 +54,10 @@ def tsv_merge_factors(f: linalg.Factors, *, method: str = "auto") -> Float[Array
 
   Returns:
     ``polar(U^) diag(S^) polar(V^)^T``, an ``(m, n)`` matrix.
+
+  References:
+    Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
+    https://arxiv.org/abs/2412.00081
   """
   t, m, k = f.u.shape
   n = f.vt.shape[-1]
