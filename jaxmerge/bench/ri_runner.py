@@ -97,37 +97,6 @@ def ri_experts(suite, key: jax.Array, *, return_history: bool = False, progress:
   return (adapted, history) if return_history else adapted
 
 
-def _previous(kind: str):
-  return getattr(_runner, "_RUNNERS", {}).get(kind)
-
-
-def _dispatch(kind: str, mine: dict):
-  previous = _previous(kind)
-
-  def run(suite, method, hparams, key):
-    """A method runner for one data class: the methods this module handles, else the runner registered
-    before it.
-
-    Args:
-      suite: a built suite.
-      method: registry name.
-      hparams: hyperparameters overriding the method's defaults.
-      key: PRNG key.
-
-    Returns:
-      The merged parameters (a list of ``T`` parameter trees for per-task methods).
-
-    Raises:
-      ValueError: a method that neither this runner nor the previous one handles.
-    """
-    if method in mine:
-      return mine[method](suite, method, hparams, key)
-    if previous is not None:
-      return previous(suite, method, hparams, key)
-    raise ValueError(f"no benchmark runner for method {method!r} (data {kind!r})")
-
-  return run
-
 
 def _adamerging(suite, method, hparams, key):
   cfg = jm.get_method(method)(**{"steps": TTA_STEPS, **hparams})
@@ -145,8 +114,8 @@ def _ri_then_ta(suite, method, hparams, key):
   return jm.merge(jm.get_method("task_arithmetic")(), suite.pretrained, experts, layout=suite.layout)
 
 
-tta_runner = _dispatch("tta", {"adamerging": _adamerging})
-aux_runner = _dispatch("aux", {"ri": _ri_then_ta})
+tta_runner = _runner.dispatch_by_name("tta", {"adamerging": _adamerging})
+aux_runner = _runner.dispatch_by_name("aux", {"ri": _ri_then_ta})
 
 _runner.register_runner("tta", tta_runner)
 _runner.register_runner("aux", aux_runner)

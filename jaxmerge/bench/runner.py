@@ -25,7 +25,7 @@ import numpy as np
 
 import jaxmerge as jm
 
-__all__ = ["MethodRunner", "PLUGIN_MODULES", "Suite", "check_adapters", "register_adapter", "register_runner",
+__all__ = ["MethodRunner", "PLUGIN_MODULES", "Suite", "check_adapters", "dispatch_by_name", "register_adapter", "register_runner",
            "resolve_methods", "run_suite"]
 
 
@@ -71,6 +71,43 @@ def register_runner(data: str, runner: MethodRunner) -> None:
       parameter trees (one per task) for per-task methods.
   """
   _RUNNERS[data] = runner
+
+
+def dispatch_by_name(kind: str, mine: dict[str, MethodRunner]) -> MethodRunner:
+  """A runner for data class ``kind`` that serves the methods in ``mine`` by name and hands every other method
+  to the runner registered for ``kind`` before it (so several plug-in modules can share a data class).
+
+  Args:
+    kind: the data class (``"val"``, ``"aux"``, ``"tta"``).
+    mine: method name -> runner for the methods the caller implements.
+
+  Returns:
+    A method runner, to pass to :func:`register_runner`.
+  """
+  previous = _RUNNERS.get(kind)
+
+  def run(suite, method, hparams, key):
+    """Runs ``method`` with the runner that implements it (this plug-in's, else the one registered before).
+
+    Args:
+      suite: a built suite.
+      method: registry name.
+      hparams: hyperparameters overriding the method's defaults.
+      key: PRNG key.
+
+    Returns:
+      The merged parameters (a list of ``T`` parameter trees for per-task methods).
+
+    Raises:
+      ValueError: a method that neither this runner nor the previous one handles.
+    """
+    if method in mine:
+      return mine[method](suite, method, hparams, key)
+    if previous is not None:
+      return previous(suite, method, hparams, key)
+    raise ValueError(f"no benchmark runner for method {method!r} (data {kind!r})")
+
+  return run
 
 
 def register_adapter(name: str, adapter: Adapter) -> None:

@@ -187,32 +187,8 @@ _RUNNERS_BY_NAME = {"concrete": _masked("concrete", TTA_STEPS), "adarank": _mask
 
 
 def _dispatch(kind: str):
-  previous = getattr(_runner, "_RUNNERS", {}).get(kind)
   mine = {n: f for n, f in _RUNNERS_BY_NAME.items() if jm.method_info(n).data == kind}
-
-  def run(suite, method, hparams, key):
-    """A method runner for one data class: the methods this module implements for it, else the runner
-    registered before it.
-
-    Args:
-      suite: a built suite.
-      method: registry name.
-      hparams: hyperparameters overriding the method's defaults (and the benchmark's settings).
-      key: PRNG key.
-
-    Returns:
-      The merged parameters (a list of ``T`` parameter trees for per-task methods).
-
-    Raises:
-      ValueError: a method that neither this runner nor the previous one handles.
-    """
-    if method in mine:
-      return mine[method](suite, method, hparams, key)
-    if previous is not None:
-      return previous(suite, method, hparams, key)
-    raise ValueError(f"no benchmark runner for method {method!r} (data {kind!r})")
-
-  return run
+  return _runner.dispatch_by_name(kind, mine)
 
 
 val_runner = _dispatch("val")
