@@ -2,7 +2,7 @@
 
 ::
 
-    jaxmerge bench [--suite offline|clip-vit-b32-8|...] [--smoke] [--tta] [--ri] [--methods a,b,c]
+    jaxmerge bench [--suite offline|clip-vit-b32-8|...] [--smoke] [--tta] [--ri] [--moe] [--methods a,b,c]
                    [--seed N] [--cache DIR] [--out DIR]
 
 With no arguments it runs the offline 8-task suite (built on the first run, then read from the cache) and
@@ -106,8 +106,13 @@ def register(subparsers) -> None:
   p.add_argument("--tta", action="store_true", help="also run methods that adapt on unlabeled test inputs")
   p.add_argument("--ri", action="store_true",
                  help="also run Resolving Interference before every data-free method (rows 'ri+<method>')")
+  p.add_argument("--moe", action="store_true",
+                 help="also run the model-level merges (wemoe, smile, twin, free and the per-task models emr, "
+                      "tall_mask, tsv_c, byom, byom_lora) and add the columns extra parameters and relative "
+                      "latency to every row")
   p.add_argument("--methods", default=None, metavar="A,B,C",
-                 help="comma-separated registry names (default: every method that needs no data)")
+                 help="comma-separated registry names, and model-level names with --moe (default: every method "
+                      "that needs no data, and every model-level method with --moe)")
   p.add_argument("--seed", type=int, default=0, help="suite and merge seed (default: 0)")
   p.add_argument("--cache", default=None, metavar="DIR",
                  help="cache directory (default: $JAXMERGE_CACHE or ~/.cache/jaxmerge)")
@@ -116,6 +121,23 @@ def register(subparsers) -> None:
   p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
   p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
   p.set_defaults(func=run)
+
+
+def _resolve(spec, *, tta: bool, moe: bool) -> tuple[list[str], list[str]]:
+  """``(registry methods, model-level methods)`` of a run; model-level names need ``--moe``."""
+  import jaxmerge as jm
+  from jaxmerge.bench import moe_runner
+  from jaxmerge.bench.runner import resolve_methods
+
+  if moe:
+    return moe_runner.resolve_methods(spec, tta=tta)
+  if spec is not None and spec != "all":
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    only_moe = [n for n in names if n in moe_runner.MOE_METHODS and n not in jm.list_methods()]
+    if only_moe:
+      raise ValueError(f"{', '.join(map(repr, only_moe))} are model-level methods: add --moe "
+                       f"(model-level methods: {', '.join(moe_runner.MOE_METHODS)})")
+  return resolve_methods(spec, tta=tta), []
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,14 +154,18 @@ def run(args: argparse.Namespace) -> int:
     ValueError: an unknown suite, method or adapter, or an unreachable suite.
   """
   from jaxmerge.bench.report import write_reports
-  from jaxmerge.bench.runner import check_adapters, resolve_methods, run_suite
+  from jaxmerge.bench.runner import check_adapters, run_suite
 
   if args.suite not in SUITES:
     raise ValueError(f"unknown suite {args.suite!r}; valid suites: {', '.join(SUITES)}")
-  methods = resolve_methods(args.methods, tta=args.tta)
+  moe = getattr(args, "moe", False)
+  methods, moe_methods = _resolve(args.methods, tta=args.tta, moe=moe)
   _enable_compilation_cache(args.cache)
   if args.smoke and args.methods is None:
+    from jaxmerge.bench.moe_runner import SMOKE_MOE_METHODS
+
     methods = [m for m in methods if m in SMOKE_METHODS]
+    moe_methods = [m for m in moe_methods if m in SMOKE_MOE_METHODS]
   adapters = ("ri",) if args.ri else ()
   check_adapters(adapters)  # fail before spending minutes on the suite
   start = time.perf_counter()
@@ -147,6 +173,10 @@ def run(args: argparse.Namespace) -> int:
                       progress=args.progress)
   build_seconds = time.perf_counter() - start
   results = run_suite(suite, methods, seed=args.seed, adapters=adapters, progress=args.progress)
+  if moe:
+    from jaxmerge.bench.moe_runner import add_moe_rows
+
+    add_moe_rows(results, suite, moe_methods, seed=args.seed, progress=args.progress)
   results["command"] = "jaxmerge " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
   results["timings"] = {"build_or_load_suite": build_seconds, **results["timings"],
                         "total": time.perf_counter() - start}

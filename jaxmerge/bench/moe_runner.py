@@ -11,6 +11,13 @@ Methods (:data:`MOE_METHODS`): ``wemoe`` (routers trained by entropy minimizatio
 through :func:`jaxmerge.tta.fit`), ``smile`` (training-free), ``twin`` and ``free`` (routers trained on labeled
 validation data to predict the task), and the per-task models ``emr``, ``tall_mask``, ``tsv_c``, ``byom``,
 ``byom_lora`` (task id known at inference).
+
+``jaxmerge bench --moe`` appends these rows to the results table through :func:`resolve_methods` and
+:func:`add_moe_rows`. The five per-task names are also data-free registry methods (``jm.merge_per_task``); with
+``--moe`` they are built here instead (the same task models, stored as their compressed parts), so that their
+rows carry the measured storage and latency. Every other row gets the columns by construction: a plain
+weight merge (and the pretrained model) stores one tower and runs the plain network (0 extra parameters,
+latency 1.0, stated rather than measured); the experts store ``T`` towers (``(T - 1)`` towers extra).
 """
 
 from __future__ import annotations
@@ -28,11 +35,15 @@ import jaxmerge as jm
 import jaxmerge.moe as moe
 from jaxmerge.bench import runner as _runner
 
-__all__ = ["MOE_METHODS", "SETTINGS", "build", "run_moe"]
+__all__ = ["MOE_METHODS", "PER_TASK_METHODS", "SETTINGS", "SMOKE_MOE_METHODS", "add_moe_rows", "build",
+           "resolve_methods", "run_moe"]
 
-# Benchmark settings for the tiny CLIP on CPU (the references' are for ViT-B/32 on GPU: WEMoE 1000 steps).
+# Benchmark settings for the tiny CLIP on CPU (the references' are for ViT-B/32 on GPU). WEMoE: FusionBench's
+# router (2 hidden layers, bias init 0.3, batch-level reduction) and Adam learning rate 1e-4, at 200 steps of
+# batch 16 per task instead of 1000 (CPU cost). At 1e-3 entropy minimization drove the routers to confidently
+# wrong mixtures on this suite (26.6% after 100 steps, experiments/README.md "Model-level merges").
 SETTINGS = {
-    "wemoe": dict(init_lambda=0.3, hidden_layers=2, batch_reduce=True, steps=200, batch_size=16, learning_rate=1e-3),
+    "wemoe": dict(init_lambda=0.3, hidden_layers=2, batch_reduce=True, steps=200, batch_size=16, learning_rate=1e-4),
     "smile": dict(k=8, gate_k=4, top_k=1),  # FusionBench ViT-B/32: 32 and 16 of width 768; width 64 here
     "twin": dict(scale=0.3, rank=8, router_steps=300),
     "free": dict(cutoff=1.0, density=0.01, router_steps=300),
@@ -40,6 +51,10 @@ SETTINGS = {
     "byom_lora": dict(rank=4),
 }
 MOE_METHODS = ("wemoe", "smile", "twin", "free", "emr", "tall_mask", "tsv_c", "byom", "byom_lora")
+# Model-level names that are also (per-task, data-free) registry methods.
+PER_TASK_METHODS = ("emr", "tall_mask", "tsv_c", "byom", "byom_lora")
+# `jaxmerge bench --smoke --moe` without --methods: one routed NNX model and one per-task model.
+SMOKE_MOE_METHODS = ("smile", "emr")
 
 
 def _normalize(x):
@@ -153,7 +168,15 @@ def _per_task(suite, key, name, s) -> Built:
     m = moe.byom_model(*args, density=s["density"], scale=s["scale"])
   else:
     m = moe.low_rank_model(*args, rank=s["rank"], name="byom_lora")
-  return Built(_expert_forward(m, False), m.extra_params(), True, 0.0)
+  return Built(_expert_forward(m, False), _stored_extra(m), True, 0.0)
+
+
+def _stored_extra(m: moe.ExpertModel) -> int:
+  """Numbers stored beyond one tower: :meth:`ExpertModel.extra_params` plus the shared vector of "masked"
+  experts (EMR's unified task vector, TALL's multi-task vector), which it leaves out although the task models
+  ``theta_0 + lambda_t m_t * vec`` need it next to ``theta_0``."""
+  shared = sum(int(np.size(arrs["vec"])) for kind, arrs in m.experts.values() if kind == "masked")
+  return m.extra_params() + shared
 
 
 def build(suite, name: str, key: jax.Array) -> Built:
@@ -182,7 +205,7 @@ def build(suite, name: str, key: jax.Array) -> Built:
     m = (moe.twin_model(*args, scale=s["scale"], rank=s["rank"]) if name == "twin" else
          moe.free_model(*args, cutoff=s["cutoff"], density=s["density"]))
     m = _routed(suite, key, m, s["router_steps"])
-    b = Built(_expert_forward(m, True), m.extra_params(), False, 0.0)
+    b = Built(_expert_forward(m, True), _stored_extra(m), False, 0.0)
   elif name in ("emr", "tall_mask", "tsv_c", "byom", "byom_lora"):
     b = _per_task(suite, key, name, s)
   else:
@@ -220,7 +243,7 @@ def _latency(fn, images, task, repeats: int = 5) -> float:
 
 
 def run_moe(suite, methods: Sequence[str] = MOE_METHODS, *, seed: int = 0, expert_acc: dict | None = None,
-            strict: bool = False, latency_batch: int = 100) -> tuple[list[dict], list[dict]]:
+            strict: bool = False, latency_batch: int = 100, progress: bool = False) -> tuple[list[dict], list[dict]]:
   """Builds, evaluates and times every model-level method on ``suite``.
 
   Args:
@@ -230,6 +253,7 @@ def run_moe(suite, methods: Sequence[str] = MOE_METHODS, *, seed: int = 0, exper
     expert_acc: ``{task: accuracy}`` of the experts (normalized accuracy); computed if ``None``.
     strict: re-raise a method's error instead of recording it.
     latency_batch: images per timed forward (single-task batch of the first task).
+    progress: show a progress bar over methods.
 
   Returns:
     ``(rows, skipped)`` in :func:`jaxmerge.bench.runner.run_suite`'s format.
@@ -243,7 +267,12 @@ def run_moe(suite, methods: Sequence[str] = MOE_METHODS, *, seed: int = 0, exper
   n_tower = _tower_params(suite)
   key = jax.random.key(seed)
   rows, skipped = [], []
-  for i, name in enumerate(methods):
+  bar = list(enumerate(methods))
+  if progress:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    bar = tqdm(bar, desc="model-level merges", leave=False)
+  for i, name in bar:
     try:
       b = build(suite, name, jax.random.fold_in(key, i))
       start = time.perf_counter()
@@ -264,3 +293,91 @@ def run_moe(suite, methods: Sequence[str] = MOE_METHODS, *, seed: int = 0, exper
 _DATA = {"wemoe": "tta", "smile": "none", "twin": "val", "free": "val", "emr": "none (task id)",
          "tall_mask": "none (task id)", "tsv_c": "none (task id)", "byom": "none (task id)",
          "byom_lora": "none (task id)"}
+
+
+def resolve_methods(spec: str | Sequence[str] | None, *, tta: bool = False) -> tuple[list[str], list[str]]:
+  """Splits a ``jaxmerge bench --moe`` method selection into registry methods and model-level methods.
+
+  Args:
+    spec: comma-separated names or a list, each a registry method (``jm.list_methods()``) or a model-level
+      method (:data:`MOE_METHODS`); ``None`` or ``"all"`` selects every registry method that needs no data
+      (plus the TTA ones with ``tta``) and every model-level method.
+    tta: include registry methods with ``data == "tta"`` in the default selection.
+
+  Returns:
+    ``(plain, model_level)``: the registry methods for :func:`jaxmerge.bench.runner.run_suite` and the
+    model-level methods for :func:`add_moe_rows`, each in the order given (duplicates dropped). The names of
+    :data:`PER_TASK_METHODS` go to ``model_level`` only.
+
+  Raises:
+    ValueError: an unknown name (the message lists the valid registry and model-level names), or an empty
+      selection.
+  """
+  if spec is None or spec == "all" or spec == ["all"]:
+    plain = [m for m in _runner.resolve_methods(None, tta=tta) if m not in MOE_METHODS]
+    return plain, list(MOE_METHODS)
+  names = list(dict.fromkeys(s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()))
+  registered = jm.list_methods()
+  unknown = [n for n in names if n not in registered and n not in MOE_METHODS]
+  if unknown:
+    raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(registered)}; "
+                     f"model-level methods (--moe): {', '.join(MOE_METHODS)}")
+  if not names:
+    raise ValueError("--methods selected no method")
+  return [n for n in names if n not in MOE_METHODS], [n for n in names if n in MOE_METHODS]
+
+
+def _storage_columns(row: dict, n_tasks: int) -> dict:
+  """Extra parameters (in towers and numbers of the tower ``n``) and relative latency of a non-model-level row."""
+  if row["method"] == "experts":
+    return {"extra_params_ratio": float(n_tasks - 1), "relative_latency": 1.0, "latency_measured": False}
+  if row.get("per_task_model"):  # a per-task registry method materialized as T towers: not measured here
+    return {"extra_params_ratio": None, "relative_latency": None, "latency_measured": False}
+  return {"extra_params_ratio": 0.0, "relative_latency": 1.0, "latency_measured": False}
+
+
+def add_moe_rows(results: dict, suite, methods: Sequence[str], *, seed: int = 0, progress: bool = True,
+                 strict: bool = False) -> dict:
+  """Appends the model-level merges to a :func:`jaxmerge.bench.runner.run_suite` result and gives every row
+  the columns ``extra_params``, ``extra_params_ratio`` and ``relative_latency``.
+
+  Model-level rows are measured by :func:`run_moe` (their ``kind`` is ``"model-level"``, ``seconds`` is the
+  build time, router training included). The other rows get the columns by construction: baselines and plain
+  weight merges 0 extra parameters and latency 1.0 (``latency_measured`` False), the experts ``T - 1`` towers.
+
+  Args:
+    results: the runner's results dict, with its ``"pretrained"`` and ``"experts"`` rows; updated in place.
+    suite: the suite the results come from.
+    methods: names from :data:`MOE_METHODS` (see :func:`resolve_methods`).
+    seed: PRNG seed for router initialization.
+    progress: show a progress bar over methods.
+    strict: re-raise a method's error instead of recording it under ``"skipped"``.
+
+  Returns:
+    ``results``, with the model-level rows appended, their failures under ``"skipped"`` and their wall time
+    under ``timings["model_level"]``.
+
+  Raises:
+    ValueError: a name that is not a model-level method, or results without an ``"experts"`` row.
+  """
+  bad = [m for m in methods if m not in MOE_METHODS]
+  if bad:
+    raise ValueError(f"not model-level method(s): {', '.join(map(repr, bad))}; valid: {', '.join(MOE_METHODS)}")
+  experts = [r for r in results["rows"] if r["method"] == "experts"]
+  if not experts:
+    raise ValueError("results have no 'experts' row (run jaxmerge.bench.runner.run_suite first)")
+  n_tower = _tower_params(suite)
+  for r in results["rows"]:
+    cols = _storage_columns(r, len(suite.tasks))
+    ratio = cols["extra_params_ratio"]
+    r.update(cols, extra_params=None if ratio is None else int(round(ratio * n_tower)))
+  start = time.perf_counter()
+  rows, skipped = run_moe(suite, list(methods), seed=seed, expert_acc=dict(experts[0]["accuracy"]), strict=strict,
+                          progress=progress)
+  for r in rows:
+    r["latency_measured"] = True
+  results["rows"].extend(rows)
+  results.setdefault("skipped", []).extend(skipped)
+  results.setdefault("timings", {})["model_level"] = time.perf_counter() - start
+  results["tower_params"] = n_tower
+  return results

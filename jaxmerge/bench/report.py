@@ -5,13 +5,23 @@
     {"suite": str, "tasks": [str, ...], "seed": int, "command": str,
      "rows": [{"method": str, "accuracy": {task: float in [0, 1]}, "average": float,
                "normalized": {task: float}, "normalized_average": float, "seconds": float,
-               "compile_seconds": float | null, "kind": "baseline" | "merge", "data": str, "per_task_model": bool, "hparams": {...}}, ...],
+               "compile_seconds": float | null, "kind": "baseline" | "merge" | "model-level", "data": str,
+               "per_task_model": bool, "hparams": {...},
+               # with --moe, every row:
+               "extra_params": int | null, "extra_params_ratio": float | null, "relative_latency": float | null,
+               "latency_measured": bool}, ...],
      "cross_eval": {"experts": [task, ...], "tasks": [task, ...], "accuracy": [[float, ...], ...]},
      "skipped": [{"method": str, "reason": str}, ...], "timings": {step: seconds}, "reference": {...}, ...}
 
 Rows start with ``pretrained`` and ``experts`` (each expert on its own task). ``normalized`` is accuracy
 divided by the expert's accuracy on the same task. ``seconds`` is the merge's wall time once compiled
 (zero for the baselines) and ``compile_seconds`` what its first call spent on tracing and compilation. ``cross_eval.accuracy[i][j]`` is expert ``i`` on task ``j``.
+
+Model-level rows (``jaxmerge bench --moe``, :mod:`jaxmerge.bench.moe_runner`) have ``kind == "model-level"`` and
+``seconds`` = build time (router training included). ``extra_params`` counts the numbers stored beyond one plain
+vision tower (``extra_params_ratio``: in towers) and ``relative_latency`` is a batch's warm forward time over
+the plain tower's; both are measured for model-level rows and stated for the others (0 and 1.0 for plain
+weights, ``T - 1`` towers for the experts, ``null`` where not known).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ FUSIONBENCH_VIT_B32 = {
   "iso_c": 82.8,
   "wudi": 84.5,
   "tsv_m": 83.1,
+  "wemoe": 89.2,  # model-level (jaxmerge bench --moe); the issue's figure for WEMoE on ViT-B/32
 }
 
 # Row keys that hold wall times: excluded when comparing two runs for determinism.
@@ -78,23 +89,46 @@ def _pct(x: float) -> str:
   return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _has_storage(results: dict) -> bool:
+  return any("extra_params" in r for r in results["rows"])
+
+
+def _storage_cells(r: dict) -> list[str]:
+  if r.get("extra_params") is None:
+    return ["—", "—", "—" if r.get("relative_latency") is None else f"{r['relative_latency']:.2f}"]
+  lat = f"{r['relative_latency']:.2f}" + ("" if r.get("latency_measured") else "*")
+  return [f"{r['extra_params']:,}", f"{r['extra_params_ratio']:.2f}", lat]
+
+
 def _markdown(results: dict) -> str:
   tasks = results["tasks"]
+  storage = _has_storage(results)
   out = [f"# jaxmerge bench: {results['suite']}", ""]
   if results.get("command"):
     out += [f"Command: `{results['command']}`", ""]
   out += ["Accuracy (%) on each task's test split; *norm.* = merged / expert accuracy, averaged over tasks; "
           "*merge s* = merge wall time once compiled (*+compile s*: extra time of the first call).", ""]
-  head = ["method", *tasks, "avg", "norm.", "merge s", "+compile s"]
+  if storage:
+    out += ["*extra params* = numbers stored beyond one plain vision tower (*/tower*: in towers; masks count 1/32 "
+            "per entry); *rel. latency* = warm forward time of a 100-image batch over the plain tower's, measured in "
+            "the same process for model-level rows (* = by construction: the plain network with other weights). "
+            "For model-level rows (‡) *merge s* is the build time, router training included.", ""]
+  head = ["method", *tasks, "avg", "norm.", "merge s", "+compile s"] + (
+      ["extra params", "/tower", "rel. latency"] if storage else [])
   out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results["rows"]:
-    name = r["method"] + (" †" if r.get("per_task_model") else "")
+    name = r["method"] + (" †" if r.get("per_task_model") else "") + (" ‡" if r["kind"] == "model-level" else "")
     cells = [name, *[_pct(r["accuracy"][t]) for t in tasks], f"**{_pct(r['average'])}**",
-             _pct(r["normalized_average"]), f"{r['seconds']:.2f}" if r["kind"] == "merge" else "",
+             _pct(r["normalized_average"]), f"{r['seconds']:.2f}" if r["kind"] in ("merge", "model-level") else "",
              f"{r['compile_seconds']:.1f}" if r.get("compile_seconds") is not None else ""]
+    if storage:
+      cells += _storage_cells(r)
     out.append("| " + " | ".join(cells) + " |")
   if any(r.get("per_task_model") for r in results["rows"]):
     out += ["", "† one model per task (needs the task id at inference)."]
+  if any(r["kind"] == "model-level" for r in results["rows"]):
+    out += ["", "‡ model-level merge (`jaxmerge bench --moe`): a routed or task-indexed model, not one set of "
+            "weights."]
   if results.get("skipped"):
     out += ["", "Skipped: " + "; ".join(f"`{s['method']}` ({s['reason']})" for s in results["skipped"])]
   ce = results.get("cross_eval")
@@ -120,11 +154,14 @@ def _csv(results: dict, path: Path) -> None:
   tasks = results["tasks"]
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["method", *tasks, "average", "normalized_average", "seconds", "compile_seconds", "kind", "data"])
+    w.writerow(["method", *tasks, "average", "normalized_average", "seconds", "compile_seconds", "kind", "data",
+                "extra_params", "extra_params_ratio", "relative_latency"])
+    opt = lambda r, k, fmt: "" if r.get(k) is None else format(r[k], fmt)
     for r in results["rows"]:
       w.writerow([r["method"], *[f"{r['accuracy'][t]:.6f}" for t in tasks], f"{r['average']:.6f}",
                   f"{r['normalized_average']:.6f}", f"{r['seconds']:.4f}",
-                  "" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.4f}", r["kind"], r.get("data", "")])
+                  "" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.4f}", r["kind"], r.get("data", ""),
+                  opt(r, "extra_params", "d"), opt(r, "extra_params_ratio", ".4f"), opt(r, "relative_latency", ".4f")])
 
 
 def _plots(results: dict, out: Path) -> list[str]:
@@ -138,14 +175,18 @@ def _plots(results: dict, out: Path) -> list[str]:
   names = [r["method"] for r in rows]
   avgs = [100 * r["average"] for r in rows]
   fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
-  colors = ["#999999" if r["kind"] == "baseline" else "#3b75af" for r in rows]
+  palette = {"baseline": "#999999", "model-level": "#d6792b"}
+  colors = [palette.get(r["kind"], "#3b75af") for r in rows]
   ax.barh(range(len(rows)), avgs, color=colors)
   ax.set_yticks(range(len(rows)), names)
   ax.invert_yaxis()
   ax.set_xlabel("average accuracy (%)")
-  ax.set_xlim(0, 100)
-  for i, v in enumerate(avgs):
-    ax.text(v + 0.5, i, f"{v:.1f}", va="center", fontsize=8)
+  ax.set_xlim(0, 140 if any(r["kind"] == "model-level" for r in rows) else 100)
+  for i, (v, r) in enumerate(zip(avgs, rows)):
+    label = f"{v:.1f}"
+    if r["kind"] == "model-level" and r.get("extra_params_ratio") is not None:
+      label += f"  (+{r['extra_params_ratio']:.2f} towers, {r['relative_latency']:.1f}x latency)"
+    ax.text(v + 0.5, i, label, va="center", fontsize=8)
   ax.set_title(f"{results['suite']}: average accuracy over {len(results['tasks'])} tasks")
   fig.tight_layout()
   fig.savefig(out / "accuracy.png", dpi=110)
