@@ -43,8 +43,9 @@ class Suite(Protocol):
     ...
 
 
-# A method runner: (suite, method name, hyperparameters, PRNG key) -> merged params, or a list of T params
-# (one per task) for per-task methods.
+# A method runner: (suite, method name, hyperparameters, PRNG key) -> merged params, a list of T params
+# (one per task) for per-task methods, or an object with ``evaluate_on(suite) -> {task: accuracy}`` and a
+# ``per_task`` attribute for a model that is not a parameter tree (Representation Surgery's adapters).
 MethodRunner = Callable[[Suite, str, dict, jax.Array], Any]
 # An adapter: (suite, PRNG key) -> adapted experts (list of T params), e.g. Resolving Interference.
 Adapter = Callable[[Suite, jax.Array], list]
@@ -223,6 +224,8 @@ def _timed_data_free(suite: Suite, method: str, key: jax.Array, experts) -> tupl
 
 
 def _evaluate_merged(suite: Suite, merged: Any) -> tuple[dict, bool]:
+  if callable(getattr(merged, "evaluate_on", None)):  # a model that is not one parameter tree (e.g. Surgery's)
+    return merged.evaluate_on(suite), bool(getattr(merged, "per_task", False))
   if isinstance(merged, (list, tuple)):
     if len(merged) != len(suite.tasks):
       raise ValueError(f"a per-task method returned {len(merged)} models for {len(suite.tasks)} tasks")

@@ -8,7 +8,9 @@ imported only when an adaptation runs. :func:`run_method` runs any data-needing 
 from jaxmerge.tta.adapter import Adapter as Adapter
 from jaxmerge.tta.methods import AdaMergingConfig as AdaMergingConfig
 from jaxmerge.tta.methods import FisherConfig as FisherConfig
+from jaxmerge.tta.methods import LocalizeStitchConfig as LocalizeStitchConfig
 from jaxmerge.tta.methods import RegMeanConfig as RegMeanConfig
+from jaxmerge.tta.methods import SurgeryConfig as SurgeryConfig
 from jaxmerge.tta.adamerging import adamerging as adamerging
 from jaxmerge.tta.adamerging import adamerging_adapter as adamerging_adapter
 from jaxmerge.tta.adamerging import ties_masked as ties_masked
@@ -28,5 +30,8 @@ from jaxmerge.tta.validation import regmean as regmean
 from jaxmerge.tta.validation import ugm as ugm
 from jaxmerge.tta.masks import adarank as adarank
 from jaxmerge.tta.masks import concrete as concrete
+from jaxmerge.tta.stitch import localize_stitch_data as localize_stitch_data
+from jaxmerge.tta.surgery import SurgeryModel as SurgeryModel
 from jaxmerge.tta.surgery import apply_surgery as apply_surgery
 from jaxmerge.tta.surgery import surgery as surgery
+from jaxmerge.tta.surgery import surgery_from_features as surgery_from_features

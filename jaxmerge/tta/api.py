@@ -63,8 +63,31 @@ def _runners() -> dict:
                                iters=cfg.iters)
     return out, info
 
+  def localize_stitch_data(cfg, pre, ft, fwd, heads, data, key, layout, progress, names):
+    from jaxmerge.tta import stitch  # noqa: PLC0415
+
+    if not all(isinstance(d, tuple) for d in data):
+      raise ValueError("method 'localize_stitch_data' needs labels: pass data=[(inputs, labels) per task]")
+    return stitch.localize_stitch_data(pre, ft, fwd, heads, data, key=key, progress=progress, names=names,
+                                       **cfg.run_kwargs())
+
+  def surgery(cfg, pre, ft, fwd, heads, data, key, layout, progress, names):
+    import importlib  # noqa: PLC0415
+
+    S = importlib.import_module("jaxmerge.tta.surgery")  # (jaxmerge.tta.surgery is also the function's name)
+    k_base, k_data, k_fit = jax.random.split(key, 3)
+    merged, base_history = run_method(cfg.base, pre, ft, fwd, heads, data, key=k_base, layout=layout,
+                                      progress=progress, names=names, return_history=True)
+    per_task = [cycle_batches(x, cfg.batch_size, key=jax.random.fold_in(k_data, t)) for t, x in enumerate(_inputs(data))]
+    fts = list(ft) if isinstance(ft, (list, tuple)) else [jax.tree.map(lambda x, t=t: x[t], ft) for t in range(len(heads))]
+    adapters, history = S.surgery(merged, fts, fwd, per_task, key=k_fit, progress=progress, **cfg.run_kwargs())
+    if base_history:
+      history = {**history, "base": base_history}
+    return S.SurgeryModel(merged, adapters), history
+
   return {"fisher": fisher, "regmean": regmean, "adamerging": adamerging, "scale_search": scale_search,
-          "ugm": ugm, "concrete": masked("concrete"), "adarank": masked("adarank")}
+          "ugm": ugm, "concrete": masked("concrete"), "adarank": masked("adarank"),
+          "localize_stitch_data": localize_stitch_data, "surgery": surgery}
 
 
 def unit_merge(base: str, pretrained, finetuned, forward_fn, heads, data, *, key, layout=None, names=None):
@@ -203,7 +226,8 @@ def run_method(
     **hparams: hyperparameters of the method (unknown names raise ``ValueError``).
 
   Returns:
-    The merged parameters (and the history with ``return_history``).
+    The merged parameters (and the history with ``return_history``); for ``"surgery"`` a
+    :class:`~jaxmerge.tta.surgery.SurgeryModel` (the base's merged parameters and the per-task adapters).
 
   Raises:
     ValueError: an unknown method or hyperparameter, a method that needs data called without it, empty

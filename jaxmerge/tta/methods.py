@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 from jaxmerge.registry import register
 
-__all__ = ["AdaMergingConfig", "AdaRankConfig", "ConcreteConfig", "FisherConfig", "RegMeanConfig", "ScaleSearchConfig",
-           "UGMConfig"]
+__all__ = ["AdaMergingConfig", "AdaRankConfig", "ConcreteConfig", "FisherConfig", "LocalizeStitchConfig",
+           "RegMeanConfig", "ScaleSearchConfig", "SurgeryConfig", "UGMConfig"]
 
 ADAMERGING_REF = "https://arxiv.org/abs/2310.02575"
 FISHER_REF = "https://arxiv.org/abs/2111.09832"
@@ -361,3 +361,117 @@ def adarank_config(init_scale: float = 0.3, temperature: float = 10.0, learning_
     raise ValueError(f"temperature must be positive, got {temperature}")
   _positive_int("batch_size", batch_size)
   return AdaRankConfig(float(init_scale), float(temperature), float(learning_rate), int(steps), int(batch_size))
+
+
+class LocalizeStitchConfig(NamedTuple):
+  """Data-driven Localize-and-Stitch's hyperparameters (see :func:`jaxmerge.tta.stitch.localize_stitch_data`)."""
+
+  density: float = 0.01
+  sigmoid_bias: float = 5.0
+  l1_strength: float = 1.0
+  learning_rate: float = 0.5
+  steps: int = 20
+  num_examples: int = 64
+  batch_size: int = 64
+  binarize: str = "topk"
+
+  def run_kwargs(self) -> dict:
+    """Keyword arguments of :func:`jaxmerge.tta.stitch.localize_stitch_data` (Adam at ``learning_rate``)."""
+    kw = self._asdict()
+    kw["optimizer"] = adam(kw.pop("learning_rate"))
+    return kw
+
+
+@register("localize_stitch_data", family="sparsification", data="val", storage="none (masks optional)",
+          reference="https://arxiv.org/abs/2408.13656")
+def localize_stitch_data_config(density: float = 0.01, sigmoid_bias: float = 5.0, l1_strength: float = 1.0,
+                                learning_rate: float = 0.5, steps: int = 20, num_examples: int = 64,
+                                batch_size: int = 64, binarize: str = "topk") -> LocalizeStitchConfig:
+  """Localize-and-Stitch with masks learned on few-shot labeled validation data (the data-free variant is
+  ``localize_stitch``). The reference (64 shots, bias 5, L1 strength 1, 10 full-batch epochs of plain gradient
+  descent at a learning rate of 1e7) is re-expressed with Adam on the logits and a normalized L1 term; Adam moves
+  a logit by at most about ``learning_rate`` per step, so ``steps * learning_rate`` must exceed ``2 *
+  sigmoid_bias`` for an entry to cross from outside the initial mask to inside (20 full-batch steps at 0.5).
+
+  Args:
+    density: fraction of each task vector in the initial (top-magnitude) mask and in the final mask
+      (``binarize="topk"``); the paper reports about 1% for learned masks.
+    sigmoid_bias: initial logit magnitude (``+b`` inside the initial mask, ``-b`` outside).
+    l1_strength: weight of ``mean(sigmoid(S))`` (the soft mask's density) in the loss.
+    learning_rate: Adam learning rate on the logits.
+    steps: optimizer steps per task (``0``: the data-free masks).
+    num_examples: labeled examples per task (shots).
+    batch_size: examples per step.
+    binarize: ``"topk"`` (the top-``density`` logits) or ``"round"`` (``sigmoid > 0.5``, the reference's).
+
+  Returns:
+    A :class:`LocalizeStitchConfig`.
+
+  References:
+    He et al., "Localize-and-Stitch: Efficient Model Merging via Sparse Task Arithmetic", 2024.
+    https://arxiv.org/abs/2408.13656
+  """
+  if not 0.0 <= density <= 1.0:
+    raise ValueError(f"density must be in [0, 1], got {density}")
+  if binarize not in ("topk", "round"):
+    raise ValueError(f"binarize must be 'topk' or 'round', got {binarize!r}")
+  if not sigmoid_bias > 0:
+    raise ValueError(f"sigmoid_bias must be positive, got {sigmoid_bias}")
+  if l1_strength < 0:
+    raise ValueError(f"l1_strength must be >= 0, got {l1_strength}")
+  if int(steps) != steps or steps < 0:
+    raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+  _positive_int("num_examples", num_examples)
+  _positive_int("batch_size", batch_size)
+  return LocalizeStitchConfig(float(density), float(sigmoid_bias), float(l1_strength), float(learning_rate),
+                              int(steps), int(num_examples), int(batch_size), binarize)
+
+
+class SurgeryConfig(NamedTuple):
+  """Representation Surgery's hyperparameters (see :func:`jaxmerge.tta.surgery.surgery`)."""
+
+  base: str = "task_arithmetic"
+  rank: int = 16
+  learning_rate: float = 1e-3
+  steps: int = 1000
+  batch_size: int = 16
+
+  def run_kwargs(self) -> dict:
+    """Keyword arguments of :func:`jaxmerge.tta.surgery.surgery` (Adam at ``learning_rate``)."""
+    return {"rank": self.rank, "optimizer": adam(self.learning_rate), "steps": self.steps}
+
+
+@register("surgery", family="moe", data="tta", per_task=True,
+          storage="per task: a rank-r bottleneck adapter on the features (2 r D floats)",
+          reference="https://arxiv.org/abs/2402.02705")
+def surgery_config(base: str = "task_arithmetic", rank: int = 16, learning_rate: float = 1e-3, steps: int = 1000,
+                   batch_size: int = 16) -> SurgeryConfig:
+  """Representation Surgery's registry entry: per-task adapters on the features of the merged model of ``base``
+  (run with its defaults), trained on unlabeled test inputs to match each expert's features (L1); inference
+  needs the task id (FusionBench ``surgery`` defaults: rank 16, Adam 1e-3, 1000 steps; its base is AdaMerging).
+
+  Args:
+    base: a registered method that yields one merged model (``task_arithmetic`` by default).
+    rank: bottleneck size of each adapter.
+    learning_rate: Adam learning rate.
+    steps: optimizer steps.
+    batch_size: unlabeled examples per task per step.
+
+  Returns:
+    A :class:`SurgeryConfig`.
+
+  References:
+    Yang et al., "Representation Surgery for Multi-Task Model Merging", ICML 2024.
+    https://arxiv.org/abs/2402.02705
+  """
+  from jaxmerge.registry import method_info  # noqa: PLC0415
+
+  if base == "surgery":
+    raise ValueError("surgery's base cannot be 'surgery'")
+  if method_info(base).per_task:
+    raise ValueError(f"surgery needs one merged model; base {base!r} keeps one model per task")
+  _positive_int("rank", rank)
+  _positive_int("batch_size", batch_size)
+  if int(steps) != steps or steps < 0:
+    raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+  return SurgeryConfig(base, int(rank), float(learning_rate), int(steps), int(batch_size))
