@@ -5,7 +5,7 @@ contract; :func:`run_moe` builds each one on a suite, evaluates it with the suit
 and returns rows in the runner's format (:func:`jaxmerge.bench.runner.run_suite`'s ``rows``) with three extra
 columns: ``extra_params`` (numbers stored beyond one plain vision tower, masks as bits / 32),
 ``extra_params_ratio`` (relative to one tower) and ``relative_latency`` (warm forward time of a batch divided by
-the plain tower's, measured in the same process).
+the plain tower's, both timed in alternation in the same process, best of 7 each).
 
 Methods (:data:`MOE_METHODS`): ``wemoe`` (routers trained by entropy minimization on the unlabeled test inputs
 through :func:`jaxmerge.tta.fit`), ``smile`` (training-free), ``twin`` and ``free`` (routers trained on labeled
@@ -232,14 +232,20 @@ def _evaluate(suite, b: Built, batch: int = 100) -> dict[str, float]:
   return acc
 
 
-def _latency(fn, images, task, repeats: int = 5) -> float:
+def _relative_latency(fn, plain, images, task, repeats: int = 7) -> float:
+  """Warm forward time of ``fn`` over ``plain``'s, timed in alternation (plain, model, plain, ...) so that both
+  minimums come from the same stretch of machine load; each is the best of ``repeats``."""
   jax.block_until_ready(fn(images, task))
-  best = float("inf")
+  jax.block_until_ready(plain(images))
+  best_fn = best_plain = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
+    jax.block_until_ready(plain(images))
+    best_plain = min(best_plain, time.perf_counter() - start)
+    start = time.perf_counter()
     jax.block_until_ready(fn(images, task))
-    best = min(best, time.perf_counter() - start)
-  return best
+    best_fn = min(best_fn, time.perf_counter() - start)
+  return best_fn / best_plain
 
 
 def run_moe(suite, methods: Sequence[str] = MOE_METHODS, *, seed: int = 0, expert_acc: dict | None = None,
@@ -263,7 +269,6 @@ def run_moe(suite, methods: Sequence[str] = MOE_METHODS, *, seed: int = 0, exper
     expert_acc = {t: suite.evaluate(e, [t])[t] for t, e in zip(tasks, suite.experts)}
   images = suite.data[tasks[0]].test.images[:latency_batch]
   plain = jax.jit(lambda x: suite.embed(suite.pretrained, x))
-  plain_time = _latency(lambda x, t: plain(x), images, 0)
   n_tower = _tower_params(suite)
   key = jax.random.key(seed)
   rows, skipped = [], []
@@ -278,7 +283,7 @@ def run_moe(suite, methods: Sequence[str] = MOE_METHODS, *, seed: int = 0, exper
       start = time.perf_counter()
       acc = _evaluate(suite, b)
       eval_seconds = time.perf_counter() - start
-      lat = _latency(b.forward, images, 0) / plain_time
+      lat = _relative_latency(b.forward, plain, images, 0)
       rows.append(_runner._row(name, acc, expert_acc, tasks, b.build_seconds, eval_seconds=eval_seconds,
                                kind="model-level", data=_DATA[name], family="moe", per_task_model=b.per_task,
                                extra_params=int(b.extra_params), extra_params_ratio=b.extra_params / n_tower,
