@@ -73,6 +73,9 @@ class MergeTransform(NamedTuple):
       e.g. a global scale).
     needs_key: whether ``apply`` requires a PRNG key.
     leafwise: whether each leaf's result depends on that leaf alone (such steps can be streamed).
+    flat: whether the result is unchanged when every leaf is concatenated into one flat vector (elementwise
+      math plus whole-model statistics; no per-leaf keys, coefficients, paths or shapes). :func:`jaxmerge.merge`
+      then runs the step on one ``(T, N)`` array, whose compile time does not grow with the number of leaves.
   """
 
   init: Callable[[Stacked], Coeffs]
@@ -80,6 +83,7 @@ class MergeTransform(NamedTuple):
   kind: str = TASK
   needs_key: bool = False
   leafwise: bool = True
+  flat: bool = False
 
   @property
   def reduces(self) -> bool:

@@ -98,7 +98,8 @@ def chain(*transforms: MergeTransform) -> MergeTransform:
     return tree
 
   return MergeTransform(
-      init, apply, kind, any(t.needs_key for t in transforms), all(t.leafwise for t in transforms)
+      init, apply, kind, any(t.needs_key for t in transforms), all(t.leafwise for t in transforms),
+      all(t.flat for t in transforms),
   )
 
 

@@ -23,7 +23,9 @@ __all__ = [
     "cast_like",
     "check_compatible",
     "check_finite",
-    "flat_tasks",
+    "concat_tasks",
+    "fence",
+    "global_sum",
     "flatten_paths",
     "is_float",
     "leaf_key",
@@ -278,33 +280,58 @@ def task_mean(x: jax.Array) -> jax.Array:
   return task_sum(x) / x.shape[0]
 
 
-def flat_tasks(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
-  """Concatenates every leaf of a stack into one ``(T, N)`` array; returns it and the inverse map.
+def fence(x: jax.Array) -> jax.Array:
+  """Returns a small array unchanged, as a value XLA computes once and does not copy into its consumers.
 
-  The inverse takes a ``(N,)`` array (a reduced model) or a ``(T, N)`` array (a stack) and rebuilds the tree.
-  Global steps (one threshold per task over the whole model) run on this view: a handful of large fused
-  operations instead of one small operation per leaf and task, which is much faster on CPU.
+  Whole-model scalars (thresholds, majority signs) are cheap elementwise functions of a few reductions, so
+  XLA's fusion duplicates their computation into every per-leaf kernel that reads them, which makes each of
+  those kernels distinct: one compile per leaf (~30 ms each on CPU) instead of one per leaf shape. A sort
+  keyed by position is the identity but is never fused or simplified away (``optimization_barrier`` is
+  removed before fusion on CPU).
 
   Args:
-    tree: a stack ``(T, ...)``.
+    x: a small array (the sort costs ``O(n log n)``).
 
   Returns:
-    ``(flat, unflatten)``: the ``(T, N)`` array and the inverse map.
+    ``x``, bit for bit.
   """
-  leaves, treedef = jax.tree.flatten(tree)
+  flat = x.reshape(-1)
+  _, out = jax.lax.sort((jnp.arange(flat.shape[0], dtype=jnp.int32), flat), num_keys=1)
+  return out.reshape(x.shape)
+
+
+def global_sum(parts: Sequence[jax.Array]) -> jax.Array:
+  """The float32 sum of per-leaf scalars, computed once (see :func:`fence`) in sorted order.
+
+  Args:
+    parts: float scalars.
+
+  Returns:
+    Their sum.
+  """
+  v = jnp.stack([jnp.asarray(p, jnp.float32) for p in parts])
+  return fence(jnp.sum(jax.lax.sort(v)))
+
+
+def concat_tasks(tree: Any) -> jax.Array:
+  """Concatenates every leaf of a stack into one ``(T, N)`` array, for whole-model statistics only.
+
+  Global steps (one magnitude threshold per task over the whole model) compute their few scalars on this view
+  (one histogram over one array instead of one per leaf) and then apply them leaf by leaf. Splitting a
+  ``(T, N)`` result back into leaves would cost XLA one distinct compiled kernel per leaf (each slice offset is a
+  different program: ~30 ms of compile time per leaf on CPU), whereas per-leaf steps of equal shape share one.
+
+  Args:
+    tree: a stack ``(T, ...)`` with at least one leaf.
+
+  Returns:
+    The ``(T, N)`` array (leaves in ``jax.tree.leaves`` order, each flattened row-major).
+  """
+  leaves = jax.tree.leaves(tree)
   if not leaves:
     raise ValueError("cannot flatten an empty tree")
   t = leaves[0].shape[0]
-  sizes = [int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves]
-  x = jnp.concatenate([leaf.reshape(t, -1) for leaf in leaves], axis=1) if len(leaves) > 1 else leaves[0].reshape(t, -1)
-  offsets = np.cumsum([0] + sizes)
-
-  def unflat(y: jax.Array) -> Any:
-    lead = y.shape[:-1]
-    parts = [y[..., offsets[i]:offsets[i + 1]].reshape(lead + leaves[i].shape[1:]) for i in range(len(leaves))]
-    return jax.tree.unflatten(treedef, parts)
-
-  return x, unflat
+  return jnp.concatenate([leaf.reshape(t, -1) for leaf in leaves], axis=1) if len(leaves) > 1 else leaves[0].reshape(t, -1)
 
 
 def leaf_key(key: PRNGKey, path: Path) -> PRNGKey:

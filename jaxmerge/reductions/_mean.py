@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform
-from jaxmerge.tree import flat_tasks, task_max, task_mean, task_sum
+from jaxmerge.tree import concat_tasks, global_sum, task_max, task_mean, task_sum
 
 __all__ = ["disjoint_merge", "elected_sign", "mean_tasks", "sum_tasks", "ties_merge", "weighted_sum"]
 
@@ -32,7 +32,7 @@ def sum_tasks() -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(task_sum, tree)
 
-  return MergeTransform(_empty, apply, REDUCE)
+  return MergeTransform(_empty, apply, REDUCE, flat=True)
 
 
 def mean_tasks() -> MergeTransform:
@@ -49,7 +49,7 @@ def mean_tasks() -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(task_mean, tree)
 
-  return MergeTransform(_empty, apply, REDUCE)
+  return MergeTransform(_empty, apply, REDUCE, flat=True)
 
 
 def weighted_sum(weights) -> MergeTransform:
@@ -72,7 +72,7 @@ def weighted_sum(weights) -> MergeTransform:
     w = coeffs["weights"]
     return jax.tree.map(lambda x: task_sum(x, w), tree)
 
-  return MergeTransform(init, apply, REDUCE)
+  return MergeTransform(init, apply, REDUCE, flat=True)
 
 
 def elected_sign(tree, scope: str = "global"):
@@ -93,8 +93,9 @@ def elected_sign(tree, scope: str = "global"):
     https://arxiv.org/abs/2306.01708
   """
   if scope == "global":
-    x, unflat = flat_tasks(tree)
-    return unflat(_with_majority(jnp.sign(task_sum(x))))
+    signs = jax.tree.map(lambda x: jnp.sign(task_sum(x)), tree)
+    majority = _majority(signs)
+    return jax.tree.map(lambda s: jnp.where(s == 0, majority, s), signs)
   if scope == "leaf":
     return jax.tree.map(lambda x: _with_majority(jnp.sign(task_sum(x))), tree)
   raise ValueError(f"scope must be 'global' or 'leaf', got {scope!r}")
@@ -144,22 +145,35 @@ def ties_merge(
     del coeffs, key, ctx
     if not jax.tree.leaves(tree):
       return tree
-    x, unflat = flat_tasks(tree)
+    # Whole-model scalars (thresholds, majority sign) from one (T, N) view; everything else leaf by leaf, so
+    # equal-shape leaves share one compiled kernel (see jaxmerge.tree.concat_tasks).
     if density < 1:
-      thr = task_thresholds([x], density, count)
-      x = jnp.where(jnp.abs(x) >= thr[:, None], x, 0)
-    total = task_sum(x)
+      thr = task_thresholds([concat_tasks(tree)], density, count)
+      tree = jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= _per_task(thr, x), x, 0), tree)
+    totals = jax.tree.map(task_sum, tree)
     if zero_sign == "positive":
-      s = jnp.where(total >= 0, 1.0, -1.0).astype(x.dtype)
+      signs = jax.tree.map(lambda v: jnp.where(v >= 0, 1.0, -1.0).astype(v.dtype), totals)
     else:
-      s = _with_majority(jnp.sign(total))
-    return unflat(_disjoint(x, s, merge_func))
+      signs = jax.tree.map(jnp.sign, totals)
+      majority = _majority(signs)
+      signs = jax.tree.map(lambda s: jnp.where(s == 0, majority, s), signs)
+    return jax.tree.map(lambda x, s: _disjoint(x, s, merge_func), tree, signs)
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=False)
+  return MergeTransform(_empty, apply, REDUCE, leafwise=False, flat=True)
 
 
 def _with_majority(s: jax.Array) -> jax.Array:
   return jnp.where(s == 0, jnp.sign(jnp.sum(s)), s)
+
+
+def _majority(signs) -> jax.Array:
+  """``sgn`` of the sum of every elected sign of the tree (the whole model's majority sign)."""
+  return jnp.sign(global_sum([jnp.sum(s) for s in jax.tree.leaves(signs)]))
+
+
+def _per_task(v: jax.Array, x: jax.Array) -> jax.Array:
+  """A ``(T,)`` vector shaped to broadcast against a ``(T, ...)`` leaf."""
+  return v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sign: str = "majority") -> MergeTransform:
@@ -194,8 +208,10 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sig
       return jax.tree.map(lambda x: leaf(x, _with_majority(jnp.sign(task_sum(x)))), tree)
     if not jax.tree.leaves(tree):
       return tree
-    # One global majority sign: work on the (T, N) view (see jaxmerge.tree.flat_tasks).
-    x, unflat = flat_tasks(tree)
-    return unflat(leaf(x, _with_majority(jnp.sign(task_sum(x)))))
+    # One global majority sign (a scalar over the whole model), then leaf by leaf.
+    signs = jax.tree.map(lambda x: jnp.sign(task_sum(x)), tree)
+    majority = _majority(signs)
+    return jax.tree.map(lambda x, s: leaf(x, jnp.where(s == 0, majority, s)), tree, signs)
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=sign_scope == "leaf" or zero_sign == "positive")
+  leafwise = sign_scope == "leaf" or zero_sign == "positive"
+  return MergeTransform(_empty, apply, REDUCE, leafwise=leafwise, flat=sign_scope == "global" or zero_sign == "positive")

@@ -55,7 +55,7 @@ def scale(value: float = 1.0) -> MergeTransform:
     del key, ctx
     return jax.tree.map(lambda x: x * coeffs.scale.astype(x.dtype), tree)
 
-  return MergeTransform(init, apply, ANY)
+  return MergeTransform(init, apply, ANY, flat=True)
 
 
 def scale_tasks(values: float | Sequence[float] = 1.0, *, per_leaf: bool = False) -> MergeTransform:
@@ -88,4 +88,4 @@ def scale_tasks(values: float | Sequence[float] = 1.0, *, per_leaf: bool = False
       return jax.tree.map(lambda x: mul(x, coeffs.scales), tree)
     return jax.tree.map(mul, tree, coeffs.scales)
 
-  return MergeTransform(init, apply, TASK)
+  return MergeTransform(init, apply, TASK, flat=not per_leaf)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxmerge import stats
 from jaxmerge.base import REDUCE, TASK, EmptyCoeffs, MergeTransform
 from jaxmerge.transforms._sparsify import task_thresholds
-from jaxmerge.tree import flat_tasks, task_max, task_sum
+from jaxmerge.tree import concat_tasks, task_max, task_sum
 
 __all__ = [
     "byom_residuals",
@@ -190,21 +190,28 @@ def stitch(density: float = 0.1) -> MergeTransform:
     del coeffs, key, ctx
     if not jax.tree.leaves(tree):
       return tree
-    x, unflat = flat_tasks(tree)
-    t, n = x.shape
+    n = sum(int(x[0].size) for x in jax.tree.leaves(tree))
     k = int(n * density)
-    a = jnp.abs(x)
     if k <= 0:
-      return unflat(jnp.zeros((n,), x.dtype))
+      return jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), tree)
     if density >= 1:  # an all-ones mask: every nonzero entry
-      m = (x != 0).astype(x.dtype)
+      def mask(x):
+        return (x != 0).astype(x.dtype)
     else:
-      thr = jnp.stack([stats.kth_smallest([a[i]], n - k + 1) for i in range(t)])
-      m = ((a > thr[:, None]) & (x != 0)).astype(x.dtype)
-    count = jnp.maximum(task_sum(m), 1.0)
-    return unflat(task_sum(m * x) / count)
+      # Whole-model thresholds from one (T, N) view, then leaf by leaf (see jaxmerge.tree.concat_tasks).
+      a = jnp.abs(concat_tasks(tree))
+      thr = jnp.stack([stats.kth_smallest([a[i]], n - k + 1) for i in range(a.shape[0])])
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=False)
+      def mask(x):
+        return ((jnp.abs(x) > thr.reshape((-1,) + (1,) * (x.ndim - 1))) & (x != 0)).astype(x.dtype)
+
+    def leaf(x):
+      m = mask(x)
+      return task_sum(m * x) / jnp.maximum(task_sum(m), 1.0)
+
+    return jax.tree.map(leaf, tree)
+
+  return MergeTransform(_empty, apply, REDUCE, leafwise=False, flat=True)
 
 
 def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
@@ -226,13 +233,19 @@ def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
     del coeffs, key, ctx
     if not jax.tree.leaves(tree):
       return tree
-    x, unflat = flat_tasks(tree)
-    shared = scale * task_sum(x)
-    resid = x - shared[None]
-    thr = task_thresholds([resid], density)
-    return unflat(shared[None] + jnp.where(jnp.abs(resid) >= thr[:, None], resid, 0))
+    def resid(x):
+      return x - scale * task_sum(x)[None]
 
-  return MergeTransform(_empty, apply, TASK, leafwise=False)
+    thr = task_thresholds([concat_tasks(jax.tree.map(resid, tree))], density)
+
+    def leaf(x):
+      shared = scale * task_sum(x)
+      r = x - shared[None]
+      return shared[None] + jnp.where(jnp.abs(r) >= thr.reshape((-1,) + (1,) * (x.ndim - 1)), r, 0)
+
+    return jax.tree.map(leaf, tree)
+
+  return MergeTransform(_empty, apply, TASK, leafwise=False, flat=True)
 
 
 def _minmax(v: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:

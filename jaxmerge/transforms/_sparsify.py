@@ -38,12 +38,14 @@ def task_thresholds(leaves: list[jax.Array], density: float, count: str = "refer
   t = leaves[0].shape[0]
   if count == "reference":
     # A Python loop over tasks (not vmap): independent histogram scatters, which XLA:CPU runs faster.
-    return jnp.stack([stats.top_fraction_threshold([jnp.abs(x[i]) for x in leaves], density) for i in range(t)])
-  if count != "exact":
+    thr = jnp.stack([stats.top_fraction_threshold([jnp.abs(x[i]) for x in leaves], density) for i in range(t)])
+  elif count == "exact":
+    n = sum(int(x[0].size) for x in leaves)
+    k = max(1, int(density * n))
+    thr = jnp.stack([stats.kth_smallest([jnp.abs(x[i]) for x in leaves], n - k + 1) for i in range(t)])
+  else:
     raise ValueError(f"count must be 'reference' or 'exact', got {count!r}")
-  n = sum(int(x[0].size) for x in leaves)
-  k = max(1, int(density * n))
-  return jnp.stack([stats.kth_smallest([jnp.abs(x[i]) for x in leaves], n - k + 1) for i in range(t)])
+  return jtree.fence(thr)
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -79,9 +81,8 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
     if scope == "global":
       if not jax.tree.leaves(tree):
         return tree
-      x, unflat = jtree.flat_tasks(tree)
-      thr = task_thresholds([x], density, count)
-      return unflat(jnp.where(jnp.abs(x) >= thr[:, None], x, 0))
+      thr = task_thresholds([jtree.concat_tasks(tree)], density, count)
+      return jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= _bcast(thr, x), x, 0), tree)
 
     def leaf(x):
       thr = task_thresholds([x], density, count)
@@ -89,7 +90,7 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK, leafwise=scope == "leaf")
+  return MergeTransform(_empty, apply, TASK, leafwise=scope == "leaf", flat=scope == "global")
 
 
 def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:

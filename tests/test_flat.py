@@ -1,0 +1,92 @@
+"""The flat merge path (one ``(T, N)`` array for ``flat`` transforms) equals the leaf-by-leaf program exactly."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmerge as jm
+from jaxmerge import filters as jfilters
+from jaxmerge import tree as jtree
+from jaxmerge import transforms as T
+
+M = importlib.import_module("jaxmerge.merge")
+
+
+def _models(t=3, seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = {"a": (7, 5), "b": (5,), "c": (2, 3, 4), "d": (64,)}
+  pre = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+  fts = [{k: v + rng.standard_normal(v.shape).astype(np.float32) * 0.1 for k, v in pre.items()} for _ in range(t)]
+  return pre, fts
+
+
+FLAT_METHODS = [
+    ("task_arithmetic", {"scale": 0.4}),
+    ("simple_average", {}),
+    ("ties", {}),
+    ("ties", {"disjoint": "mean", "density": 0.5}),
+    ("ties", {"zero_sign": "positive", "count": "exact"}),
+    ("localize_stitch", {"density": 0.2}),
+]
+
+
+@pytest.mark.parametrize("name,hp", FLAT_METHODS)
+def test_flat_path_equals_leafwise_program(name, hp):
+  tx = jm.get_method(name)(**hp)
+  assert tx.flat, f"{name} should run on the flat path"
+  pre, fts = _models()
+  flat = jm.merge(tx, pre, fts)
+  p, f, _ = M.prepare(pre, fts)
+  leafwise = M._compiled(tx, jfilters.hf_layout, False)(p, f, None, None)
+  for k in pre:
+    np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(leafwise[k]), err_msg=k)
+    assert flat[k].shape == pre[k].shape and flat[k].dtype == jnp.float32
+
+
+def test_flat_path_stacked_input_and_per_task():
+  pre, fts = _models(t=4, seed=1)
+  stacked = {k: np.stack([m[k] for m in fts]) for k in pre}
+  tx = jm.get_method("ties")()
+  a, b = jm.merge(tx, pre, fts), jm.merge(tx, pre, stacked)
+  for k in pre:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+  per = T.trim(0.3)  # task-preserving, global scope: flat
+  assert per.flat
+  models = jm.merge_per_task(per, pre, fts)
+  p, f, _ = M.prepare(pre, fts)
+  ref = M._compiled(per, jfilters.hf_layout, True)(p, f, None, None)
+  for k in pre:
+    np.testing.assert_array_equal(np.stack([np.asarray(m[k]) for m in models]), np.asarray(ref[k]))
+
+
+def test_flat_flag_propagates_and_leafwise_steps_are_not_flat():
+  assert jm.chain(T.trim(0.2), jm.get_method("task_arithmetic")()).flat
+  assert not T.trim(0.2, scope="leaf").flat
+  assert not jm.get_method("dare")().flat  # per-leaf random keys
+  assert not jm.get_method("ties")(scope="leaf").flat
+
+
+def test_flat_path_names_nan_leaf_and_model():
+  pre, fts = _models()
+  fts[1]["c"] = fts[1]["c"].copy()
+  fts[1]["c"][0, 1, 2] = np.nan
+  with pytest.raises(ValueError, match=r"model 1.*'c'"):
+    jm.merge(jm.get_method("ties")(), pre, fts)
+
+
+def test_mixed_dtypes_fall_back_to_leafwise_program():
+  pre, fts = _models()
+  pre = dict(pre, b=pre["b"].astype(jnp.bfloat16))
+  fts = [dict(m, b=m["b"].astype(jnp.bfloat16)) for m in fts]
+  out = jm.merge(jm.get_method("ties")(), pre, fts)
+  assert out["b"].dtype == jnp.bfloat16 and out["a"].dtype == jnp.float32
+
+
+def test_fence_is_identity_and_global_sum_exact():
+  x = jnp.array([3.0, -1.0, 2.5, 0.0])
+  np.testing.assert_array_equal(np.asarray(jax.jit(jtree.fence)(x)), np.asarray(x))
+  parts = [jnp.float32(v) for v in (1.0, 2.0, -4.0, 8.0)]
+  assert float(jax.jit(jtree.global_sum)(parts)) == 7.0
