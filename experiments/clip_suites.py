@@ -19,6 +19,15 @@ hyperparameters (``{}`` = the registry's defaults, FusionBench's), and the publi
 With ``--cache``, preprocessed test images are kept as uint8 ``.npy`` files, so each method's evaluation only
 runs the vision tower.
 
+Unseen domains (optional): with ``shifts`` in the config (a list of :data:`jaxmerge.data.synthetic.SHIFTS`,
+e.g. ``[noise, blur, contrast, tint]``; ``--shifts``), every row is also evaluated on a held-out shifted variant
+of each task's test split, the same corruption family as the offline suite's: test image ``k`` (in the split's
+order, after resizing and cropping to the model's input size) gets shift ``shifts[k mod len(shifts)]`` from
+``synthetic.shift_images`` (severity 1, seed ``shift_seed * 1000003 + k``), so each image is seen once and every
+model sees the same shifted images. Rows then carry ``shifted`` (accuracy per task and per shift, average);
+``results.md`` gets a second table and ``results.csv`` a ``shifted_average`` column. With ``--cache`` the
+shifted images are cached next to the originals (as much disk again).
+
 Memory: the experts are held in host memory as float32 (ViT-B/32: 0.35 GB per task; L/14: 1.2 GB per task).
 Methods that need data (AdaMerging, WEMoE, ...) are not run here (see ``jaxmerge bench``).
 """
@@ -87,6 +96,29 @@ def _cached_images(cache: pathlib.Path | None, task: str, split: str, size: int,
     yield {"image": np.asarray(images[s:s + batch_size]), "label": labels[s:s + batch_size]}
 
 
+def _shifted_batches(batches: Iterable[Mapping[str, np.ndarray]], shifts: Sequence[str], index: int, seed: int,
+                     batch_size: int):
+  """The test images ``k`` with ``k mod len(shifts) == index``, each shifted by ``shifts[index]`` with seed
+  ``seed * 1000003 + k`` (independent of how ``batches`` is batched), rebatched to ``batch_size``."""
+  from jaxmerge.data import synthetic
+
+  kind, period = shifts[index], len(shifts)
+  images, labels, start = [], [], 0
+  for b in batches:
+    imgs, labs = np.asarray(b["image"]), np.asarray(b["label"])
+    for j in range(len(labs)):
+      k = start + j
+      if k % period == index:
+        images.append(synthetic.shift_images(imgs[j:j + 1], kind, seed=(seed * 1000003 + k) & 0xFFFFFFFF)[0])
+        labels.append(labs[j])
+      if len(labels) == batch_size:
+        yield {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+        images, labels = [], []
+    start += len(labs)
+  if labels:
+    yield {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+
+
 def _merge(method: str, hparams: Mapping, pretrained, experts: Sequence, seed: int):
   """One merged vision tower, or a list of T (per-task methods)."""
   import jax
@@ -125,6 +157,14 @@ def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict
     raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
   cache = pathlib.Path(cfg["cache"]).expanduser() if cfg.get("cache") else None
   batch_size, limit, split = int(cfg.get("batch_size", 128)), cfg.get("limit"), cfg.get("split", "test")
+  shifts, shift_seed = list(cfg.get("shifts") or []), int(cfg.get("shift_seed", 0))
+  if shifts:
+    from jaxmerge.data import synthetic
+
+    bad = [k for k in shifts if k not in synthetic.SHIFTS]
+    if bad or len(set(shifts)) != len(shifts):
+      raise ValueError(f"the config's shifts {shifts} must be distinct names from: {', '.join(synthetic.SHIFTS)}"
+                       + (f" (unknown: {bad})" if bad else ""))
 
   log(f"loading {cfg['pretrained']}")
   pcfg, pparams = hf.load_clip(cfg["pretrained"])
@@ -146,16 +186,41 @@ def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict
                                 preprocess=preprocess, limit=limit, workers=int(cfg.get("workers", 4)))
     return _cached_images(cache / "images" if cache else None, task, split, preprocess.crop, limit, make, batch_size)
 
+  def shifted_batches(task, index):
+    make = lambda: _shifted_batches(batches(task), shifts, index, shift_seed, batch_size)  # noqa: E731
+    name = f"{task}-shift-{shifts[index]}{index}of{len(shifts)}-seed{shift_seed}"
+    return _cached_images(cache / "images" if cache else None, name, split, preprocess.crop, limit, make, batch_size)
+
+  def evaluate_shifted(per_task: Sequence) -> dict:
+    acc, per_shift, loss = {}, {}, {}
+    for task, m in per_task:
+      res = {}
+      for i, kind in enumerate(shifts):
+        try:
+          res[kind] = zs.evaluate(m, task, shifted_batches(task, i))
+        except ValueError as e:
+          if "no batches" not in str(e):
+            raise
+          raise ValueError(f"task {task!r} has too few test images for {len(shifts)} shifts (shift {kind!r} got "
+                           "none); lower the number of shifts or raise the limit") from None
+      n = sum(v["count"] for v in res.values())
+      acc[task] = float(sum(v["accuracy"] * v["count"] for v in res.values()) / n)
+      loss[task] = float(sum(v["loss"] * v["count"] for v in res.values()) / n)
+      per_shift[task] = {k: v["accuracy"] for k, v in res.items()}
+    return {"accuracy": acc, "loss": loss, "per_shift": per_shift, "average": float(np.mean(list(acc.values())))}
+
   def evaluate(models: Any, row: str) -> dict:
     t = time.perf_counter()
-    if isinstance(models, list):  # one model per task
-      acc = {task: zs.evaluate(m, task, batches(task)) for task, m in zip(tasks, models)}
-    else:
-      acc = {task: zs.evaluate(models, task, batches(task)) for task in tasks}
+    per_task = list(zip(tasks, models)) if isinstance(models, list) else [(task, models) for task in tasks]
+    acc = {task: zs.evaluate(m, task, batches(task)) for task, m in per_task}  # a list: one model per task
     r = {"method": row, "accuracy": {k: v["accuracy"] for k, v in acc.items()},
          "loss": {k: v["loss"] for k, v in acc.items()},
          "average": float(np.mean([v["accuracy"] for v in acc.values()])), "eval_seconds": time.perf_counter() - t}
-    log(f"{row}: {100 * r['average']:.2f}")
+    if shifts:
+      t = time.perf_counter()
+      r["shifted"] = evaluate_shifted(per_task)
+      r["shifted_eval_seconds"] = time.perf_counter() - t
+    log(f"{row}: {100 * r['average']:.2f}" + (f" (shifted {100 * r['shifted']['average']:.2f})" if shifts else ""))
     return r
 
   pre_vision = pparams["vision_model"]
@@ -181,7 +246,8 @@ def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict
   suite_name = suite if isinstance(suite, str) else None
   ref = ((cfg.get("reference") or {}).get(suite_name) or {}) if suite_name and not limit else {}
   results = {"name": cfg.get("name"), "pretrained": str(cfg["pretrained"]), "tasks": tasks, "split": split,
-             "limit": limit, "rows": rows, "skipped": skipped, "reference": ref,
+             "limit": limit, "shifts": shifts, "shift_seed": shift_seed if shifts else None,
+             "rows": rows, "skipped": skipped, "reference": ref,
              "reference_source": cfg.get("reference_source") if ref else None,
              "timings": {**timings, "total": time.perf_counter() - t0}}
   _write(results, pathlib.Path(out))
@@ -200,6 +266,18 @@ def _markdown(results: Mapping) -> str:
   lines.append("")
   lines.append("† one model per task. Accuracy in %, unweighted mean over tasks." +
                (f" Reference: {results['reference_source']}." if results.get("reference_source") else ""))
+  shifts = results.get("shifts") or []
+  if shifts:
+    lines += ["", f"Unseen domains: accuracy (%) on the shifted test sets (test image k gets shift k mod "
+              f"{len(shifts)} of: {', '.join(shifts)}; severity 1, shift seed {results.get('shift_seed')}).", "",
+              "| method | " + " | ".join(tasks) + " | avg | " + " | ".join(f"avg {k}" for k in shifts) + " |",
+              "|" + "---|" * (len(tasks) + 2 + len(shifts))]
+    for r in results["rows"]:
+      sh = r["shifted"]
+      kinds = " | ".join(f"{100 * np.mean([sh['per_shift'][t][k] for t in tasks]):.1f}" for k in shifts)
+      lines.append(f"| {r['method']}{' †' if r.get('per_task') else ''} | "
+                   + " | ".join(f"{100 * sh['accuracy'][t]:.1f}" for t in tasks)
+                   + f" | **{100 * sh['average']:.1f}** | {kinds} |")
   return "\n".join(lines)
 
 
@@ -209,9 +287,11 @@ def _write(results: Mapping, out: pathlib.Path) -> None:
   (out / "results.md").write_text(_markdown(results) + "\n")
   with open(out / "results.csv", "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["method", *results["tasks"], "average"])
+    shifted = bool(results.get("shifts"))
+    w.writerow(["method", *results["tasks"], "average", *(["shifted_average"] if shifted else [])])
     for r in results["rows"]:
-      w.writerow([r["method"], *(f"{r['accuracy'][t]:.6f}" for t in results["tasks"]), f"{r['average']:.6f}"])
+      w.writerow([r["method"], *(f"{r['accuracy'][t]:.6f}" for t in results["tasks"]), f"{r['average']:.6f}",
+                  *([f"{r['shifted']['average']:.6f}"] if shifted else [])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--limit", type=int, default=None, help="first N test images per task (smoke runs)")
   p.add_argument("--batch-size", type=int, default=None)
   p.add_argument("--split", default=None, choices=("test", "val"))
+  p.add_argument("--shifts", default=None,
+                 help="also evaluate on shifted test sets: comma-separated synthetic.SHIFTS (noise,blur,contrast,tint)")
+  p.add_argument("--shift-seed", type=int, default=None)
   p.add_argument("--out", required=True, help="output directory")
   args = p.parse_args(argv)
   path = args.config or ROOT / "experiments" / "configs" / CONFIGS[args.model or "b32"]
@@ -236,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     suite = suite.split(",") if "," in suite or not (suite.isdigit() or suite.startswith("TALL")) else (
         f"TALL{suite}" if suite.isdigit() else suite)
   cfg = load_config(path, suite=suite, data=args.data, pretrained=args.pretrained, experts=args.experts,
-                    cache=args.cache, limit=args.limit, batch_size=args.batch_size, split=args.split)
+                    cache=args.cache, limit=args.limit, batch_size=args.batch_size, split=args.split,
+                    shifts=[k.strip() for k in args.shifts.split(",") if k.strip()] if args.shifts else None,
+                    shift_seed=args.shift_seed)
   if args.methods:
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     cfg["methods"] = {m: (cfg.get("methods") or {}).get(m, {}) for m in wanted}
