@@ -126,7 +126,8 @@ def singular_task_interference(
     ``{"per_layer": {path: float32 array (B,)}, "total": float}`` (``B`` matrices per leaf, 1 for 2-D leaves).
 
   References:
-    Gargiulo et al., CVPR 2025. https://arxiv.org/abs/2412.00081
+    Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
+    https://arxiv.org/abs/2412.00081
   """
   per = _per_matrix(lambda x: singular_task_interference_matrix(x, k, norm), _stack(task_vectors), layout, where)
   return {"per_layer": per, "total": _reduce(per, reduce)}
@@ -192,7 +193,8 @@ def subspace_alignment_ratio(
     "mean": float}``.
 
   References:
-    Marczak et al., ICML 2025. https://arxiv.org/abs/2502.04959
+    Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",
+    ICML 2025. https://arxiv.org/abs/2502.04959
   """
   stack = _stack(task_vectors)
   flat_m = jtree.flatten_paths(merged_update)
@@ -273,7 +275,7 @@ def cart_interference(
     "reconstruction_total": (K,)}``.
 
   References:
-    Choi et al., 2024. https://arxiv.org/abs/2412.12153
+    Choi et al., "Revisiting Weight Averaging for Model Merging", 2024. https://arxiv.org/abs/2412.12153
   """
   ks = [int(k) for k in ks]
 
@@ -398,6 +400,12 @@ def plot_heatmap(matrix: Any, path: str, *, labels: Sequence[str] | None = None,
 
   Raises:
     ValueError: ``matrix`` is not 2-D.
+
+  References:
+    Task-vector similarity maps as in Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
+    https://arxiv.org/abs/2212.04089
+    Hunter, "Matplotlib: A 2D Graphics Environment", Computing in Science & Engineering 9(3), 2007.
+    https://doi.org/10.1109/MCSE.2007.55
   """
   import matplotlib  # noqa: PLC0415
 
@@ -439,6 +447,10 @@ def plot_curves(x: Sequence[float], curves: Mapping[str, Sequence[float]], path:
 
   Raises:
     ValueError: a curve whose length differs from ``len(x)``.
+
+  References:
+    Hunter, "Matplotlib: A 2D Graphics Environment", Computing in Science & Engineering 9(3), 2007.
+    https://doi.org/10.1109/MCSE.2007.55
   """
   import matplotlib  # noqa: PLC0415
 

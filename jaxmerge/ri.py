@@ -388,6 +388,7 @@ def auto_beta(heads: Any, mask: Any = None) -> float:
 
   References:
     Ramesh et al., "Resolving Interference: Disentangling Models for Improved Model Merging", 2026.
+    https://arxiv.org/abs/2603.13467
   """
   if mask is None:
     heads, mask = H.pad_heads(heads)

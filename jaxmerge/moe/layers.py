@@ -66,6 +66,12 @@ def vision_module(config: clip.ClipConfig, params: Any) -> clip.VisionTransforme
 
   Raises:
     ValueError: missing, unexpected or misshapen parameters (named).
+
+  References:
+    Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021.
+    https://arxiv.org/abs/2103.00020
+    Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale",
+    ICLR 2021. https://arxiv.org/abs/2010.11929
   """
   model = nnx.eval_shape(lambda: clip.VisionTransformer(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
@@ -339,6 +345,11 @@ def count_params(model: nnx.Module, *filters) -> int:
 
   Returns:
     The total number of array elements.
+
+  References:
+    Tang et al., "Merging Multi-Task Models via Weight-Ensembling Mixture of Experts", ICML 2024.
+    https://arxiv.org/abs/2402.00433
+    (the extra parameters an upcycled model stores are counted as there).
   """
   state = nnx.state(model, *filters) if filters else nnx.state(model)
   return int(sum(np.size(x) for x in jax.tree.leaves(state)))
@@ -396,6 +407,11 @@ def router_adapter(model: nnx.Module, apply_fn: Callable[..., Any]):
   Returns:
     ``(adapter, frozen, rebuild)``: pass ``{"model": frozen, "extra": ...}`` as ``fit``'s frozen;
     ``rebuild(theta)`` returns the model with trained routers.
+
+  References:
+    Tang et al., "Merging Multi-Task Models via Weight-Ensembling Mixture of Experts", ICML 2024.
+    https://arxiv.org/abs/2402.00433
+    (WEMoE's routers are trained by test-time adaptation).
   """
   from jaxmerge.tta import Adapter  # noqa: PLC0415
 

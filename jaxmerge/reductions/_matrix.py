@@ -96,6 +96,12 @@ def matrix_transform(
   Returns:
     A :class:`~jaxmerge.base.MergeTransform` of the given ``kind``; each matrix leaf comes back in its own
     shape (through :func:`jaxmerge.linalg.to_leaf`).
+
+  References:
+    Per-matrix (subspace-based) merging as surveyed in Yang et al., "Model Merging in LLMs, MLLMs, and
+    Beyond: Methods, Theories, Applications and Opportunities", 2024. https://arxiv.org/abs/2408.07666
+    Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
+    https://arxiv.org/abs/2412.00081
   """
   if kind not in (REDUCE, TASK):
     raise ValueError(f"kind must be {REDUCE!r} or {TASK!r}, got {kind!r}")

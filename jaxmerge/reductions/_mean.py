@@ -60,6 +60,12 @@ def weighted_sum(weights) -> MergeTransform:
 
   Returns:
     A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+
+  References:
+    Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. https://arxiv.org/abs/2212.04089
+    Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024.
+    https://arxiv.org/abs/2310.02575
+    (task-wise coefficients).
   """
   w0 = jnp.asarray(weights, jnp.float32)
 

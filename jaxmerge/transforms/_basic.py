@@ -45,6 +45,9 @@ def scale(value: float = 1.0) -> MergeTransform:
 
   Returns:
     A :class:`~jaxmerge.base.MergeTransform` of either arity with coefficients :class:`ScaleCoeffs`.
+
+  References:
+    Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. https://arxiv.org/abs/2212.04089
   """
 
   def init(tree):
@@ -68,6 +71,12 @@ def scale_tasks(values: float | Sequence[float] = 1.0, *, per_leaf: bool = False
 
   Returns:
     A task-preserving :class:`~jaxmerge.base.MergeTransform` with coefficients :class:`ScaleTasksCoeffs`.
+
+  References:
+    Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. https://arxiv.org/abs/2212.04089
+    Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024.
+    https://arxiv.org/abs/2310.02575
+    (task-wise and layer-wise coefficients).
   """
 
   def init(tree):

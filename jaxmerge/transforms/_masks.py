@@ -125,6 +125,10 @@ def emr_unified() -> MergeTransform:
 
   Returns:
     A :class:`~jaxmerge.base.MergeTransform` (a reduction, ``(T, ...) -> (...)``).
+
+  References:
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2405.17461
   """
 
   def apply(coeffs, tree, *, key=None, ctx=None):

@@ -80,6 +80,7 @@ def slerp_reduce(t: float = 0.5, dot_threshold: float = 0.9995, epsilon: float =
 
   References:
     Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985.
+    https://doi.org/10.1145/325165.325242
   """
 
   def apply(coeffs, tree, *, key=None, ctx=None):
