@@ -95,7 +95,8 @@ def test_ri_clip_script_unseen_domains_on_tiny_fixtures(ri_files, tmp_path):
       # 11 test images: shifts get 3, 3, 3, 2 of them; the task accuracy is their count-weighted mean
       for t in tasks:
         ps = sh["per_shift"][t]
-        assert sh["accuracy"][t] == pytest.approx((3 * (ps["noise"] + ps["blur"] + ps["contrast"]) + 2 * ps["tint"]) / 11)
+        want = (3 * (ps["noise"] + ps["blur"] + ps["contrast"]) + 2 * ps["tint"]) / 11
+        assert sh["accuracy"][t] == pytest.approx(want)
   # the JSON repeats the per-side results, and the markdown has both tables with the numbers
   with_ri = json.loads((out / "with-ri" / "results.json").read_text())
   ta = next(r for r in with_ri["rows"] if r["method"] == "task_arithmetic")
