@@ -6,9 +6,22 @@ vectors (``tests/clip_shapes.make_task_vectors``: a shared low-rank part, task-s
 dense noise). Every case runs in its own subprocess so that its peak resident memory (``ru_maxrss``) is its own.
 fusion-bench runs its own functions (``compute_and_sum_svd_mem_reduction``, ``iso_c``, ``iso_cts``) on CPU.
 
-The *floor* is the LAPACK work a method cannot avoid, timed on the same matrices: one symmetric eigensolver
-call on the ``768 x 768`` Gram matrix of every matrix it must factor (TSV-M: each task matrix; Iso-C: the sum;
-Iso-CTS: the sum and each projected task matrix), with the Gram products included.
+The *floor* is the LAPACK work a method cannot avoid, timed in the same run: the full thin SVDs
+(``torch.linalg.svd``, LAPACK ``gesdd``: the fastest SVD on this CPU, the call fusion-bench makes, same threads)
+of every matrix whose complete singular triplets the exact result depends on, on one block's real matrices,
+times the number of blocks; no matrix products, copies or Python bookkeeping are counted.
+
+- TSV-M: each task matrix (``T`` per leaf: the top ``k = r/T`` cut falls inside a dense bulk of singular
+  values, where only a backward-stable SVD of the matrix itself is accurate; the Gram/eigh route doubles the
+  error) plus the two concatenations ``U^`` (``m x Tk``) and ``V^`` (``n x Tk``), whose condition numbers
+  (about 1e4 on these inputs) rule out Gram, Cholesky or Newton-Schulz polar factors in float32.
+- Iso-C: the summed matrix (polar factor and nuclear norm need every triplet).
+- Iso-CTS: the summed matrix, each task's projected matrix (the ``(r - k_c) x n`` matrix ``U_perp^T Delta_t``
+  when ``m <= n``, the ``m x n`` matrix ``(I - U_c U_c^T) Delta_t`` otherwise), and the two polar factors
+  (``W``: ``(r - k_c) x Ts`` or ``m x Ts``; ``V*``: ``n x r``).
+
+Times are wall-clock seconds and process CPU seconds (all threads); CPU seconds are less sensitive to other
+jobs on the machine.
 
     python benchmarks/bench_subspace.py                        # T=4 and 8 for jaxmerge, fusion-bench at T=4
     python benchmarks/bench_subspace.py --tasks 4 --fb-tasks 4 --methods iso_c --blocks 2
@@ -30,7 +43,6 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 HPARAMS = {"tsv_m": {"scale": 1.0}, "iso_c": {"scale": 1.0}, "iso_cts": {"scale": 1.0, "common_fraction": 0.8}}
-FLOOR_FACTORIZATIONS = {"tsv_m": lambda t: t, "iso_c": lambda t: 1, "iso_cts": lambda t: 1 + t}
 
 
 def shapes(blocks: int) -> dict[str, tuple[int, ...]]:
@@ -70,14 +82,15 @@ def run_jaxmerge(method: str, tasks: int, blocks: int, out: str) -> dict:
   pre = {k: np.zeros_like(v) for k, v in tvs[0].items()}
   in_gb = _rss_gb()
   tx = jm.get_method(method)(**HPARAMS[method])
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   merged = jax.block_until_ready(jm.merge(tx, pre, tvs, check_finite=False))
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
+  first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
+  t0, c0 = time.perf_counter(), time.process_time()
   merged = jax.block_until_ready(jm.merge(tx, pre, tvs, check_finite=False))
-  warm = time.perf_counter() - t0
+  warm, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
   np.savez(out, **{k: np.asarray(v) for k, v in merged.items()})
-  return {"first": first, "warm": warm, "rss": _rss_gb(), "inputs_rss": in_gb}
+  return {"first": first, "warm": warm, "first_cpu": first_cpu, "warm_cpu": warm_cpu, "rss": _rss_gb(),
+          "inputs_rss": in_gb, "load": os.getloadavg()[0]}
 
 
 def run_fusion_bench(method: str, tasks: int, blocks: int, out: str) -> dict:
@@ -88,7 +101,7 @@ def run_fusion_bench(method: str, tasks: int, blocks: int, out: str) -> dict:
 
   tvs = [{k: torch.from_numpy(v) for k, v in tv.items()} for tv in inputs(tasks, blocks)]
   in_gb = _rss_gb()
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   import contextlib  # noqa: PLC0415
   import io  # noqa: PLC0415
 
@@ -99,24 +112,72 @@ def run_fusion_bench(method: str, tasks: int, blocks: int, out: str) -> dict:
       merged = iso_c(tvs, accelerator="cpu")
     else:
       merged = iso_cts(tvs, common_space_fraction=HPARAMS["iso_cts"]["common_fraction"], accelerator="cpu")
-  first = time.perf_counter() - t0
+  first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
   np.savez(out, **{k: v.numpy() for k, v in merged.items()})
-  return {"first": first, "warm": None, "rss": _rss_gb(), "inputs_rss": in_gb}
+  return {"first": first, "warm": None, "first_cpu": first_cpu, "rss": _rss_gb(), "inputs_rss": in_gb,
+          "load": os.getloadavg()[0]}
+
+
+def floor_svds(method: str, xs: list, tasks: int):
+  """The unavoidable SVD inputs of one matrix leaf (see the module docstring), built with torch as they are
+  needed. Yields ``torch`` matrices; the caller sends back each one's ``torch.linalg.svd`` (the timed part)."""
+  import torch  # noqa: PLC0415
+
+  from jaxmerge.reductions._iso import iso_cts_sizes  # noqa: PLC0415
+
+  m, n = xs[0].shape
+  r = min(m, n)
+  if method == "iso_c":
+    yield sum(xs)
+    return
+  if method == "tsv_m":
+    k = int(r * (1 / tasks))
+    us, vs = [], []
+    for x in xs:
+      u, _, vt = yield x
+      us.append(u[:, :k])
+      vs.append(vt[:k].T)
+    yield torch.cat(us, 1)
+    yield torch.cat(vs, 1)
+    return
+  kc, s = iso_cts_sizes(r, tasks, HPARAMS["iso_cts"]["common_fraction"])
+  u, _, vt = yield sum(xs)
+  uc = u[:, :kc]
+  ws, vs = [], [vt[:kc].T]
+  for x in xs:
+    d = u[:, kc:].T @ x if m <= n else x - uc @ (uc.T @ x)
+    a, _, bt = yield d
+    ws.append(a[:, :s])
+    vs.append(bt[:s].T)
+  yield torch.cat(ws, 1)
+  yield torch.cat(vs, 1)
 
 
 def run_floor(method: str, tasks: int, blocks: int, out: str) -> dict:
-  """The unavoidable LAPACK work: Gram products plus ``syevd`` on every matrix the method must factor."""
-  import numpy as np  # noqa: PLC0415
+  """The unavoidable LAPACK work: ``torch.linalg.svd`` of every matrix listed in the module docstring, on one
+  block's matrices, times ``blocks``."""
+  import torch  # noqa: PLC0415
 
-  tvs = inputs(min(tasks, 2), 1)
-  mats = [v for k, v in tvs[0].items() if v.ndim == 2]
-  t0 = time.perf_counter()
-  for x in mats:
-    g = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T
-    np.linalg.eigh(g.astype(np.float32))
-  per_block = time.perf_counter() - t0
-  return {"first": per_block * blocks * FLOOR_FACTORIZATIONS[method](tasks), "warm": None, "rss": _rss_gb(),
-          "inputs_rss": 0.0}
+  tvs = inputs(tasks, 1)
+  keys = [k for k, v in tvs[0].items() if v.ndim == 2]
+  wall = cpu = 0.0
+  count = 0
+  with torch.no_grad():
+    for key in keys:
+      gen = floor_svds(method, [torch.from_numpy(tv[key]) for tv in tvs], tasks)
+      res = None
+      while True:
+        try:
+          a = gen.send(res)
+        except StopIteration:
+          break
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = torch.linalg.svd(a, full_matrices=False)
+        wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+        count += 1
+  return {"first": wall * blocks, "first_cpu": cpu * blocks, "svds": count * blocks, "warm": None,
+          "rss": _rss_gb(), "inputs_rss": 0.0, "load": os.getloadavg()[0]}
 
 
 def child(lib: str, method: str, tasks: int, blocks: int, out: str) -> None:
@@ -176,41 +237,52 @@ def main() -> None:
       row = dict(method=method, tasks=t, jm=jm_res, fb=fb_res, floor=floor, err=err)
       print(json.dumps(row), flush=True)
       rows.append(row)
-  write(rows, a)
+      write(rows, a)  # after every row, so that a partial run leaves its table
+
+
+def _fmt(res: dict | None, key: str) -> str:
+  if not res or "error" in res or res.get(key) is None:
+    return ""
+  return f"{res[key]:.1f}"
 
 
 def write(rows, a) -> None:
+  """Writes the markdown table of ``rows`` (one per method and task count) to ``a.out``."""
   import platform  # noqa: PLC0415
 
-  load = os.getloadavg()
   lines = [
       "# Subspace merging: jaxmerge vs fusion-bench",
       "",
       f"`python benchmarks/bench_subspace.py --tasks {a.tasks} --fb-tasks {a.fb_tasks} --blocks {a.blocks}` on "
-      f"{platform.machine()} with {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-      f"load average at the end {load[0]:.1f} (the machine is shared with other jobs: absolute times are "
-      "inflated, ratios measured in the same run are the meaningful numbers).",
+      f"{platform.machine()} with {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+      "The machine is shared with other jobs: the 1-minute load average at the end of each case is in the last "
+      "column; CPU seconds (all threads of the process) are less sensitive to the load than wall seconds.",
       "",
       f"Inputs: {a.blocks} ViT-B/32 blocks (768x768 q/k/v/out, 3072x768 fc1, 768x3072 fc2, biases), structured "
-      "task vectors. Time of one merge in seconds (jaxmerge: first call incl. compilation, then warm); floor = "
-      "Gram products + `eigh` of every matrix the method must factor; rel. err = relative Frobenius error of the "
-      "whole merged update vs fusion-bench (and the worst leaf).",
+      "task vectors. Seconds for one merge, wall / CPU (jaxmerge: first call incl. compilation, then warm); "
+      "floor = LAPACK SVDs the method cannot avoid (module docstring of the script); rel. err = relative "
+      "Frobenius error of the whole merged update vs fusion-bench (and the worst leaf).",
       "",
-      "| method | tasks | fusion-bench (s) | jaxmerge first (s) | jaxmerge warm (s) | speed-up first / warm | "
-      "floor (s) | peak RSS fb / jm (GB) | rel. err (whole / worst leaf) |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| method | tasks | fusion-bench wall / CPU | jaxmerge first wall / CPU | jaxmerge warm wall / CPU | "
+      "speed-up warm (wall) | floor wall / CPU (SVDs) | peak RSS fb / jm (GB) | rel. err (whole / worst) | "
+      "load fb / jm |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     jm, fb, fl = r["jm"], r["fb"], r["floor"]
     if "error" in jm:
-      lines.append(f"| {r['method']} | {r['tasks']} | | error: {jm['error'][:80]} | | | | | |")
+      lines.append(f"| {r['method']} | {r['tasks']} | | error: {jm['error'][:80]} | | | | | | |")
       continue
-    fbt = "" if not fb else (fb.get("error", "")[:60] if "error" in fb else f"{fb['first']:.1f}")
-    sp = "" if not fb or "error" in fb else f"{fb['first'] / jm['first']:.1f}x / {fb['first'] / jm['warm']:.1f}x"
-    rss = f"{fb['rss']:.2f} / {jm['rss']:.2f}" if fb and "error" not in fb else f"- / {jm['rss']:.2f}"
+    ok_fb = bool(fb) and "error" not in fb
+    fbt = (f"{_fmt(fb, 'first')} / {_fmt(fb, 'first_cpu')}" if ok_fb else
+           (fb.get("error", "")[:60] if fb else "not run"))
+    sp = f"{fb['first'] / jm['warm']:.2f}x" if ok_fb else ""
+    flt = f"{_fmt(fl, 'first')} / {_fmt(fl, 'first_cpu')} ({fl.get('svds', '')})" if "error" not in fl else "error"
+    rss = f"{fb['rss']:.2f} / {jm['rss']:.2f}" if ok_fb else f"- / {jm['rss']:.2f}"
     err = "" if r["err"] is None else f"{r['err'][0]:.1e} / {r['err'][1]:.1e}"
-    lines.append(f"| {r['method']} | {r['tasks']} | {fbt} | {jm['first']:.1f} | {jm['warm']:.1f} | {sp} | "
-                 f"{fl.get('first', float('nan')):.1f} | {rss} | {err} |")
+    load = f"{fb['load']:.1f} / {jm['load']:.1f}" if ok_fb else f"- / {jm['load']:.1f}"
+    lines.append(f"| {r['method']} | {r['tasks']} | {fbt} | {_fmt(jm, 'first')} / {_fmt(jm, 'first_cpu')} | "
+                 f"{_fmt(jm, 'warm')} / {_fmt(jm, 'warm_cpu')} | {sp} | {flt} | {rss} | {err} | {load} |")
   pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(a.out).write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
