@@ -168,15 +168,7 @@ def _per_task(suite, key, name, s) -> Built:
     m = moe.byom_model(*args, density=s["density"], scale=s["scale"])
   else:
     m = moe.low_rank_model(*args, rank=s["rank"], name="byom_lora")
-  return Built(_expert_forward(m, False), _stored_extra(m), True, 0.0)
-
-
-def _stored_extra(m: moe.ExpertModel) -> int:
-  """Numbers stored beyond one tower: :meth:`ExpertModel.extra_params` plus the shared vector of "masked"
-  experts (EMR's unified task vector, TALL's multi-task vector), which it leaves out although the task models
-  ``theta_0 + lambda_t m_t * vec`` need it next to ``theta_0``."""
-  shared = sum(int(np.size(arrs["vec"])) for kind, arrs in m.experts.values() if kind == "masked")
-  return m.extra_params() + shared
+  return Built(_expert_forward(m, False), m.extra_params(), True, 0.0)
 
 
 def build(suite, name: str, key: jax.Array) -> Built:
@@ -205,7 +197,7 @@ def build(suite, name: str, key: jax.Array) -> Built:
     m = (moe.twin_model(*args, scale=s["scale"], rank=s["rank"]) if name == "twin" else
          moe.free_model(*args, cutoff=s["cutoff"], density=s["density"]))
     m = _routed(suite, key, m, s["router_steps"])
-    b = Built(_expert_forward(m, True), _stored_extra(m), False, 0.0)
+    b = Built(_expert_forward(m, True), m.extra_params(), False, 0.0)
   elif name in ("emr", "tall_mask", "tsv_c", "byom", "byom_lora"):
     b = _per_task(suite, key, name, s)
   else:

@@ -161,7 +161,9 @@ class ExpertModel:
   # ---- accounting
   def extra_params(self) -> int:
     """Numbers stored beyond one plain model: expert tensors (masks count as bits / 32, sparse values by
-    their nonzero count) plus the router."""
+    their nonzero count), the shared vector that masked experts modulate (EMR's unified task vector, TALL's
+    multi-task vector: the task models ``theta_0 + lambda_t m_t * vec`` need it next to ``theta_0``), and the
+    router."""
     n = 0.0
     for kind, arrs in self.experts.values():
       if kind == "dense":
@@ -169,7 +171,7 @@ class ExpertModel:
       elif kind == "lowrank":
         n += arrs["a"].size + arrs["b"].size
       elif kind == "masked":
-        n += arrs["mask"].size / 32 + arrs["scale"].size
+        n += arrs["vec"].size + arrs["mask"].size / 32 + arrs["scale"].size
       elif kind == "sparse":
         n += float(jnp.sum(arrs["mask"])) + arrs["mask"].size / 32 + arrs["scale"].size
     if self.router is not None:
@@ -206,8 +208,10 @@ def emr_model(apply_fn, pretrained: Params, finetuned, *, rescaler: str = "refer
     raise ValueError(f"rescaler must be 'reference' or 'global', got {rescaler!r}")
   pre, tau, like = _stack(pretrained, finetuned)
   uni, masks = _emr_parts(tau)
-  red = (lambda v: jnp.mean(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)) if rescaler == "reference" else (
-      lambda v: jnp.sum(jnp.abs(v.reshape(v.shape[0], -1)), axis=1))
+  def red(v):
+    a = jnp.abs(v.reshape(v.shape[0], -1))
+    return jnp.mean(a, axis=1) if rescaler == "reference" else jnp.sum(a, axis=1)
+
   a = sum(red(x) for x in tau.values())
   b = sum(red(jnp.where(masks[p], uni[p][None], 0)) for p in tau)
   lam = jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)

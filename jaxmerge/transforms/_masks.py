@@ -163,8 +163,10 @@ def emr_modulate(rescaler: str = "reference") -> MergeTransform:
     uni, masks = _emr_parts(tree)
     leaves = jax.tree.leaves(tree)
     mod = jax.tree.leaves(jax.tree.map(lambda m, u: jnp.where(m, u[None], 0), masks, uni))
-    red = (lambda v: jnp.mean(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)) if rescaler == "reference" else (
-        lambda v: jnp.sum(jnp.abs(v.reshape(v.shape[0], -1)), axis=1))
+    def red(v):
+      a = jnp.abs(v.reshape(v.shape[0], -1))
+      return jnp.mean(a, axis=1) if rescaler == "reference" else jnp.sum(a, axis=1)
+
     a = sum(red(x) for x in leaves)
     b = sum(red(v) for v in mod)
     lam = jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
