@@ -184,19 +184,16 @@ def test_scale_search_is_the_method_at_the_best_scale(problem):
 
 
 def test_bench_plugin_dispatches_by_name_and_falls_back():
+  from jaxmerge.bench import tta_runner  # imported (and registered) before the snapshot that is restored below
+
   calls = []
   saved = dict(runner._RUNNERS)
   try:
     runner.register_runner("val", lambda suite, m, hp, key: calls.append(m) or "previous")
-    import importlib
-
-    from jaxmerge.bench import tta_runner
-
     run = tta_runner._dispatch("val")
     assert run(None, "some_other_val_method", {}, None) == "previous" and calls == ["some_other_val_method"]
     assert set(tta_runner._RUNNERS_BY_NAME) >= {"fisher", "regmean", "scale_search", "adamerging"}
     assert "jaxmerge.bench.tta_runner" in runner.PLUGIN_MODULES["val"] + runner.PLUGIN_MODULES["tta"]
-    del importlib
   finally:
     runner._RUNNERS.clear()
     runner._RUNNERS.update(saved)
