@@ -306,9 +306,12 @@ def polar(x: Float[Array, "m n"], *, method: str = "auto", steps: int = 12) -> F
     steps: Newton-Schulz iterations.
 
   Returns:
-    ``Q`` with ``Q^T x`` symmetric positive semidefinite. With ``"auto"`` and ``"svd"``, directions below the
-    numerical rank map to zero (``Q`` is the partial isometry on the numerical range); ``"qdwh"`` completes
-    them arbitrarily, as a plain SVD would. Exactly zero columns of ``x`` never affect the other columns.
+    ``Q`` with ``Q^T x`` symmetric positive semidefinite. Every singular direction counts, however small its
+    singular value: a direction with ``sigma`` near rounding level but well separated from the others is still
+    accurately determined (TSV's ``V^`` at 8 CLIP tasks has ``sigma_min / sigma_1 ~ 4e-7`` and a gap of 1e-2;
+    dropping it moved the merged ``fc1`` by 4%). Exactly zero columns of ``x`` give zero columns of ``Q`` (and
+    exactly zero rows give zero rows, so padding never injects arbitrary directions) and never affect the other
+    columns.
 
   References:
     Nakatsukasa, Bai and Gygi, "Optimizing Halley's iteration for computing the matrix polar
@@ -323,8 +326,8 @@ def _polar_and_nuclear(x: jax.Array, method: str, steps: int = 12) -> tuple[jax.
   if m == 0 or n == 0:
     return x, jnp.zeros((), jnp.float32)
   if method in ("auto", "svd"):
-    f = thin_svd(x, method="svd" if method == "svd" else "auto")
-    return matmul(f.u, f.vt), jnp.sum(f.s)
+    u, s, vt = jnp.linalg.svd(x, full_matrices=False)  # no rank cut-off: see polar's docstring
+    return _zero_padding(matmul(u, vt), x), jnp.sum(s)
   if m < n:
     q, nuc = _polar_and_nuclear(x.T, method, steps)
     return q.T, nuc
@@ -343,7 +346,16 @@ def _polar_and_nuclear(x: jax.Array, method: str, steps: int = 12) -> tuple[jax.
       q = _qdwh_square(x)
   else:
     raise ValueError(f"method must be 'auto', 'svd', 'qdwh' or 'newton_schulz', got {method!r}")
+  q = _zero_padding(q, x)
   return q, jnp.sum(q * x)
+
+
+def _zero_padding(q: jax.Array, x: jax.Array) -> jax.Array:
+  """``q`` with the columns and rows that are exactly zero in ``x`` set to zero (their singular directions
+  have ``sigma = 0`` and arbitrary vectors)."""
+  col = jnp.any(x != 0, axis=0, keepdims=True)
+  row = jnp.any(x != 0, axis=1, keepdims=True)
+  return jnp.where(col & row, q, 0.0)
 
 
 def _qdwh_schedule(l: float = _EPS) -> list[tuple[bool, float, float, float]]:
