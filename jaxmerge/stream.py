@@ -14,6 +14,8 @@ while the current one is merged).
 - **One compile per distinct leaf program.** Each leaf is traced with its real path (a partition or filter may
   depend on it) and lowered; the compiled executable is cached by the lowered program's text, so leaves that
   differ only by name (every layer of a transformer) share one compile: one per distinct (shape, dtype, label).
+  Programs that cannot read the path (flat transforms such as task arithmetic, and every step of the
+  multi-pass plans) are traced and lowered once per argument type, not once per tensor.
   Random methods fold the path into the key as a number; with ``jaxmerge.tree.traced_leaf_ids`` (a proposed hook)
   that number is an argument and they compile once per shape too; without it they compile once per leaf.
 - **Global methods in two passes.** Transforms that are not leafwise need statistics over the whole model
@@ -96,6 +98,8 @@ class StreamResult(NamedTuple):
     compiles: how many of them were compiled now (the others came from the process-wide cache).
     passes: passes over the inputs.
     seconds: wall time.
+    lowerings: leaf programs traced and lowered (once per argument type and step for programs that do not read
+      the leaf's path: flat transforms and the multi-pass plans; once per tensor otherwise).
   """
 
   tensors: int
@@ -103,6 +107,7 @@ class StreamResult(NamedTuple):
   compiles: int
   passes: int
   seconds: float
+  lowerings: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,12 +137,27 @@ class _Compiler:
   def __init__(self):
     self.programs: set[bytes] = set()
     self.compiles = 0
+    self.lowerings = 0
+    self._known: dict[tuple[Any, str], tuple[bytes, Any]] = {}
 
-  def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
-    lowered = jax.jit(fn).lower(*args)
+  def __call__(self, fn: Callable[..., Any], *args: Any, same_as: Any = None) -> Any:
+    """Runs ``fn(*args)`` compiled.
+
+    ``same_as``: a hashable token the caller guarantees determines ``fn``'s program up to the arguments' types
+    (e.g. a plan step whose program never reads the leaf's path). Calls with the same token and argument types
+    skip tracing and lowering (tracing and lowering are most of a streaming merge's time otherwise: tens of ms
+    per tensor and pass); without it, every call is lowered and the executable is looked up by its text.
+    """
     # The calling convention (argument tree and types, unused arguments included) is part of the key.
     sig = repr((jax.tree.structure(args), [(np.shape(x), str(getattr(x, "dtype", type(x))))
                                            for x in jax.tree.leaves(args)]))
+    if same_as is not None:
+      hit = self._known.get((same_as, sig))
+      if hit is not None and hit[0] in _PROGRAMS:
+        self.programs.add(hit[0])
+        return hit[1](*args)
+    lowered = jax.jit(fn).lower(*args)
+    self.lowerings += 1
     digest = hashlib.sha1((sig + lowered.as_text()).encode()).digest()
     exe = _PROGRAMS.get(digest)
     if exe is None:
@@ -149,6 +169,8 @@ class _Compiler:
     else:
       _PROGRAMS.move_to_end(digest)
     self.programs.add(digest)
+    if same_as is not None:
+      self._known[(same_as, sig)] = (digest, exe)
     return exe(*args)
 
 
@@ -327,13 +349,17 @@ def merge_leafwise(
 
   n = 0
   for name, pre, fts in inp.tensors():
-    out, flags = comp(make(name, np.dtype(odt(name))), pre, tuple(fts), coeffs, key, _path_id(name))
+    dt = np.dtype(odt(name))
+    # A flat transform's leaf program never reads the path (elementwise math, no per-leaf keys or layouts).
+    same = ("leaf", str(dt)) if tx.flat else None
+    out, flags = comp(make(name, dt), pre, tuple(fts), coeffs, key, _path_id(name), same_as=same)
     if check_finite:
       _check_flags(flags, name, inp.names)
     _write(ws, name, out, per_task)
     n += 1
   _copy_non_float(inp, ws)
-  return StreamResult(len(inp.order), len(comp.programs), comp.compiles, inp.passes, time.perf_counter() - t0)
+  return StreamResult(len(inp.order), len(comp.programs), comp.compiles, inp.passes, time.perf_counter() - t0,
+                      comp.lowerings)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,24 +394,26 @@ def _ranks_reference(n: int, density: float) -> int:
 
 
 def _thresholds(inp: _Inputs, comp: _Compiler, values: Callable[[str], Callable[..., jax.Array]],
-                ranks: np.ndarray, args: Callable[[str], tuple]) -> np.ndarray:
+                ranks: np.ndarray, args: Callable[[str], tuple], path_free: bool = True) -> np.ndarray:
   """Exact per-task ``ranks``-th smallest of ``values(name)(pre, fts, *args(name))`` over every tensor: two
-  passes, each tensor's histogram computed inside its leaf program (:mod:`jaxmerge.stats_stream`)."""
+  passes, each tensor's histogram computed inside its leaf program (:mod:`jaxmerge.stats_stream`).
+  ``path_free``: ``values(name)``'s program does not depend on ``name`` (one trace per argument type)."""
   sel = KthSmallest(ranks, inp.total())
+  token = object() if path_free else None
 
   def count(name: str) -> int:
     return int(np.prod(inp.pre.shape(name), dtype=np.int64))
 
   for name, pre, fts in inp.tensors():
     f = values(name)
-    sel.add_high(comp(lambda pre, fts, *a: high_histogram(f(pre, fts, *a)), pre, tuple(fts), *args(name)),
-                 count(name))
+    sel.add_high(comp(lambda pre, fts, *a: high_histogram(f(pre, fts, *a)), pre, tuple(fts), *args(name),
+                      same_as=token and (token, "high")), count(name))
   sel.finish_high()
   hi = sel.buckets
   for name, pre, fts in inp.tensors():
     f = values(name)
-    sel.add_low(comp(lambda pre, fts, hi, *a: low_histogram(f(pre, fts, *a), hi), pre, tuple(fts), hi, *args(name)),
-                count(name))
+    sel.add_low(comp(lambda pre, fts, hi, *a: low_histogram(f(pre, fts, *a), hi), pre, tuple(fts), hi, *args(name),
+                     same_as=token and (token, "low")), count(name))
   return sel.finish_low()
 
 
@@ -424,8 +452,11 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
         return jnp.abs(_prefixed(prefix, path, pre, fts, key, pid, layout)[1])
       return f
 
-    thr = (_thresholds(inp, comp, absval, np.full((t,), rank), args)[:, 0] if trim
+    # Without a prefix (or with a flat one) no step reads the leaf's path: one trace per argument type.
+    path_free = prefix is None or prefix.flat
+    thr = (_thresholds(inp, comp, absval, np.full((t,), rank), args, path_free)[:, 0] if trim
            else np.zeros((t,), np.float32))
+    token = object() if path_free else None
 
     def trimmed(path, pre, fts, key, pid, thr):
       pre32, x = _prefixed(prefix, path, pre, fts, key, pid, layout)
@@ -453,7 +484,9 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
       return f
 
     def merge_leaf(name, pre, fts, maj):
-      return comp(apply(name, np.dtype(odt(name))), pre, tuple(fts), key, _path_id(name), thr, np.float32(maj))
+      dt = np.dtype(odt(name))
+      return comp(apply(name, dt), pre, tuple(fts), key, _path_id(name), thr, np.float32(maj),
+                  same_as=token and (token, str(dt)))
 
     total, ambiguous = 0, []
     for name, pre, fts in inp.tensors():
@@ -500,8 +533,10 @@ def _stitch_plan(density: float) -> Callable[..., None]:
         return (pre32 + out).astype(dt), (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
       return f
 
+    token = object()  # the apply program never reads the path
     for name, pre, fts in inp.tensors():
-      out, flags = comp(apply(name, np.dtype(odt(name))), pre, tuple(fts), thr)
+      dt = np.dtype(odt(name))
+      out, flags = comp(apply(name, dt), pre, tuple(fts), thr, same_as=(token, str(dt)))
       if check_finite:
         _check_flags(flags, name, inp.names)
       _write(ws, name, out, False)
@@ -533,8 +568,10 @@ def _byom_plan(density: float, scale: float) -> Callable[..., None]:
         return (pre32[None] + out).astype(dt), (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
       return f
 
+    token = object()  # the apply program never reads the path
     for name, pre, fts in inp.tensors():
-      out, flags = comp(apply(name, np.dtype(odt(name))), pre, tuple(fts), thr)
+      dt = np.dtype(odt(name))
+      out, flags = comp(apply(name, dt), pre, tuple(fts), thr, same_as=(token, str(dt)))
       if check_finite:
         _check_flags(flags, name, inp.names)
       _write(ws, name, out, True)
@@ -562,7 +599,7 @@ def _emr_plan(rescaler: str) -> Callable[..., None]:
   def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
     per_leaf = {}
     for name, pre, fts in inp.tensors():
-      a, b = comp(stats, pre, tuple(fts))
+      a, b = comp(stats, pre, tuple(fts), same_as=stats)
       per_leaf[name] = (np.asarray(a), np.asarray(b))
     # The in-memory merge sums the per-leaf terms in the flattened tree's order (dict keys sorted).
     order = jtree.paths({k: 0 for k in per_leaf})
@@ -581,8 +618,10 @@ def _emr_plan(rescaler: str) -> Callable[..., None]:
         return (pre32[None] + out).astype(dt), (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
       return f
 
+    token = object()  # the apply program never reads the path
     for name, pre, fts in inp.tensors():
-      out, flags = comp(apply(name, np.dtype(odt(name))), pre, tuple(fts), lam)
+      dt = np.dtype(odt(name))
+      out, flags = comp(apply(name, dt), pre, tuple(fts), lam, same_as=(token, str(dt)))
       if check_finite:
         _check_flags(flags, name, inp.names)
       _write(ws, name, out, True)
@@ -693,4 +732,5 @@ def merge_streaming(
   key = key if key is not None else jax.random.key(0)
   plan.run(inp, ws, key, layout or jfilters.hf_layout, _out_dtype_fn(out_dtype, inp.pre), check_finite, comp)
   _copy_non_float(inp, ws)
-  return StreamResult(len(inp.order), len(comp.programs), comp.compiles, inp.passes, time.perf_counter() - t0)
+  return StreamResult(len(inp.order), len(comp.programs), comp.compiles, inp.passes, time.perf_counter() - t0,
+                      comp.lowerings)

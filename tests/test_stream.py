@@ -148,12 +148,15 @@ def test_one_compile_per_distinct_leaf_program(ckpt):
   d, pre, fts = ckpt
   distinct = len({s for s in SHAPES.values()})
   _, res = _run(jm.get_method("task_arithmetic")(), d, 3)
-  assert res.programs == distinct and res.passes == 1
+  # A flat transform's leaf program cannot read the path: traced and lowered once per shape, not per tensor.
+  assert res.programs == distinct and res.passes == 1 and res.lowerings == distinct
   _, res = _run(jm.get_method("ties")(), d, 3, method=("ties", {}))
   assert res.programs == 3 * distinct and res.passes == 3  # histogram high, histogram low, apply
+  assert res.lowerings == 3 * distinct
   _, res = _run(jm.get_method("dare")(), d, 3, key=jax.random.key(0))
   # The leaf key folds in the path: one program per leaf, unless the path number is traced (proposed hook).
   assert res.programs == (distinct if hasattr(jtree, "traced_leaf_ids") else len(SHAPES))
+  assert res.lowerings == len(SHAPES)  # every tensor is traced (its program may depend on its path)
   _, again = _run(jm.get_method("dare")(), d, 3, key=jax.random.key(1))
   assert again.compiles == 0 and again.programs == res.programs  # the process-wide cache
 
@@ -166,6 +169,7 @@ def test_path_dependent_transforms_compile_per_label(ckpt):
   outs, res = _run(tx, d, 3)
   _assert_same(outs, [want])
   assert res.programs == 4  # (6, 4) and (6,), each with the fc1 rule and with the fallback mean
+  assert res.lowerings == len(SHAPES)  # not flat: traced per tensor, so the fc1 rule is never reused wrongly
 
 
 def test_clear_errors(ckpt, tmp_path):
