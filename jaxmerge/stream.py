@@ -581,11 +581,7 @@ def _byom_plan(density: float, scale: float) -> Callable[..., None]:
 
 def _emr_plan(rescaler: str) -> Callable[..., None]:
   """Exact streaming of EMR-Merging: the rescalers' sums over leaves first, then each task's model."""
-  from jaxmerge.transforms._masks import _emr_parts  # noqa: PLC0415 (the same unified vector and masks)
-
-  def red(v):
-    flat = jnp.abs(v.reshape(v.shape[0], -1))
-    return jnp.mean(flat, axis=1) if rescaler == "reference" else jnp.sum(flat, axis=1)
+  from jaxmerge.transforms._masks import _emr_parts, _emr_terms  # noqa: PLC0415 (the in-memory rules)
 
   def parts(pre, fts):
     pre32, x = _deltas(pre, fts)
@@ -594,7 +590,7 @@ def _emr_plan(rescaler: str) -> Callable[..., None]:
 
   def stats(pre, fts):
     _, x, uni, m = parts(pre, fts)
-    return red(x), red(jnp.where(m, uni[None], 0))
+    return _emr_terms(x, uni, m, rescaler)
 
   def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
     per_leaf = {}

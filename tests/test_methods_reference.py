@@ -453,3 +453,11 @@ def test_stochastic_methods_require_key():
   for name in ("dare", "della"):
     with pytest.raises(ValueError):
       jm.merge(jm.get_method(name)(), pre, fts)
+
+
+def test_trim_exact_count_keeps_every_entry_tied_at_the_threshold():
+  # density 0.25 of 4 entries: k = 1, the largest magnitude is 1.0, shared by three entries (as bf16 task
+  # vectors often are): all three survive (mergekit's topk would keep one of them).
+  x = jnp.array([[1.0, -1.0, 1.0, 0.5]])
+  out = jm.transforms.trim(0.25, scope="leaf", count="exact").apply((), {"w": x})["w"]
+  np.testing.assert_array_equal(np.asarray(out), [[1.0, -1.0, 1.0, 0.0]])

@@ -30,7 +30,7 @@ import jaxmerge as jm
 from jaxmerge import tree as jtree
 from jaxmerge.moe import math as mm
 from jaxmerge.reductions._tsv import tsv_rank
-from jaxmerge.transforms._masks import _emr_parts, tall_mask_of
+from jaxmerge.transforms._masks import _emr_rescaled, tall_mask_of
 from jaxmerge.transforms._sparsify import task_thresholds
 
 __all__ = ["ExpertModel", "byom_model", "emr_model", "free_backbone", "free_model", "low_rank_model",
@@ -207,14 +207,7 @@ def emr_model(apply_fn, pretrained: Params, finetuned, *, rescaler: str = "refer
   if rescaler not in ("reference", "global"):
     raise ValueError(f"rescaler must be 'reference' or 'global', got {rescaler!r}")
   pre, tau, like = _stack(pretrained, finetuned)
-  uni, masks = _emr_parts(tau)
-  def red(v):
-    a = jnp.abs(v.reshape(v.shape[0], -1))
-    return jnp.mean(a, axis=1) if rescaler == "reference" else jnp.sum(a, axis=1)
-
-  a = sum(red(x) for x in tau.values())
-  b = sum(red(jnp.where(masks[p], uni[p][None], 0)) for p in tau)
-  lam = jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
+  uni, masks, lam = _emr_rescaled(tau, rescaler)
   experts = {p: ("masked", {"mask": masks[p], "vec": uni[p], "scale": lam}) for p in tau}
   return _model(apply_fn, like, pre, experts, lam.shape[0], "emr")
 

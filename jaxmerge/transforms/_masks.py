@@ -119,6 +119,26 @@ def _emr_parts(tree):
   return uni, masks
 
 
+def _emr_terms(x, uni, mask, rescaler: str):
+  """One leaf's contributions ``(A_t, B_t)`` to EMR's rescalers: the per-task mean (``"reference"``) or sum
+  (``"global"``) of ``|tau_t|`` and of ``|M_t * tau_uni|``; ``lambda_t = sum A_t / sum B_t`` over leaves."""
+  def red(v):
+    a = jnp.abs(v.reshape(v.shape[0], -1))
+    return jnp.mean(a, axis=1) if rescaler == "reference" else jnp.sum(a, axis=1)
+
+  return red(x), red(jnp.where(mask, uni[None], 0))
+
+
+def _emr_rescaled(tree, rescaler: str):
+  """EMR's unified vector, masks and per-task rescalers ``lambda (T,)`` (0 where ``B_t = 0``)."""
+  uni, masks = _emr_parts(tree)
+  terms = [_emr_terms(x, u, m, rescaler)
+           for x, u, m in zip(jax.tree.leaves(tree), jax.tree.leaves(uni), jax.tree.leaves(masks))]
+  a = sum(t[0] for t in terms)
+  b = sum(t[1] for t in terms)
+  return uni, masks, jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
+
+
 def emr_unified() -> MergeTransform:
   """``(T, ...) -> (...)``: EMR's unified task vector ``sgn * max_{agreeing t} |tau_t|`` (zero sums count as
   negative, the reference rule).
@@ -160,16 +180,7 @@ def emr_modulate(rescaler: str = "reference") -> MergeTransform:
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    uni, masks = _emr_parts(tree)
-    leaves = jax.tree.leaves(tree)
-    mod = jax.tree.leaves(jax.tree.map(lambda m, u: jnp.where(m, u[None], 0), masks, uni))
-    def red(v):
-      a = jnp.abs(v.reshape(v.shape[0], -1))
-      return jnp.mean(a, axis=1) if rescaler == "reference" else jnp.sum(a, axis=1)
-
-    a = sum(red(x) for x in leaves)
-    b = sum(red(v) for v in mod)
-    lam = jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
+    uni, masks, lam = _emr_rescaled(tree, rescaler)
     return jax.tree.map(lambda m, u: jnp.where(m, u[None], 0) * _bcast(lam, m), masks, uni)
 
   return MergeTransform(_empty, apply, TASK, leafwise=False)

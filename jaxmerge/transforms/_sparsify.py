@@ -62,7 +62,10 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
       so it can be streamed).
 
     count: ``"reference"``: the threshold is the ``(N - int(N * density))``-th smallest magnitude and entries
-      ``>=`` it survive (FusionBench); ``"exact"``: the ``max(1, int(N * density))`` largest survive (mergekit).
+      ``>=`` it survive (FusionBench); ``"exact"``: entries ``>=`` the ``max(1, int(N * density))``-th largest
+      magnitude survive (mergekit's count). Entries tied with that magnitude all survive; mergekit's
+      ``torch.topk`` keeps exactly that many, breaking ties in an implementation-defined order, so on
+      checkpoints with many tied magnitudes (bf16 task vectors) the two differ at the threshold only.
 
   Returns:
     A :class:`~jaxmerge.base.MergeTransform` (task-preserving, ``(T, ...) -> (T, ...)``).
