@@ -20,6 +20,7 @@ import numpy as np
 from jaxmerge import filters as jfilters
 from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, MergeContext, MergeTransform
+from jaxmerge.io.safetensors_io import aligned_empty
 from jaxmerge.typing import Coeffs, Params, PRNGKey, Stacked
 
 __all__ = ["make_merger", "merge", "merge_per_task", "prepare"]
@@ -209,15 +210,6 @@ def _compiled_flat(tx: MergeTransform, layout: Layout, per_task: bool, paths: tu
   return merged
 
 
-def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
-  """An uninitialized float32 host array whose data starts on a 64-byte boundary (so that the CPU backend can
-  adopt it without a copy)."""
-  n = int(np.prod(shape, dtype=np.int64))
-  buf = np.empty(n + 16, np.float32)
-  start = (-buf.ctypes.data % 64) // 4
-  return buf[start:start + n].reshape(shape)
-
-
 def _host_flat(pre: dict, ft: Any, paths: tuple[str, ...]) -> tuple[jax.Array, jax.Array] | None:
   """On the CPU backend, the flat pretrained vector ``(N,)`` and task vectors ``(T, N)`` written straight into
   host buffers that the backend adopts without a copy: one subtraction per leaf and task at memory speed,
@@ -233,8 +225,8 @@ def _host_flat(pre: dict, ft: Any, paths: tuple[str, ...]) -> tuple[jax.Array, j
     return None
   sizes = [int(np.prod(pre[p].shape, dtype=np.int64)) for p in paths]
   t = len(models) if models else int(ft[paths[0]].shape[0])
-  pre_flat = _aligned_empty((sum(sizes),))
-  deltas = _aligned_empty((t, sum(sizes)))
+  pre_flat = aligned_empty((sum(sizes),))
+  deltas = aligned_empty((t, sum(sizes)))
   off = 0
   for p, n in zip(paths, sizes):
     base = np.asarray(pre[p]).reshape(-1)

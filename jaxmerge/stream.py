@@ -33,7 +33,7 @@ import contextlib
 import hashlib
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -194,23 +194,28 @@ class _Inputs:
     self.prefetch = prefetch
     self.passes = 0
 
-  def read(self, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    return self.pre.get(name), [m.get(name) for m in self.models]
+  def read(self, name: str, pool: concurrent.futures.Executor | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The pretrained tensor and the models' tensors ``name`` (read concurrently when given a ``pool``)."""
+    if pool is None:
+      return self.pre.get(name), [m.get(name) for m in self.models]
+    got = [f.result() for f in [pool.submit(r.get, name) for r in (self.pre, *self.models)]]
+    return got[0], got[1:]
 
   def tensors(self, names: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray, list[np.ndarray]]]:
-    """One pass over the float tensors, reading the next one in a background thread."""
+    """One pass over the float tensors, reading the next one in the background (its checkpoints in parallel)."""
     names = list(self.floats if names is None else names)
     self.passes += 1
     if not self.prefetch or len(names) < 2:
       for n in names:
         yield (n, *self.read(n))
       return
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      nxt = pool.submit(self.read, names[0])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+        concurrent.futures.ThreadPoolExecutor(min(4, 1 + len(self.models))) as readers:
+      nxt = pool.submit(self.read, names[0], readers)
       for i, n in enumerate(names):
         pre, fts = nxt.result()
         if i + 1 < len(names):
-          nxt = pool.submit(self.read, names[i + 1])
+          nxt = pool.submit(self.read, names[i + 1], readers)
         yield n, pre, fts
         del pre, fts
 
@@ -251,22 +256,53 @@ def _write(ws: list[Any], name: str, out: Any, per_task: bool) -> None:
     ws[0].write(name, out)
 
 
-def _check_flags(flags: Any, name: str, names: Sequence[str]) -> None:
-  flags = np.asarray(jax.device_get(flags))
-  if flags[0]:
-    raise ValueError(f"pretrained model: parameter {name!r} contains NaN or Inf values")
-  bad = [names[i] for i in np.flatnonzero(flags[1:])]
-  if bad:
-    raise ValueError(f"{', '.join(bad)}: parameter {name!r} contains NaN or Inf values")
+def _check_flags(flags: Any, name: str, names: Sequence[str], pre: Any, fts: Sequence[Any]) -> None:
+  """Raises if the probe of :func:`_finite_flags` is NaN, naming the offending models (checked on the host,
+  only then)."""
+  if not np.isnan(np.asarray(jax.device_get(flags))).any():
+    return
+  bad = [who for who, x in zip(["pretrained model", *names], (pre, *fts))
+         if not np.isfinite(np.asarray(x, np.float32)).all()]
+  raise ValueError(f"{', '.join(bad) or 'an input'}: parameter {name!r} contains NaN or Inf values")
 
 
 def _finite_flags(pre: jax.Array, fts: Sequence[jax.Array]) -> jax.Array:
-  return jnp.stack([jnp.logical_not(jnp.all(jnp.isfinite(x))) for x in (pre, *fts)])
+  """A float32 scalar that is NaN iff some input entry is NaN or Inf (``x * 0`` is 0 for finite ``x``).
+
+  One fused reduction over every input, behind an optimization barrier: fused into the merge's own loop (a
+  multi-output fusion), XLA:CPU runs the leaf program ~5x slower.
+  """
+  xs = jax.lax.optimization_barrier((pre, *fts))
+  probe = xs[0].astype(jnp.float32) * 0.0
+  for x in xs[1:]:
+    probe = probe + x.astype(jnp.float32) * 0.0
+  return jnp.sum(probe)
+
+
+def _no_flags() -> jax.Array:
+  return jnp.zeros((), jnp.float32)
 
 
 def _deltas(pre: jax.Array, fts: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
   pre32 = pre.astype(jnp.float32)
-  return pre32, jnp.stack([f.astype(jnp.float32) for f in fts]) - pre32[None]
+  # Subtract before stacking: XLA then reads each task's row straight from its input instead of materializing
+  # the (T, ...) float32 stack (6x faster on CPU for task arithmetic).
+  return pre32, jnp.stack([f.astype(jnp.float32) - pre32 for f in fts])
+
+
+def _overlapped(items: Iterable[Any], dispatch: Callable[[Any], Any], finish: Callable[[Any, Any], None]) -> None:
+  """``finish(item, dispatch(item))`` for every item, with each ``finish`` called after the next item's
+  ``dispatch``: JAX runs a dispatched program asynchronously, so the host work on one tensor's result (checks,
+  the device-to-host copy, writing) overlaps the next tensor's computation."""
+  prev = None
+  for item in items:
+    result = dispatch(item)
+    if prev is not None:
+      finish(*prev)
+    prev = (item, result)
+    del result
+  if prev is not None:
+    finish(*prev)
 
 
 def _copy_non_float(inp: _Inputs, ws: list[Any]) -> None:
@@ -343,20 +379,25 @@ def merge_leafwise(
         c = tx.init(tree) if coeffs is None else coeffs
         out = tx.apply(c, tree, key=key, ctx=MergeContext(pretrained={path: pre32}, layout=layout))[path]
       res = ((pre32[None] if per_task else pre32) + out).astype(dt)
-      return res, (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
+      return res, (_finite_flags(pre, fts) if check_finite else _no_flags())
 
     return leaf
 
-  n = 0
-  for name, pre, fts in inp.tensors():
+  def dispatch(item):
+    name, pre, fts = item
     dt = np.dtype(odt(name))
     # A flat transform's leaf program never reads the path (elementwise math, no per-leaf keys or layouts).
     same = ("leaf", str(dt)) if tx.flat else None
-    out, flags = comp(make(name, dt), pre, tuple(fts), coeffs, key, _path_id(name), same_as=same)
+    return comp(make(name, dt), pre, tuple(fts), coeffs, key, _path_id(name), same_as=same)
+
+  def finish(item, result):
+    name, pre, fts = item
+    out, flags = result
     if check_finite:
-      _check_flags(flags, name, inp.names)
+      _check_flags(flags, name, inp.names, pre, fts)
     _write(ws, name, out, per_task)
-    n += 1
+
+  _overlapped(inp.tensors(), dispatch, finish)
   _copy_non_float(inp, ws)
   return StreamResult(len(inp.order), len(comp.programs), comp.compiles, inp.passes, time.perf_counter() - t0,
                       comp.lowerings)
@@ -478,7 +519,7 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
         else:
           s = jnp.where(sg == 0, maj.astype(sg.dtype), sg)
         out = _disjoint(x, s, disjoint) * jnp.asarray(scale, jnp.float32)
-        flags = _finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool)
+        flags = _finite_flags(pre, fts) if check_finite else _no_flags()
         ambiguous = jnp.any((sg == 0) & jnp.any(x != 0, axis=0))
         return (pre32 + out).astype(dt), flags, jnp.sum(sg.astype(jnp.int32)), ambiguous
       return f
@@ -492,7 +533,7 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
     for name, pre, fts in inp.tensors():
       out, flags, ssum, amb = merge_leaf(name, pre, fts, 1.0)
       if check_finite:
-        _check_flags(flags, name, inp.names)
+        _check_flags(flags, name, inp.names, pre, fts)
       _write(ws, name, out, False)
       total += int(ssum)
       if bool(amb):
@@ -530,7 +571,7 @@ def _stitch_plan(density: float) -> Callable[..., None]:
           else:
             m = ((jnp.abs(x) > thr.reshape((-1,) + (1,) * (x.ndim - 1))) & (x != 0)).astype(x.dtype)
           out = jtree.task_sum(m * x) / jnp.maximum(jtree.task_sum(m), 1.0)
-        return (pre32 + out).astype(dt), (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
+        return (pre32 + out).astype(dt), (_finite_flags(pre, fts) if check_finite else _no_flags())
       return f
 
     token = object()  # the apply program never reads the path
@@ -538,7 +579,7 @@ def _stitch_plan(density: float) -> Callable[..., None]:
       dt = np.dtype(odt(name))
       out, flags = comp(apply(name, dt), pre, tuple(fts), thr, same_as=(token, str(dt)))
       if check_finite:
-        _check_flags(flags, name, inp.names)
+        _check_flags(flags, name, inp.names, pre, fts)
       _write(ws, name, out, False)
 
   return run
@@ -565,7 +606,7 @@ def _byom_plan(density: float, scale: float) -> Callable[..., None]:
       def f(pre, fts, thr):
         pre32, shared, r = resid(pre, fts)
         out = shared[None] + jnp.where(jnp.abs(r) >= thr.reshape((-1,) + (1,) * (r.ndim - 1)), r, 0)
-        return (pre32[None] + out).astype(dt), (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
+        return (pre32[None] + out).astype(dt), (_finite_flags(pre, fts) if check_finite else _no_flags())
       return f
 
     token = object()  # the apply program never reads the path
@@ -573,7 +614,7 @@ def _byom_plan(density: float, scale: float) -> Callable[..., None]:
       dt = np.dtype(odt(name))
       out, flags = comp(apply(name, dt), pre, tuple(fts), thr, same_as=(token, str(dt)))
       if check_finite:
-        _check_flags(flags, name, inp.names)
+        _check_flags(flags, name, inp.names, pre, fts)
       _write(ws, name, out, True)
 
   return run
@@ -611,7 +652,7 @@ def _emr_plan(rescaler: str) -> Callable[..., None]:
       def f(pre, fts, lam):
         pre32, _, uni, m = parts(pre, fts)
         out = jnp.where(m, uni[None], 0) * lam.reshape((-1,) + (1,) * (m.ndim - 1))
-        return (pre32[None] + out).astype(dt), (_finite_flags(pre, fts) if check_finite else jnp.zeros((0,), bool))
+        return (pre32[None] + out).astype(dt), (_finite_flags(pre, fts) if check_finite else _no_flags())
       return f
 
     token = object()  # the apply program never reads the path
@@ -619,7 +660,7 @@ def _emr_plan(rescaler: str) -> Callable[..., None]:
       dt = np.dtype(odt(name))
       out, flags = comp(apply(name, dt), pre, tuple(fts), lam, same_as=(token, str(dt)))
       if check_finite:
-        _check_flags(flags, name, inp.names)
+        _check_flags(flags, name, inp.names, pre, fts)
       _write(ws, name, out, True)
 
   return run

@@ -290,3 +290,45 @@ def test_dtype_mismatch_reads_float32_and_keeps_the_base_dtype():
   ints["model.norm.weight"] = np.zeros(4, np.int32)
   with pytest.raises(ValueError, match="has dtype int32"):
     llm.align(_llm(), [ints], names=["ints"])
+
+
+def test_writer_flushes_each_file_in_the_background(tmp_path, monkeypatch):
+  # Write-behind: past WRITEBACK_BYTES of new data a file is fdatasynced in a background thread; close() still
+  # fsyncs everything; an abort after background flushes leaves nothing behind.
+  import os
+
+  synced = []
+  real = getattr(os, "fdatasync", os.fsync)
+  monkeypatch.setattr(S, "WRITEBACK_BYTES", 64)
+  monkeypatch.setattr(os, "fdatasync" if hasattr(os, "fdatasync") else "fsync",
+                      lambda fd: (synced.append(fd), real(fd))[1])
+  x = {f"w{i}": np.full((8, 4), i, np.float32) for i in range(6)}  # 128 bytes each
+  specs = {k: (v.shape, v.dtype) for k, v in x.items()}
+  with S.ShardedWriter(tmp_path / "out", specs, max_shard_bytes=300) as w:
+    for k, v in x.items():
+      w.write(k, v)
+  assert len(synced) >= 2  # at least one flush per shard file, before close
+  r = S.open_checkpoint(tmp_path / "out")
+  for k, v in x.items():
+    np.testing.assert_array_equal(r.get(k), v)
+  w = S.ShardedWriter(tmp_path / "out2", specs, max_shard_bytes=300)
+  for k in list(x)[:4]:
+    w.write(k, x[k])
+  w.abort()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_reader_arrays_are_adopted_by_jax_without_a_copy(tmp_path):
+  # get() returns 64-byte aligned arrays, which JAX's CPU backend uses in place (streaming merges then copy each
+  # tensor once, from the file).
+  import jax
+
+  x = {"a": np.arange(1000, dtype=np.float32).reshape(10, 100), "b": np.ones(333, BF16)}
+  S.save(tmp_path / "m.safetensors", x)
+  r = S.open_checkpoint(tmp_path / "m.safetensors")
+  for k in x:
+    got = r.get(k)
+    assert got.ctypes.data % 64 == 0 and got.flags.c_contiguous and got.flags.writeable
+    _same(got, x[k])
+    if jax.default_backend() == "cpu":
+      assert jax.device_put(got).unsafe_buffer_pointer() == got.ctypes.data

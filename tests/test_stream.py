@@ -203,6 +203,14 @@ def test_clear_errors(ckpt, tmp_path):
         out.abort()
         raise
     assert not (tmp_path / f"out_{name}").exists()
+  # NaN in the pretrained model: named as such (the finiteness probe is one scalar per tensor; the host then finds
+  # which inputs hold the NaN).
+  bad_pre = dict(pre)
+  bad_pre["vision_model.encoder.layers.0.mlp.fc1.bias"] = np.full((6,), np.nan, np.float32)
+  for name in ("task_arithmetic", "ties"):
+    with pytest.raises(ValueError, match=r"^pretrained model: parameter 'vision_model.encoder.layers.0.mlp.fc1.bias' "
+                                         r"contains NaN or Inf"):
+      stream.merge_streaming(jm.get_method(name)(), bad_pre, fts[:2], stream.DictWriter(), method=(name, {}))
 
 
 def test_writes_sharded_safetensors_and_casts_output(ckpt, tmp_path):

@@ -5,16 +5,40 @@ The offline suite (:mod:`jaxmerge.bench.suite`) builds a tiny CLIP, zero-shot he
 procedural and scikit-learn images in minutes on a laptop CPU, and caches them. Methods that need data plug
 into the runner with :func:`register_runner` (TTA, validation or auxiliary data) or :func:`register_adapter`
 (pre-merge adaptations such as Resolving Interference).
+
+The names below load their modules on first use, so that ``jaxmerge merge`` (whose command line registers the
+``bench`` subcommand) does not import Flax and the suite.
 """
 
-from jaxmerge.bench.command import SUITES as SUITES
-from jaxmerge.bench.command import build_suite as build_suite
-from jaxmerge.bench.report import write_reports as write_reports
-from jaxmerge.bench.runner import Suite as Suite
-from jaxmerge.bench.runner import register_adapter as register_adapter
-from jaxmerge.bench.runner import register_runner as register_runner
-from jaxmerge.bench.runner import resolve_methods as resolve_methods
-from jaxmerge.bench.runner import run_suite as run_suite
-from jaxmerge.bench.suite import OfflineConfig as OfflineConfig
-from jaxmerge.bench.suite import OfflineSuite as OfflineSuite
-from jaxmerge.bench.suite import build_offline_suite as build_offline_suite
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "SUITES": "jaxmerge.bench.command",
+    "build_suite": "jaxmerge.bench.command",
+    "write_reports": "jaxmerge.bench.report",
+    "Suite": "jaxmerge.bench.runner",
+    "register_adapter": "jaxmerge.bench.runner",
+    "register_runner": "jaxmerge.bench.runner",
+    "resolve_methods": "jaxmerge.bench.runner",
+    "run_suite": "jaxmerge.bench.runner",
+    "OfflineConfig": "jaxmerge.bench.suite",
+    "OfflineSuite": "jaxmerge.bench.suite",
+    "build_offline_suite": "jaxmerge.bench.suite",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  module = _EXPORTS.get(name)
+  if module is None:
+    raise AttributeError(f"module 'jaxmerge.bench' has no attribute {name!r}")
+  value = getattr(importlib.import_module(module), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))

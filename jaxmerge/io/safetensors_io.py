@@ -20,6 +20,7 @@ larger than memory can be written tensor by tensor.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import mmap
 import os
@@ -55,6 +56,7 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+WRITEBACK_BYTES = 64 << 20  # a writer flushes each file in the background every this many bytes
 INDEX_NAME = "model.safetensors.index.json"
 _MISSING = object()
 
@@ -158,7 +160,7 @@ class SafetensorsReader(Mapping):
     if name not in self._entries and default is not _MISSING:
       return default
     dtype, shape, begin, end = self._entry(name)
-    out = np.empty(shape, dtype)
+    out = aligned_empty(shape, dtype)
     buf = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
     pos, fd = 0, self._file.fileno()
     while pos < end - begin:
@@ -345,6 +347,24 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if isinstance(ckpt, (SafetensorsReader, ShardedReader)):
     return {k: ckpt[k] for k in ckpt}
   return {k: ckpt.get(k) for k in ckpt.keys()}
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+  """An uninitialized host array whose data starts on a 64-byte boundary, which JAX's CPU backend adopts
+  without a copy (``jax.device_put`` or a jitted call on it does not duplicate the bytes).
+
+  Args:
+    shape: the array's shape.
+    dtype: its dtype.
+
+  Returns:
+    The array (C-contiguous).
+  """
+  dt = np.dtype(dtype)
+  n = int(np.prod(shape, dtype=np.int64))
+  raw = np.empty(n * dt.itemsize + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  return raw[start:start + n * dt.itemsize].view(dt).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -537,6 +557,9 @@ class ShardedWriter:
     self._where: dict[str, tuple[int, int, int]] = {}
     self._written: set[str] = set()
     self._closed = False
+    self._dirty: list[int] = []  # bytes written since the last background flush, per shard
+    self._syncs: dict[int, concurrent.futures.Future] = {}
+    self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
     try:
       for i, names in enumerate(groups):
         fname = _shard_name(i, len(groups))
@@ -545,6 +568,7 @@ class ShardedWriter:
         self._files.append((self._root / fname, fd))
         _pwrite_all(fd, memoryview(head), 0)
         os.ftruncate(fd, len(head) + sum(n for _, n in spans.values()))
+        self._dirty.append(0)
         for n, (off, nbytes) in spans.items():
           self._where[n] = (len(self._files) - 1, len(head) + off, nbytes)
     except BaseException:
@@ -569,6 +593,22 @@ class ShardedWriter:
     if nbytes:
       _pwrite_all(self._files[i][1], memoryview(a.reshape(-1).view(np.uint8)), off)
     self._written.add(name)
+    self._dirty[i] += nbytes
+    if self._dirty[i] >= WRITEBACK_BYTES and (i not in self._syncs or self._syncs[i].done()):
+      # Write-behind: flush what this shard has so far in the background while the merge goes on, so that
+      # close()'s fsync (which still runs on every shard) has little left to do.
+      if self._syncer is None:
+        self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-fsync")
+      self._dirty[i] = 0
+      self._syncs[i] = self._syncer.submit(getattr(os, "fdatasync", os.fsync), self._files[i][1])
+
+  def _stop_syncs(self) -> None:
+    if self._syncer is not None:
+      self._syncer.shutdown(wait=True)
+      self._syncer = None
+    syncs, self._syncs = self._syncs, {}
+    for f in syncs.values():
+      f.result()
 
   def close(self) -> pathlib.Path:
     """Checks that every tensor was written, fsyncs, writes the index and renames the directory into place."""
@@ -579,6 +619,7 @@ class ShardedWriter:
       self.abort()
       raise ValueError(f"{len(missing)} declared tensors were never written to {self.directory}: {missing[:5]}")
     try:
+      self._stop_syncs()
       for _, fd in self._files:
         os.fsync(fd)
         os.close(fd)
@@ -600,6 +641,10 @@ class ShardedWriter:
     if self._closed:
       return
     self._closed = True
+    try:
+      self._stop_syncs()
+    except OSError:
+      pass
     if not getattr(self, "_files_closed", False):
       for _, fd in self._files:
         try:
