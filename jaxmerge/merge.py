@@ -132,16 +132,20 @@ def _raise_nonfinite(pre: dict, ft: Any, flags: dict, names: Sequence[str] | Non
       raise ValueError(f"{', '.join(labels[i] for i in rows)}: parameter {p!r} contains NaN or Inf values")
 
 
-def _stacked(ft: Any, p: str) -> jax.Array:
+def _task_vectors(pre: jax.Array, ft: Any, p: str) -> jax.Array:
+  """The ``(T, ...)`` float32 task vectors of leaf ``p``. Per-model leaves are subtracted before they are
+  stacked: XLA then reads each task's row straight from its model instead of materializing the float32 stack
+  (several times faster on CPU)."""
+  base = pre.astype(jnp.float32)
   if isinstance(ft, tuple):
-    return jnp.stack([m[p].astype(jnp.float32) for m in ft])
-  return ft[p].astype(jnp.float32)
+    return jnp.stack([m[p].astype(jnp.float32) - base for m in ft])
+  return ft[p].astype(jnp.float32) - base[None]
 
 
 @functools.lru_cache(maxsize=128)
 def _compiled(tx: MergeTransform, layout: Layout, per_task: bool) -> Callable[..., Any]:
   def run(pre, ft, coeffs, key):
-    deltas = {p: _stacked(ft, p) - pre[p].astype(jnp.float32)[None] for p in pre}
+    deltas = {p: _task_vectors(pre[p], ft, p) for p in pre}
     pre32 = {p: x.astype(jnp.float32) for p, x in pre.items()}
     if coeffs is None:
       coeffs = tx.init(deltas)
@@ -176,13 +180,14 @@ def _compiled_flat(tx: MergeTransform, layout: Layout, per_task: bool, paths: tu
   def gather(pre, ft):
     pre32 = jnp.concatenate([pre[p].astype(jnp.float32).ravel() for p in paths])
     if isinstance(ft, tuple):
-      stack = jnp.stack([jnp.concatenate([m[p].astype(jnp.float32).ravel() for p in paths]) for m in ft])
+      deltas = jnp.stack([jnp.concatenate([m[p].astype(jnp.float32).ravel() for p in paths]) - pre32 for m in ft])
     else:
       t = ft[paths[0]].shape[0]
-      stack = jnp.concatenate([ft[p].astype(jnp.float32).reshape(t, -1) for p in paths], axis=1)
-    # Any NaN/Inf in a model (one flag per model, pretrained last); the caller names the leaf on failure.
-    bad = jnp.concatenate([_has_nonfinite(stack, axis=1), _has_nonfinite(pre32)[None]])
-    return pre32, stack - pre32[None], bad
+      deltas = jnp.concatenate([ft[p].astype(jnp.float32).reshape(t, -1) for p in paths], axis=1) - pre32[None]
+    # Any NaN/Inf in a model (one flag per model, pretrained last; a non-finite pretrained entry makes every
+    # task vector's entry non-finite too); the caller names the leaf on failure.
+    bad = jnp.concatenate([_has_nonfinite(deltas, axis=1), _has_nonfinite(pre32)[None]])
+    return pre32, deltas, bad
 
   # The task vectors are donated where the output has their shape (per-task merges); a reduction's output
   # cannot reuse them.

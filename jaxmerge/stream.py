@@ -31,6 +31,7 @@ import collections
 import concurrent.futures
 import contextlib
 import hashlib
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -139,6 +140,50 @@ class _Compiler:
     self.compiles = 0
     self.lowerings = 0
     self._known: dict[tuple[Any, str], tuple[bytes, Any]] = {}
+    self._lock = threading.Lock()
+    self._warming: dict[tuple[Any, str], concurrent.futures.Future] = {}
+    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+  @staticmethod
+  def _sig(args: tuple) -> str:
+    # The calling convention (argument tree and types, unused arguments included) is part of the key.
+    return repr((jax.tree.structure(args), [(tuple(x.shape) if hasattr(x, "shape") else np.shape(x),
+                                             str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(args)]))
+
+  def _build(self, fn: Callable[..., Any], args: tuple, sig: str) -> tuple[bytes, Any]:
+    lowered = jax.jit(fn).lower(*args)
+    digest = hashlib.sha1((sig + lowered.as_text()).encode()).digest()
+    with self._lock:
+      self.lowerings += 1
+      exe = _PROGRAMS.get(digest)
+      if exe is not None:
+        _PROGRAMS.move_to_end(digest)
+    if exe is None:
+      exe = lowered.compile()
+      with self._lock:
+        _PROGRAMS[digest] = exe
+        self.compiles += 1
+        while len(_PROGRAMS) > _MAX_PROGRAMS:
+          _PROGRAMS.popitem(last=False)
+    return digest, exe
+
+  def warm(self, fn: Callable[..., Any], *args: Any, same_as: Any) -> None:
+    """Starts compiling ``fn`` for ``args`` (arrays or ``jax.ShapeDtypeStruct``) in a background thread, so
+    that compilation overlaps reading and merging; a later call with the same token and argument types uses it.
+    """
+    key = (same_as, self._sig(args))
+    with self._lock:
+      if key in self._known or key in self._warming:
+        return
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jaxmerge-compile")
+      self._warming[key] = self._pool.submit(self._build, fn, args, key[1])
+
+  def close(self) -> None:
+    """Stops background compilation (what has not started is dropped)."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
 
   def __call__(self, fn: Callable[..., Any], *args: Any, same_as: Any = None) -> Any:
     """Runs ``fn(*args)`` compiled.
@@ -148,26 +193,18 @@ class _Compiler:
     skip tracing and lowering (tracing and lowering are most of a streaming merge's time otherwise: tens of ms
     per tensor and pass); without it, every call is lowered and the executable is looked up by its text.
     """
-    # The calling convention (argument tree and types, unused arguments included) is part of the key.
-    sig = repr((jax.tree.structure(args), [(np.shape(x), str(getattr(x, "dtype", type(x))))
-                                           for x in jax.tree.leaves(args)]))
+    sig = self._sig(args)
     if same_as is not None:
-      hit = self._known.get((same_as, sig))
+      key = (same_as, sig)
+      with self._lock:
+        warming = self._warming.pop(key, None)
+      if warming is not None:
+        self._known[key] = warming.result()
+      hit = self._known.get(key)
       if hit is not None and hit[0] in _PROGRAMS:
         self.programs.add(hit[0])
         return hit[1](*args)
-    lowered = jax.jit(fn).lower(*args)
-    self.lowerings += 1
-    digest = hashlib.sha1((sig + lowered.as_text()).encode()).digest()
-    exe = _PROGRAMS.get(digest)
-    if exe is None:
-      exe = lowered.compile()
-      _PROGRAMS[digest] = exe
-      self.compiles += 1
-      while len(_PROGRAMS) > _MAX_PROGRAMS:
-        _PROGRAMS.popitem(last=False)
-    else:
-      _PROGRAMS.move_to_end(digest)
+    digest, exe = self._build(fn, args, sig)
     self.programs.add(digest)
     if same_as is not None:
       self._known[(same_as, sig)] = (digest, exe)
@@ -193,12 +230,43 @@ class _Inputs:
     self.floats = [k for k in self.order if _is_float_dtype(self.pre.dtype(k))]
     self.prefetch = prefetch
     self.passes = 0
+    self._lock = threading.Lock()
+    self._free: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
+    self._lent: dict[int, tuple[str, tuple[int, ...]]] = {}
+
+  def _get(self, reader: Any, name: str) -> np.ndarray:
+    """``reader.get(name)``, into a recycled buffer of the same shape and dtype when one is free (fresh pages
+    cost more than the copy itself: page faults make a read into new memory several times slower)."""
+    if not getattr(reader, "reads_into", False):
+      return reader.get(name)
+    key = (np.dtype(reader.dtype(name)).str, tuple(reader.shape(name)))
+    with self._lock:
+      free = self._free.get(key)
+      buf = free.pop() if free else None
+    x = reader.get(name, out=buf) if buf is not None else reader.get(name)
+    if isinstance(x, np.ndarray) and (x.dtype.str, x.shape) == key and x.ctypes.data % 64 == 0:
+      with self._lock:
+        self._lent[id(x)] = key
+    return x
+
+  def recycle(self, *arrays: Any) -> None:
+    """Gives buffers returned by :meth:`tensors` back for later reads. The caller guarantees that nothing uses
+    them any more (their merged result has been fetched)."""
+    with self._lock:
+      for a in arrays:
+        key = self._lent.pop(id(a), None)
+        if key is not None and isinstance(a, np.ndarray):
+          free = self._free.setdefault(key, [])
+          if len(free) < 2 * (1 + len(self.models)):
+            free.append(a)
 
   def read(self, name: str, pool: concurrent.futures.Executor | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """The pretrained tensor and the models' tensors ``name`` (read concurrently when given a ``pool``)."""
+    readers = (self.pre, *self.models)
     if pool is None:
-      return self.pre.get(name), [m.get(name) for m in self.models]
-    got = [f.result() for f in [pool.submit(r.get, name) for r in (self.pre, *self.models)]]
+      got = [self._get(r, name) for r in readers]
+    else:
+      got = [f.result() for f in [pool.submit(self._get, r, name) for r in readers]]
     return got[0], got[1:]
 
   def tensors(self, names: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray, list[np.ndarray]]]:
@@ -305,6 +373,36 @@ def _overlapped(items: Iterable[Any], dispatch: Callable[[Any], Any], finish: Ca
     finish(*prev)
 
 
+class _WriteBehind:
+  """Writes merged tensors in one background thread (the device-to-host copy and the file write overlap the next
+  tensors' reading and computing), with at most ``depth`` tensors waiting; a write's error is raised by the
+  next :meth:`write` or on leaving the ``with`` block (which waits for every pending write)."""
+
+  def __init__(self, ws: list[Any], depth: int = 2):
+    self.ws, self.depth = ws, depth
+    self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-write")
+    self.pending: collections.deque[concurrent.futures.Future] = collections.deque()
+
+  def write(self, name: str, out: Any, per_task: bool) -> None:
+    while len(self.pending) >= self.depth:
+      self.pending.popleft().result()
+    self.pending.append(self.pool.submit(_write, self.ws, name, out, per_task))
+
+  def __enter__(self) -> _WriteBehind:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    try:
+      while self.pending:
+        f = self.pending.popleft()
+        if exc[0] is None:
+          f.result()
+        else:
+          f.exception()  # wait, and let the original error propagate
+    finally:
+      self.pool.shutdown(wait=True)
+
+
 def _copy_non_float(inp: _Inputs, ws: list[Any]) -> None:
   for name in inp.order:
     if name not in inp.floats:
@@ -395,9 +493,20 @@ def merge_leafwise(
     out, flags = result
     if check_finite:
       _check_flags(flags, name, inp.names, pre, fts)
-    _write(ws, name, out, per_task)
+    jax.block_until_ready(out)  # the inputs are free once the program has run
+    inp.recycle(pre, *fts)
+    behind.write(name, out, per_task)
 
-  _overlapped(inp.tensors(), dispatch, finish)
+  if tx.flat:  # one program per argument type: compile them all in the background while the merge starts
+    for name in inp.floats:
+      dt = np.dtype(odt(name))
+      spec = [jax.ShapeDtypeStruct(tuple(r.shape(name)), np.dtype(r.dtype(name))) for r in (inp.pre, *inp.models)]
+      comp.warm(make(name, dt), spec[0], tuple(spec[1:]), coeffs, key, _path_id(name), same_as=("leaf", str(dt)))
+  try:
+    with _WriteBehind(ws) as behind:
+      _overlapped(inp.tensors(), dispatch, finish)
+  finally:
+    comp.close()
   _copy_non_float(inp, ws)
   return StreamResult(len(inp.order), len(comp.programs), comp.compiles, inp.passes, time.perf_counter() - t0,
                       comp.lowerings)

@@ -161,6 +161,41 @@ def test_one_compile_per_distinct_leaf_program(ckpt):
   assert again.compiles == 0 and again.programs == res.programs  # the process-wide cache
 
 
+def test_reads_reuse_buffers_and_compile_ahead(tmp_path, monkeypatch):
+  """Many tensors of one shape: the merge equals the in-memory one bit for bit while reads go into recycled
+  buffers (few fresh allocations, not one per tensor and model) and the one program is compiled ahead."""
+  r = np.random.default_rng(0)
+  pre = {f"model.layers.{i}.mlp.down_proj.weight": r.standard_normal((16, 8)).astype(np.float32) for i in range(12)}
+  fts = [{k: v + 0.1 * r.standard_normal(v.shape).astype(np.float32) for k, v in pre.items()} for _ in range(3)]
+  S.save_sharded(tmp_path / "base", pre, max_shard_bytes=1024)
+  for i, f in enumerate(fts):
+    S.save_sharded(tmp_path / f"m{i}", f, max_shard_bytes=1024)
+  fresh = []
+  real = S.aligned_empty
+  monkeypatch.setattr(S, "aligned_empty", lambda *a, **k: (fresh.append(a), real(*a, **k))[1])
+  tx = jm.get_method("task_arithmetic")(scale=0.7)
+  out = stream.DictWriter()
+  res = stream.merge_leafwise(tx, S.open_checkpoint(tmp_path / "base"),
+                              [S.open_checkpoint(tmp_path / f"m{i}") for i in range(3)], out)
+  _assert_same([out], [jm.merge(tx, pre, fts)], rtol=0, atol=0)
+  assert len(fresh) <= 4 * 4  # 12 tensors x 4 checkpoints read; at most a few sets in flight are ever new
+  assert res.compiles <= 1 and res.lowerings == 1
+
+
+def test_a_failed_write_stops_the_merge(ckpt):
+  d, pre, fts = ckpt
+
+  class Failing(stream.DictWriter):
+    def write(self, name, array):
+      if len(self) == 2:
+        raise OSError("disk full")
+      super().write(name, array)
+
+  base, models = _readers(d, 3)
+  with pytest.raises(OSError, match="disk full"):
+    stream.merge_leafwise(jm.get_method("task_arithmetic")(), base, models, Failing())
+
+
 def test_path_dependent_transforms_compile_per_label(ckpt):
   """A partition by path gives leaves of one shape different programs, and each is merged correctly."""
   d, pre, fts = ckpt

@@ -151,9 +151,18 @@ class AlignedReader:
   def out_dtype(self, name: str) -> np.dtype:
     return self._out[name]
 
-  def get(self, name: str) -> np.ndarray:
+  @property
+  def reads_into(self) -> bool:
+    """Whether :meth:`get` can read into a caller's buffer (``out=``), as the wrapped reader can."""
+    return bool(getattr(self.reader, "reads_into", False))
+
+  def get(self, name: str, *, out: np.ndarray | None = None) -> np.ndarray:
+    """The aligned tensor ``name``; ``out``, a buffer of its shape and dtype, is filled when the wrapped reader
+    can read into it and no resizing or cast is needed (otherwise a new array is returned)."""
     src = self._sources.get(name, name)
-    x = self.reader.get(src)
+    direct = (out is not None and self.reads_into and tuple(self.reader.shape(src)) == tuple(self._shapes[name])
+              and np.dtype(self.reader.dtype(src)) == np.dtype(self._dtypes[name]))
+    x = self.reader.get(src, out=out) if direct else self.reader.get(src)
     target = self._shapes[name]
     if x.shape != target:
       ax = vocab_axis(name, x.ndim)

@@ -155,12 +155,17 @@ class SafetensorsReader(Mapping):
     return np.frombuffer(self._view(), dtype=dtype, count=(end - begin) // dtype.itemsize,
                          offset=self._start + begin).reshape(shape)
 
-  def get(self, name: str, default: Any = _MISSING) -> np.ndarray:
-    """Reads tensor ``name`` into a new array (``pread``; no mapping stays behind)."""
+  reads_into = True  # get() accepts out=
+
+  def get(self, name: str, default: Any = _MISSING, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Reads tensor ``name`` into a new 64-byte aligned array, or into ``out`` when it is a C-contiguous array
+    of the tensor's shape and dtype (``pread``; no mapping stays behind)."""
     if name not in self._entries and default is not _MISSING:
       return default
     dtype, shape, begin, end = self._entry(name)
-    out = aligned_empty(shape, dtype)
+    if out is None or out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous \
+        or not out.flags.writeable:
+      out = aligned_empty(shape, dtype)
     buf = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
     pos, fd = 0, self._file.fileno()
     while pos < end - begin:
@@ -257,10 +262,13 @@ class ShardedReader(Mapping):
     except KeyError:
       raise KeyError(f"{self.index_path} has no tensor {name!r}") from None
 
-  def get(self, name: str, default: Any = _MISSING) -> np.ndarray:
+  reads_into = True
+
+  def get(self, name: str, default: Any = _MISSING, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Reads tensor ``name`` from its shard (see :meth:`SafetensorsReader.get`)."""
     if name not in self._map and default is not _MISSING:
       return default
-    return self._reader(name).get(name)
+    return self._reader(name).get(name, out=out)
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._map)
