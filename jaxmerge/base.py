@@ -76,6 +76,9 @@ class MergeTransform(NamedTuple):
     flat: whether the result is unchanged when every leaf is concatenated into one flat vector (elementwise
       math plus whole-model statistics; no per-leaf keys, coefficients, paths or shapes). :func:`jaxmerge.merge`
       then runs the step on one ``(T, N)`` array, whose compile time does not grow with the number of leaves.
+    path_free: whether ``apply`` never reads a leaf's path (no per-leaf keys, labels or layouts): two leaves of
+      the same shape and dtype then get the same program, so a streaming merge traces and compiles it once
+      (implied by ``flat``; see :attr:`by_shape`).
   """
 
   init: Callable[[Stacked], Coeffs]
@@ -84,6 +87,13 @@ class MergeTransform(NamedTuple):
   needs_key: bool = False
   leafwise: bool = True
   flat: bool = False
+  path_free: bool = False
+
+  @property
+  def by_shape(self) -> bool:
+    """Whether the step's program for a leaf depends only on the leaf's shape and dtype (``flat`` or
+    ``path_free``)."""
+    return self.flat or self.path_free
 
   @property
   def reduces(self) -> bool:

@@ -484,8 +484,8 @@ def merge_leafwise(
   def dispatch(item):
     name, pre, fts = item
     dt = np.dtype(odt(name))
-    # A flat transform's leaf program never reads the path (elementwise math, no per-leaf keys or layouts).
-    same = ("leaf", str(dt)) if tx.flat else None
+    # A by-shape transform's leaf program never reads the path (no per-leaf keys, labels or layouts).
+    same = ("leaf", str(dt)) if tx.by_shape else None
     return comp(make(name, dt), pre, tuple(fts), coeffs, key, _path_id(name), same_as=same)
 
   def finish(item, result):
@@ -497,7 +497,7 @@ def merge_leafwise(
     inp.recycle(pre, *fts)
     behind.write(name, out, per_task)
 
-  if tx.flat:  # one program per argument type: compile them all in the background while the merge starts
+  if tx.by_shape:  # one program per argument type: compile them all in the background while the merge starts
     for name in inp.floats:
       dt = np.dtype(odt(name))
       spec = [jax.ShapeDtypeStruct(tuple(r.shape(name)), np.dtype(r.dtype(name))) for r in (inp.pre, *inp.models)]
@@ -603,7 +603,7 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
       return f
 
     # Without a prefix (or with a flat one) no step reads the leaf's path: one trace per argument type.
-    path_free = prefix is None or prefix.flat
+    path_free = prefix is None or prefix.by_shape
     thr = (_thresholds(inp, comp, absval, np.full((t,), rank), args, path_free)[:, 0] if trim
            else np.zeros((t,), np.float32))
     token = object() if path_free else None

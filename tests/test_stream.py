@@ -153,6 +153,12 @@ def test_one_compile_per_distinct_leaf_program(ckpt):
   _, res = _run(jm.get_method("ties")(), d, 3, method=("ties", {}))
   assert res.programs == 3 * distinct and res.passes == 3  # histogram high, histogram low, apply
   assert res.lowerings == 3 * distinct
+  # mergekit's TIES (per-tensor trim) is leafwise and path-free, though not flat: one program per shape too.
+  tx = jm.get_method("ties")(scope="leaf", count="exact", zero_sign="positive", disjoint="mean")
+  assert tx.leafwise and tx.path_free and not tx.flat
+  outs, res = _run(tx, d, 3)
+  _assert_same(outs, [jm.merge(tx, pre, fts)])
+  assert res.programs == distinct and res.lowerings == distinct
   _, res = _run(jm.get_method("dare")(), d, 3, key=jax.random.key(0))
   # The leaf key folds in the path: one program per leaf, unless the path number is traced (proposed hook).
   assert res.programs == (distinct if hasattr(jtree, "traced_leaf_ids") else len(SHAPES))

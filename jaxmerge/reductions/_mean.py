@@ -220,4 +220,5 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sig
     return jax.tree.map(lambda x, s: leaf(x, jnp.where(s == 0, majority, s)), tree, signs)
 
   leafwise = sign_scope == "leaf" or zero_sign == "positive"
-  return MergeTransform(_empty, apply, REDUCE, leafwise=leafwise, flat=sign_scope == "global" or zero_sign == "positive")
+  return MergeTransform(_empty, apply, REDUCE, leafwise=leafwise, flat=sign_scope == "global" or zero_sign == "positive",
+                        path_free=True)
