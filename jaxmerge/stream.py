@@ -14,10 +14,21 @@ while the current one is merged).
 - **One compile per distinct leaf program.** Each leaf is traced with its real path (a partition or filter may
   depend on it) and lowered; the compiled executable is cached by the lowered program's text, so leaves that
   differ only by name (every layer of a transformer) share one compile: one per distinct (shape, dtype, label).
-  Programs that cannot read the path (flat transforms such as task arithmetic, and every step of the
-  multi-pass plans) are traced and lowered once per argument type, not once per tensor.
+  Programs that cannot read the path (``flat`` or ``path_free`` transforms such as task arithmetic or
+  mergekit's per-tensor TIES, and every step of the multi-pass plans) are traced and lowered once per argument
+  type, not once per tensor; for leafwise ones every program is compiled ahead, in background threads, while
+  the first tensors are read.
   Random methods fold the path into the key as a number; with ``jaxmerge.tree.traced_leaf_ids`` (a proposed hook)
   that number is an argument and they compile once per shape too; without it they compile once per leaf.
+- **The host keeps the cores busy.** Reading, merging and writing overlap: the next tensor is read (its
+  checkpoints in parallel) while the current one merges, the merged tensor is fetched and written by a
+  background thread while the next one merges (JAX dispatches asynchronously), and the writer flushes its
+  files to disk behind the merge. Reads go into recycled 64-byte aligned buffers, which JAX's CPU backend uses
+  in place: each tensor is copied once, from the file, and fresh pages (whose page faults cost more than the
+  copy) are only taken for the first tensors of each shape. The NaN/Inf check is one scalar per tensor (the
+  sum of ``x * 0`` over every input), computed behind an optimization barrier so that XLA does not fuse it
+  into the merge's loop (which made the leaf program 5x slower); only when it fires are the inputs checked on
+  the host, to name the offending model.
 - **Global methods in two passes.** Transforms that are not leafwise need statistics over the whole model
   (TIES's per-task magnitude threshold, Localize-and-Stitch's, BYOM's, EMR's rescalers). :func:`merge_streaming`
   runs them exactly: first passes accumulate the statistics tensor by tensor (exact order statistics with
