@@ -28,10 +28,15 @@ _EXPORTS = {
     "build_offline_suite": "jaxmerge.bench.suite",
 }
 
-__all__ = sorted(_EXPORTS)
+_SUBMODULES = ("cache", "command", "moe_runner", "report", "ri_runner", "runner", "suite", "text", "train",
+               "tta_runner")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)  # (submodules listed so that the API reference documents them)
 
 
 def __getattr__(name: str):
+  if name in _SUBMODULES:
+    return importlib.import_module(f"{__name__}.{name}")
   module = _EXPORTS.get(name)
   if module is None:
     raise AttributeError(f"module 'jaxmerge.bench' has no attribute {name!r}")
@@ -41,4 +46,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_EXPORTS))
+  return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
