@@ -135,6 +135,20 @@ def _traced_ids(path: str, pid: jax.Array):
   return hook({path: pid}) if hook is not None else contextlib.nullcontext()
 
 
+_POOLS: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(name: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
+  """A process-wide thread pool (prefetch, read, write, compile), created once and reused by every streaming
+  merge: no threads (and thread stacks) are started per merge or per pass."""
+  with _POOLS_LOCK:
+    pool = _POOLS.get(name)
+    if pool is None:
+      pool = _POOLS[name] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"jaxmerge-{name}")
+    return pool
+
+
 _PROGRAMS: "collections.OrderedDict[bytes, Any]" = collections.OrderedDict()
 _MAX_PROGRAMS = 512
 
@@ -153,7 +167,6 @@ class _Compiler:
     self._known: dict[tuple[Any, str], tuple[bytes, Any]] = {}
     self._lock = threading.Lock()
     self._warming: dict[tuple[Any, str], concurrent.futures.Future] = {}
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
   @staticmethod
   def _sig(args: tuple) -> str:
@@ -186,15 +199,13 @@ class _Compiler:
     with self._lock:
       if key in self._known or key in self._warming:
         return
-      if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jaxmerge-compile")
-      self._warming[key] = self._pool.submit(self._build, fn, args, key[1])
+      self._warming[key] = _pool("compile", 2).submit(self._build, fn, args, key[1])
 
   def close(self) -> None:
-    """Stops background compilation (what has not started is dropped)."""
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
-      self._pool = None
+    """Drops the background compilations that have not started and waits for the running ones."""
+    with self._lock:
+      warming, self._warming = list(self._warming.values()), {}
+    concurrent.futures.wait([f for f in warming if not f.cancel()])
 
   def __call__(self, fn: Callable[..., Any], *args: Any, same_as: Any = None) -> Any:
     """Runs ``fn(*args)`` compiled.
@@ -288,15 +299,17 @@ class _Inputs:
       for n in names:
         yield (n, *self.read(n))
       return
-    with concurrent.futures.ThreadPoolExecutor(1) as pool, \
-        concurrent.futures.ThreadPoolExecutor(min(4, 1 + len(self.models))) as readers:
-      nxt = pool.submit(self.read, names[0], readers)
+    pool, readers = _pool("prefetch", 1), _pool("read", 4)
+    nxt = pool.submit(self.read, names[0], readers)
+    try:
       for i, n in enumerate(names):
         pre, fts = nxt.result()
         if i + 1 < len(names):
           nxt = pool.submit(self.read, names[i + 1], readers)
         yield n, pre, fts
         del pre, fts
+    finally:
+      nxt.cancel() or concurrent.futures.wait([nxt])
 
   def total(self) -> int:
     return sum(int(np.prod(self.pre.shape(k), dtype=np.int64)) for k in self.floats)
@@ -391,7 +404,7 @@ class _WriteBehind:
 
   def __init__(self, ws: list[Any], depth: int = 2):
     self.ws, self.depth = ws, depth
-    self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-write")
+    self.pool = _pool("write", 1)
     self.pending: collections.deque[concurrent.futures.Future] = collections.deque()
 
   def write(self, name: str, out: Any, per_task: bool) -> None:
@@ -403,15 +416,12 @@ class _WriteBehind:
     return self
 
   def __exit__(self, *exc: Any) -> None:
-    try:
-      while self.pending:
-        f = self.pending.popleft()
-        if exc[0] is None:
-          f.result()
-        else:
-          f.exception()  # wait, and let the original error propagate
-    finally:
-      self.pool.shutdown(wait=True)
+    first = None
+    while self.pending:  # wait for every write; the first error is raised unless one is already propagating
+      e = self.pending.popleft().exception()
+      first = first or e
+    if first is not None and exc[0] is None:
+      raise first
 
 
 def _copy_non_float(inp: _Inputs, ws: list[Any]) -> None:
@@ -565,16 +575,24 @@ def _thresholds(inp: _Inputs, comp: _Compiler, values: Callable[[str], Callable[
   def count(name: str) -> int:
     return int(np.prod(inp.pre.shape(name), dtype=np.int64))
 
-  for name, pre, fts in inp.tensors():
+  def high(item):
+    name, pre, fts = item
     f = values(name)
-    sel.add_high(comp(lambda pre, fts, *a: high_histogram(f(pre, fts, *a)), pre, tuple(fts), *args(name),
-                      same_as=token and (token, "high")), count(name))
+    return comp(lambda pre, fts, *a: high_histogram(f(pre, fts, *a)), pre, tuple(fts), *args(name),
+                same_as=token and (token, "high"))
+
+  # Each histogram is fetched after the next tensor's program is dispatched (see _overlapped).
+  _overlapped(inp.tensors(), high, lambda item, h: sel.add_high(h, count(item[0])))
   sel.finish_high()
   hi = sel.buckets
-  for name, pre, fts in inp.tensors():
+
+  def low(item):
+    name, pre, fts = item
     f = values(name)
-    sel.add_low(comp(lambda pre, fts, hi, *a: low_histogram(f(pre, fts, *a), hi), pre, tuple(fts), hi, *args(name),
-                     same_as=token and (token, "low")), count(name))
+    return comp(lambda pre, fts, hi, *a: low_histogram(f(pre, fts, *a), hi), pre, tuple(fts), hi, *args(name),
+                same_as=token and (token, "low"))
+
+  _overlapped(inp.tensors(), low, lambda item, h: sel.add_low(h, count(item[0])))
   return sel.finish_low()
 
 
@@ -650,14 +668,20 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
                   same_as=token and (token, str(dt)))
 
     total, ambiguous = 0, []
-    for name, pre, fts in inp.tensors():
-      out, flags, ssum, amb = merge_leaf(name, pre, fts, 1.0)
+
+    def finish(item, result):
+      nonlocal total
+      name, pre, fts = item
+      out, flags, ssum, amb = result
       if check_finite:
         _check_flags(flags, name, inp.names, pre, fts)
-      _write(ws, name, out, False)
       total += int(ssum)
       if bool(amb):
         ambiguous.append(name)
+      behind.write(name, out, False)
+
+    with _WriteBehind(ws) as behind:
+      _overlapped(inp.tensors(), lambda item: merge_leaf(*item, 1.0), finish)
     majority = float(np.sign(total))
     if zero_sign == "majority" and majority != 1.0 and ambiguous:
       for name, pre, fts in inp.tensors(ambiguous):

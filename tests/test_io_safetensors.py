@@ -292,9 +292,9 @@ def test_dtype_mismatch_reads_float32_and_keeps_the_base_dtype():
     llm.align(_llm(), [ints], names=["ints"])
 
 
-def test_writer_flushes_each_file_in_the_background(tmp_path, monkeypatch):
+def test_writer_flushes_each_file_as_it_goes(tmp_path, monkeypatch):
   # Write-behind: past WRITEBACK_BYTES of new data a file is fdatasynced in a background thread; close() still
-  # fsyncs everything; an abort after background flushes leaves nothing behind.
+  # fsyncs everything; an abort after some flushes leaves nothing behind.
   import os
 
   synced = []

@@ -276,6 +276,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     from jaxmerge.io import safetensors_io as S
 
     root, T, cap, n = pathlib.Path(sys.argv[1]), 2, int(sys.argv[2]), int(sys.argv[3])
+    S.WRITEBACK_BYTES = 1 << 20  # flush every MiB, so that the warm-up merge starts the flushing thread too
     def status(key):
       for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
@@ -299,7 +300,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
         stream.merge_streaming(jm.get_method("ties")(), pre, models, w, method=("ties", {}))
 
     make("small", 2)
-    merge("small")  # compiles (cached process-wide) and starts the reader threads
+    merge("small")  # compiles (cached process-wide) and starts the reader, writer and flushing threads
     model_bytes = make("large", n)
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM)
     before, data = status("VmRSS"), status("VmData")

@@ -29,6 +29,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -411,6 +412,18 @@ def _as_host(name: str, x: Any) -> np.ndarray:
   return a if a.flags.c_contiguous else a.copy(order="C")  # (np.ascontiguousarray would make scalars 1-D)
 
 
+_SYNCER: list[concurrent.futures.ThreadPoolExecutor] = []
+_SYNCER_LOCK = threading.Lock()
+
+
+def _syncer() -> concurrent.futures.ThreadPoolExecutor:
+  """The one background thread (shared by every writer in the process) that flushes files to disk."""
+  with _SYNCER_LOCK:
+    if not _SYNCER:
+      _SYNCER.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-fsync"))
+    return _SYNCER[0]
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
   pos = 0
   while pos < len(data):
@@ -565,9 +578,8 @@ class ShardedWriter:
     self._where: dict[str, tuple[int, int, int]] = {}
     self._written: set[str] = set()
     self._closed = False
-    self._dirty: list[int] = []  # bytes written since the last background flush, per shard
+    self._dirty: list[int] = []  # bytes written since the last flush, per shard
     self._syncs: dict[int, concurrent.futures.Future] = {}
-    self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
     try:
       for i, names in enumerate(groups):
         fname = _shard_name(i, len(groups))
@@ -603,20 +615,15 @@ class ShardedWriter:
     self._written.add(name)
     self._dirty[i] += nbytes
     if self._dirty[i] >= WRITEBACK_BYTES and (i not in self._syncs or self._syncs[i].done()):
-      # Write-behind: flush what this shard has so far in the background while the merge goes on, so that
-      # close()'s fsync (which still runs on every shard) has little left to do.
-      if self._syncer is None:
-        self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-fsync")
+      # Write-behind: flush what this file has so far in a background thread while writing goes on, so that
+      # close() (which still fsyncs every file) has little left to do.
       self._dirty[i] = 0
-      self._syncs[i] = self._syncer.submit(getattr(os, "fdatasync", os.fsync), self._files[i][1])
+      self._syncs[i] = _syncer().submit(getattr(os, "fdatasync", os.fsync), self._files[i][1])
 
-  def _stop_syncs(self) -> None:
-    if self._syncer is not None:
-      self._syncer.shutdown(wait=True)
-      self._syncer = None
+  def _wait_syncs(self) -> None:
     syncs, self._syncs = self._syncs, {}
     for f in syncs.values():
-      f.result()
+      f.exception()  # (close() fsyncs again and reports errors)
 
   def close(self) -> pathlib.Path:
     """Checks that every tensor was written, fsyncs, writes the index and renames the directory into place."""
@@ -627,7 +634,7 @@ class ShardedWriter:
       self.abort()
       raise ValueError(f"{len(missing)} declared tensors were never written to {self.directory}: {missing[:5]}")
     try:
-      self._stop_syncs()
+      self._wait_syncs()
       for _, fd in self._files:
         os.fsync(fd)
         os.close(fd)
@@ -649,10 +656,7 @@ class ShardedWriter:
     if self._closed:
       return
     self._closed = True
-    try:
-      self._stop_syncs()
-    except OSError:
-      pass
+    self._wait_syncs()
     if not getattr(self, "_files_closed", False):
       for _, fd in self._files:
         try:
