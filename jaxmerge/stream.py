@@ -44,6 +44,7 @@ import contextlib
 import hashlib
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -254,7 +255,7 @@ class _Inputs:
     self.passes = 0
     self._lock = threading.Lock()
     self._free: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
-    self._lent: dict[int, tuple[str, tuple[int, ...]]] = {}
+    self._lent: dict[int, tuple[tuple[str, tuple[int, ...]], weakref.ref]] = {}
 
   def _get(self, reader: Any, name: str) -> np.ndarray:
     """``reader.get(name)``, into a recycled buffer of the same shape and dtype when one is free (fresh pages
@@ -267,8 +268,8 @@ class _Inputs:
       buf = free.pop() if free else None
     x = reader.get(name, out=buf) if buf is not None else reader.get(name)
     if isinstance(x, np.ndarray) and (x.dtype.str, x.shape) == key and x.ctypes.data % 64 == 0:
-      with self._lock:
-        self._lent[id(x)] = key
+      with self._lock:  # (a weak reference: a dead array's id may be reused by an array that is not ours)
+        self._lent[id(x)] = (key, weakref.ref(x))
     return x
 
   def recycle(self, *arrays: Any) -> None:
@@ -276,9 +277,9 @@ class _Inputs:
     them any more (their merged result has been fetched)."""
     with self._lock:
       for a in arrays:
-        key = self._lent.pop(id(a), None)
-        if key is not None and isinstance(a, np.ndarray):
-          free = self._free.setdefault(key, [])
+        lent = self._lent.pop(id(a), None)
+        if lent is not None and lent[1]() is a:
+          free = self._free.setdefault(lent[0], [])
           if len(free) < 2 * (1 + len(self.models)):
             free.append(a)
 
