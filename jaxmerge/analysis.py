@@ -62,7 +62,7 @@ def _per_matrix(fn: Callable[[jax.Array], Any], stack: Any, layout, where) -> di
 
 
 def _svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  return jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+  return linalg.svd(x)
 
 
 # ----------------------------------------------------------------------------- Singular Task Interference

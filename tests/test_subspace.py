@@ -252,3 +252,40 @@ def test_tsv_m_full_size_eight_tasks_matches_float64():
   v = np.concatenate([f[2][:k].T for f in fs], 1)
   ref = (_polar64(u) * s) @ _polar64(v).T
   assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-3
+
+
+# --------------------------------------------------------------------------------- memory of the matrix loop
+
+
+def test_map_matrices_gathered_loop_equals_concatenation():
+  """On CPU a group of equal-shape leaves is looped over without concatenating it (each step picks its matrix
+  from its own leaf); the result must be the one of the vmapped concatenation, leaf by leaf and in order,
+  including a leaf with a batch axis (two matrices per task)."""
+  from jaxmerge import filters as jf
+  from jaxmerge import linalg
+
+  rng = np.random.default_rng(3)
+  xs = {"a": jnp.asarray(rng.standard_normal((T, 6, 4)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal((T, 2, 6, 4)), jnp.float32),  # (T, layer, out, in)
+        "c": jnp.asarray(rng.standard_normal((T, 6, 4)), jnp.float32)}
+  specs = {"a": jf.MatrixSpec(out_axes=(0,), in_axes=(1,)), "b": jf.MatrixSpec(out_axes=(1,), in_axes=(2,)),
+           "c": jf.MatrixSpec(out_axes=(0,), in_axes=(1,))}
+  fn = lambda x: jnp.tanh(x[0]) @ x[1].T + x[2].sum()  # noqa: E731  (order- and task-sensitive)
+  looped = jax.jit(lambda xs: linalg.map_matrices(fn, xs, specs, batch_size=1))(xs)
+  vmapped = jax.jit(lambda xs: linalg.map_matrices(fn, xs, specs, batch_size=None))(xs)
+  for p in xs:
+    np.testing.assert_allclose(np.asarray(looped[p]), np.asarray(vmapped[p]), rtol=1e-6, atol=1e-6)
+  want_b1 = np.tanh(np.asarray(xs["b"][0, 1])) @ np.asarray(xs["b"][1, 1]).T + np.asarray(xs["b"][2, 1]).sum()
+  np.testing.assert_allclose(np.asarray(looped["b"][1]), want_b1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,bound", [("iso_c", 0.6), ("tsv_m", 1.0)])
+def test_matrix_merges_do_not_copy_the_task_stack(name, bound):
+  """The compiled merge's scratch memory (XLA's own count) stays below ``bound`` times the stacked task
+  vectors: Iso-C sums the tasks before its loop (its kernel needs only the sum), and no method gathers a group
+  of equal-shape leaves into one concatenated copy (before: 1.3x and 1.7x the stack)."""
+  rng = np.random.default_rng(0)
+  tv = {f"l{i}": {"weight": jnp.asarray(rng.standard_normal((4, 64, 48)), jnp.float32)} for i in range(3)}
+  tx = jm.get_method(name)()
+  stats = jax.jit(lambda tv: tx.apply(tx.init(tv), tv)).lower(tv).compile().memory_analysis()
+  assert stats.temp_size_in_bytes < bound * stats.argument_size_in_bytes, (stats.temp_size_in_bytes, stats.argument_size_in_bytes)

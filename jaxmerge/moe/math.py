@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxmerge import linalg
+
 __all__ = [
     "SmileFactors",
     "high_pass",
@@ -93,7 +95,7 @@ def smile_factors(kernel: Float[Array, "i o"], expert_kernels: Float[Array, "T i
   if k <= 0 or gate_k <= 0:
     raise ValueError(f"SMILE: k and gate_k must be positive, got k={k}, gate_k={gate_k}")
   k, gate_k = min(k, r), min(int(gate_k), r)
-  v, s, ut = jnp.linalg.svd(wt - w0[None], full_matrices=False)  # (T, in, r), (T, r), (T, r, out)
+  v, s, ut = linalg.svd(wt - w0[None])  # (T, in, r), (T, r), (T, r, out)
   if bias is None:
     db = jnp.zeros((wt.shape[0], w0.shape[1]), jnp.float32)
   else:

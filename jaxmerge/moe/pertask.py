@@ -27,6 +27,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 import jaxmerge as jm
+from jaxmerge import linalg
 from jaxmerge import tree as jtree
 from jaxmerge.moe import math as mm
 from jaxmerge.reductions._tsv import tsv_rank
@@ -241,7 +242,7 @@ def tall_model(apply_fn, pretrained: Params, finetuned, *, tall_lambda: float | 
 
 
 def _low_rank(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+  u, s, vt = linalg.svd(x)
   return u[..., :k] * s[:, None, :k], vt[:, :k]
 
 

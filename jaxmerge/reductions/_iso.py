@@ -52,7 +52,8 @@ def iso_c_merge(
     del coeffs
     return linalg.flatten_spectrum(task_sum(x), method=method)
 
-  return matrix_transform(kernel, kind=REDUCE, fallback=fallback, where=where, batch_size=batch_size)
+  return matrix_transform(kernel, kind=REDUCE, fallback=fallback, where=where, batch_size=batch_size,
+                          combine=task_sum)
 
 
 def iso_cts_sizes(r: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -99,7 +100,7 @@ def iso_cts_matrix(x: Float[Array, "T m n"], common_fraction: float = 0.8, *, me
   delta = task_sum(x)
   if s == 0:
     return linalg.flatten_spectrum(delta, method=method)
-  u, sv, vt = jnp.linalg.svd(delta, full_matrices=False)
+  u, sv, vt = linalg.svd(delta)
   uc, sc, vc = u[:, :kc], sv[:kc], vt[:kc]
   hi = linalg.HIGHEST
   if m <= n:

@@ -42,7 +42,7 @@ def knots_align(x: jax.Array, eps: float = 1e-4) -> tuple[jax.Array, jax.Array, 
   """
   t, m, n = x.shape
   cat = jnp.transpose(x.astype(jnp.float32), (1, 0, 2)).reshape(m, t * n)
-  u, s, vt = jnp.linalg.svd(cat, full_matrices=False)
+  u, s, vt = linalg.svd(cat)
   keep = s > eps
   u, s, vt = jnp.where(keep[None, :], u, 0.0), jnp.where(keep, s, 0.0), jnp.where(keep[:, None], vt, 0.0)
   return u, s, jnp.transpose(vt.reshape(-1, t, n), (1, 0, 2))

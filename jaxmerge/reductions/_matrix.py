@@ -80,6 +80,7 @@ def matrix_transform(
     where: Filter | None = None,
     init: Callable[[Any], Any] | None = None,
     batch_size: int | None = 0,
+    combine: Callable[[jax.Array], jax.Array] | None = None,
 ) -> MergeTransform:
   """A transform from a one-matrix kernel.
 
@@ -92,6 +93,10 @@ def matrix_transform(
     where: optional filter restricting the matrix leaves (others take the fallback).
     init: default coefficients (``EmptyCoeffs`` when omitted).
     batch_size: see :func:`jaxmerge.linalg.map_matrices`.
+    combine: for a reduction whose kernel only needs a combination of the tasks (Iso-C: their sum), that
+      combination, ``(T, ...) float32 -> (...)``, applied to each matrix leaf before the kernel, which then sees
+      a ``(1, out, in)`` slice: the ``T`` task matrices are never gathered (XLA fuses the combination with the
+      task-vector subtraction), which divides the kernel's input memory by ``T``.
 
   Returns:
     A :class:`~jaxmerge.base.MergeTransform` of the given ``kind``; each matrix leaf comes back in its own
@@ -105,6 +110,8 @@ def matrix_transform(
   """
   if kind not in (REDUCE, TASK):
     raise ValueError(f"kind must be {REDUCE!r} or {TASK!r}, got {kind!r}")
+  if combine is not None and kind != REDUCE:
+    raise ValueError("combine applies to reductions only")
   if isinstance(fallback, str):
     leaf_fallback = vector_fallback(fallback, kind)
     vec = lambda coeffs, x: leaf_fallback(x)  # noqa: E731
@@ -116,7 +123,10 @@ def matrix_transform(
     ctx = context_of(ctx)
     flat = jtree.flatten_paths(tree)
     specs = linalg.matrix_specs(flat, ctx.layout, where)
-    res = linalg.map_matrices(lambda x: kernel(coeffs, x), flat, specs, batch_size=batch_size)
+    inputs = flat
+    if combine is not None:
+      inputs = {p: combine(flat[p].astype(jnp.float32))[None] for p in specs}
+    res = linalg.map_matrices(lambda x: kernel(coeffs, x), inputs, specs, batch_size=batch_size)
     out = {}
     for p, x in flat.items():
       if p in res:

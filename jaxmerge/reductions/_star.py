@@ -39,7 +39,7 @@ def star_matrix(x: Float[Array, "m n"], eta: float = 40.0) -> Float[Array, "m n"
     Lee et al., "STAR: Spectral Truncation and Rescale for Model Merging", NAACL 2025.
     https://arxiv.org/abs/2502.10339
   """
-  u, s, vt = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+  u, s, vt = linalg.svd(x)
   total = jnp.sum(s)
   share = jnp.cumsum(s) / jnp.where(total > 0, total, 1.0)
   k = jnp.sum(share < (eta / 100.0) * (1.0 - _RATIO_TOL)) + 1  # first index reaching the share, 1-based
