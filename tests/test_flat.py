@@ -90,3 +90,15 @@ def test_fence_is_identity_and_global_sum_exact():
   np.testing.assert_array_equal(np.asarray(jax.jit(jtree.fence)(x)), np.asarray(x))
   parts = [jnp.float32(v) for v in (1.0, 2.0, -4.0, 8.0)]
   assert float(jax.jit(jtree.global_sum)(parts)) == 7.0
+
+
+@pytest.mark.parametrize("tasks,bound", [(4, 0.75), (8, 0.45)])
+@pytest.mark.parametrize("kw", [{}, {"disjoint": "mean"}, {"disjoint": "max", "zero_sign": "positive"}])
+def test_ties_scratch_memory_is_not_a_copy_of_the_task_vectors(tasks, bound, kw):
+  """XLA's own count of the flat TIES program's scratch memory stays well below the ``(T, N)`` task vectors:
+  the trimmed stack is never stored (the merge pass trims again from the task vectors), and at most a few
+  tasks' histogram indices are live at once (before: 1.17x / 1.15x the task vectors at 4 / 8 tasks)."""
+  tx = jm.get_method("ties")(**kw)
+  tv = {"flat": jax.ShapeDtypeStruct((tasks, 1_000_000), jnp.float32)}
+  stats = jax.jit(lambda tv: tx.apply(tx.init(tv), tv)).lower(tv).compile().memory_analysis()
+  assert stats.temp_size_in_bytes < bound * stats.argument_size_in_bytes, (stats.temp_size_in_bytes, stats.argument_size_in_bytes)

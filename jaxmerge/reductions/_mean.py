@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform
-from jaxmerge.tree import concat_tasks, global_sum, task_max, task_mean, task_sum
+from jaxmerge.tree import concat_tasks, fence, global_sum, task_max, task_mean, task_sum
 
 __all__ = ["disjoint_merge", "elected_sign", "mean_tasks", "sum_tasks", "ties_merge", "weighted_sum"]
 
@@ -118,6 +118,17 @@ def _disjoint(x: jax.Array, s: jax.Array, merge_func: str) -> jax.Array:
   return task_max(jnp.abs(sel)) * s
 
 
+def _disjoint_rows(rows: list[jax.Array], s: jax.Array, merge_func: str) -> jax.Array:
+  """:func:`_disjoint` on the task slices of one leaf (same arithmetic, in the same order)."""
+  sel = [jnp.where(jnp.where(s > 0, x > 0, x < 0), x, 0) for x in rows]
+  if merge_func == "sum":
+    return functools.reduce(jnp.add, sel)
+  if merge_func == "mean":
+    count = functools.reduce(jnp.add, [(v != 0).astype(v.dtype) for v in sel])
+    return functools.reduce(jnp.add, sel) / jnp.maximum(count, 1)
+  return functools.reduce(jnp.maximum, [jnp.abs(v) for v in sel]) * s
+
+
 def ties_merge(
     density: float = 0.2, merge_func: str = "sum", count: str = "reference", zero_sign: str = "majority"
 ) -> MergeTransform:
@@ -153,17 +164,39 @@ def ties_merge(
       return tree
     # Whole-model scalars (thresholds, majority sign) from one (T, N) view; everything else leaf by leaf, so
     # equal-shape leaves share one compiled kernel (see jaxmerge.tree.concat_tasks).
+    thr = thr2 = None
     if density < 1:
       thr = task_thresholds([concat_tasks(tree)], density, count)
-      tree = jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= _per_task(thr, x), x, 0), tree)
-    totals = jax.tree.map(task_sum, tree)
-    if zero_sign == "positive":
-      signs = jax.tree.map(lambda v: jnp.where(v >= 0, 1.0, -1.0).astype(v.dtype), totals)
-    else:
-      signs = jax.tree.map(jnp.sign, totals)
-      majority = _majority(signs)
-      signs = jax.tree.map(lambda s: jnp.where(s == 0, majority, s), signs)
-    return jax.tree.map(lambda x, s: _disjoint(x, s, merge_func), tree, signs)
+      # A second copy of the thresholds: a distinct value, so XLA does not merge the two passes' trims into
+      # one stored (T, ...) trimmed stack (see below).
+      thr2 = fence(jnp.stack([thr, thr]))[1]
+
+    def rows(x, v):
+      """The trimmed task vectors of one leaf, task by task: ``T`` arrays of the leaf's shape. Elementwise
+      expressions on slices, so that XLA fuses the trim into each pass instead of storing a (T, ...) stack."""
+      if v is None:
+        return [x[i] for i in range(x.shape[0])]
+      return [jnp.where(jnp.abs(x[i]) >= v[i], x[i], 0) for i in range(x.shape[0])]
+
+    def elect(r, majority=None):
+      total = functools.reduce(jnp.add, r)
+      if zero_sign == "positive":
+        return jnp.where(total >= 0, 1.0, -1.0).astype(total.dtype)
+      s = jnp.sign(total)
+      return s if majority is None else jnp.where(s == 0, majority, s)
+
+    # Two passes read the task vectors: the first elects signs for the majority sign (a whole-model scalar),
+    # the second trims and elects again, then merges: rereading the task vectors costs what reading a stored
+    # trimmed stack would, without its T x N scratch memory.
+    majority = None
+    if zero_sign == "majority":
+      majority = _majority(jax.tree.map(lambda x: elect(rows(x, thr)), tree))
+
+    def merge_leaf(x):
+      r = rows(x, thr2)
+      return _disjoint_rows(r, elect(r, majority), merge_func)
+
+    return jax.tree.map(merge_leaf, tree)
 
   return MergeTransform(_empty, apply, REDUCE, leafwise=False, flat=True)
 
@@ -173,8 +206,14 @@ def _with_majority(s: jax.Array) -> jax.Array:
 
 
 def _majority(signs) -> jax.Array:
-  """``sgn`` of the sum of every elected sign of the tree (the whole model's majority sign)."""
-  return jnp.sign(global_sum([jnp.sum(s) for s in jax.tree.leaves(signs)]))
+  """``sgn`` of the sum of every elected sign of the tree (the whole model's majority sign).
+
+  Each leaf's signs are summed as integers (exact; and on CPU XLA then fuses the election into the sum
+  instead of storing every task's trimmed vector for a float reduction)."""
+  def count(s):
+    return jnp.sum(s.astype(jnp.int32)).astype(jnp.float32) if s.size < 2**31 else jnp.sum(s)
+
+  return jnp.sign(global_sum([count(s) for s in jax.tree.leaves(signs)]))
 
 
 def _per_task(v: jax.Array, x: jax.Array) -> jax.Array:
