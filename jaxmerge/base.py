@@ -76,9 +76,10 @@ class MergeTransform(NamedTuple):
     flat: whether the result is unchanged when every leaf is concatenated into one flat vector (elementwise
       math plus whole-model statistics; no per-leaf keys, coefficients, paths or shapes). :func:`jaxmerge.merge`
       then runs the step on one ``(T, N)`` array, whose compile time does not grow with the number of leaves.
-    path_free: whether ``apply`` never reads a leaf's path (no per-leaf keys, labels or layouts): two leaves of
-      the same shape and dtype then get the same program, so a streaming merge traces and compiles it once
-      (implied by ``flat``; see :attr:`by_shape`).
+    path_free: whether ``apply`` reads a leaf's path only through its random key (:func:`jaxmerge.tree.leaf_key`;
+      no labels, layouts or per-leaf coefficients): two leaves of the same shape and dtype then get the same
+      program (the engines pass the leaf's id as an argument, :func:`jaxmerge.tree.traced_leaf_ids`), so a
+      leaf-by-leaf merge traces and compiles it once per shape (implied by ``flat``; see :attr:`by_shape`).
   """
 
   init: Callable[[Stacked], Coeffs]

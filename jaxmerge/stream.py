@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import hashlib
 import threading
 import time
 import weakref
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -128,12 +126,11 @@ class StreamResult(NamedTuple):
 
 
 def _path_id(path: str) -> np.ndarray:
-  return np.uint32(zlib.crc32(path.encode()) & 0x7FFFFFFF)
+  return np.uint32(jtree.leaf_id(path))
 
 
 def _traced_ids(path: str, pid: jax.Array):
-  hook = getattr(jtree, "traced_leaf_ids", None)
-  return hook({path: pid}) if hook is not None else contextlib.nullcontext()
+  return jtree.traced_leaf_ids({path: pid})
 
 
 _POOLS: dict[str, concurrent.futures.ThreadPoolExecutor] = {}

@@ -136,10 +136,15 @@ def test_random_methods_map_to_jaxmerge_dare_and_magprune():
   # The kept deltas keep each tensor's L1 norm (mergekit's rescale) for one model.
   cfg = _cfg("dare_linear", (1.0,), {0: {"density": 0.5}})
   one, _ = _ours(cfg, arrays, key=key)
+  checked = 0
   for k in SHAPES:
     before = np.abs(arrays["m0"][k] - arrays["base"][k]).sum()
     after = np.abs(one[k] - arrays["base"][k]).sum()
+    if after == 0:  # every entry dropped (probability 2**-n for n entries): nothing to rescale, as in mergekit
+      continue
     np.testing.assert_allclose(after, before, rtol=1e-5)
+    checked += 1
+  assert checked >= 2
   cfg = _cfg("della_linear", (1.0, 1.0, 1.0), {i: {"density": 0.6, "epsilon": 0.1} for i in range(3)},
              rescale=False)
   ours, spec = _ours(cfg, arrays, key=key)

@@ -159,10 +159,11 @@ def test_one_compile_per_distinct_leaf_program(ckpt):
   outs, res = _run(tx, d, 3)
   _assert_same(outs, [jm.merge(tx, pre, fts)])
   assert res.programs == distinct and res.lowerings == distinct
-  _, res = _run(jm.get_method("dare")(), d, 3, key=jax.random.key(0))
-  # The leaf key folds in the path: one program per leaf, unless the path number is traced (proposed hook).
-  assert res.programs == (distinct if hasattr(jtree, "traced_leaf_ids") else len(SHAPES))
-  assert res.lowerings == len(SHAPES)  # every tensor is traced (its program may depend on its path)
+  outs, res = _run(jm.get_method("dare")(), d, 3, key=jax.random.key(0))
+  # The leaf key folds in the leaf's id, passed as an argument (jaxmerge.tree.traced_leaf_ids): DARE is
+  # path-free, one program per shape, and draws what the in-memory merge draws.
+  assert res.programs == distinct and res.lowerings == distinct
+  _assert_same(outs, [jm.merge(jm.get_method("dare")(), pre, fts, key=jax.random.key(0))])
   _, again = _run(jm.get_method("dare")(), d, 3, key=jax.random.key(1))
   assert again.compiles == 0 and again.programs == res.programs  # the process-wide cache
 

@@ -138,7 +138,9 @@ def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
 
     return jtree.map_with_path(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK, needs_key=True)
+  # The path is read only through the leaf's key (jaxmerge.tree.leaf_key): engines pass the leaf id as an
+  # argument, and every leaf of a shape shares one program.
+  return MergeTransform(_empty, apply, TASK, needs_key=True, path_free=True)
 
 
 def _l1_rescale(x: jax.Array, kept: jax.Array, eps: float = 1e-7) -> jax.Array:
