@@ -299,6 +299,16 @@ def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params,
   model whose leaves share one dtype (the NaN/Inf check then rides along in the same pass over the weights),
   leaf by leaf otherwise. Returns the merged float leaves and the copied non-float ones."""
   pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=False)
+  if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
+    # Leaf by leaf, one compiled program per leaf shape: no copy of the inputs (task arithmetic, DARE, per-tensor
+    # TIES). The NaN/Inf probe rides along in each leaf's program.
+    prog = _compiled_leaf(tx, layout, per_task, check_finite)
+    models = ft if isinstance(ft, tuple) else None
+    res = {p: prog(x, tuple(m[p] for m in models) if models else ft[p], None, key, np.uint32(jtree.leaf_id(p)))
+           for p, x in pre.items()}
+    if check_finite and bool(jnp.any(jnp.stack([bad for _, bad in res.values()]))):
+      _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)  # names the model and leaf
+    return {p: y for p, (y, _) in res.items()}, passthrough
   if _flat_ok(tx, coeffs, pre, ft):
     paths = tuple(pre)
     y, bad = _compiled_flat(tx, layout, per_task, paths)(pre, ft, coeffs, key)
@@ -307,11 +317,6 @@ def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params,
     return _split_flat(y, {p: tuple(pre[p].shape) for p in paths}), passthrough
   if check_finite:
     _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)
-  if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
-    prog = _compiled_leaf(tx, layout, per_task)
-    models = ft if isinstance(ft, tuple) else None
-    return {p: prog(x, tuple(m[p] for m in models) if models else ft[p], None, key, np.uint32(jtree.leaf_id(p)))
-            for p, x in pre.items()}, passthrough
   return _compiled(tx, layout, per_task)(pre, ft, coeffs, key), passthrough
 
 
@@ -342,8 +347,9 @@ _LEAF = "leaf"
 
 
 @functools.lru_cache(maxsize=128)
-def _compiled_leaf(tx: MergeTransform, layout: Layout, per_task: bool) -> Callable[..., Any]:
-  """One leaf's merge for a leafwise ``by_shape`` transform: ``(pre, ft, coeffs, key, leaf_id) -> leaf``.
+def _compiled_leaf(tx: MergeTransform, layout: Layout, per_task: bool, check_finite: bool) -> Callable[..., Any]:
+  """One leaf's merge for a leafwise ``by_shape`` transform: ``(pre, ft, coeffs, key, leaf_id) -> (leaf, bad)``,
+  ``bad`` a scalar NaN/Inf probe of the leaf's inputs (``False`` without ``check_finite``).
 
   The leaf's id (:func:`jaxmerge.tree.leaf_id` of its path) is an argument, so every leaf of a shape and dtype
   shares one compiled program: a whole-model program grows with the number of leaves (DARE's random draws made
@@ -358,7 +364,10 @@ def _compiled_leaf(tx: MergeTransform, layout: Layout, per_task: bool) -> Callab
       tree = {_LEAF: d}
       c = tx.init(tree) if coeffs is None else coeffs
       out = tx.apply(c, tree, key=key, ctx=MergeContext(pretrained={_LEAF: pre32}, layout=layout))[_LEAF]
-    return ((pre32[None] if per_task else pre32) + out).astype(pre.dtype)
+    y = ((pre32[None] if per_task else pre32) + out).astype(pre.dtype)
+    if not check_finite:
+      return y, jnp.zeros((), bool)
+    return y, jnp.isnan(jtree.finite_probe((pre, *ft) if isinstance(ft, tuple) else (pre[None], ft)))
 
   return jax.jit(run)
 

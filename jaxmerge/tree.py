@@ -27,6 +27,7 @@ __all__ = [
     "check_finite",
     "concat_tasks",
     "fence",
+    "finite_probe",
     "global_sum",
     "flatten_paths",
     "is_float",
@@ -354,6 +355,26 @@ def concat_tasks(tree: Any) -> jax.Array:
     raise ValueError("cannot flatten an empty tree")
   t = leaves[0].shape[0]
   return jnp.concatenate([leaf.reshape(t, -1) for leaf in leaves], axis=1) if len(leaves) > 1 else leaves[0].reshape(t, -1)
+
+
+def finite_probe(xs: Sequence[jax.Array]) -> jax.Array:
+  """A float32 scalar that is NaN iff some entry of ``xs`` (arrays of one shape) is NaN or Inf.
+
+  ``sum(x * 0)`` over every input, one fused reduction behind an optimization barrier: fused into a merge's
+  own loop instead (a multi-output fusion), XLA:CPU runs the merge ~5x slower. The host names the offending
+  model only when the probe fires.
+
+  Args:
+    xs: float arrays of the same shape (a leaf of the pretrained and of each fine-tuned model).
+
+  Returns:
+    ``0.0``, or NaN when an input entry is not finite.
+  """
+  xs = jax.lax.optimization_barrier(tuple(xs))
+  probe = xs[0].astype(jnp.float32) * 0.0
+  for x in xs[1:]:
+    probe = probe + x.astype(jnp.float32) * 0.0
+  return jnp.sum(probe)
 
 
 _LEAF_IDS = threading.local()

@@ -108,7 +108,7 @@ def test_dare_compiles_one_program_per_leaf_shape():
   M._compiled_leaf.cache_clear()
   key = jax.random.key(5)
   out = jm.merge(tx, pre, fts, key=key)
-  prog = M._compiled_leaf(tx, F.hf_layout, False)
+  prog = M._compiled_leaf(tx, F.hf_layout, False, True)
   assert prog._cache_size() == 1
   pre_f, ft_f, _ = M.prepare(pre, fts)
   whole = M._compiled(tx, F.hf_layout, False)(pre_f, ft_f, None, key)
@@ -344,6 +344,11 @@ def test_empty_nan_inf_and_missing_key():
     jm.merge(jm.get_method("task_arithmetic")(), pinf, fts)
   with pytest.raises(ValueError, match="needs a PRNG key"):
     jm.merge(jm.get_method("dare")(), pre, fts)
+  # Stacked fine-tuned models (one leaf with a task axis) through the leaf-by-leaf programs, DARE included.
+  st = jm.tree.stack(fts[:2] + [bad])
+  for tx, key in ((jm.get_method("task_arithmetic")(), None), (jm.get_method("dare")(), jax.random.key(0))):
+    with pytest.raises(ValueError, match=r"model 2: parameter 'bias' contains NaN or Inf"):
+      jm.merge(tx, pre, st, key=key)
 
 
 def test_stacked_input_shape_errors():
