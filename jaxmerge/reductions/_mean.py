@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform
-from jaxmerge.tree import concat_tasks, fence, global_sum, task_max, task_mean, task_sum
+from jaxmerge.tree import concat_tasks, fence, global_sum, task_mean, task_sum
 
 __all__ = ["disjoint_merge", "elected_sign", "mean_tasks", "sum_tasks", "ties_merge", "weighted_sum"]
 
@@ -108,18 +108,14 @@ def elected_sign(tree, scope: str = "global"):
 
 
 def _disjoint(x: jax.Array, s: jax.Array, merge_func: str) -> jax.Array:
-  keep = jnp.where(s[None] > 0, x > 0, x < 0)
-  sel = jnp.where(keep, x, 0)
-  if merge_func == "sum":
-    return task_sum(sel)
-  if merge_func == "mean":
-    count = task_sum((sel != 0).astype(x.dtype))
-    return task_sum(sel) / jnp.maximum(count, 1)
-  return task_max(jnp.abs(sel)) * s
+  """The disjoint merge of a stacked leaf ``(T, ...)`` under elected signs ``s``."""
+  return _disjoint_rows([x[i] for i in range(x.shape[0])], s, merge_func)
 
 
 def _disjoint_rows(rows: list[jax.Array], s: jax.Array, merge_func: str) -> jax.Array:
-  """:func:`_disjoint` on the task slices of one leaf (same arithmetic, in the same order)."""
+  """The disjoint merge of one leaf given as its ``T`` task slices: the entries whose sign agrees with ``s``,
+  summed, averaged over the agreeing nonzero entries, or the largest agreeing magnitude with sign ``s``. Slices
+  (not a stacked array) so that XLA fuses the whole merge into one pass over the task vectors."""
   sel = [jnp.where(jnp.where(s > 0, x > 0, x < 0), x, 0) for x in rows]
   if merge_func == "sum":
     return functools.reduce(jnp.add, sel)
