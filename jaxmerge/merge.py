@@ -295,17 +295,21 @@ def _flat_ok(tx: MergeTransform, coeffs: Any, pre: dict, ft: Any) -> bool:
 
 def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params, finetuned: Any, coeffs: Any,
          key: Any, names: Sequence[str] | None, check_finite: bool) -> tuple[dict, dict]:
-  """Validates and runs the merge program: on the flat ``(T, N)`` view for ``flat`` transforms of a multi-leaf
-  model whose leaves share one dtype (the NaN/Inf check then rides along in the same pass over the weights),
-  leaf by leaf otherwise. Returns the merged float leaves and the copied non-float ones."""
+  """Validates and runs the merge, on one of three routes: leafwise ``by_shape`` transforms (task arithmetic,
+  DARE, per-tensor TIES) leaf by leaf, one compiled program per leaf shape and no copy of the inputs; other
+  ``flat`` transforms (global TIES) on one ``(T, N)`` view of a multi-leaf model whose leaves share one dtype;
+  everything else in one whole-model program. The NaN/Inf check rides along in the first two. Returns the
+  merged float leaves and the copied non-float ones."""
   pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=False)
   if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
     # Leaf by leaf, one compiled program per leaf shape: no copy of the inputs (task arithmetic, DARE, per-tensor
     # TIES). The NaN/Inf probe rides along in each leaf's program.
     prog = _compiled_leaf(tx, layout, per_task, check_finite)
-    models = ft if isinstance(ft, tuple) else None
-    res = {p: prog(x, tuple(m[p] for m in models) if models else ft[p], None, key, np.uint32(jtree.leaf_id(p)))
-           for p, x in pre.items()}
+
+    def rows(p):  # the leaf's T fine-tuned values (rows of a stacked leaf are sliced inside the program)
+      return tuple(m[p] for m in ft) if isinstance(ft, tuple) else ft[p]
+
+    res = {p: prog(x, rows(p), key, np.uint32(jtree.leaf_id(p))) for p, x in pre.items()}
     if check_finite and bool(jnp.any(jnp.stack([bad for _, bad in res.values()]))):
       _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)  # names the model and leaf
     return {p: y for p, (y, _) in res.items()}, passthrough
@@ -343,31 +347,36 @@ def _assemble(pretrained: Params, merged: dict, passthrough: dict, per_task: boo
   return jtree.unflatten_paths(pretrained, {**merged, **passthrough})
 
 
-_LEAF = "leaf"
+def merge_leaf(tx: MergeTransform, layout: Layout, per_task: bool, path: str, pre: jax.Array,
+               fts: Sequence[jax.Array], coeffs: Any, key: Any, pid: Any) -> jax.Array:
+  """One leaf's merge inside a leaf program (the jit engine's per-leaf path and every streaming pass): its task
+  vectors, the transform on ``{path: (T, ...)}``, plus the pretrained leaf; float32.
+
+  ``pid`` is the leaf's id (:func:`jaxmerge.tree.leaf_id` of ``path``), usually a traced argument: the leaf's
+  random key then folds it in as a value (:func:`jaxmerge.tree.traced_leaf_ids`), so a ``by_shape`` transform's
+  program serves every leaf of the same shape."""
+  with jtree.traced_leaf_ids({path: pid}):
+    pre32, d = jtree.leaf_task_vectors(pre, fts)
+    tree = {path: d}
+    c = tx.init(tree) if coeffs is None else coeffs
+    out = tx.apply(c, tree, key=key, ctx=MergeContext(pretrained={path: pre32}, layout=layout))[path]
+  return (pre32[None] if per_task else pre32) + out
 
 
 @functools.lru_cache(maxsize=128)
 def _compiled_leaf(tx: MergeTransform, layout: Layout, per_task: bool, check_finite: bool) -> Callable[..., Any]:
-  """One leaf's merge for a leafwise ``by_shape`` transform: ``(pre, ft, coeffs, key, leaf_id) -> (leaf, bad)``,
-  ``bad`` a scalar NaN/Inf probe of the leaf's inputs (``False`` without ``check_finite``).
+  """One leaf's merge for a leafwise ``by_shape`` transform: ``(pre, fts, key, leaf_id) -> (leaf, bad)``, ``fts``
+  the leaf's ``T`` fine-tuned values, ``bad`` a scalar NaN/Inf probe of the leaf's inputs (``False`` without
+  ``check_finite``).
 
-  The leaf's id (:func:`jaxmerge.tree.leaf_id` of its path) is an argument, so every leaf of a shape and dtype
-  shares one compiled program: a whole-model program grows with the number of leaves (DARE's random draws made
-  it a 26 s compilation for a ViT-B/32), this one with the number of distinct shapes."""
+  The leaf's id is an argument and the path a placeholder (a ``by_shape`` step reads the path only through its
+  key), so every leaf of a shape and dtype shares one compiled program: a whole-model program grows with the
+  number of leaves (DARE's random draws made it a 26 s compilation for a ViT-B/32), this one with the number of
+  distinct shapes."""
 
-  def run(pre, ft, coeffs, key, pid):
-    with jtree.traced_leaf_ids({_LEAF: pid}):
-      if isinstance(ft, tuple):
-        pre32, d = jtree.leaf_task_vectors(pre, list(ft))
-      else:
-        pre32, d = pre.astype(jnp.float32), ft.astype(jnp.float32) - pre.astype(jnp.float32)[None]
-      tree = {_LEAF: d}
-      c = tx.init(tree) if coeffs is None else coeffs
-      out = tx.apply(c, tree, key=key, ctx=MergeContext(pretrained={_LEAF: pre32}, layout=layout))[_LEAF]
-    y = ((pre32[None] if per_task else pre32) + out).astype(pre.dtype)
-    if not check_finite:
-      return y, jnp.zeros((), bool)
-    return y, jnp.isnan(jtree.finite_probe((pre, *ft) if isinstance(ft, tuple) else (pre[None], ft)))
+  def run(pre, fts, key, pid):
+    y = merge_leaf(tx, layout, per_task, "leaf", pre, fts, None, key, pid).astype(pre.dtype)
+    return y, (jnp.isnan(jtree.finite_probe((pre, *fts))) if check_finite else jnp.zeros((), bool))
 
   return jax.jit(run)
 

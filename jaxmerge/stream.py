@@ -56,6 +56,7 @@ from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, MergeContext, MergeTransform
 from jaxmerge.io import llm
 from jaxmerge.io.safetensors_io import TensorReader
+from jaxmerge.merge import merge_leaf
 from jaxmerge.stats_stream import KthSmallest, high_histogram, low_histogram
 
 __all__ = ["DictReader", "DictWriter", "StreamResult", "merge_leafwise", "merge_streaming", "streamable_methods",
@@ -127,10 +128,6 @@ class StreamResult(NamedTuple):
 
 def _path_id(path: str) -> np.ndarray:
   return np.uint32(jtree.leaf_id(path))
-
-
-def _traced_ids(path: str, pid: jax.Array):
-  return jtree.traced_leaf_ids({path: pid})
 
 
 _POOLS: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
@@ -497,12 +494,7 @@ def merge_leafwise(
 
   def make(path: str, dt: np.dtype):
     def leaf(pre, fts, coeffs, key, pid):
-      with _traced_ids(path, pid):
-        pre32, d = jtree.leaf_task_vectors(pre, fts)
-        tree = {path: d}
-        c = tx.init(tree) if coeffs is None else coeffs
-        out = tx.apply(c, tree, key=key, ctx=MergeContext(pretrained={path: pre32}, layout=layout))[path]
-      res = ((pre32[None] if per_task else pre32) + out).astype(dt)
+      res = merge_leaf(tx, layout, per_task, path, pre, fts, coeffs, key, pid).astype(dt)
       return res, (_finite_flags(pre, fts) if check_finite else _no_flags())
 
     return leaf
@@ -595,7 +587,7 @@ def _prefixed(prefix: MergeTransform | None, path: str, pre, fts, key, pid, layo
   pre32, d = jtree.leaf_task_vectors(pre, fts)
   if prefix is None:
     return pre32, d
-  with _traced_ids(path, pid):
+  with jtree.traced_leaf_ids({path: pid}):
     tree = {path: d}
     k = jax.random.fold_in(key, 0) if prefix.needs_key else None
     d = prefix.apply(prefix.init(tree), tree, key=k, ctx=MergeContext(pretrained={path: pre32}, layout=layout))[path]
