@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import threading
 import time
@@ -550,6 +551,19 @@ def _ranks_reference(n: int, density: float) -> int:
   return n - int(n * density)
 
 
+def _distinct_specs(inp: _Inputs) -> dict[str, tuple[jax.ShapeDtypeStruct, tuple[jax.ShapeDtypeStruct, ...]]]:
+  """One float tensor per distinct argument type (shapes and dtypes of the pretrained and fine-tuned tensors),
+  as ``{name: (pretrained spec, fine-tuned specs)}``: what the programs of a path-free plan step compile for."""
+  out, seen = {}, set()
+  for name in inp.floats:
+    specs = [jax.ShapeDtypeStruct(tuple(r.shape(name)), np.dtype(r.dtype(name))) for r in (inp.pre, *inp.models)]
+    sig = tuple((x.shape, str(x.dtype)) for x in specs)
+    if sig not in seen:
+      seen.add(sig)
+      out[name] = (specs[0], tuple(specs[1:]))
+  return out
+
+
 def _thresholds(inp: _Inputs, comp: _Compiler, values: Callable[[str], Callable[..., jax.Array]],
                 ranks: np.ndarray, args: Callable[[str], tuple], path_free: bool = True) -> np.ndarray:
   """Exact per-task ``ranks``-th smallest of ``values(name)(pre, fts, *args(name))`` over every tensor: two
@@ -561,11 +575,21 @@ def _thresholds(inp: _Inputs, comp: _Compiler, values: Callable[[str], Callable[
   def count(name: str) -> int:
     return int(np.prod(inp.pre.shape(name), dtype=np.int64))
 
+  def high_fn(f):
+    return lambda pre, fts, *a: high_histogram(f(pre, fts, *a))
+
+  def low_fn(f):
+    return lambda pre, fts, hi, *a: low_histogram(f(pre, fts, *a), hi)
+
+  if path_free:  # both passes' programs, one per argument type, compile in the background from the start
+    hi_spec = jax.ShapeDtypeStruct(sel.ranks.shape, np.int32)
+    for name, (pre, fts) in _distinct_specs(inp).items():
+      comp.warm(high_fn(values(name)), pre, fts, *args(name), same_as=(token, "high"))
+      comp.warm(low_fn(values(name)), pre, fts, hi_spec, *args(name), same_as=(token, "low"))
+
   def high(item):
     name, pre, fts = item
-    f = values(name)
-    return comp(lambda pre, fts, *a: high_histogram(f(pre, fts, *a)), pre, tuple(fts), *args(name),
-                same_as=token and (token, "high"))
+    return comp(high_fn(values(name)), pre, tuple(fts), *args(name), same_as=token and (token, "high"))
 
   # Each histogram is fetched after the next tensor's program is dispatched (see _overlapped).
   _overlapped(inp.tensors(), high, lambda item, h: sel.add_high(h, count(item[0])))
@@ -574,31 +598,32 @@ def _thresholds(inp: _Inputs, comp: _Compiler, values: Callable[[str], Callable[
 
   def low(item):
     name, pre, fts = item
-    f = values(name)
-    return comp(lambda pre, fts, hi, *a: low_histogram(f(pre, fts, *a), hi), pre, tuple(fts), hi, *args(name),
-                same_as=token and (token, "low"))
+    return comp(low_fn(values(name)), pre, tuple(fts), hi, *args(name), same_as=token and (token, "low"))
 
   _overlapped(inp.tensors(), low, lambda item, h: sel.add_low(h, count(item[0])))
   return sel.finish_low()
 
 
-def _prefixed(prefix: MergeTransform | None, path: str, pre, fts, key, pid, layout) -> tuple[jax.Array, jax.Array]:
-  """Float32 pretrained leaf and the task vectors after the leafwise steps that precede the global one."""
-  pre32, d = jtree.leaf_task_vectors(pre, fts)
+def _prefixed(prefix: MergeTransform | None, path: str, pre, fts, key, pid, layout) -> tuple[jax.Array, list]:
+  """Float32 pretrained leaf and each task's vector after the leafwise steps that precede the global one, as
+  ``T`` separate arrays: elementwise expressions of each model's tensor that XLA fuses into every pass, instead
+  of a stored ``(T, ...)`` stack (2-3x slower on CPU for a large tensor)."""
+  pre32 = pre.astype(jnp.float32)
   if prefix is None:
-    return pre32, d
+    return pre32, [m.astype(jnp.float32) - pre32 for m in fts]
+  _, d = jtree.leaf_task_vectors(pre, fts)
   with jtree.traced_leaf_ids({path: pid}):
     tree = {path: d}
     k = jax.random.fold_in(key, 0) if prefix.needs_key else None
     d = prefix.apply(prefix.init(tree), tree, key=k, ctx=MergeContext(pretrained={path: pre32}, layout=layout))[path]
-  return pre32, d
+  return pre32, [d[i] for i in range(d.shape[0])]
 
 
 def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, count: str, zero_sign: str,
                scale: float) -> Callable[..., None]:
   """Exact streaming of ``chain(prefix, ties_merge(...), scale(scale))`` (global TIES and the DARE / Consensus
   variants built on it)."""
-  from jaxmerge.reductions._mean import _disjoint  # noqa: PLC0415 (the same disjoint rule as in memory)
+  from jaxmerge.reductions._mean import _disjoint_rows  # noqa: PLC0415 (the same disjoint rule as in memory)
 
   def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
     n = inp.total()
@@ -614,20 +639,18 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
 
     def absval(path):
       def f(pre, fts, key, pid):
-        return jnp.abs(_prefixed(prefix, path, pre, fts, key, pid, layout)[1])
+        return [jnp.abs(r) for r in _prefixed(prefix, path, pre, fts, key, pid, layout)[1]]
       return f
 
     # Without a prefix (or with a flat one) no step reads the leaf's path: one trace per argument type.
     path_free = prefix is None or prefix.by_shape
-    thr = (_thresholds(inp, comp, absval, np.full((t,), rank), args, path_free)[:, 0] if trim
-           else np.zeros((t,), np.float32))
     token = object() if path_free else None
 
     def trimmed(path, pre, fts, key, pid, thr):
-      pre32, x = _prefixed(prefix, path, pre, fts, key, pid, layout)
+      pre32, rows = _prefixed(prefix, path, pre, fts, key, pid, layout)
       if trim:
-        x = jnp.where(jnp.abs(x) >= thr.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-      return pre32, x
+        rows = [jnp.where(jnp.abs(r) >= thr[i], r, 0) for i, r in enumerate(rows)]
+      return pre32, rows
 
     # The majority sign (FusionBench: the sign of the sum of elected signs over the whole model) only matters
     # where the trimmed task vectors sum to exactly zero with some entry nonzero. The apply pass assumes +1,
@@ -635,16 +658,16 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
     # merged and written again.
     def apply(path, dt):
       def f(pre, fts, key, pid, thr, maj):
-        pre32, x = trimmed(path, pre, fts, key, pid, thr)
-        tot = jtree.task_sum(x)
+        pre32, rows = trimmed(path, pre, fts, key, pid, thr)
+        tot = functools.reduce(jnp.add, rows)
         sg = jnp.sign(tot)
         if zero_sign == "positive":
-          s = jnp.where(tot >= 0, 1.0, -1.0).astype(x.dtype)
+          s = jnp.where(tot >= 0, 1.0, -1.0).astype(tot.dtype)
         else:
           s = jnp.where(sg == 0, maj.astype(sg.dtype), sg)
-        out = _disjoint(x, s, disjoint) * jnp.asarray(scale, jnp.float32)
+        out = _disjoint_rows(rows, s, disjoint) * jnp.asarray(scale, jnp.float32)
         flags = _finite_flags(pre, fts) if check_finite else _no_flags()
-        ambiguous = jnp.any((sg == 0) & jnp.any(x != 0, axis=0))
+        ambiguous = jnp.any((sg == 0) & functools.reduce(jnp.logical_or, [r != 0 for r in rows]))
         return (pre32 + out).astype(dt), flags, jnp.sum(sg.astype(jnp.int32)), ambiguous
       return f
 
@@ -652,6 +675,15 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
       dt = np.dtype(odt(name))
       return comp(apply(name, dt), pre, tuple(fts), key, _path_id(name), thr, np.float32(maj),
                   same_as=token and (token, str(dt)))
+
+    if path_free:  # the merge pass's programs compile in the background while the thresholds are computed
+      thr_spec = jax.ShapeDtypeStruct((t,), np.float32)
+      for name, (pre, fts) in _distinct_specs(inp).items():
+        dt = np.dtype(odt(name))
+        comp.warm(apply(name, dt), pre, fts, key, _path_id(name), thr_spec, np.float32(1.0),
+                  same_as=(token, str(dt)))
+    thr = (_thresholds(inp, comp, absval, np.full((t,), rank), args, path_free)[:, 0] if trim
+           else np.zeros((t,), np.float32))
 
     total, ambiguous = 0, []
 
@@ -681,7 +713,7 @@ def _stitch_plan(density: float) -> Callable[..., None]:
     thr = np.zeros((t,), np.float32)
     if mode == "thr":
       def absval(path):
-        return lambda pre, fts: jnp.abs(jtree.leaf_task_vectors(pre, fts)[1])
+        return lambda pre, fts: [jnp.abs(r) for r in _prefixed(None, path, pre, fts, None, None, None)[1]]
       thr = _thresholds(inp, comp, absval, np.full((t,), n - k + 1), lambda name: ())[:, 0]
 
     def apply(path, dt):
@@ -882,7 +914,10 @@ def merge_streaming(
   ws = _writers(writer, plan.per_task, len(inp.models))
   comp = _Compiler()
   key = key if key is not None else jax.random.key(0)
-  plan.run(inp, ws, key, layout or jfilters.hf_layout, _out_dtype_fn(out_dtype, inp.pre), check_finite, comp)
+  try:
+    plan.run(inp, ws, key, layout or jfilters.hf_layout, _out_dtype_fn(out_dtype, inp.pre), check_finite, comp)
+  finally:
+    comp.close()
   _copy_non_float(inp, ws)
   return StreamResult(len(inp.order), len(comp.programs), comp.compiles, inp.passes, time.perf_counter() - t0,
                       comp.lowerings)

@@ -328,3 +328,29 @@ def test_streaming_merge_stays_under_a_memory_cap(tmp_path):
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   assert res["model"] == n << 20 and res["model"] > 2.5 * cap
   assert 0 < res["peak"] < cap, res
+
+
+def test_histograms_take_task_slices_and_select_exactly():
+  """The streaming histograms accept a ``(T, ...)`` stack or its ``T`` slices (what the plans pass) with the
+  same counts, and the two-pass select over several tensors equals a sort of their concatenation."""
+  from jaxmerge import stats_stream as ss
+
+  r = np.random.default_rng(3)
+  xs = [(r.standard_normal((3,) + s) * 10.0 ** r.integers(-3, 2)).astype(np.float32) for s in [(40, 7), (5,), (9, 3, 2)]]
+  xs[1][0, :2] = 0.0  # ties and zeros
+  hi = np.array([[30000], [40000], [50000]], np.int32)
+  for x in xs:
+    rows = [x[i] for i in range(3)]
+    np.testing.assert_array_equal(ss.high_histogram(rows), ss.high_histogram(x))
+    np.testing.assert_array_equal(ss.low_histogram(rows, hi), ss.low_histogram(x, hi))
+  total = sum(x[0].size for x in xs)
+  ranks = np.array([[1, total], [7, 100], [total // 2, total // 3]])
+  sel = ss.KthSmallest(ranks, total)
+  for x in xs:
+    sel.add_high(ss.high_histogram([np.abs(x[i]) for i in range(3)]), x[0].size)
+  sel.finish_high()
+  for x in xs:
+    sel.add_low(ss.low_histogram([np.abs(x[i]) for i in range(3)], sel.buckets), x[0].size)
+  got = sel.finish_low()
+  flat = np.sort(np.concatenate([np.abs(x).reshape(3, -1) for x in xs], axis=1), axis=1)
+  np.testing.assert_array_equal(got, np.take_along_axis(flat, ranks - 1, axis=1))
