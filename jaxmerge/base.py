@@ -80,6 +80,9 @@ class MergeTransform(NamedTuple):
       no labels, layouts or per-leaf coefficients): two leaves of the same shape and dtype then get the same
       program (the engines pass the leaf's id as an argument, :func:`jaxmerge.tree.traced_leaf_ids`), so a
       leaf-by-leaf merge traces and compiles it once per shape (implied by ``flat``; see :attr:`by_shape`).
+    steps: a chain's steps (:func:`jaxmerge.chain`), ``()`` otherwise. :func:`jaxmerge.merge` runs a chain of
+      leafwise by-shape steps followed by ``flat`` ones (DARE on TIES) as per-leaf programs, then one program on
+      the ``(T, N)`` view.
   """
 
   init: Callable[[Stacked], Coeffs]
@@ -89,6 +92,7 @@ class MergeTransform(NamedTuple):
   leafwise: bool = True
   flat: bool = False
   path_free: bool = False
+  steps: tuple = ()
 
   @property
   def by_shape(self) -> bool:

@@ -99,7 +99,7 @@ def chain(*transforms: MergeTransform) -> MergeTransform:
 
   return MergeTransform(
       init, apply, kind, any(t.needs_key for t in transforms), all(t.leafwise for t in transforms),
-      all(t.flat for t in transforms), all(t.by_shape for t in transforms),
+      all(t.flat for t in transforms), all(t.by_shape for t in transforms), tuple(transforms),
   )
 
 

@@ -85,6 +85,33 @@ def test_mixed_dtypes_fall_back_to_leafwise_program():
   assert out["b"].dtype == jnp.bfloat16 and out["a"].dtype == jnp.float32
 
 
+@pytest.mark.parametrize("hp", [{"base": "ties"}, {"base": "ties", "p": 0.3, "rescale": False, "disjoint": "mean"}])
+def test_leafwise_prefix_then_flat_steps_equal_the_whole_model_program(hp, monkeypatch):
+  """DARE on global TIES: the drop runs leaf by leaf (one program per leaf shape), TIES on the flat view; the
+  result equals the one whole-model program bit for bit (same random draws), and NaN is still named."""
+  tx = jm.get_method("dare")(**hp)
+  prefix, rest = M._leaf_then_flat(tx)
+  assert prefix.needs_key and not rest.needs_key and rest.flat
+  assert M._leaf_then_flat(jm.get_method("ties")()) is None  # wholly flat: the flat path
+  assert M._leaf_then_flat(jm.get_method("dare")()) is None  # wholly leafwise: leaf by leaf
+  pre, fts = _models(t=4, seed=2)
+  pre["e"], fts = pre["a"] + 1, [dict(m, e=m["a"] + 1) for m in fts]  # two leaves of one shape
+  key = jax.random.key(5)
+  calls = []
+  real = M._run_leaf_then_flat
+  monkeypatch.setattr(M, "_run_leaf_then_flat", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+  got = jm.merge(tx, pre, fts, key=key)
+  assert calls, "DARE on TIES should take the leaf-then-flat route"
+  p, f, _ = M.prepare(pre, fts)
+  ref = M._compiled(tx, jfilters.hf_layout, False)(p, f, None, key)
+  for k in pre:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ref[k]), err_msg=k)
+  assert M._compiled_prefix(prefix, jfilters.hf_layout, True)._cache_size() == len({v.shape for v in pre.values()})
+  fts[2] = dict(fts[2], d=np.full(64, np.inf, np.float32))
+  with pytest.raises(ValueError, match=r"model 2.*'d'"):
+    jm.merge(tx, pre, fts, key=key)
+
+
 def test_fence_is_identity_and_global_sum_exact():
   x = jnp.array([3.0, -1.0, 2.5, 0.0])
   np.testing.assert_array_equal(np.asarray(jax.jit(jtree.fence)(x)), np.asarray(x))
