@@ -1,4 +1,4 @@
-"""Time and peak memory of task arithmetic, TIES and DARE: jaxmerge vs fusion-bench, same machine, same run.
+"""Time and peak memory of task arithmetic, TIES, DARE and DARE on TIES: jaxmerge vs fusion-bench, same machine, same run.
 
 Inputs are task vectors with the full CLIP ViT-B/32 vision-tower shapes (about 88M parameters per model, Hugging
 Face names). Every case runs in its own subprocess so that its peak resident memory (``ru_maxrss``) is its own;
@@ -59,7 +59,9 @@ HPARAMS = {
     "task_arithmetic": {"scale": 0.3},
     "ties": {"density": 0.2, "scale": 0.3, "disjoint": "sum"},
     "dare": {"p": 0.5, "scale": 0.3},
+    "dare_ties": {"p": 0.5, "scale": 0.3, "base": "ties", "density": 0.2, "disjoint": "sum"},
 }
+REGISTRY = {"dare_ties": "dare"}  # bench case -> jaxmerge registry name
 
 
 def run_jaxmerge(method: str, tasks: int, engine: str = "jit") -> dict:
@@ -80,13 +82,13 @@ def run_jaxmerge(method: str, tasks: int, engine: str = "jit") -> dict:
   n_params = sum(int(np.prod(s)) for s in shapes.values())
   input_gb = (tasks + 1) * n_params * 4 / 1024**3
   base_rss = _rss_gb()
-  tx = jm.get_method(method)(**HPARAMS[method])
+  tx = jm.get_method(REGISTRY.get(method, method))(**HPARAMS[method])
   if engine == "stream":  # tensor by tensor (jaxmerge.stream), exact multi-pass plans for global methods
     from jaxmerge import stream
 
     def run():
       w = stream.DictWriter()
-      stream.merge_streaming(tx, pre, fts, w, method=(method, HPARAMS[method]), key=jax.random.key(1), prefetch=False)
+      stream.merge_streaming(tx, pre, fts, w, method=(REGISTRY.get(method, method), HPARAMS[method]), key=jax.random.key(1), prefetch=False)
       return w
   else:
     def run():
@@ -110,7 +112,7 @@ def run_fusion_bench(method: str, tasks: int) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import torch
-  from fusion_bench.method import DareTaskArithmetic, TaskArithmeticAlgorithm, TiesMergingAlgorithm
+  from fusion_bench.method import DareTaskArithmetic, DareTiesMerging, TaskArithmeticAlgorithm, TiesMergingAlgorithm
   from fusion_bench.modelpool import BaseModelPool
 
   shapes = clip_vit_b32_shapes()
@@ -137,6 +139,9 @@ def run_fusion_bench(method: str, tasks: int) -> dict:
     algo = TiesMergingAlgorithm(scaling_factor=hp["scale"], threshold=hp["density"], remove_keys=[], merge_func=hp["disjoint"])
   elif method == "task_arithmetic":
     algo = TaskArithmeticAlgorithm(scaling_factor=hp["scale"], inplace=False)
+  elif method == "dare_ties":
+    algo = DareTiesMerging(sparsity_ratio=hp["p"], only_on_linear_weights=False, rescale=True, scaling_factor=hp["scale"],
+                           threshold=hp["density"], remove_keys=[], merge_func=hp["disjoint"])
   else:
     algo = DareTaskArithmetic(scaling_factor=hp["scale"], sparsity_ratio=hp["p"], only_on_linear_weights=False)
   torch.manual_seed(0)
