@@ -224,6 +224,14 @@ def _compiled_flat(tx: MergeTransform, layout: Layout, per_task: bool, paths: tu
 _PARALLEL_FILL = 1 << 22  # entries: below this, one thread fills the flat buffers
 
 
+def _host_backed(leaves: Sequence[Any]) -> bool:
+  """Whether a merge of these leaves may gather them in host buffers for the CPU backend: every JAX array lives
+  on a CPU device, and NumPy inputs only when the CPU is the default backend."""
+  if any(isinstance(x, jax.Array) and any(d.platform != "cpu" for d in x.devices()) for x in leaves):
+    return False
+  return jax.default_backend() == "cpu" or all(isinstance(x, jax.Array) for x in leaves)
+
+
 def _host_flat(pre: dict, ft: Any, paths: tuple[str, ...]) -> tuple[jax.Array, jax.Array] | None:
   """On the CPU backend, the flat pretrained vector ``(N,)`` and task vectors ``(T, N)`` written straight into
   host buffers that the backend adopts without a copy: one subtraction per leaf and task at memory speed,
@@ -231,11 +239,7 @@ def _host_flat(pre: dict, ft: Any, paths: tuple[str, ...]) -> tuple[jax.Array, j
   backends, non-float32 leaves), where the XLA path is used."""
   models = ft if isinstance(ft, tuple) else None
   leaves = list(pre.values()) + ([x for m in models for x in m.values()] if models else list(ft.values()))
-  if any(x.dtype != jnp.float32 for x in leaves):
-    return None
-  if any(isinstance(x, jax.Array) and any(d.platform != "cpu" for d in x.devices()) for x in leaves):
-    return None
-  if jax.default_backend() != "cpu" and not all(isinstance(x, jax.Array) for x in leaves):
+  if any(x.dtype != jnp.float32 for x in leaves) or not _host_backed(leaves):
     return None
   sizes = [int(np.prod(pre[p].shape, dtype=np.int64)) for p in paths]
   offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -329,17 +333,14 @@ def _compiled_prefix(prefix: MergeTransform, layout: Layout, check_finite: bool)
   """One leaf's task vectors after the leafwise prefix: ``(pre, fts, key, leaf_id) -> ((T, n) float32, bad)``."""
 
   def run(pre, fts, key, pid):
-    with jtree.traced_leaf_ids({"leaf": pid}):
-      pre32, d = jtree.leaf_task_vectors(pre, fts)
-      tree = {"leaf": d}
-      d = prefix.apply(prefix.init(tree), tree, key=key, ctx=MergeContext(pretrained={"leaf": pre32}, layout=layout))
+    d = leaf_apply(prefix, layout, "leaf", pre, fts, None, key, pid)[1]
     bad = jnp.isnan(jtree.finite_probe((pre, *fts))) if check_finite else jnp.zeros((), bool)
-    return d["leaf"].reshape(d["leaf"].shape[0], -1), bad
+    return d.reshape(d.shape[0], -1), bad
 
   return jax.jit(run)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache
 def _jitted_concat() -> Callable[..., Any]:
   return jax.jit(lambda pre, ds: (jnp.concatenate([x.astype(jnp.float32).ravel() for x in pre]),
                                   jnp.concatenate(ds, axis=1)))
@@ -353,10 +354,8 @@ def _run_leaf_then_flat(prefix: MergeTransform, rest: MergeTransform, layout: La
   prog = _compiled_prefix(prefix, layout, check_finite)
   sizes = [int(np.prod(pre[p].shape, dtype=np.int64)) for p in paths]
   t, n = len(ft), int(sum(sizes))
-  cpu = all(isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.devices())
-            for x in [*pre.values(), *(m[p] for m in ft for p in paths)])
   bad = []
-  if cpu:
+  if _host_backed([*pre.values(), *(m[p] for m in ft for p in paths)]):
     pre_flat, deltas = aligned_empty((n,)), aligned_empty((t, n))
     pending, off = None, 0
 
@@ -381,7 +380,6 @@ def _run_leaf_then_flat(prefix: MergeTransform, rest: MergeTransform, layout: La
       ds.append(y)
       bad.append(b)
     pre32, flat = _jitted_concat()(tuple(pre[p] for p in paths), tuple(ds))
-    del ds
   y = _flat_program(rest, layout, per_task)(pre32, flat, None, None, pre[paths[0]].dtype)
   return y, jnp.stack(bad)
 
@@ -447,10 +445,10 @@ def _assemble(pretrained: Params, merged: dict, passthrough: dict, per_task: boo
   return jtree.unflatten_paths(pretrained, {**merged, **passthrough})
 
 
-def merge_leaf(tx: MergeTransform, layout: Layout, per_task: bool, path: str, pre: jax.Array,
-               fts: Sequence[jax.Array], coeffs: Any, key: Any, pid: Any) -> jax.Array:
-  """One leaf's merge inside a leaf program (the jit engine's per-leaf path and every streaming pass): its task
-  vectors, the transform on ``{path: (T, ...)}``, plus the pretrained leaf; float32.
+def leaf_apply(tx: MergeTransform, layout: Layout, path: str, pre: jax.Array, fts: Sequence[jax.Array],
+               coeffs: Any, key: Any, pid: Any) -> tuple[jax.Array, jax.Array]:
+  """Inside a leaf program: the float32 pretrained leaf and ``tx`` applied to the leaf's ``(T, ...)`` task vectors
+  (``coeffs=None``: ``tx.init``). Shared by every leaf program of both engines.
 
   ``pid`` is the leaf's id (:func:`jaxmerge.tree.leaf_id` of ``path``), usually a traced argument: the leaf's
   random key then folds it in as a value (:func:`jaxmerge.tree.traced_leaf_ids`), so a ``by_shape`` transform's
@@ -459,7 +457,13 @@ def merge_leaf(tx: MergeTransform, layout: Layout, per_task: bool, path: str, pr
     pre32, d = jtree.leaf_task_vectors(pre, fts)
     tree = {path: d}
     c = tx.init(tree) if coeffs is None else coeffs
-    out = tx.apply(c, tree, key=key, ctx=MergeContext(pretrained={path: pre32}, layout=layout))[path]
+    return pre32, tx.apply(c, tree, key=key, ctx=MergeContext(pretrained={path: pre32}, layout=layout))[path]
+
+
+def merge_leaf(tx: MergeTransform, layout: Layout, per_task: bool, path: str, pre: jax.Array,
+               fts: Sequence[jax.Array], coeffs: Any, key: Any, pid: Any) -> jax.Array:
+  """One leaf's merge inside a leaf program: :func:`leaf_apply` plus the pretrained leaf; float32."""
+  pre32, out = leaf_apply(tx, layout, path, pre, fts, coeffs, key, pid)
   return (pre32[None] if per_task else pre32) + out
 
 

@@ -54,10 +54,10 @@ import numpy as np
 
 from jaxmerge import filters as jfilters
 from jaxmerge import tree as jtree
-from jaxmerge.base import REDUCE, MergeContext, MergeTransform
+from jaxmerge.base import REDUCE, MergeTransform
 from jaxmerge.io import llm
 from jaxmerge.io.safetensors_io import TensorReader
-from jaxmerge.merge import merge_leaf
+from jaxmerge.merge import leaf_apply, merge_leaf
 from jaxmerge.stats_stream import KthSmallest, high_histogram, low_histogram
 
 __all__ = ["DictReader", "DictWriter", "StreamResult", "merge_leafwise", "merge_streaming", "streamable_methods",
@@ -606,16 +606,13 @@ def _thresholds(inp: _Inputs, comp: _Compiler, values: Callable[[str], Callable[
 
 def _prefixed(prefix: MergeTransform | None, path: str, pre, fts, key, pid, layout) -> tuple[jax.Array, list]:
   """Float32 pretrained leaf and each task's vector after the leafwise steps that precede the global one, as
-  ``T`` separate arrays: elementwise expressions of each model's tensor that XLA fuses into every pass, instead
-  of a stored ``(T, ...)`` stack (2-3x slower on CPU for a large tensor)."""
-  pre32 = pre.astype(jnp.float32)
+  ``T`` separate arrays: without a prefix, elementwise expressions of each model's tensor that XLA fuses into
+  every pass, instead of a stored ``(T, ...)`` stack (2-3x slower on CPU for a large tensor)."""
   if prefix is None:
+    pre32 = pre.astype(jnp.float32)
     return pre32, [m.astype(jnp.float32) - pre32 for m in fts]
-  _, d = jtree.leaf_task_vectors(pre, fts)
-  with jtree.traced_leaf_ids({path: pid}):
-    tree = {path: d}
-    k = jax.random.fold_in(key, 0) if prefix.needs_key else None
-    d = prefix.apply(prefix.init(tree), tree, key=k, ctx=MergeContext(pretrained={path: pre32}, layout=layout))[path]
+  k = jax.random.fold_in(key, 0) if prefix.needs_key else None  # the prefix is step 0 of the method's chain
+  pre32, d = leaf_apply(prefix, layout, path, pre, fts, None, k, pid)
   return pre32, [d[i] for i in range(d.shape[0])]
 
 
@@ -623,7 +620,7 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
                scale: float) -> Callable[..., None]:
   """Exact streaming of ``chain(prefix, ties_merge(...), scale(scale))`` (global TIES and the DARE / Consensus
   variants built on it)."""
-  from jaxmerge.reductions._mean import _disjoint_rows  # noqa: PLC0415 (the same disjoint rule as in memory)
+  from jaxmerge.reductions._mean import _disjoint_rows, _elect  # noqa: PLC0415 (the same rules as in memory)
 
   def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
     n = inp.total()
@@ -661,10 +658,7 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
         pre32, rows = trimmed(path, pre, fts, key, pid, thr)
         tot = functools.reduce(jnp.add, rows)
         sg = jnp.sign(tot)
-        if zero_sign == "positive":
-          s = jnp.where(tot >= 0, 1.0, -1.0).astype(tot.dtype)
-        else:
-          s = jnp.where(sg == 0, maj.astype(sg.dtype), sg)
+        s = _elect(tot, zero_sign, maj.astype(tot.dtype))
         out = _disjoint_rows(rows, s, disjoint) * jnp.asarray(scale, jnp.float32)
         flags = _finite_flags(pre, fts) if check_finite else _no_flags()
         ambiguous = jnp.any((sg == 0) & functools.reduce(jnp.logical_or, [r != 0 for r in rows]))

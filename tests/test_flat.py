@@ -85,13 +85,16 @@ def test_mixed_dtypes_fall_back_to_leafwise_program():
   assert out["b"].dtype == jnp.bfloat16 and out["a"].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("hp", [{"base": "ties"}, {"base": "ties", "p": 0.3, "rescale": False, "disjoint": "mean"}])
-def test_leafwise_prefix_then_flat_steps_equal_the_whole_model_program(hp, monkeypatch):
-  """DARE on global TIES: the drop runs leaf by leaf (one program per leaf shape), TIES on the flat view; the
-  result equals the one whole-model program bit for bit (same random draws), and NaN is still named."""
-  tx = jm.get_method("dare")(**hp)
+@pytest.mark.parametrize("name,hp", [("dare", {"base": "ties"}),
+                                     ("dare", {"base": "ties", "p": 0.3, "rescale": False, "disjoint": "mean"}),
+                                     ("consensus", {"base": "ties", "k": 1})])
+def test_leafwise_prefix_then_flat_steps_equal_the_whole_model_program(name, hp, monkeypatch):
+  """DARE (or Consensus) on global TIES: the drop (mask) runs leaf by leaf, one program per leaf shape, TIES on
+  the flat view; the result equals the one whole-model program bit for bit (same random draws), and NaN is
+  still named."""
+  tx = jm.get_method(name)(**hp)
   prefix, rest = M._leaf_then_flat(tx)
-  assert prefix.needs_key and not rest.needs_key and rest.flat
+  assert prefix.needs_key == (name == "dare") and not rest.needs_key and rest.flat
   assert M._leaf_then_flat(jm.get_method("ties")()) is None  # wholly flat: the flat path
   assert M._leaf_then_flat(jm.get_method("dare")()) is None  # wholly leafwise: leaf by leaf
   pre, fts = _models(t=4, seed=2)

@@ -175,11 +175,7 @@ def ties_merge(
       return [jnp.where(jnp.abs(x[i]) >= v[i], x[i], 0) for i in range(x.shape[0])]
 
     def elect(r, majority=None):
-      total = functools.reduce(jnp.add, r)
-      if zero_sign == "positive":
-        return jnp.where(total >= 0, 1.0, -1.0).astype(total.dtype)
-      s = jnp.sign(total)
-      return s if majority is None else jnp.where(s == 0, majority, s)
+      return _elect(functools.reduce(jnp.add, r), zero_sign, majority)
 
     # Two passes read the task vectors: the first elects signs for the majority sign (a whole-model scalar),
     # the second trims and elects again, then merges: rereading the task vectors costs what reading a stored
@@ -195,6 +191,16 @@ def ties_merge(
     return jax.tree.map(merge_leaf, tree)
 
   return MergeTransform(_empty, apply, REDUCE, leafwise=False, flat=True)
+
+
+def _elect(total: jax.Array, zero_sign: str, majority: jax.Array | None = None) -> jax.Array:
+  """TIES's elected sign of one leaf from the sum of its (trimmed) task vectors: ``sgn(total)``, where zero sums
+  take ``majority`` (``zero_sign="majority"``; left at 0 when ``majority`` is ``None``), or ``+1`` unless the sum
+  is negative (``"positive"``, mergekit)."""
+  if zero_sign == "positive":
+    return jnp.where(total >= 0, 1.0, -1.0).astype(total.dtype)
+  s = jnp.sign(total)
+  return s if majority is None else jnp.where(s == 0, majority, s)
 
 
 def _with_majority(s: jax.Array) -> jax.Array:
@@ -244,7 +250,7 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sig
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
     if zero_sign == "positive":
-      return jax.tree.map(lambda x: leaf(x, jnp.where(task_sum(x) >= 0, 1.0, -1.0).astype(x.dtype)), tree)
+      return jax.tree.map(lambda x: leaf(x, _elect(task_sum(x), zero_sign)), tree)
     if sign_scope == "leaf":
       return jax.tree.map(lambda x: leaf(x, _with_majority(jnp.sign(task_sum(x)))), tree)
     if not jax.tree.leaves(tree):

@@ -109,7 +109,8 @@ def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, stric
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK)
+  # Elementwise over each leaf, no path, key or layout: one program per leaf shape in the leaf-by-leaf engines.
+  return MergeTransform(_empty, apply, TASK, path_free=True)
 
 
 def _emr_parts(tree):
