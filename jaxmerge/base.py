@@ -83,6 +83,9 @@ class MergeTransform(NamedTuple):
     steps: a chain's steps (:func:`jaxmerge.chain`), ``()`` otherwise. :func:`jaxmerge.merge` runs a chain of
       leafwise by-shape steps followed by ``flat`` ones (DARE on TIES) as per-leaf programs, then one program on
       the ``(T, N)`` view.
+    kernel: a hashable description of the step for :mod:`jaxmerge.native` (``("ties", density, merge_func, count,
+      zero_sign)``, ``("scale", value)``), ``()`` otherwise: :func:`jaxmerge.merge` runs a chain it recognizes as
+      one native CPU call (same results).
   """
 
   init: Callable[[Stacked], Coeffs]
@@ -93,6 +96,7 @@ class MergeTransform(NamedTuple):
   flat: bool = False
   path_free: bool = False
   steps: tuple = ()
+  kernel: tuple = ()
 
   @property
   def by_shape(self) -> bool:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import filters as jfilters
+from jaxmerge import native
 from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, MergeContext, MergeTransform
 from jaxmerge.io.safetensors_io import aligned_empty
@@ -405,6 +406,10 @@ def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params,
     if check_finite and bool(jnp.any(jnp.stack([bad for _, bad in res.values()]))):
       _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)  # names the model and leaf
     return {p: y for p, (y, _) in res.items()}, passthrough
+  if coeffs is None and not per_task:
+    merged = _run_native(tx, pre, ft, names, check_finite)
+    if merged is not None:
+      return merged, passthrough
   split = _leaf_then_flat(tx) if coeffs is None and len(pre) > 1 and isinstance(ft, tuple) else None
   if split is not None and _flat_dtype(pre, ft) is not None:
     y, bad = _run_leaf_then_flat(*split, layout, per_task, pre, ft, key, check_finite)
@@ -420,6 +425,31 @@ def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params,
   if check_finite:
     _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)
   return _compiled(tx, layout, per_task)(pre, ft, coeffs, key), passthrough
+
+
+def _run_native(tx: MergeTransform, pre: dict, ft: Any, names: Sequence[str] | None,
+                check_finite: bool) -> dict | None:
+  """Global TIES as one call of the native CPU kernel (:mod:`jaxmerge.native`): the same result as the XLA
+  programs, without the flat copy of the task vectors. ``None`` when the transform, the leaves (float32, each on
+  one CPU device or in NumPy) or the machine (no C compiler, ``JAXMERGE_NATIVE=0``) do not allow it."""
+  spec = native.ties_spec(tx)
+  if spec is None or not pre:
+    return None
+  paths = tuple(pre)
+  stacked = not isinstance(ft, tuple)
+  models = (ft,) if stacked else ft
+  leaves = [*pre.values(), *(m[p] for m in models for p in paths)]
+  if any(x.dtype != jnp.float32 for x in leaves) or not _host_backed(leaves):
+    return None
+  if any(isinstance(x, jax.Array) and len(x.devices()) != 1 for x in leaves) or not native.available():
+    return None
+  density, merge_func, count, zero_sign, scale = spec
+  fts = [ft[p] for p in paths] if stacked else [[m[p] for p in paths] for m in ft]
+  out, _, bad = native.ties([pre[p] for p in paths], fts, density=density, scale=scale, merge_func=merge_func,
+                            count=count, zero_sign=zero_sign, stacked=stacked)
+  if check_finite and bool(jnp.any(bad)):
+    _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)  # names the model and leaf
+  return dict(zip(paths, out))
 
 
 def _check_tx(tx: MergeTransform, key: PRNGKey | None, per_task: bool) -> None:

@@ -162,7 +162,7 @@ def ties_merge(
     # equal-shape leaves share one compiled kernel (see jaxmerge.tree.concat_tasks).
     thr = thr2 = None
     if density < 1:
-      thr = task_thresholds([concat_tasks(tree)], density, count)
+      thr = task_thresholds([concat_tasks(tree)], density, count, use_native=True)
       # A second copy of the thresholds: a distinct value, so XLA does not merge the two passes' trims into
       # one stored (T, ...) trimmed stack (see below).
       thr2 = fence(jnp.stack([thr, thr]))[1]
@@ -190,7 +190,8 @@ def ties_merge(
 
     return jax.tree.map(merge_leaf, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=False, flat=True)
+  return MergeTransform(_empty, apply, REDUCE, leafwise=False, flat=True,
+                        kernel=("ties", float(density), merge_func, count, zero_sign))
 
 
 def _elect(total: jax.Array, zero_sign: str, majority: jax.Array | None = None) -> jax.Array:

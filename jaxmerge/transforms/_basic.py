@@ -58,7 +58,7 @@ def scale(value: float = 1.0) -> MergeTransform:
     del key, ctx
     return jax.tree.map(lambda x: x * coeffs.scale.astype(x.dtype), tree)
 
-  return MergeTransform(init, apply, ANY, flat=True)
+  return MergeTransform(init, apply, ANY, flat=True, kernel=("scale", float(value)))
 
 
 def scale_tasks(values: float | Sequence[float] = 1.0, *, per_leaf: bool = False) -> MergeTransform:

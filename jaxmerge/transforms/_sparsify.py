@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import filters as jfilters
+from jaxmerge import native
 from jaxmerge import stats
 from jaxmerge import tree as jtree
 from jaxmerge.base import TASK, EmptyCoeffs, MergeTransform, context_of, require_key
@@ -29,12 +30,31 @@ def _check_fraction(name: str, value: float, low_open: bool = False) -> None:
     raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
 
 
-def task_thresholds(leaves: list[jax.Array], density: float, count: str = "reference") -> jax.Array:
+def task_thresholds(leaves: list[jax.Array], density: float, count: str = "reference",
+                    use_native: bool = False) -> jax.Array:
   """Per-task magnitude thresholds ``(T,)`` keeping the top ``density`` of each task over all ``leaves``.
 
   ``count="reference"`` is FusionBench's rule (keep ``>=`` the ``(N - int(N d))``-th smallest, i.e.
   ``int(N d) + 1`` entries without ties); ``"exact"`` keeps ``max(1, int(N d))`` entries (mergekit).
+
+  ``use_native=True`` computes them on the CPU with one call of :mod:`jaxmerge.native` (same values). Only for
+  leaves that are program inputs or exactly rounded expressions of them (``ft - pre``): the custom call needs
+  its operand stored, and XLA may fuse an expression such as ``x - c * y`` into an FMA in one place and not in
+  another, so the thresholds and the masks compared against them would see different roundings.
   """
+  if count not in ("reference", "exact"):
+    raise ValueError(f"count must be 'reference' or 'exact', got {count!r}")
+  n = sum(int(x[0].size) for x in leaves)
+  k = n - int(n * density) if count == "reference" else n - max(1, int(density * n)) + 1
+  if use_native and 0 < k <= n and native.available():
+    # On the CPU, one native call for every task (jaxmerge.native); the XLA radix select elsewhere.
+    return jax.lax.platform_dependent(
+        cpu=lambda: native.ties_thresholds(leaves, k),
+        default=lambda: _xla_thresholds(leaves, density, count))
+  return _xla_thresholds(leaves, density, count)
+
+
+def _xla_thresholds(leaves: list[jax.Array], density: float, count: str) -> jax.Array:
   t = leaves[0].shape[0]
   if count == "reference":
     select = lambda mags: stats.top_fraction_threshold(mags, density)  # noqa: E731
@@ -90,11 +110,11 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
     if scope == "global":
       if not jax.tree.leaves(tree):
         return tree
-      thr = task_thresholds([jtree.concat_tasks(tree)], density, count)
+      thr = task_thresholds([jtree.concat_tasks(tree)], density, count, use_native=True)
       return jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= _bcast(thr, x), x, 0), tree)
 
     def leaf(x):
-      thr = task_thresholds([x], density, count)
+      thr = task_thresholds([x], density, count, use_native=True)
       return jnp.where(jnp.abs(x) >= _bcast(thr, x), x, 0)
 
     return jax.tree.map(leaf, tree)

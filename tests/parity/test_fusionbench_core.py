@@ -107,19 +107,32 @@ def test_model_stock(num_tasks):
 # --------------------------------------------------------------------------------------------------- TIES
 
 
+@pytest.fixture(params=["native", "xla"])
+def engine(request, monkeypatch):
+  """Global TIES runs as one native CPU call where a C compiler exists (jaxmerge.native), else as XLA programs:
+  both are checked against FusionBench."""
+  from jaxmerge import native
+
+  if request.param == "xla":
+    monkeypatch.setenv("JAXMERGE_NATIVE", "0")
+  elif not native.available():
+    pytest.skip("no C compiler: the native kernel is unavailable")
+  return request.param
+
+
 @pytest.mark.parametrize(
     "num_tasks,density,scale,disjoint",
     [(3, 0.2, 0.3, "sum"), (2, 0.5, 1.0, "mean"), (5, 0.1, 0.5, "max")],
 )
-def test_ties_global(num_tasks, density, scale, disjoint):
+def test_ties_global(engine, num_tasks, density, scale, disjoint):
   pre, fts = models(num_tasks)
   algo = TiesMergingAlgorithm(scaling_factor=scale, threshold=density, remove_keys=[], merge_func=disjoint)
   fb = _out(algo.run(_pool(pre, fts)))
   out = _merge("ties", pre, fts, density=density, scale=scale, disjoint=disjoint)
-  assert_close(out, fb, pre, what=f"ties {disjoint}")
+  assert_close(out, fb, pre, what=f"ties {disjoint} ({engine})")
 
 
-def test_zero_sign_rules_hand_built():
+def test_zero_sign_rules_hand_built(engine):
   """Exact zero sign sums: FusionBench's TIES elects the global majority sign there (here +, then -), its EMR
   elects -1. Compared with ``ties_merging`` / ``emr_merge`` on a hand-built pair of task vectors."""
   from fusion_bench.method.ties_merging.ties_merging_utils import ties_merging

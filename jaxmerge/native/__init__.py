@@ -1,0 +1,313 @@
+"""Native CPU kernels, called from XLA programs through the XLA FFI.
+
+XLA:CPU runs TIES's exact per-task threshold (two radix-histogram passes, a scatter per entry) near 4-5 ns per
+entry on one core, and jaxmerge's whole-model programs need one concatenated ``(T, N)`` copy of the task vectors.
+:func:`ties` instead runs the whole global TIES merge in one call of a small C kernel (``kernels.c``) that reads
+each model's leaves where they lie, on every core: the same float32 arithmetic as the XLA programs, the same
+exact threshold, and no copy of the task vectors.
+
+The kernel is compiled on first use with the machine's C compiler (``$CC``, else ``cc``/``gcc``/``clang``) against
+the XLA FFI headers that ship with jaxlib, and cached under ``$JAXMERGE_CACHE/native`` (default
+``~/.cache/jaxmerge/native``), keyed by the source, jaxlib's version and the compiler. Without a compiler, or with
+``JAXMERGE_NATIVE=0``, :func:`available` is ``False`` and :func:`jaxmerge.merge` keeps its XLA programs (the
+same results, slower on CPU). Only the CPU platform is served; accelerators always use the XLA programs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["available", "build", "threshold_rank", "ties", "ties_spec", "ties_thresholds", "ties_xla"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+_TARGET = "jaxmerge_ties"
+_MERGE = {"sum": 0, "mean": 1, "max": 2}
+_ZERO_SIGN = {"majority": 0, "positive": 1}
+_MAX_TASKS = 1024
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _cache_dir() -> Path:
+  root = os.environ.get("JAXMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxmerge")
+  return Path(os.path.expanduser(root)) / "native"
+
+
+def _compiler() -> str | None:
+  cc = os.environ.get("CC")
+  if cc:
+    return cc
+  for name in ("cc", "gcc", "clang"):
+    path = shutil.which(name)
+    if path:
+      return path
+  return None
+
+
+def build(force: bool = False) -> Path:
+  """Compiles ``kernels.c`` into a shared library (or finds it in the cache) and returns its path.
+
+  The library is written to a temporary file and renamed into place, so concurrent processes never load a
+  partial one.
+
+  Args:
+    force: rebuild even when a cached library exists.
+
+  Returns:
+    The path of the shared library.
+
+  Raises:
+    RuntimeError: no C compiler, or the compilation failed (with the compiler's output).
+  """
+  cc = _compiler()
+  if cc is None:
+    raise RuntimeError("no C compiler found (set $CC, or install cc/gcc/clang)")
+  import jaxlib  # noqa: PLC0415
+
+  source = _SOURCE.read_bytes()
+  key = hashlib.sha256(source + jaxlib.__version__.encode() + cc.encode()).hexdigest()[:16]
+  out = _cache_dir() / f"jaxmerge_kernels_{key}.so"
+  if out.exists() and not force:
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  os.close(fd)
+  cmd = [cc, "-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-lm",
+         f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+  try:
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+      raise RuntimeError(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{res.stderr.strip()}")
+    os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the new one, never a partial one
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return out
+
+
+def available() -> bool:
+  """Whether the native CPU kernels are built and registered with XLA.
+
+  The first call builds (or loads from the cache) and registers them; when that fails (no C compiler), the
+  reason is logged once as a warning and the XLA programs are used.
+
+  Returns:
+    ``False`` when ``JAXMERGE_NATIVE=0`` or the kernels could not be built, else ``True``.
+  """
+  if os.environ.get("JAXMERGE_NATIVE", "1").lower() in ("0", "false", "off", "no"):
+    return False
+  with _lock:
+    if "ok" not in _state:
+      try:
+        lib = ctypes.CDLL(str(build()))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.jaxmerge_ties), platform="cpu")
+        host = lib.jaxmerge_ties_host
+        host.restype = ctypes.c_int
+        host.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+        _state["host"] = host
+        _state["lib"] = lib  # keeps the library loaded
+        _state["ok"] = True
+      except (OSError, RuntimeError, AttributeError) as e:
+        log.warning("jaxmerge native CPU kernels unavailable, using the XLA programs: %s", e)
+        _state["ok"] = False
+    return bool(_state["ok"])
+
+
+def ties_spec(tx: Any) -> tuple[float, str, str, str, float] | None:
+  """Recognizes global TIES: :func:`jaxmerge.reductions.ties_merge`, optionally followed by one
+  :func:`jaxmerge.transforms.scale` (``jm.get_method("ties")()`` with ``scope="global"``).
+
+  Args:
+    tx: a merge transform.
+
+  Returns:
+    ``(density, merge_func, count, zero_sign, scale)`` for global TIES, else ``None``.
+  """
+  kernels = [s.kernel for s in (tx.steps or (tx,))]
+  if not kernels or kernels[0][:1] != ("ties",) or len(kernels) > 2:
+    return None
+  scale = 1.0
+  if len(kernels) == 2:
+    if kernels[1][:1] != ("scale",):
+      return None
+    scale = kernels[1][1]
+  _, density, merge_func, count, zero_sign = kernels[0]
+  return density, merge_func, count, zero_sign, scale
+
+
+def _threads() -> int:
+  try:
+    return max(1, min(64, len(os.sched_getaffinity(0))))
+  except AttributeError:  # not Linux
+    return max(1, min(64, os.cpu_count() or 1))
+
+
+def threshold_rank(n: int, density: float, count: str = "reference") -> int:
+  """The rank of TIES's magnitude threshold (the rules of :func:`jaxmerge.transforms.task_thresholds`).
+
+  Args:
+    n: entries per task.
+    density: fraction kept.
+    count: ``"reference"`` (FusionBench) or ``"exact"`` (mergekit).
+
+  Returns:
+    ``k`` (1-indexed, ascending): the threshold is the ``k``-th smallest magnitude; ``0`` keeps everything
+    (``density >= 1``).
+  """
+  if density >= 1:
+    return 0
+  if count == "reference":
+    return max(0, n - int(n * density))
+  if count == "exact":
+    return n - max(1, int(density * n)) + 1
+  raise ValueError(f"count must be 'reference' or 'exact', got {count!r}")
+
+
+def _call(scale: jax.Array | None, args: list[jax.Array], out_shapes: Sequence[tuple[int, ...]], *, tasks: int,
+          has_pre: bool, stacked: bool, k: int, merge: int, zero_sign: int) -> Any:
+  outs = [jax.ShapeDtypeStruct((tasks,), jnp.float32), jax.ShapeDtypeStruct((tasks + 1,), jnp.int32)]
+  outs += [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes]
+  operands = ([scale] if scale is not None else []) + args
+  return jax.ffi.ffi_call(_TARGET, outs, vmap_method="sequential")(
+      *operands, tasks=np.int64(tasks), has_pre=np.int64(has_pre), stacked=np.int64(stacked), k=np.int64(k),
+      merge=np.int64(merge), zero_sign=np.int64(zero_sign), threads=np.int64(_threads()))
+
+
+def _check(tasks: int) -> None:
+  if not 1 <= tasks <= _MAX_TASKS:
+    raise ValueError(f"the native TIES kernel takes 1..{_MAX_TASKS} task vectors, got {tasks}")
+
+
+def _host_view(x: Any) -> np.ndarray:
+  """A C-contiguous float32 NumPy view of a NumPy array or a CPU-resident JAX array (no copy for either)."""
+  return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+
+
+def _pointers(arrays: Sequence[np.ndarray]) -> Any:
+  return (ctypes.c_void_p * max(1, len(arrays)))(*[a.ctypes.data for a in arrays])
+
+
+def ties(pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[Any], *, density: float,
+         scale: float, merge_func: str = "sum", count: str = "reference", zero_sign: str = "majority",
+         stacked: bool = False) -> tuple[list[jax.Array], np.ndarray, np.ndarray]:
+  """Global TIES on the CPU in one native call, ``pre + scale * disjoint_merge(trim(ft - pre))``, reading the
+  leaves where they lie (NumPy arrays, or JAX arrays on a CPU device: no copy of the inputs).
+
+  Args:
+    pre: the pretrained leaves (float32).
+    fts: the fine-tuned models, each a sequence of leaves in ``pre``'s order; or, with ``stacked=True``, one
+      ``(T, *shape)`` leaf per pretrained leaf.
+    density, merge_func, count, zero_sign: as :func:`jaxmerge.reductions.ties_merge`.
+    scale: the factor applied to the merged task vector.
+    stacked: the layout of ``fts``.
+
+  Returns:
+    ``(merged leaves as CPU JAX arrays, thresholds (T,), non-finite flags (T + 1,))``: a flag marks a model (the
+    pretrained one last) holding NaN/Inf, in which case the merged values are meaningless.
+  """
+  if not available():
+    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
+  from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
+
+  tasks = int(np.shape(fts[0])[0]) if stacked else len(fts)
+  _check(tasks)
+  pre_np = [_host_view(x) for x in pre]
+  if stacked:
+    rows_np = [_host_view(x) for x in fts]
+    lens = [x.size for x in pre_np]
+    row_ptrs = [r.ctypes.data + 4 * t * n for r, n in zip(rows_np, lens) for t in range(tasks)]
+  else:
+    rows_np = [_host_view(m[i]) for i in range(len(pre_np)) for m in fts]
+    row_ptrs = [r.ctypes.data for r in rows_np]
+  outs = [aligned_empty(x.shape) for x in pre_np]
+  n = sum(x.size for x in pre_np)
+  thr = np.zeros((tasks,), np.float32)
+  bad = np.zeros((tasks + 1,), np.int32)
+  rc = _state["host"](
+      len(pre_np), tasks, _pointers(pre_np), (ctypes.c_void_p * max(1, len(row_ptrs)))(*row_ptrs),
+      _pointers(outs), (ctypes.c_int64 * max(1, len(pre_np)))(*[x.size for x in pre_np]),
+      threshold_rank(n, density, count), _ZERO_SIGN[zero_sign], _MERGE[merge_func], _threads(), float(scale),
+      thr.ctypes.data, bad.ctypes.data)
+  if rc != 0:
+    raise MemoryError("jaxmerge native TIES: out of memory")
+  device = jax.devices("cpu")[0]
+  return [jax.device_put(o, device) for o in outs], thr, bad
+
+
+@functools.lru_cache(maxsize=64)
+def _ties_program(tasks: int, stacked: bool, k: int, merge: int, zero_sign: int) -> Any:
+  def run(scale, pre, fts):
+    args = []
+    for i, x in enumerate(pre):
+      args.append(x)
+      args.extend([fts[i]] if stacked else [m[i] for m in fts])
+    out = _call(scale.reshape(1), args, [x.shape for x in pre], tasks=tasks, has_pre=True, stacked=stacked, k=k,
+                merge=merge, zero_sign=zero_sign)
+    return out[0], out[1], tuple(out[2:])
+
+  return jax.jit(run)
+
+
+def ties_xla(pre: Sequence[jax.Array], fts: Sequence[Sequence[jax.Array]] | Sequence[jax.Array], *,
+             density: float, scale: float | jax.Array, merge_func: str = "sum", count: str = "reference",
+             zero_sign: str = "majority", stacked: bool = False) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+  """:func:`ties` as an XLA operation (an FFI custom call on the CPU platform), usable inside ``jax.jit``.
+
+  Args:
+    pre: the pretrained leaves (float32 JAX arrays or tracers on the CPU).
+    fts: the fine-tuned models (or stacked leaves with ``stacked=True``), as in :func:`ties`.
+    density, merge_func, count, zero_sign: as :func:`jaxmerge.reductions.ties_merge`.
+    scale: the factor applied to the merged task vector (may be traced).
+    stacked: the layout of ``fts``.
+
+  Returns:
+    ``(merged leaves, thresholds (T,), non-finite flags (T + 1,))`` as JAX arrays.
+  """
+  if not available():
+    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
+  tasks = int(fts[0].shape[0]) if stacked else len(fts)
+  _check(tasks)
+  n = sum(int(np.prod(x.shape, dtype=np.int64)) for x in pre)
+  run = _ties_program(tasks, stacked, threshold_rank(n, density, count), _MERGE[merge_func], _ZERO_SIGN[zero_sign])
+  thr, bad, out = run(jnp.asarray(scale, jnp.float32), tuple(pre), tuple(fts) if stacked else
+                      tuple(tuple(m) for m in fts))
+  return list(out), thr, bad
+
+
+def ties_thresholds(leaves: Sequence[jax.Array], k: int) -> jax.Array:
+  """Per-task ``k``-th smallest magnitude over ``(T, ...)`` leaves as one XLA custom call (CPU only; callers
+  choose it with :func:`jax.lax.platform_dependent`). Carries no gradient.
+
+  Args:
+    leaves: arrays with a leading task axis (any float dtype; compared in float32).
+    k: the rank, ``1..N`` with ``N`` the entries per task.
+
+  Returns:
+    The ``(T,)`` float32 thresholds.
+  """
+  tasks = int(leaves[0].shape[0])
+  _check(tasks)
+  # Thresholds carry no gradient (the XLA radix select's bit manipulations have none either).
+  leaves = [jax.lax.stop_gradient(x.astype(jnp.float32)) for x in leaves]
+  out = _call(None, leaves, [], tasks=tasks, has_pre=False, stacked=True, k=k,
+              merge=-1, zero_sign=0)
+  return out[0]

@@ -1,0 +1,234 @@
+"""The native CPU kernel (jaxmerge.native): global TIES in one C call, and TIES's thresholds as an XLA custom call.
+
+Every result is compared with jaxmerge's XLA programs (``JAXMERGE_NATIVE=0``), which the parity suite checks
+against FusionBench: bit for bit, over the hyperparameter grid, both input layouts, one to several tasks, ties
+in the magnitudes, exact cancellations under a negative majority sign (the kernel's fix-up), NaN input and the
+fallbacks (no compiler, switched off).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmerge as jm
+from jaxmerge import native
+from jaxmerge.transforms import _sparsify
+from tests.clip_shapes import make_models
+
+needs_native = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
+
+
+def _xla(monkeypatch, fn):
+  """``fn()`` with the native kernels switched off (jaxmerge's XLA programs)."""
+  with monkeypatch.context() as m:
+    m.setenv("JAXMERGE_NATIVE", "0")
+    assert not native.available()
+    return fn()
+
+
+def _quantized(num_tasks, seed=0):
+  """Tiny-CLIP models whose task vectors sit on a grid of 1/64: many tied magnitudes and exact cancellations."""
+  pre, fts = make_models(num_tasks, seed=seed)
+  q = [{k: (pre[k] + np.round((v - pre[k]) * 64) / 64).astype(np.float32) for k, v in f.items()} for f in fts]
+  return pre, q
+
+
+def _equal(a, b, what, pre=None):
+  """Equal leaves; with ``pre``, equal up to the rounding of the last multiply-add ``pre + scale * merged``,
+  which XLA:CPU fuses into one FMA in some programs and not in others (the kernel always fuses where the CPU
+  can): within 2 float32 ulps of ``|pre| + |result|``."""
+  assert set(a) == set(b), what
+  for k in a:
+    x, y = np.asarray(a[k]), np.asarray(b[k])
+    assert x.shape == y.shape and x.dtype == y.dtype, (what, k)
+    if pre is None:
+      np.testing.assert_array_equal(x, y, err_msg=f"{what}: leaf {k}")
+    else:
+      bound = 2 * np.finfo(np.float32).eps * (np.abs(np.asarray(pre[k], np.float32)) + np.abs(y))
+      worst = np.max(np.abs(x.astype(np.float64) - y) - bound)
+      assert worst <= 0, f"{what}: leaf {k} differs beyond the last rounding ({worst:.3g})"
+
+
+@needs_native
+def test_builds_and_registers():
+  assert native.available()
+  path = native.build()
+  assert path.exists() and path.suffix == ".so"
+  assert native.build() == path  # cached: same file, not rebuilt
+
+
+@needs_native
+@pytest.mark.parametrize("num_tasks", [1, 3])
+@pytest.mark.parametrize(
+    "hp",
+    [
+        {},
+        {"density": 0.5, "scale": 1.0, "disjoint": "mean"},
+        {"density": 0.1, "scale": 0.5, "disjoint": "max"},
+        {"density": 0.3, "count": "exact", "zero_sign": "positive", "disjoint": "mean"},
+        {"density": 1.0},
+        {"density": 0.0, "scale": 2.0},
+    ],
+)
+def test_merge_equals_xla_programs(monkeypatch, num_tasks, hp):
+  pre, fts = _quantized(num_tasks)
+  tx = jm.get_method("ties")(**hp)
+  assert native.ties_spec(tx) is not None
+  want = _xla(monkeypatch, lambda: jm.merge(tx, pre, fts))
+  _equal(jm.merge(tx, pre, fts), want, f"ties {hp} T={num_tasks}", pre)
+  # JAX arrays on the CPU and a stacked (T, ...) layout take the same kernel.
+  stacked = jm.tree.stack(fts)
+  jpre = jax.tree.map(jnp.asarray, pre)
+  _equal(jm.merge(tx, jpre, stacked), want, f"ties {hp} stacked", pre)
+
+
+@needs_native
+def test_thresholds_and_xla_op_equal_the_host_call(monkeypatch):
+  pre, fts = _quantized(4, seed=1)
+  keys = sorted(pre)
+  p = [pre[k] for k in keys]
+  m = [[f[k] for k in keys] for f in fts]
+  out, thr, bad = native.ties(p, m, density=0.2, scale=0.3)
+  assert not bad.any()
+  # The exact thresholds: a sort of each task's magnitudes.
+  n = sum(x.size for x in p)
+  k = native.threshold_rank(n, 0.2)
+  for t in range(4):
+    mags = np.sort(np.concatenate([np.abs(f - q).ravel() for f, q in zip(m[t], p)]))
+    assert thr[t] == mags[k - 1]
+  # The same kernel as an XLA op inside jit, with a traced scale.
+  run = jax.jit(lambda s, a, b: native.ties_xla(a, b, density=0.2, scale=s)[0])
+  for x, y in zip(run(jnp.float32(0.3), p, m), out):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@needs_native
+def test_cancellations_under_a_negative_majority(monkeypatch):
+  """Zero sign sums with nonzero terms take the model's majority sign, known only after the pass: the kernel
+  merges them with + and fixes them up. Built so that the majority is - and such entries exist."""
+  rng = np.random.default_rng(0)
+  pre = {"a": np.zeros((64, 48), np.float32), "b": np.zeros((300,), np.float32)}
+  a = -np.abs(rng.standard_normal((3, 64, 48))).astype(np.float32)  # mostly negative: majority -
+  a[0, :8, :8] -= 4.0  # large enough to survive both tasks' trims
+  a[1, :8, :8] = -a[0, :8, :8]  # tasks 0 and 1 cancel exactly here; task 2 is zero
+  a[2, :8, :8] = 0.0
+  b = rng.standard_normal((3, 300)).astype(np.float32)
+  fts = [{"a": a[t], "b": b[t]} for t in range(3)]
+  for disjoint in ("sum", "mean", "max"):
+    tx = jm.get_method("ties")(density=0.9, scale=1.0, disjoint=disjoint)
+    want = _xla(monkeypatch, lambda tx=tx: jm.merge(tx, pre, fts))
+    got = jm.merge(tx, pre, fts)
+    _equal(got, want, f"cancellations {disjoint}", pre)
+    # Negative majority: the cancelled entries keep the negative term (disjoint sum/mean) or -max.
+    block = np.asarray(got["a"])[:8, :8]
+    assert (block <= 0).all() and (block < 0).any()
+
+
+@needs_native
+def test_nan_input_is_named():
+  pre, fts = make_models(2)
+  bad = {k: v.copy() for k, v in fts[1].items()}
+  leaf = sorted(bad)[3]
+  bad[leaf].flat[5] = np.nan
+  with pytest.raises(ValueError, match=leaf):
+    jm.merge(jm.get_method("ties")(), pre, [fts[0], bad])
+
+
+@needs_native
+def test_task_thresholds_use_the_custom_call_on_cpu(monkeypatch):
+  """Inside XLA programs (DARE on TIES, Consensus, a jitted trim) the thresholds are one custom call on the CPU,
+  equal to the radix select, with gradients flowing around them (trim is piecewise identity)."""
+  rng = np.random.default_rng(2)
+  leaves = [jnp.asarray(np.round(rng.standard_normal((3,) + s) * 32) / 32, jnp.float32) for s in [(40, 30), (7,), (2, 3, 4, 5)]]
+  for count in ("reference", "exact"):
+    for density in (0.0, 0.1, 0.5, 0.99):
+      f = jax.jit(lambda xs, d=density, c=count: _sparsify.task_thresholds(xs, d, c, use_native=True))
+      got = f(leaves)
+      want = jax.jit(lambda xs, d=density, c=count: _sparsify._xla_thresholds(xs, d, c))(leaves)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{count} {density}")
+  assert "jaxmerge_ties" in jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2, use_native=True)).lower(leaves).as_text()
+  assert "jaxmerge_ties" not in jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2)).lower(leaves).as_text()
+  trim = jm.transforms.trim(0.3)
+  tree = {"a": leaves[0], "b": leaves[2]}
+
+  def loss(t):
+    return sum(jnp.sum(x**2) for x in jax.tree.leaves(trim.apply(None, t)))
+
+  g = jax.grad(loss)(tree)
+  g_xla = _xla(monkeypatch, lambda: jax.grad(loss)(tree))
+  _equal(g, g_xla, "grad through trim")
+  # Under vmap (one call per mapped element).
+  batch = jnp.stack([leaves[0], -leaves[0]])
+  v = jax.vmap(lambda x: _sparsify.task_thresholds([x], 0.2, use_native=True))(batch)
+  np.testing.assert_array_equal(np.asarray(v[0]), np.asarray(v[1]))
+
+
+@needs_native
+def test_other_inputs_keep_the_xla_route(monkeypatch):
+  """bfloat16 leaves, an explicit coefficient tree and per-leaf TIES do not take the kernel: same results as
+  with it switched off."""
+  pre, fts = make_models(2)
+  b16 = (jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), pre),
+         [jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), f) for f in fts])
+  tx = jm.get_method("ties")()
+  _equal(jm.merge(tx, *b16), _xla(monkeypatch, lambda: jm.merge(tx, *b16)), "bf16")
+  leaf = jm.get_method("ties")(scope="leaf")
+  assert native.ties_spec(leaf) is None
+  chained = jm.chain(jm.get_method("ties")(), jm.transforms.scale(2.0))
+  assert native.ties_spec(chained) is None  # two scales: left to XLA
+
+
+def test_switched_off_or_no_compiler_falls_back(monkeypatch, caplog, tmp_path):
+  pre, fts = make_models(2)
+  tx = jm.get_method("ties")()
+  want = _xla(monkeypatch, lambda: jm.merge(tx, pre, fts))
+  state = dict(native._state)
+  try:
+    native._state.clear()
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("JAXMERGE_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+      assert not native.available()
+    assert "unavailable" in caplog.text
+    with pytest.raises(RuntimeError, match="unavailable"):
+      native.ties([pre[k] for k in pre], [[f[k] for k in pre] for f in fts], density=0.2, scale=0.3)
+    _equal(jm.merge(tx, pre, fts), want, "fallback")
+  finally:
+    native._state.clear()
+    native._state.update(state)
+
+
+@needs_native
+def test_build_is_atomic_and_reports_compiler_errors(monkeypatch, tmp_path):
+  monkeypatch.setenv("JAXMERGE_CACHE", str(tmp_path))
+  out = native.build()
+  assert out.parent == tmp_path / "native"
+  assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left behind
+  src = tmp_path / "broken.c"
+  src.write_text("this is not C\n")
+  monkeypatch.setattr(native, "_SOURCE", src)
+  with pytest.raises(RuntimeError, match="broken.c"):
+    native.build()
+  assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+@needs_native
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.9, 0.999])
+def test_thresholds_equal_a_sort_over_many_work_items(density):
+  """Leaves split into several work items over the threads, with a few huge entries: each task's threshold is
+  the k-th smallest magnitude of a sort of all its entries."""
+  rng = np.random.default_rng(3)
+  pre = [rng.standard_normal(s).astype(np.float32) for s in [(300, 400), (3000,), (50, 40, 3)]]
+  fts = [[p + (rng.standard_normal(p.shape) * 0.01 * (t + 1)).astype(np.float32) for p in pre] for t in range(3)]
+  fts[1][0][:2, :100] += 100.0
+  _, thr, bad = native.ties(pre, fts, density=density, scale=0.3)
+  assert not bad.any()
+  k = native.threshold_rank(sum(x.size for x in pre), density)
+  for t in range(3):
+    mags = np.sort(np.concatenate([np.abs(f - p).ravel() for f, p in zip(fts[t], pre)]))
+    assert thr[t] == mags[k - 1], (t, density)
