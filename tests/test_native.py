@@ -232,3 +232,20 @@ def test_thresholds_equal_a_sort_over_many_work_items(density):
   for t in range(3):
     mags = np.sort(np.concatenate([np.abs(f - p).ravel() for f, p in zip(fts[t], pre)]))
     assert thr[t] == mags[k - 1], (t, density)
+
+
+@needs_native
+@pytest.mark.parametrize("hp", [{"base": "ties"}, {"base": "ties", "p": 0.3, "disjoint": "mean", "density": 0.4}])
+def test_dare_on_ties_runs_its_ties_natively(monkeypatch, hp):
+  """DARE on global TIES: the drop leaf by leaf (XLA), then TIES on the dropped task vectors as one native call
+  (no flat XLA program): the same merge as with the kernel switched off, same random draws."""
+  pre, fts = make_models(3, seed=4)
+  tx = jm.get_method("dare")(**hp)
+  key = jax.random.key(9)
+  want = _xla(monkeypatch, lambda: jm.merge(tx, pre, fts, key=key))
+  calls = []
+  real = native.ties_rows
+  monkeypatch.setattr(native, "ties_rows", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+  got = jm.merge(tx, pre, fts, key=key)
+  assert calls, "the TIES part should run natively"
+  _equal(got, want, f"dare {hp}", pre)

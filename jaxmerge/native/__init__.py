@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "build", "threshold_rank", "ties", "ties_spec", "ties_thresholds", "ties_xla"]
+__all__ = ["available", "build", "threshold_rank", "ties", "ties_spec", "ties_thresholds", "ties_rows", "ties_xla"]
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def available() -> bool:
         host = lib.jaxmerge_ties_host
         host.restype = ctypes.c_int
         host.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
         _state["host"] = host
         _state["lib"] = lib  # keeps the library loaded
         _state["ok"] = True
@@ -239,18 +239,55 @@ def ties(pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[Any], *, de
     rows_np = [_host_view(m[i]) for i in range(len(pre_np)) for m in fts]
     row_ptrs = [r.ctypes.data for r in rows_np]
   outs = [aligned_empty(x.shape) for x in pre_np]
-  n = sum(x.size for x in pre_np)
+  thr, bad = _host_call(pre_np, None, row_ptrs, outs, tasks, density=density, scale=scale, merge_func=merge_func,
+                        count=count, zero_sign=zero_sign)
+  device = jax.devices("cpu")[0]
+  return [jax.device_put(o, device) for o in outs], thr, bad
+
+
+def _host_call(pre: list[np.ndarray] | None, base: list[np.ndarray] | None, row_ptrs: list[int],
+               outs: list[np.ndarray], tasks: int, *, density: float, scale: float, merge_func: str, count: str,
+               zero_sign: str) -> tuple[np.ndarray, np.ndarray]:
+  lens = [o.size for o in outs]
   thr = np.zeros((tasks,), np.float32)
   bad = np.zeros((tasks + 1,), np.int32)
   rc = _state["host"](
-      len(pre_np), tasks, _pointers(pre_np), (ctypes.c_void_p * max(1, len(row_ptrs)))(*row_ptrs),
-      _pointers(outs), (ctypes.c_int64 * max(1, len(pre_np)))(*[x.size for x in pre_np]),
-      threshold_rank(n, density, count), _ZERO_SIGN[zero_sign], _MERGE[merge_func], _threads(), float(scale),
-      thr.ctypes.data, bad.ctypes.data)
+      len(outs), tasks, _pointers(pre) if pre is not None else None,
+      _pointers(base) if base is not None else None, (ctypes.c_void_p * max(1, len(row_ptrs)))(*row_ptrs),
+      _pointers(outs), (ctypes.c_int64 * max(1, len(lens)))(*lens), threshold_rank(sum(lens), density, count),
+      _ZERO_SIGN[zero_sign], _MERGE[merge_func], _threads(), float(scale), thr.ctypes.data, bad.ctypes.data)
   if rc != 0:
     raise MemoryError("jaxmerge native TIES: out of memory")
-  device = jax.devices("cpu")[0]
-  return [jax.device_put(o, device) for o in outs], thr, bad
+  return thr, bad
+
+
+def ties_rows(deltas: np.ndarray, base: np.ndarray, *, density: float, scale: float, merge_func: str = "sum",
+              count: str = "reference", zero_sign: str = "majority") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """:func:`ties` on task vectors already in memory: ``base + scale * disjoint_merge(trim(deltas))``.
+
+  Args:
+    deltas: the ``(T, N)`` float32 task vectors (DARE's dropped ones, in :func:`jaxmerge.merge`).
+    base: the ``(N,)`` float32 weights the merged task vector is added to.
+    density, scale, merge_func, count, zero_sign: as :func:`ties`.
+
+  Returns:
+    ``(merged (N,), thresholds (T,), non-finite flags (T + 1,))`` as NumPy arrays (the last flag is unused).
+  """
+  if not available():
+    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
+  from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
+
+  deltas = np.ascontiguousarray(deltas, np.float32)
+  base = np.ascontiguousarray(base, np.float32).reshape(-1)
+  if deltas.ndim != 2 or deltas.shape[1] != base.size:
+    raise ValueError(f"deltas must be (T, {base.size}), got {deltas.shape}")
+  tasks = deltas.shape[0]
+  _check(tasks)
+  out = aligned_empty(base.shape)
+  rows = [deltas.ctypes.data + 4 * t * base.size for t in range(tasks)]
+  thr, bad = _host_call(None, [base], rows, [out], tasks, density=density, scale=scale, merge_func=merge_func,
+                        count=count, zero_sign=zero_sign)
+  return out, thr, bad
 
 
 @functools.lru_cache(maxsize=64)

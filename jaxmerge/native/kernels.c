@@ -36,7 +36,8 @@ typedef struct {
 
 typedef struct {
   int64_t nseg, tasks, threads;
-  const float **pre;  /* nseg entries, NULL without a pretrained model */
+  const float **pre;  /* nseg entries, NULL without a pretrained model (rows are task vectors) */
+  const float **base; /* nseg entries added to the merged task vector (the pretrained weights), or NULL */
   const float **rows; /* nseg * tasks row pointers */
   float **out;        /* nseg merged leaves (merge mode) */
   int64_t *len;       /* nseg */
@@ -233,8 +234,9 @@ static void merge_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
         }
       }
     }
-    if (J->fma) finish_fma(o + b0, p ? p + b0 : NULL, acc, cnt, sgn, m, merge, J->scale);
-    else finish_plain(o + b0, p ? p + b0 : NULL, acc, cnt, sgn, m, merge, J->scale);
+    const float *q = J->base[s] ? J->base[s] + b0 : NULL;
+    if (J->fma) finish_fma(o + b0, q, acc, cnt, sgn, m, merge, J->scale);
+    else finish_plain(o + b0, q, acc, cnt, sgn, m, merge, J->scale);
     if (!positive) {
       /* Exact cancellations: a zero sum with a nonzero term (rare; kept for the fix-up). */
       for (int i = 0; i < m; ++i) anyv[i] = 0;
@@ -287,7 +289,8 @@ static void merge_one(job_t *J, int64_t s, int64_t j) {
   float y = acc;
   if (J->merge == 1) y = y / (cnt >= 1.0f ? cnt : 1.0f);
   else if (J->merge == 2) y = y * sg;
-  J->out[s][j] = p ? (J->fma ? fmaf(y, J->scale, p[j]) : y * J->scale + p[j]) : y * J->scale;
+  const float *q = J->base[s];
+  J->out[s][j] = q ? (J->fma ? fmaf(y, J->scale, q[j]) : y * J->scale + q[j]) : y * J->scale;
 }
 
 static void *work(void *arg) {
@@ -382,18 +385,20 @@ static int job_init(job_t *J, int64_t nseg, int64_t T, int64_t threads, int64_t 
   J->majority = 1.0f;
   J->fma = cpu_has_fma();
   J->pre = (const float **)calloc(nseg + 1, sizeof(float *));
+  J->base = (const float **)calloc(nseg + 1, sizeof(float *));
   J->rows = (const float **)calloc(nseg * T + 1, sizeof(float *));
   J->out = (float **)calloc(nseg + 1, sizeof(float *));
   J->len = (int64_t *)calloc(nseg + 1, sizeof(int64_t));
   J->bad = (int32_t *)calloc(J->threads * (T + 1), sizeof(int32_t));
   J->signsum = (int64_t *)calloc(J->threads, sizeof(int64_t));
   J->fix = (fixup_t *)calloc(J->threads, sizeof(fixup_t));
-  return J->pre && J->rows && J->out && J->len && J->bad && J->signsum && J->fix;
+  return J->pre && J->base && J->rows && J->out && J->len && J->bad && J->signsum && J->fix;
 }
 
 static void job_free(job_t *J) {
   free(J->hist);
   free(J->pre);
+  free(J->base);
   free(J->rows);
   free(J->out);
   free(J->len);
@@ -524,7 +529,7 @@ XLA_FFI_Error *jaxmerge_ties(XLA_FFI_CallFrame *f) {
       XLA_FFI_Buffer *b0 = (XLA_FFI_Buffer *)f->args.args[a];
       int64_t n;
       if (has_pre) {
-        J.pre[s] = (const float *)b0->data;
+        J.pre[s] = J.base[s] = (const float *)b0->data;
         n = numel(b0);
         a++;
       } else {
@@ -545,18 +550,20 @@ XLA_FFI_Error *jaxmerge_ties(XLA_FFI_CallFrame *f) {
 }
 
 /* The same computation on plain host pointers (NumPy arrays and CPU-resident JAX arrays, called through ctypes
-   with the GIL released): pre (nseg pointers, or NULL), rows (nseg * T pointers, task-major within a leaf),
-   out (nseg pointers, or NULL for thresholds only), len (nseg entry counts). Returns 0, or -1 when out of
-   memory. */
-int jaxmerge_ties_host(int64_t nseg, int64_t T, const float *const *pre, const float *const *rows,
-                       float *const *out, const int64_t *len, int64_t k, int64_t zero_sign, int64_t merge,
-                       int64_t threads, float scale, float *thr, int32_t *bad) {
+   with the GIL released): pre (nseg pointers subtracted from the rows, or NULL when the rows are task vectors),
+   base (nseg pointers added to the merged task vectors, or NULL for pre), rows (nseg * T pointers, task-major
+   within a leaf), out (nseg pointers, or NULL for thresholds only), len (nseg entry counts). Returns 0, or -1
+   when out of memory. */
+int jaxmerge_ties_host(int64_t nseg, int64_t T, const float *const *pre, const float *const *base,
+                       const float *const *rows, float *const *out, const int64_t *len, int64_t k,
+                       int64_t zero_sign, int64_t merge, int64_t threads, float scale, float *thr, int32_t *bad) {
   if (T < 1 || T > 1024) return -2;
   job_t J;
   const char *msg = "out of memory";
   if (job_init(&J, nseg, T, threads, out ? merge : -1, zero_sign, scale)) {
     for (int64_t s = 0; s < nseg; ++s) {
       J.pre[s] = pre ? pre[s] : NULL;
+      J.base[s] = base ? base[s] : J.pre[s];
       J.len[s] = len[s];
       for (int64_t t = 0; t < T; ++t) J.rows[s * T + t] = rows[s * T + t];
       J.out[s] = out ? out[s] : NULL;
