@@ -374,7 +374,7 @@ def _run_leaf_then_flat(prefix: MergeTransform, rest: MergeTransform, layout: La
     copy(pending)
     device = jax.devices("cpu")[0]
     spec = native.ties_spec(rest) if not per_task else None
-    if spec is not None and native.available():
+    if spec is not None and native.fits(t, n) and native.available():
       # The rest is global TIES: one native call on the host buffer (no flat XLA program to compile or run).
       density, merge_func, count, zero_sign, scale = spec
       y = native.ties_rows(deltas, pre_flat, density=density, scale=scale, merge_func=merge_func, count=count,
@@ -394,12 +394,13 @@ def _run_leaf_then_flat(prefix: MergeTransform, rest: MergeTransform, layout: La
 
 def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params, finetuned: Any, coeffs: Any,
          key: Any, names: Sequence[str] | None, check_finite: bool) -> tuple[dict, dict]:
-  """Validates and runs the merge, on one of four routes: leafwise ``by_shape`` transforms (task arithmetic,
+  """Validates and runs the merge, on one of five routes: global TIES on the CPU as one native call
+  (:func:`_run_native`); leafwise ``by_shape`` transforms (task arithmetic,
   DARE, per-tensor TIES) leaf by leaf, one compiled program per leaf shape and no copy of the inputs; chains of
   such steps followed by ``flat`` ones (DARE on global TIES) with the first part leaf by leaf and the rest on the
   ``(T, N)`` view (:func:`_leaf_then_flat`); other ``flat`` transforms (global TIES) on one ``(T, N)`` view of a
   multi-leaf model whose leaves share one dtype; everything else in one whole-model program. The NaN/Inf check
-  rides along in the first three. Returns the merged float leaves and the copied non-float ones."""
+  rides along in the first four. Returns the merged float leaves and the copied non-float ones."""
   pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=False)
   if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
     # Leaf by leaf, one compiled program per leaf shape: no copy of the inputs (task arithmetic, DARE, per-tensor
@@ -448,7 +449,10 @@ def _run_native(tx: MergeTransform, pre: dict, ft: Any, names: Sequence[str] | N
   leaves = [*pre.values(), *(m[p] for m in models for p in paths)]
   if any(x.dtype != jnp.float32 for x in leaves) or not _host_backed(leaves):
     return None
-  if any(isinstance(x, jax.Array) and len(x.devices()) != 1 for x in leaves) or not native.available():
+  if any(isinstance(x, jax.Array) and len(x.devices()) != 1 for x in leaves):  # sharded: the XLA programs
+    return None
+  tasks = int(ft[paths[0]].shape[0]) if stacked else len(ft)
+  if not native.fits(tasks, sum(int(np.size(x)) for x in pre.values())) or not native.available():
     return None
   density, merge_func, count, zero_sign, scale = spec
   fts = [ft[p] for p in paths] if stacked else [[m[p] for p in paths] for m in ft]

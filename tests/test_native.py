@@ -249,3 +249,8 @@ def test_dare_on_ties_runs_its_ties_natively(monkeypatch, hp):
   got = jm.merge(tx, pre, fts, key=key)
   assert calls, "the TIES part should run natively"
   _equal(got, want, f"dare {hp}", pre)
+
+
+def test_fits_bounds():
+  assert native.fits(1, 10) and native.fits(1024, 2**32 - 1)
+  assert not native.fits(0, 10) and not native.fits(1025, 10) and not native.fits(4, 2**32) and not native.fits(4, 0)

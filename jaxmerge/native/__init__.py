@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "build", "threshold_rank", "ties", "ties_spec", "ties_thresholds", "ties_rows", "ties_xla"]
+__all__ = ["available", "build", "fits", "threshold_rank", "ties", "ties_spec", "ties_thresholds", "ties_rows", "ties_xla"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,20 @@ def _call(scale: jax.Array | None, args: list[jax.Array], out_shapes: Sequence[t
   return jax.ffi.ffi_call(_TARGET, outs, vmap_method="sequential")(
       *operands, tasks=np.int64(tasks), has_pre=np.int64(has_pre), stacked=np.int64(stacked), k=np.int64(k),
       merge=np.int64(merge), zero_sign=np.int64(zero_sign), threads=np.int64(_threads()))
+
+
+def fits(tasks: int, n: int) -> bool:
+  """Whether the kernel takes this merge: 1 to 1024 task vectors of fewer than 2**32 entries each (its
+  per-thread histogram counters are 32-bit).
+
+  Args:
+    tasks: the number of task vectors.
+    n: the entries of one task vector (of the whole model).
+
+  Returns:
+    ``True`` when :func:`ties` accepts the merge.
+  """
+  return 1 <= tasks <= _MAX_TASKS and 0 < n < 2**32
 
 
 def _check(tasks: int) -> None:
