@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -81,16 +82,19 @@ def build(force: bool = False) -> Path:
     raise RuntimeError("no C compiler found (set $CC, or install cc/gcc/clang)")
   import jaxlib  # noqa: PLC0415
 
-  source = _SOURCE.read_bytes()
-  key = hashlib.sha256(source + jaxlib.__version__.encode() + cc.encode()).hexdigest()[:16]
+  flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", f"-I{jax.ffi.include_dir()}"]
+  # Keyed by everything that shapes the library, so a cache shared across machines or environments never
+  # serves a stale or foreign build.
+  ident = [_SOURCE.read_bytes(), jaxlib.__version__.encode(), cc.encode(), platform.machine().encode(),
+           " ".join(flags).encode()]
+  key = hashlib.sha256(b"\0".join(ident)).hexdigest()[:16]
   out = _cache_dir() / f"jaxmerge_kernels_{key}.so"
   if out.exists() and not force:
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
-  cmd = [cc, "-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-lm",
-         f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+  cmd = [cc, *flags, str(_SOURCE), "-o", tmp, "-lm"]
   try:
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
