@@ -254,3 +254,14 @@ def test_dare_on_ties_runs_its_ties_natively(monkeypatch, hp):
 def test_fits_bounds():
   assert native.fits(1, 10) and native.fits(1024, 2**32 - 1)
   assert not native.fits(0, 10) and not native.fits(1025, 10) and not native.fits(4, 2**32) and not native.fits(4, 0)
+
+
+@needs_native
+def test_accelerator_programs_keep_the_xla_select():
+  """Lowered for a GPU (no GPU needed: cross-platform lowering), a program with TIES's thresholds holds no call
+  of the CPU kernel; lowered for the CPU, it does."""
+  leaves = [jnp.ones((3, 100, 10)), jnp.ones((3, 7))]
+  f = jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2, use_native=True))
+  ok = [jax.export.DisabledSafetyCheck.custom_call("jaxmerge_ties")]
+  assert "jaxmerge_ties" not in jax.export.export(f, platforms=["cuda"], disabled_checks=ok)(leaves).mlir_module()
+  assert "jaxmerge_ties" in jax.export.export(f, platforms=["cpu"], disabled_checks=ok)(leaves).mlir_module()
