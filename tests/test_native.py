@@ -265,3 +265,22 @@ def test_accelerator_programs_keep_the_xla_select():
   ok = [jax.export.DisabledSafetyCheck.custom_call("jaxmerge_ties")]
   assert "jaxmerge_ties" not in jax.export.export(f, platforms=["cuda"], disabled_checks=ok)(leaves).mlir_module()
   assert "jaxmerge_ties" in jax.export.export(f, platforms=["cpu"], disabled_checks=ok)(leaves).mlir_module()
+
+
+@needs_native
+@pytest.mark.parametrize("num_tasks", [40, 1024])
+def test_many_tasks_match_the_numpy_reference(num_tasks):
+  """More tasks than the kernel's on-stack block (16) and, at 1024, the most it takes (its histograms then run
+  on one thread): the merge equals the NumPy loop of tests/reference.py."""
+  from tests import reference as ref
+
+  rng = np.random.default_rng(num_tasks)
+  pre = {"w": rng.standard_normal((40, 30)).astype(np.float32), "b": rng.standard_normal(50).astype(np.float32)}
+  fts = [{k: (v + rng.standard_normal(v.shape) * 0.1).astype(np.float32) for k, v in pre.items()}
+         for _ in range(num_tasks)]
+  keys = sorted(pre)
+  out, _, bad = native.ties([pre[k] for k in keys], [[f[k] for k in keys] for f in fts], density=0.3, scale=0.4)
+  assert not bad.any()
+  want = ref.ties(pre, fts, density=0.3, scale=0.4)
+  for k, o in zip(keys, out):
+    np.testing.assert_allclose(np.asarray(o), want[k], rtol=1e-5, atol=1e-5, err_msg=k)

@@ -379,6 +379,10 @@ static int job_init(job_t *J, int64_t nseg, int64_t T, int64_t threads, int64_t 
   J->nseg = nseg;
   J->tasks = T;
   J->threads = threads < 1 ? 1 : (threads > 64 ? 64 : threads);
+  /* Each thread keeps T histograms of LO_BUCKETS 32-bit counters: at most ~256 MB of them in all. */
+  const int64_t per_thread = T * LO_BUCKETS * (int64_t)sizeof(uint32_t);
+  const int64_t cap = ((int64_t)256 << 20) / per_thread;
+  if (J->threads > cap) J->threads = cap < 1 ? 1 : cap;
   J->merge = (int)merge;
   J->zero_sign = (int)zero_sign;
   J->scale = scale;
