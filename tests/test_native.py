@@ -149,7 +149,8 @@ def test_task_thresholds_use_the_custom_call_on_cpu(monkeypatch):
     for density in (0.0, 0.1, 0.5, 0.99):
       f = jax.jit(lambda xs, d=density, c=count: _sparsify.task_thresholds(xs, d, c, use_native=True))
       got = f(leaves)
-      want = jax.jit(lambda xs, d=density, c=count: _sparsify._xla_thresholds(xs, d, c))(leaves)
+      want = jax.jit(lambda xs, d=density, c=count: _sparsify._xla_thresholds(
+          xs, native.threshold_rank(sum(x[0].size for x in xs), d, c)))(leaves)
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{count} {density}")
   assert "jaxmerge_ties" in jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2, use_native=True)).lower(leaves).as_text()
   assert "jaxmerge_ties" not in jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2)).lower(leaves).as_text()

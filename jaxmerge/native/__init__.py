@@ -3,8 +3,9 @@
 XLA:CPU runs TIES's exact per-task threshold (two radix-histogram passes, a scatter per entry) near 4-5 ns per
 entry on one core, and jaxmerge's whole-model programs need one concatenated ``(T, N)`` copy of the task vectors.
 :func:`ties` instead runs the whole global TIES merge in one call of a small C kernel (``kernels.c``) that reads
-each model's leaves where they lie, on every core: the same float32 arithmetic as the XLA programs, the same
-exact threshold, and no copy of the task vectors.
+each model's leaves where they lie, on every core: the same exact thresholds, the XLA programs' float32 operation
+order (equal results up to the rounding of the final multiply-add, which XLA fuses in some programs and not in
+others), and no copy of the task vectors.
 
 The kernel is compiled on first use with the machine's C compiler (``$CC``, else ``cc``/``gcc``/``clang``) against
 the XLA FFI headers that ship with jaxlib, and cached under ``$JAXMERGE_CACHE/native`` (default
@@ -166,23 +167,23 @@ def _threads() -> int:
 
 
 def threshold_rank(n: int, density: float, count: str = "reference") -> int:
-  """The rank of TIES's magnitude threshold (the rules of :func:`jaxmerge.transforms.task_thresholds`).
+  """The rank of TIES's magnitude threshold: the one rule of :func:`jaxmerge.transforms.task_thresholds` and the
+  native kernel.
 
   Args:
     n: entries per task.
     density: fraction kept.
-    count: ``"reference"`` (FusionBench) or ``"exact"`` (mergekit).
+    count: ``"reference"`` (FusionBench: the ``(N - int(N d))``-th smallest, so ``int(N d) + 1`` entries survive
+      without ties) or ``"exact"`` (mergekit: ``max(1, int(N d))`` entries survive).
 
   Returns:
-    ``k`` (1-indexed, ascending): the threshold is the ``k``-th smallest magnitude; ``0`` keeps everything
-    (``density >= 1``).
+    ``k`` (1-indexed, ascending): the threshold is the ``k``-th smallest magnitude and entries ``>=`` it are
+    kept; ``0`` keeps everything.
   """
-  if density >= 1:
-    return 0
   if count == "reference":
     return max(0, n - int(n * density))
   if count == "exact":
-    return n - max(1, int(density * n)) + 1
+    return max(0, n - max(1, int(density * n)) + 1)
   raise ValueError(f"count must be 'reference' or 'exact', got {count!r}")
 
 
@@ -210,9 +211,10 @@ def fits(tasks: int, n: int) -> bool:
   return 1 <= tasks <= _MAX_TASKS and 0 < n < 2**32
 
 
-def _check(tasks: int) -> None:
-  if not 1 <= tasks <= _MAX_TASKS:
-    raise ValueError(f"the native TIES kernel takes 1..{_MAX_TASKS} task vectors, got {tasks}")
+def _check(tasks: int, n: int) -> None:
+  if not fits(tasks, n):
+    raise ValueError(f"the native TIES kernel takes 1..{_MAX_TASKS} task vectors of 1..2**32 - 1 entries, got "
+                     f"{tasks} of {n}")
 
 
 def _host_view(x: Any) -> np.ndarray:
@@ -247,8 +249,8 @@ def ties(pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[Any], *, de
   from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
 
   tasks = int(np.shape(fts[0])[0]) if stacked else len(fts)
-  _check(tasks)
   pre_np = [_host_view(x) for x in pre]
+  _check(tasks, sum(x.size for x in pre_np))
   if stacked:
     rows_np = [_host_view(x) for x in fts]
     lens = [x.size for x in pre_np]
@@ -300,7 +302,7 @@ def ties_rows(deltas: np.ndarray, base: np.ndarray, *, density: float, scale: fl
   if deltas.ndim != 2 or deltas.shape[1] != base.size:
     raise ValueError(f"deltas must be (T, {base.size}), got {deltas.shape}")
   tasks = deltas.shape[0]
-  _check(tasks)
+  _check(tasks, base.size)
   out = aligned_empty(base.shape)
   rows = [deltas.ctypes.data + 4 * t * base.size for t in range(tasks)]
   thr, bad = _host_call(None, [base], rows, [out], tasks, density=density, scale=scale, merge_func=merge_func,
@@ -340,8 +342,8 @@ def ties_xla(pre: Sequence[jax.Array], fts: Sequence[Sequence[jax.Array]] | Sequ
   if not available():
     raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
   tasks = int(fts[0].shape[0]) if stacked else len(fts)
-  _check(tasks)
   n = sum(int(np.prod(x.shape, dtype=np.int64)) for x in pre)
+  _check(tasks, n)
   run = _ties_program(tasks, stacked, threshold_rank(n, density, count), _MERGE[merge_func], _ZERO_SIGN[zero_sign])
   thr, bad, out = run(jnp.asarray(scale, jnp.float32), tuple(pre), tuple(fts) if stacked else
                       tuple(tuple(m) for m in fts))
@@ -360,7 +362,7 @@ def ties_thresholds(leaves: Sequence[jax.Array], k: int) -> jax.Array:
     The ``(T,)`` float32 thresholds.
   """
   tasks = int(leaves[0].shape[0])
-  _check(tasks)
+  _check(tasks, sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves))
   # Thresholds carry no gradient (the XLA radix select's bit manipulations have none either).
   leaves = [jax.lax.stop_gradient(x.astype(jnp.float32)) for x in leaves]
   out = _call(None, leaves, [], tasks=tasks, has_pre=False, stacked=True, k=k,

@@ -42,35 +42,27 @@ def task_thresholds(leaves: list[jax.Array], density: float, count: str = "refer
   its operand stored, and XLA may fuse an expression such as ``x - c * y`` into an FMA in one place and not in
   another, so the thresholds and the masks compared against them would see different roundings.
   """
-  if count not in ("reference", "exact"):
-    raise ValueError(f"count must be 'reference' or 'exact', got {count!r}")
-  n = sum(int(x[0].size) for x in leaves)
-  k = n - int(n * density) if count == "reference" else n - max(1, int(density * n)) + 1
-  if use_native and 0 < k <= n and native.available():
-    # On the CPU, one native call for every task (jaxmerge.native); the XLA radix select elsewhere.
-    return jax.lax.platform_dependent(
-        cpu=lambda: native.ties_thresholds(leaves, k),
-        default=lambda: _xla_thresholds(leaves, density, count))
-  return _xla_thresholds(leaves, density, count)
-
-
-def _xla_thresholds(leaves: list[jax.Array], density: float, count: str) -> jax.Array:
   t = leaves[0].shape[0]
-  if count == "reference":
-    select = lambda mags: stats.top_fraction_threshold(mags, density)  # noqa: E731
-  elif count == "exact":
-    n = sum(int(x[0].size) for x in leaves)
-    k = max(1, int(density * n))
-    select = lambda mags: stats.kth_smallest(mags, n - k + 1)  # noqa: E731
-  else:
-    raise ValueError(f"count must be 'reference' or 'exact', got {count!r}")
+  n = sum(int(x[0].size) for x in leaves)
+  k = native.threshold_rank(n, density, count)
+  if k <= 0:  # everything is kept
+    return jnp.zeros((t,), jnp.float32)
+  if use_native and native.fits(t, n) and native.available():
+    # On the CPU, one native call for every task (jaxmerge.native); the XLA radix select elsewhere.
+    return jax.lax.platform_dependent(cpu=lambda: native.ties_thresholds(leaves, k),
+                                      default=lambda: _xla_thresholds(leaves, k))
+  return _xla_thresholds(leaves, k)
+
+
+def _xla_thresholds(leaves: list[jax.Array], k: int) -> jax.Array:
+  """Each task's ``k``-th smallest magnitude over ``leaves`` by the XLA radix select (:mod:`jaxmerge.stats`)."""
   # A Python loop over tasks (not vmap): independent histogram scatters, which XLA:CPU runs two at a time. Task
   # i waits for task i - 2 (its magnitudes add 0 * that threshold, exact for finite thresholds): otherwise XLA
   # schedules every task's histogram indices (one int32 per entry) at once, T x N of scratch memory.
   thrs: list[jax.Array] = []
-  for i in range(t):
+  for i in range(leaves[0].shape[0]):
     after = thrs[i - 2] * 0 if i >= 2 else None
-    thrs.append(select([jnp.abs(x[i]) if after is None else jnp.abs(x[i]) + after for x in leaves]))
+    thrs.append(stats.kth_smallest([jnp.abs(x[i]) if after is None else jnp.abs(x[i]) + after for x in leaves], k))
   return jtree.fence(jnp.stack(thrs))
 
 
