@@ -84,8 +84,9 @@ class MergeTransform(NamedTuple):
       leafwise by-shape steps followed by ``flat`` ones (DARE on TIES) as per-leaf programs, then one program on
       the ``(T, N)`` view.
     kernel: a hashable description of the step for :mod:`jaxmerge.native` (``("ties", density, merge_func, count,
-      zero_sign)``, ``("scale", value)``), ``()`` otherwise: :func:`jaxmerge.merge` runs a chain it recognizes as
-      one native CPU call (same results).
+      zero_sign)``, ``("sum",)``, ``("mean",)``, ``("drop", p, rescale)``, ``("scale", value)``), ``()`` otherwise:
+      :func:`jaxmerge.merge` runs a chain it recognizes (:func:`jaxmerge.native.spec`) as one native CPU call
+      (same results).
   """
 
   init: Callable[[Stacked], Coeffs]

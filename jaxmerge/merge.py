@@ -35,6 +35,12 @@ def _as_list(finetuned: Sequence[Params] | Stacked) -> tuple[list[Params] | None
   return None, finetuned
 
 
+def _as_array(x: Any) -> Any:
+  """A JAX array, or a NumPy array as it is: the programs take both, and the native kernels read NumPy memory in
+  place (``jnp.asarray`` would copy every leaf)."""
+  return x if isinstance(x, np.ndarray) else jnp.asarray(x)
+
+
 def prepare(
     pretrained: Params,
     finetuned: Sequence[Params] | Stacked,
@@ -81,12 +87,12 @@ def prepare(
       if tuple(np.shape(st[p]))[1:] != tuple(np.shape(x)):
         raise ValueError(f"stacked parameter {p!r} has shape {tuple(np.shape(st[p]))}, expected (T, "
                          f"{', '.join(map(str, np.shape(x)))})")
-    ft = {p: jnp.asarray(st[p]) for p, x in pre.items() if jtree.is_float(x)}
+    ft = {p: _as_array(st[p]) for p, x in pre.items() if jtree.is_float(x)}
     for p, x in ft.items():
       if not jtree.is_float(x):
         raise ValueError(f"parameter {p!r} is floating in the pretrained model but has dtype {x.dtype} in a "
                          "fine-tuned model")
-  pre_float = {p: jnp.asarray(x) for p, x in pre.items() if jtree.is_float(x)}
+  pre_float = {p: _as_array(x) for p, x in pre.items() if jtree.is_float(x)}
   passthrough = {p: x for p, x in pre.items() if not jtree.is_float(x)}
   if check_finite:
     _raise_nonfinite(pre_float, ft, _nonfinite_flags(pre_float, ft), names)
@@ -394,14 +400,18 @@ def _run_leaf_then_flat(prefix: MergeTransform, rest: MergeTransform, layout: La
 
 def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params, finetuned: Any, coeffs: Any,
          key: Any, names: Sequence[str] | None, check_finite: bool) -> tuple[dict, dict]:
-  """Validates and runs the merge, on one of five routes: global TIES on the CPU as one native call
-  (:func:`_run_native`); leafwise ``by_shape`` transforms (task arithmetic,
+  """Validates and runs the merge, on one of five routes: global TIES, task arithmetic, simple averaging and
+  DARE on them on the CPU as one native call (:func:`_run_native`); leafwise ``by_shape`` transforms (task arithmetic,
   DARE, per-tensor TIES) leaf by leaf, one compiled program per leaf shape and no copy of the inputs; chains of
   such steps followed by ``flat`` ones (DARE on global TIES) with the first part leaf by leaf and the rest on the
   ``(T, N)`` view (:func:`_leaf_then_flat`); other ``flat`` transforms (global TIES) on one ``(T, N)`` view of a
   multi-leaf model whose leaves share one dtype; everything else in one whole-model program. The NaN/Inf check
   rides along in the first four. Returns the merged float leaves and the copied non-float ones."""
   pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=False)
+  if coeffs is None and not per_task:
+    merged = _run_native(tx, pre, ft, names, check_finite, key)
+    if merged is not None:
+      return merged, passthrough
   if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
     # Leaf by leaf, one compiled program per leaf shape: no copy of the inputs (task arithmetic, DARE, per-tensor
     # TIES). The NaN/Inf probe rides along in each leaf's program.
@@ -414,10 +424,6 @@ def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params,
     if check_finite and bool(jnp.any(jnp.stack([bad for _, bad in res.values()]))):
       _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)  # names the model and leaf
     return {p: y for p, (y, _) in res.items()}, passthrough
-  if coeffs is None and not per_task:
-    merged = _run_native(tx, pre, ft, names, check_finite)
-    if merged is not None:
-      return merged, passthrough
   split = _leaf_then_flat(tx) if coeffs is None and len(pre) > 1 and isinstance(ft, tuple) else None
   if split is not None and _flat_dtype(pre, ft) is not None:
     y, bad = _run_leaf_then_flat(*split, layout, per_task, pre, ft, key, check_finite)
@@ -436,12 +442,13 @@ def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params,
 
 
 def _run_native(tx: MergeTransform, pre: dict, ft: Any, names: Sequence[str] | None,
-                check_finite: bool) -> dict | None:
-  """Global TIES as one call of the native CPU kernel (:mod:`jaxmerge.native`): the same result as the XLA
-  programs, without the flat copy of the task vectors. ``None`` when the transform, the leaves (float32, each on
-  one CPU device or in NumPy) or the machine (no C compiler, ``JAXMERGE_NATIVE=0``) do not allow it."""
-  spec = native.ties_spec(tx)
-  if spec is None or not pre:
+                check_finite: bool, key: Any) -> dict | None:
+  """Global TIES, task arithmetic, simple averaging and DARE on either as one call of the native CPU kernels
+  (:mod:`jaxmerge.native`): the same result as the XLA programs, without a flat copy of the task vectors or a
+  compilation. ``None`` when the transform, the leaves (float32, each on one CPU device or in NumPy) or the
+  machine (no C compiler, ``JAXMERGE_NATIVE=0``) do not allow it."""
+  sp = native.spec(tx)
+  if sp is None or not pre or (sp.drop is not None and key is None):
     return None
   paths = tuple(pre)
   stacked = not isinstance(ft, tuple)
@@ -452,12 +459,13 @@ def _run_native(tx: MergeTransform, pre: dict, ft: Any, names: Sequence[str] | N
   if any(isinstance(x, jax.Array) and len(x.devices()) != 1 for x in leaves):  # sharded: the XLA programs
     return None
   tasks = int(ft[paths[0]].shape[0]) if stacked else len(ft)
-  if not native.fits(tasks, sum(int(np.size(x)) for x in pre.values())) or not native.available():
+  sizes = [int(np.size(pre[p])) for p in paths]
+  if not native.fits(tasks, sum(sizes), sp, sizes) or not native.available():
     return None
-  density, merge_func, count, zero_sign, scale = spec
+  # DARE's drop is the chain's first step: its key is fold_in(key, 0), as jaxmerge.chain gives it.
+  keys = native.dare_keys(jax.random.fold_in(key, 0), paths) if sp.drop is not None else None
   fts = [ft[p] for p in paths] if stacked else [[m[p] for p in paths] for m in ft]
-  out, _, bad = native.ties([pre[p] for p in paths], fts, density=density, scale=scale, merge_func=merge_func,
-                            count=count, zero_sign=zero_sign, stacked=stacked)
+  out, _, bad = native.run(sp, [pre[p] for p in paths], fts, keys=keys, stacked=stacked)
   if check_finite and bool(jnp.any(bad)):
     _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)  # names the model and leaf
   return dict(zip(paths, out))

@@ -94,11 +94,14 @@ def _traced_uniform(k, pid):
     return jm.tree.leaf_uniform(k, "leaf", (4, 8))
 
 
-def test_dare_compiles_one_program_per_leaf_shape():
+def test_dare_compiles_one_program_per_leaf_shape(monkeypatch):
   """DARE's leaf programs take the leaf id as an argument: a model with many leaves of one shape compiles one
   program (a whole-model program with each leaf's id as a constant took 26 s to compile for a ViT-B/32), and
-  the merge equals the whole-model program's."""
+  the merge equals the whole-model program's. (The XLA route: on the CPU DARE otherwise runs natively,
+  tests/test_native.py.)"""
   import importlib
+
+  monkeypatch.setenv("JAXMERGE_NATIVE", "0")
 
   M = importlib.import_module("jaxmerge.merge")
   rng = np.random.default_rng(0)

@@ -92,6 +92,7 @@ def test_leafwise_prefix_then_flat_steps_equal_the_whole_model_program(name, hp,
   """DARE (or Consensus) on global TIES: the drop (mask) runs leaf by leaf, one program per leaf shape, TIES on
   the flat view; the result equals the one whole-model program bit for bit (same random draws), and NaN is
   still named."""
+  monkeypatch.setenv("JAXMERGE_NATIVE", "0")  # the XLA route (DARE on TIES is otherwise one native call)
   tx = jm.get_method(name)(**hp)
   prefix, rest = M._leaf_then_flat(tx)
   assert prefix.needs_key == (name == "dare") and not rest.needs_key and rest.flat

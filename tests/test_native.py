@@ -1,4 +1,5 @@
-"""The native CPU kernel (jaxmerge.native): global TIES in one C call, and TIES's thresholds as an XLA custom call.
+"""The native CPU kernels (jaxmerge.native): global TIES, task arithmetic, simple averaging and DARE on either in
+one C call, and TIES's thresholds as an XLA custom call.
 
 Every result is compared with jaxmerge's XLA programs (``JAXMERGE_NATIVE=0``), which the parity suite checks
 against FusionBench: bit for bit, over the hyperparameter grid, both input layouts, one to several tasks, ties
@@ -235,21 +236,128 @@ def test_thresholds_equal_a_sort_over_many_work_items(density):
     assert thr[t] == mags[k - 1], (t, density)
 
 
-@needs_native
-@pytest.mark.parametrize("hp", [{"base": "ties"}, {"base": "ties", "p": 0.3, "disjoint": "mean", "density": 0.4}])
-def test_dare_on_ties_runs_its_ties_natively(monkeypatch, hp):
-  """DARE on global TIES: the drop leaf by leaf (XLA), then TIES on the dropped task vectors as one native call
-  (no flat XLA program): the same merge as with the kernel switched off, same random draws."""
-  pre, fts = make_models(3, seed=4)
-  tx = jm.get_method("dare")(**hp)
-  key = jax.random.key(9)
-  want = _xla(monkeypatch, lambda: jm.merge(tx, pre, fts, key=key))
+def _spy_run(monkeypatch):
+  """Records the :class:`native.Spec` of each native merge call."""
   calls = []
-  real = native.ties_rows
-  monkeypatch.setattr(native, "ties_rows", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+  real = native.run
+  monkeypatch.setattr(native, "run", lambda sp, *a, **k: (calls.append(sp), real(sp, *a, **k))[1])
+  return calls
+
+
+LINEAR_CASES = [
+    ("task_arithmetic", {}),
+    ("task_arithmetic", {"scale": 1.0}),
+    ("simple_average", {}),
+    ("mean_then_scale", {}),
+    ("dare", {}),
+    ("dare", {"p": 0.3, "scale": 0.7}),
+    ("dare", {"p": 0.9, "rescale": False}),
+    ("dare", {"p": 0.0}),
+    ("dare", {"base": "ties"}),
+    ("dare", {"base": "ties", "p": 0.3, "disjoint": "mean", "density": 0.4}),
+    ("dare", {"base": "ties", "p": 0.6, "disjoint": "max", "density": 0.1, "scale": 1.0}),
+]
+
+
+def _method(name, hp):
+  if name == "mean_then_scale":
+    return jm.chain(jm.reductions.mean_tasks(), jm.transforms.scale(0.6))
+  return jm.get_method(name)(**hp)
+
+
+def _small_quantized(num_tasks, seed):
+  """Four leaves (a matrix, a bias, a 4-D patch embedding, a 2-D position embedding) whose task vectors sit on a
+  grid of 1/64: few shapes, so the XLA reference compiles few leaf programs."""
+  rng = np.random.default_rng(seed)
+  shapes = {"enc/w": (40, 24), "enc/b": (24,), "patch": (8, 3, 4, 4), "pos": (5, 24)}
+  pre = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+  fts = [{k: (pre[k] + np.round(rng.standard_normal(s) * 8) / 64).astype(np.float32) for k, s in shapes.items()}
+         for _ in range(num_tasks)]
+  return pre, fts
+
+
+@needs_native
+@pytest.mark.parametrize("num_tasks,name,hp", [(3, n, hp) for n, hp in LINEAR_CASES] + [
+    (t, n, hp) for t in (1, 8) for n, hp in LINEAR_CASES[::4]])
+def test_task_arithmetic_averaging_and_dare_equal_xla_programs(monkeypatch, num_tasks, name, hp):
+  """Task arithmetic, simple averaging and DARE (on task arithmetic or TIES) run as one native call: the same
+  merge as the XLA programs, with the same random draws (the kernel hashes the same counters under the same
+  keys: a single differing draw would change an entry by a whole task-vector entry)."""
+  pre, fts = _small_quantized(num_tasks, seed=num_tasks)
+  tx = _method(name, hp)
+  key = jax.random.key(11)
+  want = _xla(monkeypatch, lambda: jm.merge(tx, pre, fts, key=key))
+  calls = _spy_run(monkeypatch)
   got = jm.merge(tx, pre, fts, key=key)
-  assert calls, "the TIES part should run natively"
-  _equal(got, want, f"dare {hp}", pre)
+  assert len(calls) == 1 and calls[0].op == {"simple_average": "mean", "mean_then_scale": "mean"}.get(
+      name, "ties" if hp.get("base") == "ties" else "sum")
+  assert (calls[0].drop is not None) == (name == "dare")
+  _equal(got, want, f"{name} {hp} T={num_tasks}", pre)
+  # The stacked layout reads the same entries.
+  stacked = {k: np.stack([f[k] for f in fts]) for k in pre}
+  _equal(jm.merge(tx, pre, stacked, key=key), want, f"{name} {hp} stacked", pre)
+
+
+@needs_native
+def test_dare_drops_where_leaf_uniform_says(monkeypatch):
+  """The kernel's drop mask is jaxmerge.tree.leaf_uniform's, entry for entry: with one task, no rescale and a
+  scale of 1, the merged task vector keeps exactly the entries whose draw is >= p (the drop is the chain's
+  first step, so its key is fold_in(key, 0))."""
+  pre, fts = _small_quantized(1, seed=2)
+  key = jax.random.key(5)
+  calls = _spy_run(monkeypatch)
+  got = jm.merge(jm.get_method("dare")(p=0.4, rescale=False, scale=1.0), pre, fts, key=key)
+  assert calls
+  from jaxmerge import tree as jtree
+
+  for k in pre:
+    d = fts[0][k] - pre[k]
+    u = np.asarray(jtree.leaf_uniform(jax.random.fold_in(key, 0), k, (1, *np.shape(pre[k]))))[0]
+    kept = np.asarray(got[k]) - pre[k]
+    np.testing.assert_array_equal(kept != 0, (u >= np.float32(0.4)) & (d != 0), err_msg=k)
+  ids = [jtree.leaf_id(k) for k in pre]
+  bits = native.dare_keys(key, list(pre))
+  for n, k in enumerate(pre):
+    want = jax.random.bits(jtree.leaf_key(key, k), (3,), jnp.uint32)
+    np.testing.assert_array_equal(bits[n], np.asarray(want), err_msg=f"{k} (id {ids[n]})")
+
+
+@needs_native
+def test_linear_routes_name_nan_and_keep_xla_for_the_rest(monkeypatch):
+  """NaN in a model is named (model and leaf) on the native route; DARE's L1 rescale (its TIES part still
+  native, on the dropped task vectors), p = 1, bfloat16 leaves and more than 64 tasks for a sum keep the XLA
+  programs, with the same results as with the kernels switched off."""
+  pre, fts = _small_quantized(3, seed=6)
+  bad = [dict(f) for f in fts]
+  k0 = sorted(pre)[1]
+  bad[2][k0] = np.array(bad[2][k0], copy=True)
+  bad[2][k0].flat[3] = np.nan
+  for name in ("task_arithmetic", "simple_average"):
+    with pytest.raises(ValueError, match=r"model 2.*" + k0.replace("/", ".")):
+      jm.merge(jm.get_method(name)(), pre, bad)
+  with pytest.raises(ValueError, match=r"model 2"):
+    jm.merge(jm.get_method("dare")(), pre, bad, key=jax.random.key(0))
+  key = jax.random.key(3)
+  l1 = jm.get_method("dare")(base="ties", rescale="l1")
+  assert native.spec(l1) is None
+  rows = []
+  real = native.ties_rows
+  monkeypatch.setattr(native, "ties_rows", lambda *a, **k: (rows.append(1), real(*a, **k))[1])
+  _equal(jm.merge(l1, pre, fts, key=key), _xla(monkeypatch, lambda: jm.merge(l1, pre, fts, key=key)), "l1", pre)
+  assert rows, "DARE's L1 rescale on TIES: the TIES part runs on the dropped task vectors natively"
+  calls = _spy_run(monkeypatch)
+  everything = jm.get_method("dare")(p=1.0)
+  assert native.spec(everything) is None
+  out = jm.merge(everything, pre, fts, key=key)
+  for k in pre:
+    np.testing.assert_array_equal(np.asarray(out[k]), pre[k])
+  b16 = (jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), pre),
+         [jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), f) for f in fts])
+  ta = jm.get_method("task_arithmetic")()
+  _equal(jm.merge(ta, *b16), _xla(monkeypatch, lambda: jm.merge(ta, *b16)), "bf16 task arithmetic")
+  assert not calls
+  assert not native.fits(65, 10, native.spec(ta)) and native.fits(64, 10, native.spec(ta))
+  assert native.fits(1024, 10) and not native.fits(4, 2**31, native.spec(jm.get_method("dare")()), [2**30])
 
 
 def test_fits_bounds():

@@ -5,7 +5,9 @@ entry on one core, and jaxmerge's whole-model programs need one concatenated ``(
 :func:`ties` instead runs the whole global TIES merge in one call of a small C kernel (``kernels.c``) that reads
 each model's leaves where they lie, on every core: the same exact thresholds, the XLA programs' float32 operation
 order (equal results up to the rounding of the final multiply-add, which XLA fuses in some programs and not in
-others), and no copy of the task vectors.
+others), and no copy of the task vectors. :func:`run` does the same for task arithmetic and simple averaging, and
+for DARE's drop in front of any of the three (the counter-based draws of :func:`jaxmerge.tree.leaf_uniform`,
+hashed in the kernel under the keys of :func:`dare_keys`): no compilation, one pass over the inputs.
 
 The kernel is compiled on first use with the machine's C compiler (``$CC``, else ``cc``/``gcc``/``clang``) against
 the XLA FFI headers that ship with jaxlib, and cached under ``$JAXMERGE_CACHE/native`` (default
@@ -28,21 +30,24 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "build", "fits", "threshold_rank", "ties", "ties_spec", "ties_thresholds", "ties_rows", "ties_xla"]
+__all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "threshold_rank", "ties", "ties_spec",
+           "ties_thresholds", "ties_rows", "ties_xla"]
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _TARGET = "jaxmerge_ties"
+_OPS = {"ties": 0, "sum": 1, "mean": 2}
 _MERGE = {"sum": 0, "mean": 1, "max": 2}
 _ZERO_SIGN = {"majority": 0, "positive": 1}
 _MAX_TASKS = 1024
+_MAX_LINEAR_TASKS = 64  # jaxmerge.tree.task_sum's unrolled adds (a reduce beyond): the kernel sums in the same order
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -123,11 +128,12 @@ def available() -> bool:
       try:
         lib = ctypes.CDLL(str(build()))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.jaxmerge_ties), platform="cpu")
-        host = lib.jaxmerge_ties_host
+        host = lib.jaxmerge_host
         host.restype = ctypes.c_int
-        host.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+        host.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_int64,
+                         ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
         _state["host"] = host
         _state["lib"] = lib  # keeps the library loaded
         _state["ok"] = True
@@ -135,6 +141,51 @@ def available() -> bool:
         log.warning("jaxmerge native CPU kernels unavailable, using the XLA programs: %s", e)
         _state["ok"] = False
     return bool(_state["ok"])
+
+
+class Spec(NamedTuple):
+  """A merge the native kernels run in one call (:func:`spec`).
+
+  Attributes:
+    op: ``"ties"`` (global TIES), ``"sum"`` (task arithmetic) or ``"mean"`` (simple averaging).
+    scale: the factor applied to the merged task vector (1 without a scale step).
+    drop: ``(p, rescale)`` of DARE's drop, the chain's first step (its key is ``fold_in(key, 0)``), or ``None``.
+    ties: ``(density, merge_func, count, zero_sign)`` for ``op="ties"``, else ``None``.
+  """
+
+  op: str
+  scale: float
+  drop: tuple[float, bool] | None = None
+  ties: tuple[float, str, str, str] | None = None
+
+
+def spec(tx: Any) -> Spec | None:
+  """Recognizes the merges the native kernels run: an optional DARE drop (:func:`jaxmerge.transforms.drop`
+  with ``rescale`` ``True`` or ``False``) as the first step, then global TIES
+  (:func:`jaxmerge.reductions.ties_merge`), a sum (:func:`jaxmerge.reductions.sum_tasks`) or a mean
+  (:func:`jaxmerge.reductions.mean_tasks`), then at most one :func:`jaxmerge.transforms.scale`: TIES, task
+  arithmetic, simple averaging and DARE on TIES or task arithmetic as the registry builds them.
+
+  Args:
+    tx: a merge transform.
+
+  Returns:
+    A :class:`Spec`, or ``None`` for any other transform.
+  """
+  kernels = [s.kernel for s in (tx.steps or (tx,))]
+  drop = None
+  if kernels and kernels[0][:1] == ("drop",):
+    drop = (kernels[0][1], kernels[0][2])
+    kernels = kernels[1:]
+  if not kernels or kernels[0][:1] not in (("ties",), ("sum",), ("mean",)) or len(kernels) > 2:
+    return None
+  scale = 1.0
+  if len(kernels) == 2:
+    if kernels[1][:1] != ("scale",):
+      return None
+    scale = kernels[1][1]
+  op = kernels[0][0]
+  return Spec(op, scale, drop, tuple(kernels[0][1:]) if op == "ties" else None)
 
 
 def ties_spec(tx: Any) -> tuple[float, str, str, str, float] | None:
@@ -147,16 +198,10 @@ def ties_spec(tx: Any) -> tuple[float, str, str, str, float] | None:
   Returns:
     ``(density, merge_func, count, zero_sign, scale)`` for global TIES, else ``None``.
   """
-  kernels = [s.kernel for s in (tx.steps or (tx,))]
-  if not kernels or kernels[0][:1] != ("ties",) or len(kernels) > 2:
+  sp = spec(tx)
+  if sp is None or sp.op != "ties" or sp.drop is not None:
     return None
-  scale = 1.0
-  if len(kernels) == 2:
-    if kernels[1][:1] != ("scale",):
-      return None
-    scale = kernels[1][1]
-  _, density, merge_func, count, zero_sign = kernels[0]
-  return density, merge_func, count, zero_sign, scale
+  return (*sp.ties, sp.scale)
 
 
 def _threads() -> int:
@@ -197,24 +242,34 @@ def _call(scale: jax.Array | None, args: list[jax.Array], out_shapes: Sequence[t
       merge=np.int64(merge), zero_sign=np.int64(zero_sign), threads=np.int64(_threads()))
 
 
-def fits(tasks: int, n: int) -> bool:
-  """Whether the kernel takes this merge: 1 to 1024 task vectors of fewer than 2**32 entries each (its
-  per-thread histogram counters are 32-bit).
+def fits(tasks: int, n: int, sp: Spec | None = None, sizes: Sequence[int] = ()) -> bool:
+  """Whether the kernels take this merge: 1 to 1024 task vectors of fewer than 2**32 entries each for TIES (its
+  per-thread histogram counters are 32-bit); at most 64 for task arithmetic and averaging (the XLA programs' sum
+  order); with DARE's drop, fewer than 2**32 draws per leaf (``tasks * size``) and ``p < 1``.
 
   Args:
     tasks: the number of task vectors.
     n: the entries of one task vector (of the whole model).
+    sp: the merge (default: TIES without a drop).
+    sizes: the entries of each leaf (for the drop's limit).
 
   Returns:
-    ``True`` when :func:`ties` accepts the merge.
+    ``True`` when :func:`run` accepts the merge.
   """
-  return 1 <= tasks <= _MAX_TASKS and 0 < n < 2**32
+  limit = _MAX_LINEAR_TASKS if sp is not None and sp.op != "ties" else _MAX_TASKS
+  if not (1 <= tasks <= limit and 0 < n < 2**32):
+    return False
+  if sp is not None and sp.drop is not None:
+    return sp.drop[0] < 1 and all(tasks * int(m) < 2**32 for m in sizes)
+  return True
 
 
-def _check(tasks: int, n: int) -> None:
-  if not fits(tasks, n):
-    raise ValueError(f"the native TIES kernel takes 1..{_MAX_TASKS} task vectors of 1..2**32 - 1 entries, got "
-                     f"{tasks} of {n}")
+def _check(tasks: int, n: int, sp: Spec | None = None, sizes: Sequence[int] = ()) -> None:
+  if not fits(tasks, n, sp, sizes):
+    what = "TIES" if sp is None or sp.op == "ties" else sp.op
+    limit = _MAX_LINEAR_TASKS if sp is not None and sp.op != "ties" else _MAX_TASKS
+    raise ValueError(f"the native {what} kernel takes 1..{limit} task vectors of 1..2**32 - 1 entries (with a "
+                     f"drop: p < 1 and under 2**32 draws per leaf), got {tasks} of {n}")
 
 
 def _host_view(x: Any) -> np.ndarray:
@@ -226,11 +281,57 @@ def _pointers(arrays: Sequence[np.ndarray]) -> Any:
   return (ctypes.c_void_p * max(1, len(arrays)))(*[a.ctypes.data for a in arrays])
 
 
+def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[Any], *,
+        keys: Any = None, stacked: bool = False) -> tuple[list[jax.Array], np.ndarray, np.ndarray]:
+  """One native call of the merge ``sp`` (:func:`spec`) on the CPU, reading the leaves where they lie (NumPy
+  arrays, or JAX arrays on a CPU device: no copy of the inputs): ``pre + scale * op(drop(ft - pre))``.
+
+  Args:
+    sp: the merge (TIES, task arithmetic or simple averaging, optionally on DARE's drop).
+    pre: the pretrained leaves (float32).
+    fts: the fine-tuned models, each a sequence of leaves in ``pre``'s order; or, with ``stacked=True``, one
+      ``(T, *shape)`` leaf per pretrained leaf.
+    keys: with a drop, the ``(len(pre), 3)`` uint32 keys of its draws (:func:`dare_keys`).
+    stacked: the layout of ``fts``.
+
+  Returns:
+    ``(merged leaves as CPU JAX arrays, TIES's thresholds (T,) (zeros for the other merges), non-finite flags
+    (T + 1,))``: a flag marks a model (the pretrained one last) holding NaN/Inf, in which case the merged values
+    are meaningless.
+
+  Raises:
+    ValueError: the merge does not fit the kernels (see :func:`fits`), or a drop without its keys.
+  """
+  if not available():
+    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
+  from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
+
+  tasks = int(np.shape(fts[0])[0]) if stacked else len(fts)
+  pre_np = [_host_view(x) for x in pre]
+  _check(tasks, sum(x.size for x in pre_np), sp, [x.size for x in pre_np])
+  if sp.drop is not None:
+    if keys is None:
+      raise ValueError("DARE's drop needs its keys (jaxmerge.native.dare_keys)")
+    keys = np.ascontiguousarray(keys, np.uint32)
+    if keys.shape != (len(pre_np), 3):
+      raise ValueError(f"keys must be ({len(pre_np)}, 3) uint32, got {keys.shape}")
+  if stacked:
+    rows_np = [_host_view(x) for x in fts]
+    lens = [x.size for x in pre_np]
+    row_ptrs = [r.ctypes.data + 4 * t * n for r, n in zip(rows_np, lens) for t in range(tasks)]
+  else:
+    rows_np = [_host_view(m[i]) for i in range(len(pre_np)) for m in fts]
+    row_ptrs = [r.ctypes.data for r in rows_np]
+  outs = [aligned_empty(x.shape) for x in pre_np]
+  thr, bad = _host_call(sp, pre_np, None, row_ptrs, outs, tasks, keys)
+  device = jax.devices("cpu")[0]
+  return [jax.device_put(o, device) for o in outs], thr, bad
+
+
 def ties(pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[Any], *, density: float,
          scale: float, merge_func: str = "sum", count: str = "reference", zero_sign: str = "majority",
          stacked: bool = False) -> tuple[list[jax.Array], np.ndarray, np.ndarray]:
-  """Global TIES on the CPU in one native call, ``pre + scale * disjoint_merge(trim(ft - pre))``, reading the
-  leaves where they lie (NumPy arrays, or JAX arrays on a CPU device: no copy of the inputs).
+  """Global TIES on the CPU in one native call, ``pre + scale * disjoint_merge(trim(ft - pre))`` (:func:`run`).
 
   Args:
     pre: the pretrained leaves (float32).
@@ -244,41 +345,54 @@ def ties(pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[Any], *, de
     ``(merged leaves as CPU JAX arrays, thresholds (T,), non-finite flags (T + 1,))``: a flag marks a model (the
     pretrained one last) holding NaN/Inf, in which case the merged values are meaningless.
   """
-  if not available():
-    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
-  from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
-
-  tasks = int(np.shape(fts[0])[0]) if stacked else len(fts)
-  pre_np = [_host_view(x) for x in pre]
-  _check(tasks, sum(x.size for x in pre_np))
-  if stacked:
-    rows_np = [_host_view(x) for x in fts]
-    lens = [x.size for x in pre_np]
-    row_ptrs = [r.ctypes.data + 4 * t * n for r, n in zip(rows_np, lens) for t in range(tasks)]
-  else:
-    rows_np = [_host_view(m[i]) for i in range(len(pre_np)) for m in fts]
-    row_ptrs = [r.ctypes.data for r in rows_np]
-  outs = [aligned_empty(x.shape) for x in pre_np]
-  thr, bad = _host_call(pre_np, None, row_ptrs, outs, tasks, density=density, scale=scale, merge_func=merge_func,
-                        count=count, zero_sign=zero_sign)
-  device = jax.devices("cpu")[0]
-  return [jax.device_put(o, device) for o in outs], thr, bad
+  return run(Spec("ties", scale, None, (density, merge_func, count, zero_sign)), pre, fts, stacked=stacked)
 
 
-def _host_call(pre: list[np.ndarray] | None, base: list[np.ndarray] | None, row_ptrs: list[int],
-               outs: list[np.ndarray], tasks: int, *, density: float, scale: float, merge_func: str, count: str,
-               zero_sign: str) -> tuple[np.ndarray, np.ndarray]:
+def _host_call(sp: Spec, pre: list[np.ndarray] | None, base: list[np.ndarray] | None, row_ptrs: list[int],
+               outs: list[np.ndarray], tasks: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   lens = [o.size for o in outs]
   thr = np.zeros((tasks,), np.float32)
   bad = np.zeros((tasks + 1,), np.int32)
+  density, merge_func, count, zero_sign = sp.ties or (1.0, "sum", "reference", "majority")
+  k = threshold_rank(sum(lens), density, count) if sp.op == "ties" else 0
+  p, mul = 0.0, 0.0
+  if sp.drop is not None:
+    # As the XLA programs: u >= float32(p); survivors times float32(1 / float32(1 - p)) (XLA's simplifier turns
+    # the division by the constant 1 - p into this product).
+    p = float(np.float32(sp.drop[0]))
+    mul = float(np.float32(1.0 / float(np.float32(1 - sp.drop[0])))) if sp.drop[1] else 0.0
   rc = _state["host"](
-      len(outs), tasks, _pointers(pre) if pre is not None else None,
+      _OPS[sp.op], len(outs), tasks, _pointers(pre) if pre is not None else None,
       _pointers(base) if base is not None else None, (ctypes.c_void_p * max(1, len(row_ptrs)))(*row_ptrs),
-      _pointers(outs), (ctypes.c_int64 * max(1, len(lens)))(*lens), threshold_rank(sum(lens), density, count),
-      _ZERO_SIGN[zero_sign], _MERGE[merge_func], _threads(), float(scale), thr.ctypes.data, bad.ctypes.data)
+      _pointers(outs), (ctypes.c_int64 * max(1, len(lens)))(*lens), k, _ZERO_SIGN[zero_sign], _MERGE[merge_func],
+      keys.ctypes.data if sp.drop is not None else None, p, mul, _threads(), float(sp.scale), thr.ctypes.data,
+      bad.ctypes.data)
   if rc != 0:
-    raise MemoryError("jaxmerge native TIES: out of memory")
+    raise MemoryError("jaxmerge native kernel: out of memory")
   return thr, bad
+
+
+def dare_keys(key: Any, paths: Sequence[str]) -> np.ndarray:
+  """The keys of DARE's draws for each leaf, as the XLA programs derive them: the 96 key bits
+  :func:`jaxmerge.tree.leaf_uniform` takes from :func:`jaxmerge.tree.leaf_key` of the drop step's key.
+
+  Args:
+    key: the drop step's PRNG key (a chain's step ``i`` gets ``fold_in(key, i)``).
+    paths: the leaves' path strings.
+
+  Returns:
+    ``(len(paths), 3)`` uint32 keys.
+  """
+  from jaxmerge import tree as jtree  # noqa: PLC0415
+
+  ids = np.asarray([jtree.leaf_id(p) for p in paths], np.uint32)
+  return np.asarray(_keys_program()(key, ids))
+
+
+@functools.cache
+def _keys_program() -> Any:
+  return jax.jit(lambda key, ids: jax.vmap(
+      lambda i: jax.random.bits(jax.random.fold_in(key, i), (3,), jnp.uint32))(ids))
 
 
 def ties_rows(deltas: np.ndarray, base: np.ndarray, *, density: float, scale: float, merge_func: str = "sum",
@@ -305,8 +419,8 @@ def ties_rows(deltas: np.ndarray, base: np.ndarray, *, density: float, scale: fl
   _check(tasks, base.size)
   out = aligned_empty(base.shape)
   rows = [deltas.ctypes.data + 4 * t * base.size for t in range(tasks)]
-  thr, bad = _host_call(None, [base], rows, [out], tasks, density=density, scale=scale, merge_func=merge_func,
-                        count=count, zero_sign=zero_sign)
+  thr, bad = _host_call(Spec("ties", scale, None, (density, merge_func, count, zero_sign)), None, [base], rows,
+                        [out], tasks)
   return out, thr, bad
 
 

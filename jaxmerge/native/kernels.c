@@ -1,4 +1,5 @@
-/* jaxmerge's CPU kernels, called from XLA programs through the XLA FFI (plain C against its C API).
+/* jaxmerge's CPU kernels, called from XLA programs through the XLA FFI (plain C against its C API) and from
+   Python through ctypes (jaxmerge_host).
 
    jaxmerge_ties: per task, the exact k-th smallest magnitude of the task vectors over every leaf of a model
    (a two-level radix select on the float bits: a histogram of the high 15 bits, then of the low 16 bits inside
@@ -7,6 +8,12 @@
    the same call, reading each model's leaves where they lie: no concatenated copy of the task vectors.
    The arithmetic is the one of jaxmerge's XLA programs (float32, same operation order), so the results
    agree with them; the radix select is exact.
+
+   jaxmerge_host also runs task arithmetic and simple averaging (op 1 and 2: pre + scale * sum or mean of the
+   task vectors, summed in task order as XLA's unrolled adds), and any of the three on DARE's dropped task
+   vectors: with per-leaf keys, entry i of a leaf's (T, ...) task vectors survives when its counter-based
+   uniform draw (jaxmerge.tree.leaf_uniform: three keyed rounds of the lowbias32 hash of i) is >= p, and is then
+   multiplied by 1 / (1 - p) (XLA turns the division by a constant into this product).
 
    Inputs (buffers, float32): [scale (1,)] then, for each leaf, [pretrained] then either the T models'
    leaves or one stacked (T, ...) leaf. Outputs: thresholds (T,) float32, non-finite flags (T + 1,) int32
@@ -23,12 +30,24 @@
 
 #include "xla/ffi/api/c_api.h"
 
+/* The hash of DARE's draws multiplies 32-bit integers: vectorized only from AVX2 on (SSE2, x86-64's baseline,
+   has no such multiply). Its loops get an AVX2 copy, chosen at load time where the CPU has it. */
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef VECTOR_CLONES
+#define VECTOR_CLONES
+#endif
+
 #define HI_BUCKETS 32768 /* magnitude bits >> 16 (the sign bit is clear) */
 #define LO_BUCKETS 65536
 #define CHUNK 32768      /* entries per work item */
 #define BLOCK 256        /* entries per inner block of the merge */
 
-enum { PHASE_HIGH, PHASE_LOW, PHASE_MERGE };
+enum { PHASE_HIGH, PHASE_LOW, PHASE_MERGE, PHASE_LINEAR };
+enum { OP_TIES, OP_SUM, OP_MEAN };
 
 typedef struct {
   int64_t n, cap, *seg, *idx;
@@ -43,8 +62,10 @@ typedef struct {
   int64_t *len;       /* nseg */
   int64_t nchunk, *cseg, *clo, *chi;
   int64_t next;
-  int phase, merge, zero_sign, fma;
+  int phase, merge, zero_sign, fma, op;
   float scale, majority;
+  const uint32_t *keys; /* nseg * 3 keys of DARE's drop, or NULL (no drop) */
+  float drop_p, drop_mul; /* survivors are multiplied by drop_mul, 1 / (1 - p) (0: kept as they are) */
   uint32_t hi[1024];
   float thr[1024];
   uint32_t *hist;    /* threads * tasks * buckets */
@@ -70,6 +91,55 @@ static inline float from_bits(uint32_t b) {
   return x;
 }
 
+/* jaxmerge.tree.leaf_uniform's draw for counter c under key k: the lowbias32 finalizer, three keyed rounds, top
+   23 bits as a float in [0, 1). */
+static inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  return x ^ (x >> 15);
+}
+
+static inline float uniform(const uint32_t *k, uint32_t c) {
+  uint32_t b = mix32(mix32(mix32(c ^ k[0]) + k[1]) ^ k[2]);
+  return from_bits((b >> 9) | 0x3F800000u) - 1.0f;
+}
+
+/* DARE's drop of one task vector entry: counter c = t * len + j in the leaf's (T, ...) draws. */
+static inline float dropped(const job_t *J, const uint32_t *k, uint32_t c, float x) {
+  float y = uniform(k, c) >= J->drop_p ? x : 0.0f;
+  return J->drop_mul != 0.0f ? y * J->drop_mul : y;
+}
+
+/* Entries [lo, lo + m) of task t's vector of leaf s (row minus pretrained, then DARE's drop when keyed). */
+VECTOR_CLONES static void load_deltas(const job_t *J, int64_t s, int64_t t, int64_t lo, int m, float *d) {
+  const float *r = J->rows[s * J->tasks + t] + lo;
+  const float *p = J->pre[s] ? J->pre[s] + lo : NULL;
+  if (p) {
+    for (int i = 0; i < m; ++i) d[i] = r[i] - p[i];
+  } else {
+    for (int i = 0; i < m; ++i) d[i] = r[i];
+  }
+  if (J->keys) {
+    const uint32_t *k = J->keys + 3 * s;
+    const uint32_t c0 = (uint32_t)(t * J->len[s] + lo);
+    const float dp = J->drop_p, dm = J->drop_mul;
+    if (dm != 0.0f) {
+      for (int i = 0; i < m; ++i) d[i] = (uniform(k, c0 + (uint32_t)i) >= dp ? d[i] : 0.0f) * dm;
+    } else {
+      for (int i = 0; i < m; ++i) d[i] = uniform(k, c0 + (uint32_t)i) >= dp ? d[i] : 0.0f;
+    }
+  }
+}
+
+/* Whether any of x[0..m) is NaN or Inf. */
+static inline uint32_t any_nonfinite(const float *x, int64_t m) {
+  uint32_t nf = 0;
+  for (int64_t j = 0; j < m; ++j) nf |= mag_bits(x[j]) >= 0x7f800000u;
+  return nf;
+}
+
 static void high_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
   const int64_t T = J->tasks;
   const float *p = J->pre[s];
@@ -78,7 +148,15 @@ static void high_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
     const float *r = J->rows[s * T + t];
     uint32_t *h = J->hist + ((size_t)tid * T + t) * HI_BUCKETS;
     uint32_t nf = 0;
-    if (p) {
+    if (J->keys) { /* DARE's drop first: the inputs are checked, the dropped task vectors counted */
+      float d[BLOCK];
+      nf = any_nonfinite(r + lo, hi - lo);
+      for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
+        const int m = (int)(hi - b0 < BLOCK ? hi - b0 : BLOCK);
+        load_deltas(J, s, t, b0, m, d);
+        for (int i = 0; i < m; ++i) h[mag_bits(d[i]) >> 16]++;
+      }
+    } else if (p) {
       for (int64_t j = lo; j < hi; ++j) {
         uint32_t b = mag_bits(r[j] - p[j]);
         nf |= b >= 0x7f800000u;
@@ -107,6 +185,18 @@ static void low_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
     const float *r = J->rows[s * T + t];
     uint32_t *h = J->hist + ((size_t)tid * T + t) * LO_BUCKETS;
     const uint32_t want = J->hi[t];
+    if (J->keys) {
+      float d[BLOCK];
+      for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
+        const int m = (int)(hi - b0 < BLOCK ? hi - b0 : BLOCK);
+        load_deltas(J, s, t, b0, m, d);
+        for (int i = 0; i < m; ++i) {
+          uint32_t b = mag_bits(d[i]);
+          if ((b >> 16) == want) h[b & 0xffffu]++;
+        }
+      }
+      continue;
+    }
     for (int64_t j = lo; j < hi; ++j) {
       uint32_t b = mag_bits(p ? r[j] - p[j] : r[j]);
       if ((b >> 16) == want) h[b & 0xffffu]++;
@@ -182,7 +272,10 @@ static void merge_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
       const float *r = J->rows[s * T + t] + b0;
       const float v = J->thr[t];
       float *d = rr + t * BLOCK;
-      if (p) {
+      if (J->keys) {
+        load_deltas(J, s, t, b0, m, d);
+        for (int i = 0; i < m; ++i) d[i] = fabsf(d[i]) >= v ? d[i] : 0.0f;
+      } else if (p) {
         const float *pp = p + b0;
         for (int i = 0; i < m; ++i) {
           float x = r[i] - pp[i];
@@ -265,6 +358,32 @@ static void merge_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
   J->signsum[tid] += signsum;
 }
 
+/* Task arithmetic / simple averaging of entries [lo, hi) of leaf s: base + scale * (sum or mean of the task
+   vectors), summed in task order (XLA's unrolled adds); the inputs' NaN/Inf flags on the way. */
+static void linear_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
+  const int64_t T = J->tasks;
+  const float *p = J->pre[s];
+  int32_t *bad = J->bad + (size_t)tid * (T + 1);
+  float d[BLOCK], acc[BLOCK];
+  const float inv_tasks = 1.0f / (float)T; /* XLA turns the mean's division by T into this product */
+  for (int64_t t = 0; t < T; ++t)
+    if (any_nonfinite(J->rows[s * T + t] + lo, hi - lo)) bad[t] = 1;
+  if (p && any_nonfinite(p + lo, hi - lo)) bad[T] = 1;
+  for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
+    const int m = (int)(hi - b0 < BLOCK ? hi - b0 : BLOCK);
+    load_deltas(J, s, 0, b0, m, acc);
+    for (int64_t t = 1; t < T; ++t) {
+      load_deltas(J, s, t, b0, m, d);
+      for (int i = 0; i < m; ++i) acc[i] += d[i];
+    }
+    /* The mean's 1 / T and the scale are constants of XLA's programs: it folds them into one factor. */
+    const float scale = J->op == OP_MEAN ? inv_tasks * J->scale : J->scale;
+    const float *q = J->base[s] ? J->base[s] + b0 : NULL;
+    if (J->fma) finish_fma(J->out[s] + b0, q, acc, NULL, NULL, m, 0, scale);
+    else finish_plain(J->out[s] + b0, q, acc, NULL, NULL, m, 0, scale);
+  }
+}
+
 /* One entry of the merge, recomputed with the model's majority sign (the fix-up of exact cancellations). */
 static void merge_one(job_t *J, int64_t s, int64_t j) {
   const int64_t T = J->tasks;
@@ -272,6 +391,7 @@ static void merge_one(job_t *J, int64_t s, int64_t j) {
   float r[1024];
   for (int64_t t = 0; t < T; ++t) {
     float x = p ? J->rows[s * T + t][j] - p[j] : J->rows[s * T + t][j];
+    if (J->keys) x = dropped(J, J->keys + 3 * s, (uint32_t)(t * J->len[s] + j), x);
     r[t] = fabsf(x) >= J->thr[t] ? x : 0.0f;
   }
   float sg = J->majority; /* the sum is zero */
@@ -303,6 +423,7 @@ static void *work(void *arg) {
     switch (J->phase) {
       case PHASE_HIGH: high_chunk(J, w->tid, s, lo, hi); break;
       case PHASE_LOW: low_chunk(J, w->tid, s, lo, hi); break;
+      case PHASE_LINEAR: linear_chunk(J, w->tid, s, lo, hi); break;
       default: merge_chunk(J, w->tid, s, lo, hi); break;
     }
   }
@@ -373,16 +494,17 @@ static int64_t numel(const XLA_FFI_Buffer *b) {
 }
 
 /* Allocates a job's pointer tables (the caller fills pre, rows, out and len). */
-static int job_init(job_t *J, int64_t nseg, int64_t T, int64_t threads, int64_t merge, int64_t zero_sign,
-                    float scale) {
+static int job_init(job_t *J, int64_t op, int64_t nseg, int64_t T, int64_t threads, int64_t merge,
+                    int64_t zero_sign, float scale) {
   memset(J, 0, sizeof(*J));
+  J->op = (int)op;
   J->nseg = nseg;
   J->tasks = T;
   J->threads = threads < 1 ? 1 : (threads > 64 ? 64 : threads);
-  /* Each thread keeps T histograms of LO_BUCKETS 32-bit counters: at most ~256 MB of them in all. */
+  /* TIES: each thread keeps T histograms of LO_BUCKETS 32-bit counters, at most ~256 MB of them in all. */
   const int64_t per_thread = T * LO_BUCKETS * (int64_t)sizeof(uint32_t);
   const int64_t cap = ((int64_t)256 << 20) / per_thread;
-  if (J->threads > cap) J->threads = cap < 1 ? 1 : cap;
+  if (op == OP_TIES && J->threads > cap) J->threads = cap < 1 ? 1 : cap;
   J->merge = (int)merge;
   J->zero_sign = (int)zero_sign;
   J->scale = scale;
@@ -438,8 +560,8 @@ static const char *ties_core(job_t *J, int64_t k, float *thr_out, int32_t *bad_o
   J->clo = (int64_t *)malloc(sizeof(int64_t) * (nchunk + 1));
   J->chi = (int64_t *)malloc(sizeof(int64_t) * (nchunk + 1));
   uint64_t *sum = (uint64_t *)malloc(sizeof(uint64_t) * LO_BUCKETS);
-  J->hist = (uint32_t *)calloc((size_t)J->threads * T * HI_BUCKETS, sizeof(uint32_t));
-  if (!J->cseg || !J->clo || !J->chi || !sum || !J->hist) {
+  if (J->op == OP_TIES) J->hist = (uint32_t *)calloc((size_t)J->threads * T * HI_BUCKETS, sizeof(uint32_t));
+  if (!J->cseg || !J->clo || !J->chi || !sum || (J->op == OP_TIES && !J->hist)) {
     free(sum);
     return "jaxmerge_ties: out of memory";
   }
@@ -449,6 +571,17 @@ static const char *ties_core(job_t *J, int64_t k, float *thr_out, int32_t *bad_o
       J->clo[c] = lo;
       J->chi[c] = lo + CHUNK < J->len[s] ? lo + CHUNK : J->len[s];
     }
+  if (J->op != OP_TIES) { /* task arithmetic or simple averaging: one pass */
+    free(sum);
+    run_phase(J, PHASE_LINEAR);
+    for (int64_t t = 0; t < T; ++t) thr_out[t] = 0.0f;
+    for (int64_t t = 0; t <= T; ++t) {
+      int32_t v = 0;
+      for (int64_t w = 0; w < J->threads; ++w) v |= J->bad[w * (T + 1) + t];
+      bad_out[t] = v;
+    }
+    return NULL;
+  }
   run_phase(J, PHASE_HIGH); /* with k = 0 (everything kept) only for the non-finite flags */
   if (k > 0) {
     int64_t kin[1024];
@@ -525,7 +658,7 @@ XLA_FFI_Error *jaxmerge_ties(XLA_FFI_CallFrame *f) {
   job_t J;
   float scale = merge >= 0 ? *(const float *)((XLA_FFI_Buffer *)f->args.args[0])->data : 1.0f;
   const char *msg = NULL;
-  if (!job_init(&J, nseg, T, threads, merge, zero_sign, scale)) {
+  if (!job_init(&J, OP_TIES, nseg, T, threads, merge, zero_sign, scale)) {
     msg = "jaxmerge_ties: out of memory";
   } else {
     for (int64_t s = 0; s < nseg; ++s) {
@@ -553,18 +686,25 @@ XLA_FFI_Error *jaxmerge_ties(XLA_FFI_CallFrame *f) {
   return msg ? fail(api, msg) : NULL;
 }
 
-/* The same computation on plain host pointers (NumPy arrays and CPU-resident JAX arrays, called through ctypes
-   with the GIL released): pre (nseg pointers subtracted from the rows, or NULL when the rows are task vectors),
-   base (nseg pointers added to the merged task vectors, or NULL for pre), rows (nseg * T pointers, task-major
-   within a leaf), out (nseg pointers, or NULL for thresholds only), len (nseg entry counts). Returns 0, or -1
-   when out of memory. */
-int jaxmerge_ties_host(int64_t nseg, int64_t T, const float *const *pre, const float *const *base,
-                       const float *const *rows, float *const *out, const int64_t *len, int64_t k,
-                       int64_t zero_sign, int64_t merge, int64_t threads, float scale, float *thr, int32_t *bad) {
-  if (T < 1 || T > 1024) return -2;
+/* The same computations on plain host pointers (NumPy arrays and CPU-resident JAX arrays, called through
+   ctypes with the GIL released). op: 0 TIES (k, zero_sign, merge as the FFI attributes), 1 task arithmetic
+   (base + scale * sum of the task vectors), 2 simple averaging (base + scale * their mean). pre: nseg pointers
+   subtracted from the rows, or NULL when the rows are task vectors; base: nseg pointers added to the merged task
+   vectors, or NULL for pre; rows: nseg * T pointers, task-major within a leaf; out: nseg pointers, or NULL for
+   TIES's thresholds only; len: nseg entry counts; keys: nseg * 3 keys of DARE's drop (drop probability drop_p,
+   survivors multiplied by drop_mul, 0 for none), or NULL. Returns 0, -1 when out of memory, -2 for a bad task
+   count. */
+int jaxmerge_host(int64_t op, int64_t nseg, int64_t T, const float *const *pre, const float *const *base,
+                  const float *const *rows, float *const *out, const int64_t *len, int64_t k, int64_t zero_sign,
+                  int64_t merge, const uint32_t *keys, float drop_p, float drop_mul, int64_t threads, float scale,
+                  float *thr, int32_t *bad) {
+  if (T < 1 || T > 1024 || op < OP_TIES || op > OP_MEAN || (op != OP_TIES && !out)) return -2;
   job_t J;
   const char *msg = "out of memory";
-  if (job_init(&J, nseg, T, threads, out ? merge : -1, zero_sign, scale)) {
+  if (job_init(&J, op, nseg, T, threads, out ? merge : -1, zero_sign, scale)) {
+    J.keys = keys;
+    J.drop_p = drop_p;
+    J.drop_mul = drop_mul;
     for (int64_t s = 0; s < nseg; ++s) {
       J.pre[s] = pre ? pre[s] : NULL;
       J.base[s] = base ? base[s] : J.pre[s];

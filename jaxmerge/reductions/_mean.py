@@ -32,7 +32,7 @@ def sum_tasks() -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(task_sum, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, flat=True)
+  return MergeTransform(_empty, apply, REDUCE, flat=True, kernel=("sum",))
 
 
 def mean_tasks() -> MergeTransform:
@@ -49,7 +49,7 @@ def mean_tasks() -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(task_mean, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, flat=True)
+  return MergeTransform(_empty, apply, REDUCE, flat=True, kernel=("mean",))
 
 
 def weighted_sum(weights) -> MergeTransform:

@@ -152,7 +152,9 @@ def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
 
   # The path is read only through the leaf's key (jaxmerge.tree.leaf_key): engines pass the leaf id as an
   # argument, and every leaf of a shape shares one program.
-  return MergeTransform(_empty, apply, TASK, needs_key=True, path_free=True)
+  # Native CPU kernels (jaxmerge.native) recognize the drop with a 1 / (1 - p) rescale or none.
+  kernel = ("drop", float(p), bool(rescale)) if rescale in (True, False) and p < 1 else ()
+  return MergeTransform(_empty, apply, TASK, needs_key=True, path_free=True, kernel=kernel)
 
 
 def _l1_rescale(x: jax.Array, kept: jax.Array, eps: float = 1e-7) -> jax.Array:
