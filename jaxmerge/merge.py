@@ -445,8 +445,8 @@ def _run_native(tx: MergeTransform, pre: dict, ft: Any, names: Sequence[str] | N
                 check_finite: bool, key: Any) -> dict | None:
   """Global TIES, task arithmetic, simple averaging and DARE on either as one call of the native CPU kernels
   (:mod:`jaxmerge.native`): the same result as the XLA programs, without a flat copy of the task vectors or a
-  compilation. ``None`` when the transform, the leaves (float32, each on one CPU device or in NumPy) or the
-  machine (no C compiler, ``JAXMERGE_NATIVE=0``) do not allow it."""
+  compilation. ``None`` when the transform, the leaves (all float32 or all bfloat16, each on one CPU device or in
+  NumPy) or the machine (no C compiler, ``JAXMERGE_NATIVE=0``) do not allow it."""
   sp = native.spec(tx)
   if sp is None or not pre or (sp.drop is not None and key is None):
     return None
@@ -454,7 +454,8 @@ def _run_native(tx: MergeTransform, pre: dict, ft: Any, names: Sequence[str] | N
   stacked = not isinstance(ft, tuple)
   models = (ft,) if stacked else ft
   leaves = [*pre.values(), *(m[p] for m in models for p in paths)]
-  if any(x.dtype != jnp.float32 for x in leaves) or not _host_backed(leaves):
+  dtypes = {np.dtype(x.dtype) for x in leaves}
+  if len(dtypes) != 1 or dtypes.pop() not in native.DTYPES or not _host_backed(leaves):
     return None
   if any(isinstance(x, jax.Array) and len(x.devices()) != 1 for x in leaves):  # sharded: the XLA programs
     return None

@@ -172,13 +172,18 @@ def test_task_thresholds_use_the_custom_call_on_cpu(monkeypatch):
 
 @needs_native
 def test_other_inputs_keep_the_xla_route(monkeypatch):
-  """bfloat16 leaves, an explicit coefficient tree and per-leaf TIES do not take the kernel: same results as
-  with it switched off."""
+  """float16 leaves, a model mixing float32 and bfloat16 leaves, an explicit coefficient tree and per-leaf TIES
+  do not take the kernel: same results as with it switched off."""
   pre, fts = make_models(2)
-  b16 = (jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), pre),
-         [jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), f) for f in fts])
+  f16 = (jax.tree.map(lambda x: jnp.asarray(x, jnp.float16), pre),
+         [jax.tree.map(lambda x: jnp.asarray(x, jnp.float16), f) for f in fts])
   tx = jm.get_method("ties")()
-  _equal(jm.merge(tx, *b16), _xla(monkeypatch, lambda: jm.merge(tx, *b16)), "bf16")
+  calls = _spy_run(monkeypatch)
+  _equal(jm.merge(tx, *f16), _xla(monkeypatch, lambda: jm.merge(tx, *f16)), "fp16")
+  k0 = sorted(pre)[0]
+  mixed = ({**pre, k0: jnp.asarray(pre[k0], jnp.bfloat16)}, [{**f, k0: jnp.asarray(f[k0], jnp.bfloat16)} for f in fts])
+  _equal(jm.merge(tx, *mixed), _xla(monkeypatch, lambda: jm.merge(tx, *mixed)), "mixed dtypes")
+  assert not calls
   leaf = jm.get_method("ties")(scope="leaf")
   assert native.ties_spec(leaf) is None
   chained = jm.chain(jm.get_method("ties")(), jm.transforms.scale(2.0))
@@ -325,7 +330,7 @@ def test_dare_drops_where_leaf_uniform_says(monkeypatch):
 @needs_native
 def test_linear_routes_name_nan_and_keep_xla_for_the_rest(monkeypatch):
   """NaN in a model is named (model and leaf) on the native route; DARE's L1 rescale (its TIES part still
-  native, on the dropped task vectors), p = 1, bfloat16 leaves and more than 64 tasks for a sum keep the XLA
+  native, on the dropped task vectors), p = 1, float16 leaves and more than 64 tasks for a sum keep the XLA
   programs, with the same results as with the kernels switched off."""
   pre, fts = _small_quantized(3, seed=6)
   bad = [dict(f) for f in fts]
@@ -351,13 +356,42 @@ def test_linear_routes_name_nan_and_keep_xla_for_the_rest(monkeypatch):
   out = jm.merge(everything, pre, fts, key=key)
   for k in pre:
     np.testing.assert_array_equal(np.asarray(out[k]), pre[k])
-  b16 = (jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), pre),
-         [jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), f) for f in fts])
+  f16 = (jax.tree.map(lambda x: jnp.asarray(x, jnp.float16), pre),
+         [jax.tree.map(lambda x: jnp.asarray(x, jnp.float16), f) for f in fts])
   ta = jm.get_method("task_arithmetic")()
-  _equal(jm.merge(ta, *b16), _xla(monkeypatch, lambda: jm.merge(ta, *b16)), "bf16 task arithmetic")
+  _equal(jm.merge(ta, *f16), _xla(monkeypatch, lambda: jm.merge(ta, *f16)), "fp16 task arithmetic")
   assert not calls
   assert not native.fits(65, 10, native.spec(ta)) and native.fits(64, 10, native.spec(ta))
   assert native.fits(1024, 10) and not native.fits(4, 2**31, native.spec(jm.get_method("dare")()), [2**30])
+
+
+@needs_native
+@pytest.mark.parametrize("name,hp", [("ties", {}), ("ties", {"disjoint": "mean", "density": 0.5}), ("task_arithmetic", {}),
+                                     ("simple_average", {}), ("dare", {"p": 0.3}), ("dare", {"base": "ties"})])
+def test_bfloat16_leaves_run_natively(monkeypatch, name, hp):
+  """bfloat16 models (list and stacked) are read as they are, merged in float32 and rounded to bfloat16 (nearest
+  even, as XLA's convert): the XLA programs' result, up to one bfloat16 ulp where the final multiply-add's
+  rounding (fused or not) falls on a rounding boundary; NaN in a bfloat16 model is still named."""
+  pre, fts = _small_quantized(3, seed=7)
+  pre = {k: v.astype(jnp.bfloat16) for k, v in pre.items()}
+  fts = [{k: v.astype(jnp.bfloat16) for k, v in f.items()} for f in fts]
+  tx = jm.get_method(name)(**hp)
+  key = jax.random.key(2)
+  want = _xla(monkeypatch, lambda: jm.merge(tx, pre, fts, key=key))
+  calls = _spy_run(monkeypatch)
+  stacked = {k: np.stack([f[k] for f in fts]) for k in pre}
+  for got in (jm.merge(tx, pre, fts, key=key), jm.merge(tx, pre, stacked, key=key)):
+    for k in pre:
+      a, b = np.asarray(want[k]), np.asarray(got[k])
+      assert b.dtype == jnp.bfloat16 and b.shape == a.shape, k
+      ulps = np.abs(a.view(np.int16).astype(np.int64) - b.view(np.int16).astype(np.int64))
+      assert ulps.max() <= 1 and (ulps > 0).mean() < 0.01, (k, ulps.max(), (ulps > 0).mean())
+  assert len(calls) == 2
+  bad = [dict(f) for f in fts]
+  bad[1]["pos"] = np.array(bad[1]["pos"], copy=True)
+  bad[1]["pos"][0, 0] = np.inf
+  with pytest.raises(ValueError, match="model 1.*pos"):
+    jm.merge(tx, pre, bad, key=key)
 
 
 def test_fits_bounds():

@@ -7,7 +7,8 @@ each model's leaves where they lie, on every core: the same exact thresholds, th
 order (equal results up to the rounding of the final multiply-add, which XLA fuses in some programs and not in
 others), and no copy of the task vectors. :func:`run` does the same for task arithmetic and simple averaging, and
 for DARE's drop in front of any of the three (the counter-based draws of :func:`jaxmerge.tree.leaf_uniform`,
-hashed in the kernel under the keys of :func:`dare_keys`): no compilation, one pass over the inputs.
+hashed in the kernel under the keys of :func:`dare_keys`): no compilation, one pass over the inputs. The leaves
+may be float32 or bfloat16 (read as they are, float32 math, results rounded to bfloat16 as XLA's convert).
 
 The kernel is compiled on first use with the machine's C compiler (``$CC``, else ``cc``/``gcc``/``clang``) against
 the XLA FFI headers that ship with jaxlib, and cached under ``$JAXMERGE_CACHE/native`` (default
@@ -130,7 +131,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.jaxmerge_ties), platform="cpu")
         host = lib.jaxmerge_host
         host.restype = ctypes.c_int
-        host.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        host.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_int64,
                          ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
@@ -272,9 +273,15 @@ def _check(tasks: int, n: int, sp: Spec | None = None, sizes: Sequence[int] = ()
                      f"drop: p < 1 and under 2**32 draws per leaf), got {tasks} of {n}")
 
 
-def _host_view(x: Any) -> np.ndarray:
-  """A C-contiguous float32 NumPy view of a NumPy array or a CPU-resident JAX array (no copy for either)."""
-  return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+def _host_view(x: Any, dtype: Any = np.float32) -> np.ndarray:
+  """A C-contiguous NumPy view of a NumPy array or a CPU-resident JAX array (no copy for either when it already
+  has ``dtype``)."""
+  return np.ascontiguousarray(np.asarray(x), dtype=dtype)
+
+
+DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
+"""The leaf dtypes the kernels read and write (float32 math either way; bfloat16 results rounded to nearest
+even, as XLA's convert)."""
 
 
 def _pointers(arrays: Sequence[np.ndarray]) -> Any:
@@ -288,7 +295,8 @@ def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[An
 
   Args:
     sp: the merge (TIES, task arithmetic or simple averaging, optionally on DARE's drop).
-    pre: the pretrained leaves (float32).
+    pre: the pretrained leaves (float32 or bfloat16, one dtype for all: the fine-tuned leaves are read in it;
+      float32 math either way, results in that dtype).
     fts: the fine-tuned models, each a sequence of leaves in ``pre``'s order; or, with ``stacked=True``, one
       ``(T, *shape)`` leaf per pretrained leaf.
     keys: with a drop, the ``(len(pre), 3)`` uint32 keys of its draws (:func:`dare_keys`).
@@ -307,7 +315,10 @@ def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[An
   from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
 
   tasks = int(np.shape(fts[0])[0]) if stacked else len(fts)
-  pre_np = [_host_view(x) for x in pre]
+  dtype = np.dtype(np.asarray(pre[0]).dtype) if len(pre) else np.dtype(np.float32)
+  if dtype not in DTYPES:
+    dtype = np.dtype(np.float32)  # other inputs are converted (a copy)
+  pre_np = [_host_view(x, dtype) for x in pre]
   _check(tasks, sum(x.size for x in pre_np), sp, [x.size for x in pre_np])
   if sp.drop is not None:
     if keys is None:
@@ -316,13 +327,13 @@ def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[An
     if keys.shape != (len(pre_np), 3):
       raise ValueError(f"keys must be ({len(pre_np)}, 3) uint32, got {keys.shape}")
   if stacked:
-    rows_np = [_host_view(x) for x in fts]
+    rows_np = [_host_view(x, dtype) for x in fts]
     lens = [x.size for x in pre_np]
-    row_ptrs = [r.ctypes.data + 4 * t * n for r, n in zip(rows_np, lens) for t in range(tasks)]
+    row_ptrs = [r.ctypes.data + dtype.itemsize * t * n for r, n in zip(rows_np, lens) for t in range(tasks)]
   else:
-    rows_np = [_host_view(m[i]) for i in range(len(pre_np)) for m in fts]
+    rows_np = [_host_view(m[i], dtype) for i in range(len(pre_np)) for m in fts]
     row_ptrs = [r.ctypes.data for r in rows_np]
-  outs = [aligned_empty(x.shape) for x in pre_np]
+  outs = [aligned_empty(x.shape, dtype) for x in pre_np]
   thr, bad = _host_call(sp, pre_np, None, row_ptrs, outs, tasks, keys)
   device = jax.devices("cpu")[0]
   return [jax.device_put(o, device) for o in outs], thr, bad
@@ -351,6 +362,7 @@ def ties(pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[Any], *, de
 def _host_call(sp: Spec, pre: list[np.ndarray] | None, base: list[np.ndarray] | None, row_ptrs: list[int],
                outs: list[np.ndarray], tasks: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   lens = [o.size for o in outs]
+  bf16 = outs[0].dtype == np.dtype(jnp.bfloat16)
   thr = np.zeros((tasks,), np.float32)
   bad = np.zeros((tasks + 1,), np.int32)
   density, merge_func, count, zero_sign = sp.ties or (1.0, "sum", "reference", "majority")
@@ -362,7 +374,7 @@ def _host_call(sp: Spec, pre: list[np.ndarray] | None, base: list[np.ndarray] | 
     p = float(np.float32(sp.drop[0]))
     mul = float(np.float32(1.0 / float(np.float32(1 - sp.drop[0])))) if sp.drop[1] else 0.0
   rc = _state["host"](
-      _OPS[sp.op], len(outs), tasks, _pointers(pre) if pre is not None else None,
+      _OPS[sp.op], int(bf16), len(outs), tasks, _pointers(pre) if pre is not None else None,
       _pointers(base) if base is not None else None, (ctypes.c_void_p * max(1, len(row_ptrs)))(*row_ptrs),
       _pointers(outs), (ctypes.c_int64 * max(1, len(lens)))(*lens), k, _ZERO_SIGN[zero_sign], _MERGE[merge_func],
       keys.ctypes.data if sp.drop is not None else None, p, mul, _threads(), float(sp.scale), thr.ctypes.data,

@@ -65,6 +65,7 @@ typedef struct {
   int phase, merge, zero_sign, fma, op;
   float scale, majority;
   const uint32_t *keys; /* nseg * 3 keys of DARE's drop, or NULL (no drop) */
+  int bf16;             /* pre, base, rows and out hold bfloat16 (uint16) entries, not float32 */
   float drop_p, drop_mul; /* survivors are multiplied by drop_mul, 1 / (1 - p) (0: kept as they are) */
   uint32_t hi[1024];
   float thr[1024];
@@ -112,13 +113,63 @@ static inline float dropped(const job_t *J, const uint32_t *k, uint32_t c, float
   return J->drop_mul != 0.0f ? y * J->drop_mul : y;
 }
 
+/* bfloat16 <-> float32: widening is exact; narrowing rounds to nearest even (XLA's convert), NaN stays NaN. */
+static inline float bf16_to_f32(uint16_t h) { return from_bits((uint32_t)h << 16); }
+
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t b;
+  memcpy(&b, &f, 4);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40u);
+  return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+/* m entries of a leaf buffer from entry lo, as float32. */
+static inline void load_f32(const job_t *J, const float *src, int64_t lo, int m, float *d) {
+  if (J->bf16) {
+    const uint16_t *h = (const uint16_t *)(const void *)src + lo;
+    for (int i = 0; i < m; ++i) d[i] = bf16_to_f32(h[i]);
+  } else {
+    memcpy(d, src + lo, sizeof(float) * (size_t)m);
+  }
+}
+
+static inline float load1(const job_t *J, const float *src, int64_t j) {
+  return J->bf16 ? bf16_to_f32(((const uint16_t *)(const void *)src)[j]) : src[j];
+}
+
+static inline void store1(const job_t *J, float *dst, int64_t j, float v) {
+  if (J->bf16) ((uint16_t *)(void *)dst)[j] = f32_to_bf16(v);
+  else dst[j] = v;
+}
+
+/* Whether entries [lo, lo + m) of a leaf buffer hold a NaN or Inf. */
+static uint32_t leaf_nonfinite(const job_t *J, const float *src, int64_t lo, int64_t m) {
+  uint32_t nf = 0;
+  if (J->bf16) {
+    const uint16_t *h = (const uint16_t *)(const void *)src + lo;
+    for (int64_t j = 0; j < m; ++j) nf |= (h[j] & 0x7f80u) == 0x7f80u;
+  } else {
+    for (int64_t j = 0; j < m; ++j) nf |= mag_bits(src[lo + j]) >= 0x7f800000u;
+  }
+  return nf;
+}
+
 /* Entries [lo, lo + m) of task t's vector of leaf s (row minus pretrained, then DARE's drop when keyed). */
 VECTOR_CLONES static void load_deltas(const job_t *J, int64_t s, int64_t t, int64_t lo, int m, float *d) {
-  const float *r = J->rows[s * J->tasks + t] + lo;
-  const float *p = J->pre[s] ? J->pre[s] + lo : NULL;
-  if (p) {
+  const float *r0 = J->rows[s * J->tasks + t], *p0 = J->pre[s];
+  if (J->bf16) {
+    const uint16_t *r = (const uint16_t *)(const void *)r0 + lo;
+    if (p0) {
+      const uint16_t *p = (const uint16_t *)(const void *)p0 + lo;
+      for (int i = 0; i < m; ++i) d[i] = bf16_to_f32(r[i]) - bf16_to_f32(p[i]);
+    } else {
+      for (int i = 0; i < m; ++i) d[i] = bf16_to_f32(r[i]);
+    }
+  } else if (p0) {
+    const float *r = r0 + lo, *p = p0 + lo;
     for (int i = 0; i < m; ++i) d[i] = r[i] - p[i];
   } else {
+    const float *r = r0 + lo;
     for (int i = 0; i < m; ++i) d[i] = r[i];
   }
   if (J->keys) {
@@ -133,12 +184,6 @@ VECTOR_CLONES static void load_deltas(const job_t *J, int64_t s, int64_t t, int6
   }
 }
 
-/* Whether any of x[0..m) is NaN or Inf. */
-static inline uint32_t any_nonfinite(const float *x, int64_t m) {
-  uint32_t nf = 0;
-  for (int64_t j = 0; j < m; ++j) nf |= mag_bits(x[j]) >= 0x7f800000u;
-  return nf;
-}
 
 static void high_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
   const int64_t T = J->tasks;
@@ -148,9 +193,9 @@ static void high_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
     const float *r = J->rows[s * T + t];
     uint32_t *h = J->hist + ((size_t)tid * T + t) * HI_BUCKETS;
     uint32_t nf = 0;
-    if (J->keys) { /* DARE's drop first: the inputs are checked, the dropped task vectors counted */
+    if (J->keys || J->bf16) { /* DARE's drop or bfloat16: the inputs are checked, the task vectors counted */
       float d[BLOCK];
-      nf = any_nonfinite(r + lo, hi - lo);
+      nf = leaf_nonfinite(J, r, lo, hi - lo);
       for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
         const int m = (int)(hi - b0 < BLOCK ? hi - b0 : BLOCK);
         load_deltas(J, s, t, b0, m, d);
@@ -171,11 +216,7 @@ static void high_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
     }
     if (nf) bad[t] = 1;
   }
-  if (p) {
-    uint32_t nf = 0;
-    for (int64_t j = lo; j < hi; ++j) nf |= mag_bits(p[j]) >= 0x7f800000u;
-    if (nf) bad[T] = 1;
-  }
+  if (p && leaf_nonfinite(J, p, lo, hi - lo)) bad[T] = 1;
 }
 
 static void low_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
@@ -185,7 +226,7 @@ static void low_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
     const float *r = J->rows[s * T + t];
     uint32_t *h = J->hist + ((size_t)tid * T + t) * LO_BUCKETS;
     const uint32_t want = J->hi[t];
-    if (J->keys) {
+    if (J->keys || J->bf16) {
       float d[BLOCK];
       for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
         const int m = (int)(hi - b0 < BLOCK ? hi - b0 : BLOCK);
@@ -252,13 +293,31 @@ static int cpu_has_fma(void) { return 1; }
 static int cpu_has_fma(void) { return 0; }
 #endif
 
+/* Entries [b0, b0 + m) of leaf s's output: base + scale * merged (the pretrained weights as base), converted to
+   the leaves' dtype. */
+static void finish_block(const job_t *J, int64_t s, int64_t b0, int m, const float *acc, const float *cnt,
+                         const float *sgn, int merge, float scale) {
+  const float *base = J->base[s];
+  if (!J->bf16) {
+    const float *q = base ? base + b0 : NULL;
+    if (J->fma) finish_fma(J->out[s] + b0, q, acc, cnt, sgn, m, merge, scale);
+    else finish_plain(J->out[s] + b0, q, acc, cnt, sgn, m, merge, scale);
+    return;
+  }
+  float qb[BLOCK], ob[BLOCK];
+  if (base) load_f32(J, base, b0, m, qb);
+  if (J->fma) finish_fma(ob, base ? qb : NULL, acc, cnt, sgn, m, merge, scale);
+  else finish_plain(ob, base ? qb : NULL, acc, cnt, sgn, m, merge, scale);
+  uint16_t *o = (uint16_t *)(void *)J->out[s] + b0;
+  for (int i = 0; i < m; ++i) o[i] = f32_to_bf16(ob[i]);
+}
+
 /* The TIES merge of entries [lo, hi) of leaf s, block by block (loops the compiler vectorizes). Entries whose
    trimmed task vectors cancel exactly (a zero sum with nonzero terms) depend on the model's majority sign, known
    only at the end: they are merged with +1 here and their positions kept for a fix-up. */
 static void merge_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
   const int64_t T = J->tasks;
   const float *p = J->pre[s];
-  float *o = J->out[s];
   float rbuf[16 * BLOCK];
   float *rr = T <= 16 ? rbuf : (float *)malloc(sizeof(float) * T * BLOCK);
   float total[BLOCK], acc[BLOCK], cnt[BLOCK], sgn[BLOCK], dir[BLOCK];
@@ -272,7 +331,7 @@ static void merge_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
       const float *r = J->rows[s * T + t] + b0;
       const float v = J->thr[t];
       float *d = rr + t * BLOCK;
-      if (J->keys) {
+      if (J->keys || J->bf16) {
         load_deltas(J, s, t, b0, m, d);
         for (int i = 0; i < m; ++i) d[i] = fabsf(d[i]) >= v ? d[i] : 0.0f;
       } else if (p) {
@@ -327,9 +386,7 @@ static void merge_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
         }
       }
     }
-    const float *q = J->base[s] ? J->base[s] + b0 : NULL;
-    if (J->fma) finish_fma(o + b0, q, acc, cnt, sgn, m, merge, J->scale);
-    else finish_plain(o + b0, q, acc, cnt, sgn, m, merge, J->scale);
+    finish_block(J, s, b0, m, acc, cnt, sgn, merge, J->scale);
     if (!positive) {
       /* Exact cancellations: a zero sum with a nonzero term (rare; kept for the fix-up). */
       for (int i = 0; i < m; ++i) anyv[i] = 0;
@@ -367,8 +424,8 @@ static void linear_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
   float d[BLOCK], acc[BLOCK];
   const float inv_tasks = 1.0f / (float)T; /* XLA turns the mean's division by T into this product */
   for (int64_t t = 0; t < T; ++t)
-    if (any_nonfinite(J->rows[s * T + t] + lo, hi - lo)) bad[t] = 1;
-  if (p && any_nonfinite(p + lo, hi - lo)) bad[T] = 1;
+    if (leaf_nonfinite(J, J->rows[s * T + t], lo, hi - lo)) bad[t] = 1;
+  if (p && leaf_nonfinite(J, p, lo, hi - lo)) bad[T] = 1;
   for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
     const int m = (int)(hi - b0 < BLOCK ? hi - b0 : BLOCK);
     load_deltas(J, s, 0, b0, m, acc);
@@ -378,9 +435,7 @@ static void linear_chunk(job_t *J, int tid, int64_t s, int64_t lo, int64_t hi) {
     }
     /* The mean's 1 / T and the scale are constants of XLA's programs: it folds them into one factor. */
     const float scale = J->op == OP_MEAN ? inv_tasks * J->scale : J->scale;
-    const float *q = J->base[s] ? J->base[s] + b0 : NULL;
-    if (J->fma) finish_fma(J->out[s] + b0, q, acc, NULL, NULL, m, 0, scale);
-    else finish_plain(J->out[s] + b0, q, acc, NULL, NULL, m, 0, scale);
+    finish_block(J, s, b0, m, acc, NULL, NULL, 0, scale);
   }
 }
 
@@ -390,7 +445,7 @@ static void merge_one(job_t *J, int64_t s, int64_t j) {
   const float *p = J->pre[s];
   float r[1024];
   for (int64_t t = 0; t < T; ++t) {
-    float x = p ? J->rows[s * T + t][j] - p[j] : J->rows[s * T + t][j];
+    float x = load1(J, J->rows[s * T + t], j) - (p ? load1(J, p, j) : 0.0f);
     if (J->keys) x = dropped(J, J->keys + 3 * s, (uint32_t)(t * J->len[s] + j), x);
     r[t] = fabsf(x) >= J->thr[t] ? x : 0.0f;
   }
@@ -410,7 +465,8 @@ static void merge_one(job_t *J, int64_t s, int64_t j) {
   if (J->merge == 1) y = y / (cnt >= 1.0f ? cnt : 1.0f);
   else if (J->merge == 2) y = y * sg;
   const float *q = J->base[s];
-  J->out[s][j] = q ? (J->fma ? fmaf(y, J->scale, q[j]) : y * J->scale + q[j]) : y * J->scale;
+  const float b = q ? load1(J, q, j) : 0.0f;
+  store1(J, J->out[s], j, q ? (J->fma ? fmaf(y, J->scale, b) : y * J->scale + b) : y * J->scale);
 }
 
 static void *work(void *arg) {
@@ -687,14 +743,15 @@ XLA_FFI_Error *jaxmerge_ties(XLA_FFI_CallFrame *f) {
 }
 
 /* The same computations on plain host pointers (NumPy arrays and CPU-resident JAX arrays, called through
-   ctypes with the GIL released). op: 0 TIES (k, zero_sign, merge as the FFI attributes), 1 task arithmetic
+   ctypes with the GIL released). bf16: the buffers hold bfloat16 entries (float32 math, outputs rounded to
+   nearest even), else float32. op: 0 TIES (k, zero_sign, merge as the FFI attributes), 1 task arithmetic
    (base + scale * sum of the task vectors), 2 simple averaging (base + scale * their mean). pre: nseg pointers
    subtracted from the rows, or NULL when the rows are task vectors; base: nseg pointers added to the merged task
    vectors, or NULL for pre; rows: nseg * T pointers, task-major within a leaf; out: nseg pointers, or NULL for
    TIES's thresholds only; len: nseg entry counts; keys: nseg * 3 keys of DARE's drop (drop probability drop_p,
    survivors multiplied by drop_mul, 0 for none), or NULL. Returns 0, -1 when out of memory, -2 for a bad task
    count. */
-int jaxmerge_host(int64_t op, int64_t nseg, int64_t T, const float *const *pre, const float *const *base,
+int jaxmerge_host(int64_t op, int64_t bf16, int64_t nseg, int64_t T, const float *const *pre, const float *const *base,
                   const float *const *rows, float *const *out, const int64_t *len, int64_t k, int64_t zero_sign,
                   int64_t merge, const uint32_t *keys, float drop_p, float drop_mul, int64_t threads, float scale,
                   float *thr, int32_t *bad) {
@@ -703,6 +760,7 @@ int jaxmerge_host(int64_t op, int64_t nseg, int64_t T, const float *const *pre, 
   const char *msg = "out of memory";
   if (job_init(&J, op, nseg, T, threads, out ? merge : -1, zero_sign, scale)) {
     J.keys = keys;
+    J.bf16 = bf16 != 0;
     J.drop_p = drop_p;
     J.drop_mul = drop_mul;
     for (int64_t s = 0; s < nseg; ++s) {
