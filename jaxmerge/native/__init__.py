@@ -379,8 +379,10 @@ def _host_call(sp: Spec, pre: list[np.ndarray] | None, base: list[np.ndarray] | 
       _pointers(outs), (ctypes.c_int64 * max(1, len(lens)))(*lens), k, _ZERO_SIGN[zero_sign], _MERGE[merge_func],
       keys.ctypes.data if sp.drop is not None else None, p, mul, _threads(), float(sp.scale), thr.ctypes.data,
       bad.ctypes.data)
-  if rc != 0:
+  if rc == -1:
     raise MemoryError("jaxmerge native kernel: out of memory")
+  if rc != 0:
+    raise RuntimeError(f"jaxmerge native kernel: rejected its arguments (code {rc}; op {sp.op}, {tasks} tasks)")
   return thr, bad
 
 
