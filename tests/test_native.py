@@ -225,6 +225,22 @@ def test_build_is_atomic_and_reports_compiler_errors(monkeypatch, tmp_path):
 
 
 @needs_native
+def test_build_without_ifunc_support_drops_the_avx2_clones(monkeypatch, tmp_path):
+  """A toolchain that cannot dispatch target_clones (musl has no ifunc) gets the plain loops: the build retries
+  with JAXMERGE_NO_CLONES instead of disabling the kernels."""
+  real = native._compiler()
+  fake = tmp_path / "cc-without-ifunc"
+  fake.write_text("#!/bin/sh\n"
+                  'case " $* " in *" -DJAXMERGE_NO_CLONES "*) exec "' + real + '" "$@";; esac\n'
+                  'echo "error: the call requires ifunc" >&2\nexit 1\n')
+  fake.chmod(0o755)
+  monkeypatch.setenv("CC", str(fake))
+  monkeypatch.setenv("JAXMERGE_CACHE", str(tmp_path / "cache"))
+  out = native.build()
+  assert out.exists() and b"load_deltas.avx2" not in out.read_bytes()
+
+
+@needs_native
 @pytest.mark.parametrize("density", [0.01, 0.2, 0.9, 0.999])
 def test_thresholds_equal_a_sort_over_many_work_items(density):
   """Leaves split into several work items over the threads, with a few huge entries: each task's threshold is

@@ -105,6 +105,13 @@ def build(force: bool = False) -> Path:
   try:
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
+      # Without the C library's ifunc support (musl), the AVX2 copies of the hashing loops cannot be dispatched:
+      # build the plain loops instead.
+      plain = subprocess.run([cc, *flags, "-DJAXMERGE_NO_CLONES", str(_SOURCE), "-o", tmp, "-lm"],
+                             capture_output=True, text=True, check=False)
+      if plain.returncode == 0:
+        res = plain
+    if res.returncode != 0:
       raise RuntimeError(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{res.stderr.strip()}")
     os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the new one, never a partial one
   finally:

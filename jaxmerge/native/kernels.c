@@ -31,8 +31,9 @@
 #include "xla/ffi/api/c_api.h"
 
 /* The hash of DARE's draws multiplies 32-bit integers: vectorized only from AVX2 on (SSE2, x86-64's baseline,
-   has no such multiply). Its loops get an AVX2 copy, chosen at load time where the CPU has it. */
-#if defined(__x86_64__) && defined(__has_attribute)
+   has no such multiply). Its loops get an AVX2 copy, chosen at load time where the CPU has it (target_clones
+   needs the C library's ifunc support: without it, jaxmerge.native.build compiles with JAXMERGE_NO_CLONES). */
+#if defined(__x86_64__) && defined(__has_attribute) && !defined(JAXMERGE_NO_CLONES)
 #if __has_attribute(target_clones)
 #define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #endif
