@@ -51,7 +51,7 @@ def _equal(a, b, what, pre=None):
       np.testing.assert_array_equal(x, y, err_msg=f"{what}: leaf {k}")
     else:
       bound = 2 * np.finfo(np.float32).eps * (np.abs(np.asarray(pre[k], np.float32)) + np.abs(y))
-      worst = np.max(np.abs(x.astype(np.float64) - y) - bound)
+      worst = np.max(np.abs(x.astype(np.float64) - y) - bound, initial=-np.inf)
       assert worst <= 0, f"{what}: leaf {k} differs beyond the last rounding ({worst:.3g})"
 
 
@@ -408,6 +408,27 @@ def test_bfloat16_leaves_run_natively(monkeypatch, name, hp):
   bad[1]["pos"][0, 0] = np.inf
   with pytest.raises(ValueError, match="model 1.*pos"):
     jm.merge(tx, pre, bad, key=key)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["ties", "task_arithmetic", "dare"])
+def test_leaf_shapes_and_layouts_are_kept(monkeypatch, name):
+  """Scalar, empty and Fortran-ordered leaves: the native merge returns every leaf in its shape, with the XLA
+  programs' values."""
+  rng = np.random.default_rng(1)
+  pre = {"w": rng.standard_normal((5, 3)).astype(np.float32), "s": np.array(2.0, np.float32),
+         "e": np.zeros((0, 4), np.float32)}
+  fts = [{k: (v + rng.standard_normal(v.shape)).astype(np.float32) for k, v in pre.items()} for _ in range(3)]
+  fts[1]["w"] = np.asfortranarray(fts[1]["w"])
+  tx = jm.get_method(name)()
+  key = jax.random.key(4)
+  calls = _spy_run(monkeypatch)
+  got = jm.merge(tx, pre, fts, key=key)
+  assert calls
+  want = _xla(monkeypatch, lambda: jm.merge(tx, pre, fts, key=key))
+  for k in pre:
+    assert np.shape(got[k]) == np.shape(pre[k]), k
+  _equal(got, want, name, pre)
 
 
 def test_fits_bounds():

@@ -283,7 +283,7 @@ def _check(tasks: int, n: int, sp: Spec | None = None, sizes: Sequence[int] = ()
 def _host_view(x: Any, dtype: Any = np.float32) -> np.ndarray:
   """A C-contiguous NumPy view of a NumPy array or a CPU-resident JAX array (no copy for either when it already
   has ``dtype``)."""
-  return np.ascontiguousarray(np.asarray(x), dtype=dtype)
+  return np.asarray(x, dtype=dtype, order="C")  # (np.ascontiguousarray would turn a 0-d leaf into shape (1,))
 
 
 DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
