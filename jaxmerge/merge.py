@@ -379,12 +379,10 @@ def _run_leaf_then_flat(prefix: MergeTransform, rest: MergeTransform, layout: La
       pending, off = (off, m, p, y), off + m
     copy(pending)
     device = jax.devices("cpu")[0]
-    spec = native.ties_spec(rest) if not per_task else None
-    if spec is not None and native.fits(t, n) and native.available():
+    sp = native.spec(rest) if not per_task else None
+    if sp is not None and sp.op == "ties" and sp.drop is None and native.fits(t, n) and native.available():
       # The rest is global TIES: one native call on the host buffer (no flat XLA program to compile or run).
-      density, merge_func, count, zero_sign, scale = spec
-      y = native.ties_rows(deltas, pre_flat, density=density, scale=scale, merge_func=merge_func, count=count,
-                           zero_sign=zero_sign)[0]
+      y = native.ties_rows(deltas, pre_flat, sp)[0]
       return jax.device_put(y.astype(pre[paths[0]].dtype, copy=False), device), jnp.stack(bad)
     pre32, flat = jax.device_put(pre_flat, device), jax.device_put(deltas, device)
   else:

@@ -79,7 +79,7 @@ def test_builds_and_registers():
 def test_merge_equals_xla_programs(monkeypatch, num_tasks, hp):
   pre, fts = _quantized(num_tasks)
   tx = jm.get_method("ties")(**hp)
-  assert native.ties_spec(tx) is not None
+  assert native.spec(tx).op == "ties"
   want = _xla(monkeypatch, lambda: jm.merge(tx, pre, fts))
   _equal(jm.merge(tx, pre, fts), want, f"ties {hp} T={num_tasks}", pre)
   # JAX arrays on the CPU and a stacked (T, ...) layout take the same kernel.
@@ -185,9 +185,9 @@ def test_other_inputs_keep_the_xla_route(monkeypatch):
   _equal(jm.merge(tx, *mixed), _xla(monkeypatch, lambda: jm.merge(tx, *mixed)), "mixed dtypes")
   assert not calls
   leaf = jm.get_method("ties")(scope="leaf")
-  assert native.ties_spec(leaf) is None
+  assert native.spec(leaf) is None
   chained = jm.chain(jm.get_method("ties")(), jm.transforms.scale(2.0))
-  assert native.ties_spec(chained) is None  # two scales: left to XLA
+  assert native.spec(chained) is None  # two scales: left to XLA
 
 
 def test_switched_off_or_no_compiler_falls_back(monkeypatch, caplog, tmp_path):

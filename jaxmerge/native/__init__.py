@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "threshold_rank", "ties", "ties_spec",
-           "ties_thresholds", "ties_rows", "ties_xla"]
+__all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "threshold_rank", "ties", "ties_thresholds",
+           "ties_rows", "ties_xla"]
 
 log = logging.getLogger(__name__)
 
@@ -194,22 +194,6 @@ def spec(tx: Any) -> Spec | None:
     scale = kernels[1][1]
   op = kernels[0][0]
   return Spec(op, scale, drop, tuple(kernels[0][1:]) if op == "ties" else None)
-
-
-def ties_spec(tx: Any) -> tuple[float, str, str, str, float] | None:
-  """Recognizes global TIES: :func:`jaxmerge.reductions.ties_merge`, optionally followed by one
-  :func:`jaxmerge.transforms.scale` (``jm.get_method("ties")()`` with ``scope="global"``).
-
-  Args:
-    tx: a merge transform.
-
-  Returns:
-    ``(density, merge_func, count, zero_sign, scale)`` for global TIES, else ``None``.
-  """
-  sp = spec(tx)
-  if sp is None or sp.op != "ties" or sp.drop is not None:
-    return None
-  return (*sp.ties, sp.scale)
 
 
 def _threads() -> int:
@@ -416,20 +400,22 @@ def _keys_program() -> Any:
       lambda i: jax.random.bits(jax.random.fold_in(key, i), (3,), jnp.uint32))(ids))
 
 
-def ties_rows(deltas: np.ndarray, base: np.ndarray, *, density: float, scale: float, merge_func: str = "sum",
-              count: str = "reference", zero_sign: str = "majority") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """:func:`ties` on task vectors already in memory: ``base + scale * disjoint_merge(trim(deltas))``.
+def ties_rows(deltas: np.ndarray, base: np.ndarray, sp: Spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Global TIES (``sp``, without a drop) on task vectors already in memory:
+  ``base + scale * disjoint_merge(trim(deltas))``.
 
   Args:
-    deltas: the ``(T, N)`` float32 task vectors (DARE's dropped ones, in :func:`jaxmerge.merge`).
+    deltas: the ``(T, N)`` float32 task vectors (DARE's dropped ones with an L1 rescale, in :func:`jaxmerge.merge`).
     base: the ``(N,)`` float32 weights the merged task vector is added to.
-    density, scale, merge_func, count, zero_sign: as :func:`ties`.
+    sp: the merge, a :class:`Spec` with ``op="ties"`` and no drop.
 
   Returns:
     ``(merged (N,), thresholds (T,), non-finite flags (T + 1,))`` as NumPy arrays (the last flag is unused).
   """
   if not available():
     raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
+  if sp.op != "ties" or sp.drop is not None:
+    raise ValueError(f"ties_rows runs TIES without a drop, got {sp}")
   from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
 
   deltas = np.ascontiguousarray(deltas, np.float32)
@@ -440,8 +426,7 @@ def ties_rows(deltas: np.ndarray, base: np.ndarray, *, density: float, scale: fl
   _check(tasks, base.size)
   out = aligned_empty(base.shape)
   rows = [deltas.ctypes.data + 4 * t * base.size for t in range(tasks)]
-  thr, bad = _host_call(Spec("ties", scale, None, (density, merge_func, count, zero_sign)), None, [base], rows,
-                        [out], tasks)
+  thr, bad = _host_call(sp, None, [base], rows, [out], tasks)
   return out, thr, bad
 
 

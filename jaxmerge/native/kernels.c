@@ -607,8 +607,9 @@ static void reduce_hist(const job_t *J, int64_t t, int64_t nb, uint64_t *sum) {
   }
 }
 
-/* Thresholds, non-finite flags and (merge mode) the merged leaves of a filled-in job; NULL or an error. */
-static const char *ties_core(job_t *J, int64_t k, float *thr_out, int32_t *bad_out) {
+/* Runs a filled-in job: TIES (thresholds, non-finite flags and in merge mode the merged leaves) or one pass of
+   task arithmetic / averaging (flags and merged leaves); NULL or an error. */
+static const char *job_run(job_t *J, int64_t k, float *thr_out, int32_t *bad_out) {
   const int64_t T = J->tasks;
   int64_t nchunk = 0;
   for (int64_t s = 0; s < J->nseg; ++s) nchunk += (J->len[s] + CHUNK - 1) / CHUNK;
@@ -620,7 +621,7 @@ static const char *ties_core(job_t *J, int64_t k, float *thr_out, int32_t *bad_o
   if (J->op == OP_TIES) J->hist = (uint32_t *)calloc((size_t)J->threads * T * HI_BUCKETS, sizeof(uint32_t));
   if (!J->cseg || !J->clo || !J->chi || !sum || (J->op == OP_TIES && !J->hist)) {
     free(sum);
-    return "jaxmerge_ties: out of memory";
+    return "jaxmerge: out of memory";
   }
   for (int64_t s = 0, c = 0; s < J->nseg; ++s)
     for (int64_t lo = 0; lo < J->len[s]; lo += CHUNK, ++c) {
@@ -650,7 +651,7 @@ static const char *ties_core(job_t *J, int64_t k, float *thr_out, int32_t *bad_o
     J->hist = (uint32_t *)calloc((size_t)J->threads * T * LO_BUCKETS, sizeof(uint32_t));
     if (!J->hist) {
       free(sum);
-      return "jaxmerge_ties: out of memory";
+      return "jaxmerge: out of memory";
     }
     run_phase(J, PHASE_LOW);
     for (int64_t t = 0; t < T; ++t) {
@@ -736,7 +737,7 @@ XLA_FFI_Error *jaxmerge_ties(XLA_FFI_CallFrame *f) {
       }
       if (merge >= 0) J.out[s] = (float *)((XLA_FFI_Buffer *)f->rets.rets[2 + s])->data;
     }
-    msg = ties_core(&J, k, (float *)((XLA_FFI_Buffer *)f->rets.rets[0])->data,
+    msg = job_run(&J, k, (float *)((XLA_FFI_Buffer *)f->rets.rets[0])->data,
                     (int32_t *)((XLA_FFI_Buffer *)f->rets.rets[1])->data);
   }
   job_free(&J);
@@ -771,7 +772,7 @@ int jaxmerge_host(int64_t op, int64_t bf16, int64_t nseg, int64_t T, const float
       for (int64_t t = 0; t < T; ++t) J.rows[s * T + t] = rows[s * T + t];
       J.out[s] = out ? out[s] : NULL;
     }
-    msg = ties_core(&J, k, thr, bad);
+    msg = job_run(&J, k, thr, bad);
   }
   job_free(&J);
   return msg ? -1 : 0;
