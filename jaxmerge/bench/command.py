@@ -3,10 +3,13 @@
 ::
 
     jaxmerge bench [--suite offline|clip-vit-b32-8|...] [--smoke] [--tta] [--ri] [--moe] [--methods a,b,c]
-                   [--seed N] [--cache DIR] [--out DIR]
+                   [--seeds 0,1,2 | --seed N] [--cache DIR] [--out DIR]
 
-With no arguments it runs the offline 8-task suite (built on the first run, then read from the cache) and
-writes ``results.json``, ``results.csv``, ``results.md`` and PNG plots to ``./jaxmerge-results``.
+With no arguments it runs the offline 8-task suite for three seeds (each seed its own data and experts, all
+from the shipped pretrained backbone; built on the first run, then read from the cache), reports every
+method's mean and standard deviation over the seeds, the suite's regime statistics and the survey's
+conclusions, and writes ``results.json``, ``results.csv``, ``results.md`` and PNG plots to
+``./jaxmerge-results``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ SUITES = ("offline", *CLIP_SUITES)
 CLIP_SUITE_PROVIDERS = ("jaxmerge.data.clip_suites", "jaxmerge.bench.clip_suites")
 # --smoke without --methods: a few representative methods (compilation dominates a smoke run's time).
 SMOKE_METHODS = ("simple_average", "task_arithmetic", "ties")
+# --smoke --tta without --methods: the smoke methods plus one test-time adaptation method.
+SMOKE_TTA_METHODS = ("adamerging",)
 
 
 def build_suite(name: str, *, cache_dir=None, seed: int = 0, smoke: bool = False, progress: bool = True):
@@ -113,7 +118,12 @@ def register(subparsers) -> None:
   p.add_argument("--methods", default=None, metavar="A,B,C",
                  help="comma-separated registry names, and model-level names with --moe (default: every method "
                       "that needs no data, and every model-level method with --moe)")
-  p.add_argument("--seed", type=int, default=0, help="suite and merge seed (default: 0)")
+  p.add_argument("--seed", type=int, default=None, help="one suite and merge seed (same as --seeds N)")
+  p.add_argument("--seeds", default=None, metavar="A,B,C",
+                 help="suite seeds to average over (default for the offline suite: "
+                      "0,1,2; --smoke and the CLIP suites: 0)")
+  p.add_argument("--no-regime", dest="regime", action="store_false",
+                 help="skip the regime statistics (task-vector norms, cosines, ranks, linearity)")
   p.add_argument("--cache", default=None, metavar="DIR",
                  help="cache directory (default: $JAXMERGE_CACHE or ~/.cache/jaxmerge)")
   p.add_argument("--out", default="jaxmerge-results", metavar="DIR",
@@ -140,9 +150,36 @@ def _resolve(spec, *, tta: bool, moe: bool) -> tuple[list[str], list[str]]:
   return resolve_methods(spec, tta=tta), []
 
 
+def _seeds(args) -> list[int]:
+  if args.seed is not None and args.seeds is not None:
+    raise ValueError("give --seed or --seeds, not both")
+  if args.seed is not None:
+    return [args.seed]
+  if args.seeds is not None:
+    try:
+      seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()]
+    except ValueError as e:
+      raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from e
+    if not seeds or len(set(seeds)) != len(seeds):
+      raise ValueError(f"--seeds needs distinct seeds, got {args.seeds!r}")
+    return seeds
+  if args.suite == "offline" and not args.smoke:
+    from jaxmerge.bench.suite import DEFAULT_SEEDS
+
+    return list(DEFAULT_SEEDS)
+  return [0]
+
+
+def _peak_rss_gb() -> float:
+  import resource
+
+  kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return kb / (1024**3 if sys.platform == "darwin" else 1024**2)
+
+
 def run(args: argparse.Namespace) -> int:
-  """Runs ``jaxmerge bench``: builds the suite, merges and evaluates the methods, writes the reports to
-  ``args.out`` and prints ``results.md``.
+  """Runs ``jaxmerge bench``: builds the suite for each seed, merges and evaluates the methods, writes the
+  reports (means and standard deviations over seeds) to ``args.out`` and prints ``results.md``.
 
   Args:
     args: the parsed options of the ``bench`` subcommand (see :func:`register`).
@@ -151,39 +188,56 @@ def run(args: argparse.Namespace) -> int:
     The exit status, 0.
 
   Raises:
-    ValueError: an unknown suite, method or adapter, or an unreachable suite.
+    ValueError: an unknown suite, method or adapter, bad seeds, or an unreachable suite.
   """
   from jaxmerge.bench.report import write_reports
-  from jaxmerge.bench.runner import check_adapters, run_suite
+  from jaxmerge.bench.runner import aggregate_seeds, check_adapters, run_suite
 
   if args.suite not in SUITES:
     raise ValueError(f"unknown suite {args.suite!r}; valid suites: {', '.join(SUITES)}")
+  seeds = _seeds(args)
   moe = getattr(args, "moe", False)
   methods, moe_methods = _resolve(args.methods, tta=args.tta, moe=moe)
   _enable_compilation_cache(args.cache)
   if args.smoke and args.methods is None:
     from jaxmerge.bench.moe_runner import SMOKE_MOE_METHODS
 
-    methods = [m for m in methods if m in SMOKE_METHODS]
+    methods = [m for m in methods if m in SMOKE_METHODS or (args.tta and m in SMOKE_TTA_METHODS)]
     moe_methods = [m for m in moe_methods if m in SMOKE_MOE_METHODS]
   adapters = ("ri",) if args.ri else ()
   check_adapters(adapters)  # fail before spending minutes on the suite
   start = time.perf_counter()
-  suite = build_suite(args.suite, cache_dir=args.cache, seed=args.seed, smoke=args.smoke,
-                      progress=args.progress)
-  build_seconds = time.perf_counter() - start
-  results = run_suite(suite, methods, seed=args.seed, adapters=adapters, progress=args.progress)
-  if moe:
-    from jaxmerge.bench.moe_runner import add_moe_rows
+  per_seed, regimes, build_seconds, suite = [], [], 0.0, None
+  for seed in seeds:
+    t0 = time.perf_counter()
+    suite = build_suite(args.suite, cache_dir=args.cache, seed=seed, smoke=args.smoke, progress=args.progress)
+    build_seconds += time.perf_counter() - t0
+    results = run_suite(suite, methods, seed=seed, adapters=adapters, progress=args.progress)
+    if moe:
+      from jaxmerge.bench.moe_runner import add_moe_rows
 
-    add_moe_rows(results, suite, moe_methods, seed=args.seed, progress=args.progress)
+      add_moe_rows(results, suite, moe_methods, seed=seed, progress=args.progress)
+    if getattr(args, "regime", True) and hasattr(suite, "experts") and args.suite == "offline":
+      from jaxmerge.bench.regime import regime_stats
+
+      t0 = time.perf_counter()
+      regimes.append(regime_stats(suite))
+      results["timings"]["regime"] = time.perf_counter() - t0
+    per_seed.append(results)
+  results = aggregate_seeds(per_seed) if len(per_seed) > 1 else {**per_seed[0], "seeds": seeds}
+  if regimes:
+    results["regime"] = regimes
   results["command"] = "jaxmerge " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
   results["timings"] = {"build_or_load_suite": build_seconds, **results["timings"],
                         "total": time.perf_counter() - start}
+  results["peak_rss_gb"] = _peak_rss_gb()
   config = getattr(suite, "config", None)
   if config is not None and hasattr(config, "to_dict"):
     results["suite_config"] = config.to_dict()
     results["cache_key"] = getattr(config, "hash", None)
+  from jaxmerge.bench.versions import check_versions
+
+  results["versions"] = check_versions()
   files = write_reports(results, args.out, plots=args.plots)
   print((Path(args.out) / "results.md").read_text())
   print("wrote " + ", ".join(str(f) for f in files))

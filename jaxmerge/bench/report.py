@@ -35,19 +35,42 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FUSIONBENCH_VIT_B32", "TIMING_KEYS", "compare_with_reference", "write_reports"]
+__all__ = ["CONCLUSIONS", "FUSIONBENCH_VIT_B32", "TIMING_KEYS", "check_conclusions", "compare_with_reference",
+           "write_reports"]
 
-# FusionBench's published CLIP ViT-B/32 8-task averages (%), for rank comparison only.
+# FusionBench's published CLIP ViT-B/32 8-task averages (%), for rank comparison: every method of its table
+# that jaxmerge implements under the same name and defaults (layer-wise AdaMerging is ``adamerging``).
 FUSIONBENCH_VIT_B32 = {
   "pretrained": 48.2,
   "experts": 90.3,
+  "simple_average": 66.5,
+  "fisher": 70.6,
+  "regmean": 82.4,
   "task_arithmetic": 68.0,
   "ties": 72.2,
-  "iso_c": 82.8,
+  "adamerging": 82.6,
   "wudi": 84.5,
+  "iso_c": 82.8,
+  "iso_cts": 82.7,
   "tsv_m": 83.1,
   "wemoe": 89.2,  # model-level (jaxmerge bench --moe); the issue's figure for WEMoE on ViT-B/32
 }
+
+# The survey's conclusions from its ViT-B/32 8-task table, as pairwise claims ``(claim, better, worse)``:
+# test-time adaptation beats validation-free weighting, task arithmetic beats averaging, sparsification beats
+# task arithmetic, the subspace methods score highest among single merged models, WUDI beats task arithmetic.
+CONCLUSIONS = (
+  ("layer-wise AdaMerging > task arithmetic", "adamerging", "task_arithmetic"),
+  ("task arithmetic > simple averaging", "task_arithmetic", "simple_average"),
+  ("TIES > task arithmetic", "ties", "task_arithmetic"),
+  ("TSV-M > TIES", "tsv_m", "ties"),
+  ("Iso-C > TIES", "iso_c", "ties"),
+  ("Iso-CTS > TIES", "iso_cts", "ties"),
+  ("CART > TIES", "cart", "ties"),
+  ("WUDI > task arithmetic", "wudi", "task_arithmetic"),
+)
+# Per-task methods (one model per task) count as "close to the experts" at this normalized accuracy or more.
+PER_TASK_CLOSE = 0.9
 
 # Row keys that hold wall times: excluded when comparing two runs for determinism.
 TIMING_KEYS = ("seconds", "compile_seconds", "eval_seconds", "adapt_seconds")
@@ -85,6 +108,33 @@ def compare_with_reference(rows: Sequence[dict], reference: dict[str, float] = F
           "kendall_tau": _kendall_tau(a, b)}
 
 
+def check_conclusions(rows: Sequence[dict]) -> list[dict]:
+  """Checks the survey's conclusions (:data:`CONCLUSIONS`) on result rows.
+
+  Args:
+    rows: result rows (``method``, ``average`` and, for several seeds, ``average_std``).
+
+  Returns:
+    One dict per claim whose two methods were run: ``{"claim", "better", "worse", "margin" (difference of the
+    averages, in [0, 1] units), "std" (the larger of the two rows' std over seeds, 0 for one seed), "holds"
+    (margin > 0)}``, then one per per-task method: ``{"claim": "<method> close to the experts", "normalized",
+    "holds" (normalized >= PER_TASK_CLOSE)}``.
+  """
+  by = {r["method"]: r for r in rows}
+  out = []
+  for claim, better, worse in CONCLUSIONS:
+    if better in by and worse in by:
+      margin = by[better]["average"] - by[worse]["average"]
+      std = max(by[better].get("average_std", 0.0), by[worse].get("average_std", 0.0))
+      out.append({"claim": claim, "better": better, "worse": worse, "margin": margin, "std": std,
+                  "holds": bool(margin > 0)})
+  for r in rows:
+    if r.get("per_task_model") and r["method"] != "experts" and r.get("kind") == "merge":
+      out.append({"claim": f"{r['method']} (one model per task) close to the experts",
+                  "normalized": r["normalized_average"], "holds": bool(r["normalized_average"] >= PER_TASK_CLOSE)})
+  return out
+
+
 def _pct(x: float) -> str:
   return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -106,6 +156,10 @@ def _markdown(results: dict) -> str:
   out = [f"# jaxmerge bench: {results['suite']}", ""]
   if results.get("command"):
     out += [f"Command: `{results['command']}`", ""]
+  seeds = results.get("seeds") or ()
+  if len(seeds) > 1:
+    out += [f"Mean over {len(seeds)} suites (seeds {', '.join(map(str, seeds))}: each its own data and experts, "
+            "the same shipped backbone); *avg* ± the sample standard deviation of the average over seeds.", ""]
   out += ["Accuracy (%) on each task's test split; *norm.* = merged / expert accuracy, averaged over tasks; "
           "*merge s* = merge wall time once compiled (*+compile s*: extra time of the first call).", ""]
   if storage:
@@ -118,7 +172,9 @@ def _markdown(results: dict) -> str:
   out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results["rows"]:
     name = r["method"] + (" †" if r.get("per_task_model") else "") + (" ‡" if r["kind"] == "model-level" else "")
-    cells = [name, *[_pct(r["accuracy"][t]) for t in tasks], f"**{_pct(r['average'])}**",
+    avg = f"**{_pct(r['average'])}**" + (f" ± {100 * r['average_std']:.1f}" if len(results.get("seeds") or ()) > 1
+                                         else "")
+    cells = [name, *[_pct(r["accuracy"][t]) for t in tasks], avg,
              _pct(r["normalized_average"]), f"{r['seconds']:.2f}" if r["kind"] in ("merge", "model-level") else "",
              f"{r['compile_seconds']:.1f}" if r.get("compile_seconds") is not None else ""]
     if storage:
@@ -144,7 +200,30 @@ def _markdown(results: dict) -> str:
     for m, a, ra, b, rb in zip(ref["methods"], ref["ours"], ref["ours_rank"], ref["reference"],
                                ref["reference_rank"]):
       out.append(f"| {m} | {a:.1f} | {ra} | {b:.1f} | {rb} |")
-    out += ["", f"Kendall's tau between the two rankings: {ref['kendall_tau']:.2f}."]
+    out += ["", f"Kendall's tau between the two rankings ({len(ref['methods'])} methods): {ref['kendall_tau']:.2f}."]
+  concl = results.get("conclusions")
+  if concl:
+    out += ["", "## The survey's conclusions on this run", "", "| claim | measured | holds |", "|---|---|---|"]
+    for c in concl:
+      if "margin" in c:
+        spread = f" (std over seeds up to {100 * c['std']:.1f})" if c.get("std") else ""
+        measured = f"{100 * c['margin']:+.1f} points{spread}"
+      else:
+        measured = f"{100 * c['normalized']:.1f}% of the experts' accuracy"
+      out.append(f"| {c['claim']} | {measured} | {'yes' if c['holds'] else '**no**'} |")
+  if results.get("regime"):
+    from jaxmerge.bench.regime import regime_markdown
+
+    tsv_c = next((r for r in results["rows"] if r["method"] == "tsv_c"), None)
+    out += [""] + regime_markdown(results["regime"], tsv_c["normalized_average"] if tsv_c else None)
+  if results.get("versions"):
+    v = results["versions"]
+    out += ["", "## Environment", "", "Packages: " + ", ".join(f"{k} {x}" for k, x in v.get("installed", {}).items())
+            + "."]
+    if v.get("differs"):
+      out += ["", "**Installed versions differ from the pinned ones** (`constraints.txt`): " + "; ".join(
+        f"{k} {a} (pinned {b})" for k, (a, b) in v["differs"].items()) + ". Numbers may differ from the "
+        "documented table by more than its spread."]
   if results.get("timings"):
     out += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items())]
   return "\n".join(out) + "\n"
@@ -154,11 +233,12 @@ def _csv(results: dict, path: Path) -> None:
   tasks = results["tasks"]
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["method", *tasks, "average", "normalized_average", "seconds", "compile_seconds", "kind", "data",
+    w.writerow(["method", *tasks, "average", "average_std", "normalized_average", "seconds", "compile_seconds", "kind", "data",
                 "extra_params", "extra_params_ratio", "relative_latency"])
     opt = lambda r, k, fmt: "" if r.get(k) is None else format(r[k], fmt)
     for r in results["rows"]:
       w.writerow([r["method"], *[f"{r['accuracy'][t]:.6f}" for t in tasks], f"{r['average']:.6f}",
+                  f"{r.get('average_std', 0.0):.6f}",
                   f"{r['normalized_average']:.6f}", f"{r['seconds']:.4f}",
                   "" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.4f}", r["kind"], r.get("data", ""),
                   opt(r, "extra_params", "d"), opt(r, "extra_params_ratio", ".4f"), opt(r, "relative_latency", ".4f")])
@@ -177,7 +257,8 @@ def _plots(results: dict, out: Path) -> list[str]:
   fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
   palette = {"baseline": "#999999", "model-level": "#d6792b"}
   colors = [palette.get(r["kind"], "#3b75af") for r in rows]
-  ax.barh(range(len(rows)), avgs, color=colors)
+  errs = [100 * r.get("average_std", 0.0) for r in rows]
+  ax.barh(range(len(rows)), avgs, color=colors, xerr=errs if any(errs) else None, ecolor="#333333", capsize=2)
   ax.set_yticks(range(len(rows)), names)
   ax.invert_yaxis()
   ax.set_xlabel("average accuracy (%)")
@@ -259,6 +340,7 @@ def write_reports(results: dict, out_dir: str | Path, *, plots: bool = True) -> 
   out.mkdir(parents=True, exist_ok=True)
   results = dict(results)
   results["reference"] = compare_with_reference(results["rows"])
+  results["conclusions"] = check_conclusions(results["rows"])
   results = _jsonable(results)
   (out / "results.json").write_text(json.dumps(results, indent=1))
   _csv(results, out / "results.csv")

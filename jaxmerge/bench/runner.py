@@ -25,7 +25,7 @@ import numpy as np
 
 import jaxmerge as jm
 
-__all__ = ["MethodRunner", "PLUGIN_MODULES", "Suite", "check_adapters", "dispatch_by_name", "register_adapter", "register_runner",
+__all__ = ["MethodRunner", "PLUGIN_MODULES", "Suite", "aggregate_seeds", "check_adapters", "dispatch_by_name", "register_adapter", "register_runner",
            "resolve_methods", "run_suite"]
 
 
@@ -309,3 +309,69 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
   return {"suite": suite.name, "tasks": tasks, "seed": seed, "rows": rows,
           "cross_eval": {"experts": tasks, "tasks": tasks, "accuracy": [[c[t] for t in tasks] for c in cross]},
           "skipped": skipped, "timings": timings}
+
+
+def aggregate_seeds(per_seed: Sequence[dict]) -> dict:
+  """Combines :func:`run_suite` results of suites built with different seeds into one results dict.
+
+  Each row keeps its fields from the first seed, with the accuracies (per task, average, normalized) replaced
+  by their means over the seeds, plus ``average_std`` (sample standard deviation of the row's average over
+  seeds; 0 for one seed) and ``average_per_seed``. Wall times are means; the experts' cross-evaluation is
+  the mean matrix. A row missing from a seed's results (a method that failed there) is dropped and listed
+  under ``"skipped"``.
+
+  Args:
+    per_seed: results of :func:`run_suite`, one per seed, on the same tasks and methods.
+
+  Returns:
+    A results dict in :func:`run_suite`'s format, with ``"seeds"`` (the seeds) and ``"per_seed"`` (each seed's
+    rows, without per-task numbers).
+
+  Raises:
+    ValueError: no results, or results on different tasks.
+  """
+  if not per_seed:
+    raise ValueError("aggregate_seeds needs at least one result")
+  tasks = list(per_seed[0]["tasks"])
+  for r in per_seed[1:]:
+    if list(r["tasks"]) != tasks:
+      raise ValueError(f"results on different tasks: {tasks} vs {list(r['tasks'])}")
+  by_seed = [{row["method"]: row for row in r["rows"]} for r in per_seed]
+  rows, skipped = [], []
+  for row in per_seed[0]["rows"]:
+    name = row["method"]
+    group = [b.get(name) for b in by_seed]
+    if any(g is None for g in group):
+      skipped.append({"method": name, "reason": "failed on some seeds"})
+      continue
+    out = dict(row)
+    out["accuracy"] = {t: float(np.mean([g["accuracy"][t] for g in group])) for t in tasks}
+    out["normalized"] = {t: float(np.mean([g["normalized"][t] for g in group])) for t in tasks}
+    avgs = [float(g["average"]) for g in group]
+    out["average"] = float(np.mean(avgs))
+    out["average_std"] = float(np.std(avgs, ddof=1)) if len(avgs) > 1 else 0.0
+    out["average_per_seed"] = avgs
+    out["normalized_average"] = float(np.mean([g["normalized_average"] for g in group]))
+    for k in ("seconds", "eval_seconds", "adapt_seconds", "compile_seconds", "peak_rss_gb"):
+      vals = [g.get(k) for g in group]
+      if all(v is not None for v in vals):
+        out[k] = float(np.mean(vals))
+    rows.append(out)
+  seen = {s["method"] for s in skipped}
+  for r in per_seed:
+    for s in r.get("skipped", []):
+      if s["method"] not in seen:
+        skipped.append(s)
+        seen.add(s["method"])
+  timings: dict[str, float] = {}
+  for r in per_seed:
+    for k, v in r.get("timings", {}).items():
+      timings[k] = timings.get(k, 0.0) + float(v)
+  out = {k: v for k, v in per_seed[0].items() if k not in ("rows", "skipped", "timings", "cross_eval", "seed")}
+  ce = [r["cross_eval"] for r in per_seed if r.get("cross_eval")]
+  if ce:
+    out["cross_eval"] = {**ce[0], "accuracy": np.mean([c["accuracy"] for c in ce], axis=0).tolist()}
+  out.update(rows=rows, skipped=skipped, timings=timings, seeds=[r.get("seed") for r in per_seed],
+             per_seed=[{"seed": r.get("seed"), "rows": [{"method": x["method"], "average": x["average"]}
+                                                       for x in r["rows"]]} for r in per_seed])
+  return out

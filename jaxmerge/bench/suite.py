@@ -34,10 +34,12 @@ from jaxmerge.bench.cache import Cache
 from jaxmerge.bench.text import WordTokenizer
 from jaxmerge.data import synthetic
 
-__all__ = ["OfflineConfig", "OfflineSuite", "build_offline_suite"]
+__all__ = ["BACKBONE_FIELDS", "DEFAULT_SEEDS", "OfflineConfig", "OfflineSuite", "build_offline_suite"]
 
 # Bump when generators or training change in a way the config fields do not capture.
 SUITE_VERSION = 2
+# Seeds of the default run: each its own data and experts, the same backbone; results are means over them.
+DEFAULT_SEEDS = (0, 1, 2)
 _PIXEL_MEAN = 0.5
 _PIXEL_STD = 0.25
 
@@ -56,9 +58,15 @@ class OfflineConfig:
     text_width, text_layers, text_heads, context_length: text tower.
     projection_dim: joint embedding size.
     pretrain_steps, pretrain_batch, pretrain_lr: contrastive pretraining (AdamW, warmup + cosine).
-    finetune_steps, finetune_batch, finetune_lr: expert fine-tuning (AdamW, warmup + cosine, clipping at 1).
-    weight_decay: AdamW weight decay for both stages.
+    finetune_steps, finetune_batch, finetune_lr: expert fine-tuning (warmup + cosine, clipping at 1).
+    finetune_optimizer, finetune_momentum: the experts' optimizer, ``"sgd"`` (with this momentum) or
+      ``"adamw"`` (see :func:`jaxmerge.bench.train.finetune_optimizer`).
+    finetune_weight_decay: the experts' weight decay (decoupled for AdamW, L2 for SGD).
+    weight_decay: AdamW weight decay of pretraining.
     eval_batch: evaluation batch size (fixed; the last batch is padded).
+    backbone: name of a shipped pretrained backbone (:mod:`jaxmerge.bench.backbone`) to start from instead of
+      pretraining; its architecture and pretraining recipe must equal the fields above (checked), so the
+      config describes the same model either way. ``None`` pretrains with the fields above.
     version: :data:`SUITE_VERSION`.
   """
 
@@ -82,8 +90,12 @@ class OfflineConfig:
   finetune_steps: int = 150
   finetune_batch: int = 64
   finetune_lr: float = 2e-3
+  finetune_optimizer: str = "adamw"
+  finetune_momentum: float = 0.9
+  finetune_weight_decay: float = 0.05
   weight_decay: float = 0.05
   eval_batch: int = 500
+  backbone: str | None = None
   version: int = SUITE_VERSION
 
   def __post_init__(self):
@@ -104,8 +116,24 @@ class OfflineConfig:
 
   @property
   def hash(self) -> str:
-    blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+    """The cache key: a hash of every field and, with a shipped backbone, of its weights' SHA-256."""
+    d = self.to_dict()
+    if self.backbone is not None:
+      from jaxmerge.bench.backbone import backbone_info
+
+      d["backbone_sha256"] = backbone_info(self.backbone).get("sha256")
+    blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+  def backbone_fields(self) -> dict:
+    """The fields a shipped backbone fixes: architecture, pretraining recipe and the pretraining seed."""
+    return {f: getattr(self, f) for f in BACKBONE_FIELDS}
+
+
+# Fields that describe the pretrained model (architecture and recipe): a shipped backbone records them.
+BACKBONE_FIELDS = ("pretrain_size", "pretrain_task_fraction", "patch_size", "width", "layers", "heads",
+                   "text_width", "text_layers", "text_heads", "context_length", "projection_dim", "pretrain_steps",
+                   "pretrain_batch", "pretrain_lr", "weight_decay")
 
 
 def _preprocess(images) -> jax.Array:
@@ -288,6 +316,24 @@ def _zero_shot_heads(model: TinyClip, params, tok: WordTokenizer, specs) -> dict
   return heads
 
 
+def _shipped_backbone(config: OfflineConfig):
+  """Loads the shipped backbone named by ``config.backbone`` after checking that it is the model ``config``
+  describes."""
+  from jaxmerge.bench.backbone import backbone_info, load_backbone
+
+  info = backbone_info(config.backbone)
+  recorded = info.get("recipe", {})
+  differ = {f: (getattr(config, f), recorded.get(f)) for f in BACKBONE_FIELDS if recorded.get(f) != getattr(config, f)}
+  if differ:
+    raise ValueError(f"the shipped backbone {config.backbone!r} was built with other settings than the config's: "
+                     + ", ".join(f"{f}={b!r} (config: {a!r})" for f, (a, b) in differ.items())
+                     + "; use backbone=None to pretrain with the config's settings")
+  tok = WordTokenizer(tuple(info["vocab"]), config.context_length)
+  model = _model_for(config, len(tok.vocab), tok.eos_id)
+  params, _ = load_backbone(config.backbone, jax.eval_shape(model.init, jax.random.key(0)))
+  return params, tok, model
+
+
 def build_offline_suite(config: OfflineConfig | None = None, cache_dir: str | Path | None = None, *,
                         progress: bool = True, name: str = "offline") -> OfflineSuite:
   """Builds (or loads from the cache) the offline suite.
@@ -322,7 +368,9 @@ def build_offline_suite(config: OfflineConfig | None = None, cache_dir: str | Pa
   t0 = time.perf_counter()
   meta = cache.meta("pretrained")
   params = None
-  if meta is not None:
+  if config.backbone is not None:
+    params, tok, model = _shipped_backbone(config)
+  elif meta is not None:
     tok = WordTokenizer(tuple(meta["vocab"]), config.context_length)
     model = _model_for(config, len(tok.vocab), tok.eos_id)
     params = cache.load_tree("pretrained", jax.eval_shape(model.init, jax.random.key(0)))

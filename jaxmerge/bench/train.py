@@ -16,7 +16,7 @@ import optax
 if TYPE_CHECKING:
   from jaxmerge.bench.suite import OfflineConfig, OfflineSuite
 
-__all__ = ["contrastive_loss", "finetune", "make_finetune_step", "pretrain"]
+__all__ = ["contrastive_loss", "finetune", "finetune_optimizer", "make_finetune_step", "pretrain"]
 
 
 def _normalize(x):
@@ -98,6 +98,23 @@ def pretrain(model, config: "OfflineConfig", pre, tok, *, preprocess: Callable, 
   return params
 
 
+def finetune_optimizer(config: "OfflineConfig", schedule) -> optax.GradientTransformation:
+  """The experts' optimizer: ``config.finetune_optimizer`` is ``"sgd"`` (SGD with momentum
+  ``config.finetune_momentum``, L2 weight decay ``config.finetune_weight_decay``) or ``"adamw"`` (decoupled
+  weight decay ``config.finetune_weight_decay``).
+
+  Raises:
+    ValueError: another name.
+  """
+  name = config.finetune_optimizer
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=config.finetune_weight_decay)
+  if name == "sgd":
+    return optax.chain(optax.add_decayed_weights(config.finetune_weight_decay),
+                       optax.sgd(schedule, momentum=config.finetune_momentum or None))
+  raise ValueError(f"unknown finetune_optimizer {name!r}; valid: 'sgd', 'adamw'")
+
+
 def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig"
                        ) -> tuple[Callable, optax.GradientTransformation]:
   """One jitted fine-tuning step shared by every expert (heads padded to a common class count), and its
@@ -105,9 +122,9 @@ def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig"
 
   Args:
     suite: the suite under construction (its ``padded_logits`` scores the frozen zero-shot heads).
-    config: the suite's configuration: ``finetune_steps``, ``finetune_lr`` and ``weight_decay`` set the
-      optimizer (AdamW with linear warmup over the first 10% of steps and cosine decay to 5% of the peak
-      rate, after global-norm clipping at 1).
+    config: the suite's configuration: ``finetune_steps``, ``finetune_lr``, ``finetune_optimizer``,
+      ``finetune_momentum`` and ``finetune_weight_decay`` set the optimizer (linear warmup over the first 10%
+      of steps and cosine decay to 5% of the peak rate, after global-norm clipping at 1).
 
   Returns:
     ``(step, optimizer)``: ``step`` takes uint8 ``images [B, H, W, 3]``, int ``labels [B]`` and a scalar task
@@ -117,7 +134,7 @@ def make_finetune_step(suite: "OfflineSuite", config: "OfflineConfig"
   steps = config.finetune_steps
   sched = optax.warmup_cosine_decay_schedule(0.0, config.finetune_lr, max(1, steps // 10), steps,
                                              config.finetune_lr * 0.05)
-  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=config.weight_decay))
+  opt = optax.chain(optax.clip_by_global_norm(1.0), finetune_optimizer(config, sched))
 
   def step(vision, state, x, y, task_idx):
     def loss_fn(v):
@@ -154,4 +171,5 @@ def finetune(suite: "OfflineSuite", config: "OfflineConfig", task: str, step_and
     j = rng.integers(0, len(train), config.finetune_batch)
     vision, state, _ = step(vision, state, train.images[j], train.labels[j], t)
   return vision
+
 
