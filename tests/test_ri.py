@@ -184,6 +184,9 @@ class _FakeSuite:
   def aux(self, source, n=1024):
     return np.asarray(jax.random.normal(jax.random.key(11), (n, DIN)))
 
+  def unlabeled(self, task, split="test"):
+    return np.asarray(self.x[task])
+
   def batches(self, task, split="train", batch_size=16, *, seed=0, labels=False, repeat=True):
     while True:
       yield np.asarray(self.x[task][:batch_size])
