@@ -13,10 +13,16 @@ Independent mode (default). For expert ``i`` with ``tau'_i`` initialized at ``ta
         + beta * E_x D( h_i(z(x; theta_i)), h_i(z(x; theta_0 + tau'_i)) )                        (preserve)
 
 with linear heads ``h_j(z) = W_j z`` and ``D`` the KL divergence between temperature softmaxes (target
-first) or the mean squared logit difference. Joint mode learns all ``tau'`` at once so that the merged model
-``merge(tau')`` (task arithmetic by default) matches every expert in its own head space::
+first: ``KL(softmax(h_i(z(x; theta_i)) / T) || softmax(h_i(z(x; theta'_i)) / T))``, the distillation direction,
+with the expert as the teacher; no ``T^2`` factor) or the mean squared logit difference over the task's
+classes. Joint mode learns all ``tau'`` at once so that the merged model ``merge(tau')`` (task arithmetic by
+default) matches every expert in its own head space::
 
     L = sum_i E_x D( h_i(z(x; theta_i)), h_i(z(x; theta_0 + merge(tau'))) )
+
+Defaults: the field defaults of :class:`~jaxmerge.tta.methods.RIConfig` (the registry entry ``"ri"``, which
+``import jaxmerge`` registers without importing this module), read by :func:`disentangle`'s signature and by the
+benchmark (``jaxmerge bench --ri``), the experiment scripts and the RI notebook.
 
 References:
   Ramesh, Stoica, Iyer, Choshen, Hoffman, "Resolving Interference: Disentangling Models for Improved Model

@@ -317,10 +317,11 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
         seconds, compile_seconds = time.perf_counter() - start, None
       start = time.perf_counter()
       acc, per_task = _evaluate_merged(suite, merged)
+      eval_seconds = time.perf_counter() - start
       extra.update(_diagnose(suite, merged, per_task, acc, expert_acc, adapter, adapted, adapted_acc,
                              adapters if adapter is None and info.data == "none" else (), strict))
       rows.append(_row(row_name, acc, expert_acc, tasks, seconds, compile_seconds=compile_seconds,
-                       eval_seconds=time.perf_counter() - start, kind="merge", data=info.data,
+                       eval_seconds=eval_seconds, kind="merge", data=info.data,
                        family=info.family, per_task_model=per_task, hparams=dict(info.hparams), **extra))
     except Exception as e:  # one method's failure must not lose the whole benchmark
       if strict:
