@@ -1,9 +1,11 @@
-"""Registry entries of the methods that need data (validation-driven and test-time adaptation).
+"""Registry entries of the methods that need data (validation-driven and test-time adaptation, and Resolving
+Interference's pre-merge adaptation).
 
 This module imports only the registry (no optax), so that ``import jaxmerge`` lists these methods. Each entry
 returns a validated configuration (a ``NamedTuple``); the work is done by :func:`jaxmerge.tta.run_method`
-(or the method's own function, with ``**config.run_kwargs()``), because these methods need a model forward,
-task heads and data, which a plain :class:`~jaxmerge.MergeTransform` does not see.
+(or the method's own function, with ``**config.run_kwargs()``; for ``"ri"``: :func:`jaxmerge.ri.disentangle`),
+because these methods need a model forward, task heads and data, which a plain :class:`~jaxmerge.MergeTransform`
+does not see.
 """
 
 from __future__ import annotations
