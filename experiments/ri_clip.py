@@ -58,9 +58,12 @@ import clip_suites as cs  # noqa: E402
 
 SHIFTS = ("noise", "blur", "contrast", "tint")  # jaxmerge.data.synthetic.SHIFTS (checked in main)
 
-# RI settings (see jaxmerge.ri.disentangle): the offline benchmark's, with beta for CLIP's logit scale 100.
-RI_CLIP_DEFAULTS = {"steps": 200, "learning_rate": 1e-5, "beta": None, "mode": "independent", "n_aux": 1024,
-                    "batch_size": 32, "seed": 0, "task_loop": "map"}
+from jaxmerge.tta.methods import RIConfig  # noqa: E402
+
+# RI settings: the library's defaults (jaxmerge.tta.methods.RIConfig, also the offline benchmark's; beta None =
+# auto_beta, logit_scale^2 for CLIP heads), plus the seed and one expert at a time (task_loop "map": the same
+# result as "vmap" with T times less activation memory, for ViT towers).
+RI_CLIP_DEFAULTS = {**RIConfig()._asdict(), "seed": 0, "task_loop": "map"}
 
 
 def aux_images(spec: str, n: int, preprocess, *, workers: int = 8) -> np.ndarray:
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
   p.add_argument("--suite", default="8", help="8, 14 or 20 (TALL8/14/20) or comma-separated tasks")
   p.add_argument("--methods", default="task_arithmetic,ties,tsv_m,iso_cts")
   p.add_argument("--aux", required=True, help="unlabeled auxiliary images: a folder or hf:<dataset id>[:split]")
-  p.add_argument("--n-aux", type=int, default=RI_CLIP_DEFAULTS["n_aux"])
+  p.add_argument("--n-aux", type=int, default=RI_CLIP_DEFAULTS["num_aux"])
   p.add_argument("--aux-batch-size", type=int, default=RI_CLIP_DEFAULTS["batch_size"])
   p.add_argument("--steps", type=int, default=RI_CLIP_DEFAULTS["steps"])
   p.add_argument("--learning-rate", type=float, default=RI_CLIP_DEFAULTS["learning_rate"])

@@ -9,7 +9,8 @@
 ``run`` loads the offline suite (``jaxmerge bench``'s, from the cache), and for every ``(seed, source)``:
 
 1. disentangles the eight experts with RI (:func:`jaxmerge.bench.ri_runner.ri_experts`, the settings of
-   ``jaxmerge bench --ri``) on auxiliary images of ``source``. Seed ``s`` draws the auxiliary images with
+   ``jaxmerge bench --ri``: the library's defaults, ``jaxmerge.tta.methods.RIConfig``) on auxiliary images of
+   ``source``. Seed ``s`` draws the auxiliary images with
    ``make_aux(source, seed=suite_seed + 1000 s)``, orders the batches with seed ``s`` and uses the PRNG key
    ``fold_in(key(s), 1)``; seed 0 is exactly what ``jaxmerge bench --ri`` runs. The adapted experts are cached
    under ``<cache>/offline-<hash>/ri/`` so each ``(seed, source)`` is computed once;
@@ -20,8 +21,10 @@
 4. sweeps the merge scale (c): these four merges are linear in their scale (``theta_0 + lambda Delta``), which
    the script checks at the default scale, so a curve needs one merge and one evaluation per point;
 5. computes the cross-task interference per task (feature and head versions, on 200 unlabeled test images
-   per task, against the *original* experts, whose function the merge should keep; also against the
-   adapted experts) for every merge, with and without RI (e);
+   per task) for every merge, with and without RI, with :func:`jaxmerge.interference.cti_report`: against the
+   *original* experts (``cti_vs_original_experts``, whose function the merge should keep) and, for RI merges,
+   against the *adapted* experts they were merged from (``cti_vs_adapted_experts``), each with the accuracy
+   drop against the same experts and its Spearman correlation over tasks (e);
 6. records RI's wall time and peak memory against each merge's (f).
 
 Results go to ``experiments/results/ri/runs/<seed>-<source>.json`` (one file per RI run, plus
@@ -175,12 +178,27 @@ def at_scale(suite, delta, scale: float):
   return jax.tree.map(lambda p, d: jnp.asarray(p, jnp.float32) + scale * d, suite.pretrained, delta)
 
 
-def cti(suite, merged, experts) -> dict:
-  from jaxmerge.interference import cross_task_interference
+def cti(suite, merged, merged_acc: dict, adapted=None, adapted_acc: dict | None = None) -> dict:
+  """:func:`jaxmerge.interference.cti_report`: ``cti_vs_original_experts`` and (with ``adapted``)
+  ``cti_vs_adapted_experts``, each with the accuracy drop against the same experts and its correlation."""
+  from jaxmerge.interference import cti_report
 
-  inputs = [suite.data[t].test.images[:CTI_IMAGES] for t in suite.tasks]
-  out = cross_task_interference(suite.embed, merged, list(experts), inputs, [suite.heads[t] for t in suite.tasks])
-  return {"feature": out["feature"].tolist(), "head": out["head"].tolist()}
+  tasks = list(suite.tasks)
+  inputs = [suite.data[t].test.images[:CTI_IMAGES] for t in tasks]
+  return cti_report(suite.embed, merged, list(suite.experts), inputs, [suite.heads[t] for t in tasks],
+                    adapted_experts=None if adapted is None else list(adapted),
+                    merged_accuracy=[merged_acc[t] for t in tasks], original_accuracy=expert_accuracy(suite),
+                    adapted_accuracy=None if adapted_acc is None else [adapted_acc[t] for t in tasks])
+
+
+_EXPERT_ACC: dict = {}
+
+
+def expert_accuracy(suite) -> list:
+  """Each original expert's test accuracy on its own task (computed once per suite)."""
+  if suite.config.hash not in _EXPERT_ACC:
+    _EXPERT_ACC[suite.config.hash] = [suite.evaluate(e, [t])[t] for t, e in zip(suite.tasks, suite.experts)]
+  return _EXPERT_ACC[suite.config.hash]
 
 
 def ri_cache_path(suite, seed: int, source: str, cfg: dict) -> pathlib.Path:
@@ -192,9 +210,9 @@ def ri_cache_path(suite, seed: int, source: str, cfg: dict) -> pathlib.Path:
   return pathlib.Path(default_cache_dir()) / f"offline-{suite.config.hash}" / "ri" / f"{seed}-{source}-{h}.npz"
 
 
-def ri_adapted(suite, seed: int, source: str, beta="bench"):
-  """RI-adapted experts for ``(seed, source)``, from the cache or computed (then cached). ``beta``: ``"bench"``
-  (``RI_DEFAULTS``' 100), ``None`` (the library default, ``auto_beta``) or a number."""
+def ri_adapted(suite, seed: int, source: str, beta="default"):
+  """RI-adapted experts for ``(seed, source)``, from the cache or computed (then cached). ``beta``:
+  ``"default"`` (``RI_DEFAULTS``, the library's default), ``None`` (``auto_beta``) or a number."""
   import jax
 
   from jaxmerge import tree as jtree
@@ -202,7 +220,7 @@ def ri_adapted(suite, seed: int, source: str, beta="bench"):
   from jaxmerge.data import synthetic
 
   cfg = {**ri_runner.RI_DEFAULTS, "aux_source": source, "seed": seed, **SMOKE}
-  if beta != "bench":
+  if beta != "default":
     cfg["beta"] = beta
   path = ri_cache_path(suite, seed, source, cfg)
   like = [jax.tree.map(np.asarray, e) for e in suite.experts]
@@ -213,8 +231,8 @@ def ri_adapted(suite, seed: int, source: str, beta="bench"):
     experts = [jtree.unflatten_paths(like[i], {p: z[f"{i}/{p}"] for p in flat[i]}) for i in range(len(like))]
     return experts, meta
   key = jax.random.fold_in(jax.random.key(seed), 1)
-  aux = synthetic.make_aux(source, seed=suite.config.seed + 1000 * seed, n=cfg["n_aux"])
-  run_cfg = {k: v for k, v in cfg.items() if k not in ("aux_source", "n_aux", "batch_size", "seed")}
+  aux = synthetic.make_aux(source, seed=suite.config.seed + 1000 * seed, n=cfg["num_aux"])
+  run_cfg = {k: v for k, v in cfg.items() if k not in ("aux_source", "num_aux", "batch_size", "seed")}
   batches = ri_runner.aux_batches(aux, cfg["batch_size"], seed=seed)
   from jaxmerge.ri import disentangle
 
@@ -240,13 +258,17 @@ def ri_adapted(suite, seed: int, source: str, beta="bench"):
 def method_block(suite, experts, shifted, *, curves: bool) -> dict:
   """Accuracy (test, shifted), scale curves, CTI and merge cost of every method from ``experts``."""
   out = {}
+  adapted_acc = None if experts is suite.experts else {t: suite.evaluate(e, [t])[t]
+                                                        for t, e in zip(suite.tasks, experts)}
   for m in METHODS:
     merged, steady, first, mb = merge_timed(suite, m, experts)
-    r = {"accuracy": suite.evaluate(merged), "merge_seconds": steady, "merge_first_call_seconds": first,
-         "merge_peak_added_mb": mb, "shifted": evaluate_shifted(suite, merged, shifted),
-         "cti_vs_original": cti(suite, merged, suite.experts)}
-    if experts is not suite.experts:
-      r["cti_vs_adapted"] = cti(suite, merged, experts)
+    acc = suite.evaluate(merged)
+    r = {"accuracy": acc, "merge_seconds": steady, "merge_first_call_seconds": first,
+         "merge_peak_added_mb": mb, "shifted": evaluate_shifted(suite, merged, shifted)}
+    if experts is suite.experts:
+      r.update(cti(suite, merged, acc))
+    else:
+      r.update(cti(suite, merged, acc, experts, adapted_acc))
     if curves:
       delta, err = linear_direction(suite, m, experts, merged)
       r["linearity_max_abs_error"] = err
@@ -257,7 +279,7 @@ def method_block(suite, experts, shifted, *, curves: bool) -> dict:
   return out
 
 
-def run(seeds, sources, *, curves_for=("fractal",), beta="bench") -> None:
+def run(seeds, sources, *, curves_for=("fractal",), beta="default") -> None:
   suite = load_suite(0)
   (OUT / "runs").mkdir(parents=True, exist_ok=True)
   shifted = shifted_test(suite, seed=0)
@@ -274,7 +296,7 @@ def run(seeds, sources, *, curves_for=("fractal",), beta="bench") -> None:
     base_path.write_text(json.dumps(base, indent=1))
   for seed in seeds:
     for source in sources:
-      tag = "" if beta == "bench" else f"-beta{'auto' if beta is None else beta}"
+      tag = "" if beta == "default" else f"-beta{'auto' if beta is None else beta}"
       path = OUT / "runs" / f"{seed}-{source}{tag}.json"
       if path.exists():
         continue
@@ -415,50 +437,81 @@ def report() -> None:
         per_kind.append(_ms(np.array(wk) - bk))
       lines.append(f"| {names[m]} | {b:.2f} | {_ms(w)} | {_ms(np.array(w) - b)} | " + " | ".join(per_kind) + " |")
 
-  # (e) CTI.
+  # (e) CTI, against the original experts and against the adapted ones (never mixed up: separate tables).
   if main:
-    lines += ["", "#### (e) Cross-task interference per task, before → after RI (fractal; mean over seeds)", "",
-              "Head-space CTI `E||h_i(z_M) - h_i(z_i)||` and feature CTI `E||z_M - z_i||^2/||z_i||^2` against the "
-              "original experts, on 200 unlabeled test images per task; accuracy drop = expert − merged (points).",
-              "", "| method | CTI | " + " | ".join(tasks) + " | mean | Spearman(CTI, drop) before / after |",
-              "|---|---|" + "---|" * len(tasks) + "---|---|"]
-    from scipy.stats import spearmanr
+    from jaxmerge.interference import spearman
 
-    fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 3.6))
+    def cti_of(rm, which, kind):  # results of this script; runs before the rename used "cti_vs_original/adapted"
+      block = rm.get(f"cti_vs_{which}_experts") or rm.get(f"cti_vs_{which}")
+      return None if block is None else np.asarray(block[kind], float)
+
+    def adapted_drop(rm):  # points; None for runs written before the adapted experts' accuracy was recorded
+      block = rm.get("cti_vs_adapted_experts") or {}
+      return None if "accuracy_drop" not in block else 100 * np.asarray(block["accuracy_drop"], float)
+
     exp = np.array([100 * base["experts"][t] for t in tasks])
+    lines += ["", "#### (e) Cross-task interference per task (fractal; mean over seeds)", "",
+              "Head-space CTI `E||h_i(z_M) - h_i(z_i)||` and feature CTI `E||z_M - z_i||^2/||z_i||^2` on 200 "
+              "unlabeled test images per task. **(e1) CTI vs original experts**: `z_i` is the original expert "
+              "(`cti_vs_original_experts`), before → after RI, with the accuracy drop against the original experts "
+              "(points). **(e2) CTI vs adapted experts**: for the RI merges, `z_i` is the RI-adapted expert the merge "
+              "was built from (`cti_vs_adapted_experts`), with the accuracy drop against the adapted experts; the "
+              "merge without RI is shown against its own constituents, the original experts. rho = Spearman "
+              "correlation over tasks of the CTI with the drop.", "",
+              "(e1) CTI vs original experts", "",
+              "| method | CTI | " + " | ".join(tasks) + " | mean | rho(CTI vs original, drop vs original) before / "
+              "after |", "|---|---|" + "---|" * len(tasks) + "---|---|"]
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 3.6))
+    pooled = {"before": ([], []), "after vs original": ([], []), "after vs adapted": ([], [])}
+    e2 = []
     for ax, m in zip(axes, METHODS):
+      drop_b = exp - np.array([100 * base["methods"][m]["accuracy"][t] for t in tasks])
+      drop_w = exp - np.mean([[100 * r["methods"][m]["accuracy"][t] for t in tasks] for r in main], axis=0)
+      drops_a = [adapted_drop(r["methods"][m]) for r in main]
+      drop_a = None if any(d is None for d in drops_a) else np.mean(drops_a, axis=0)
       for kind in ("head", "feature"):
-        b = np.array(base["methods"][m]["cti_vs_original"][kind])
-        w = np.mean([r["methods"][m]["cti_vs_original"][kind] for r in main], axis=0)
-        drop_b = exp - np.array([100 * base["methods"][m]["accuracy"][t] for t in tasks])
-        drop_w = exp - np.mean([[100 * r["methods"][m]["accuracy"][t] for t in tasks] for r in main], axis=0)
-        rb, rw = spearmanr(b, drop_b)[0], spearmanr(w, drop_w)[0]
+        b = cti_of(base["methods"][m], "original", kind)
+        w = np.mean([cti_of(r["methods"][m], "original", kind) for r in main], axis=0)
+        a = np.mean([cti_of(r["methods"][m], "adapted", kind) for r in main], axis=0)
         lines.append(f"| {names[m]} | {kind} | " + " | ".join(f"{x:.3g} → {y:.3g}" for x, y in zip(b, w)) +
-                     f" | {b.mean():.3g} → {w.mean():.3g} | {rb:.2f} / {rw:.2f} |")
+                     f" | {b.mean():.3g} → {w.mean():.3g} | {spearman(b, drop_b):.2f} / {spearman(w, drop_w):.2f} |")
+        e2.append(f"| {names[m]} | {kind} | " + " | ".join(f"{x:.3g} → {y:.3g}" for x, y in zip(b, a)) +
+                  f" | {b.mean():.3g} → {a.mean():.3g} | "
+                  f"{'—' if drop_a is None else f'{spearman(a, drop_a):.2f}'} | {spearman(a, drop_w):.2f} |")
         if kind == "head":
-          ax.scatter(b, drop_b, marker="o", label="without RI")
-          ax.scatter(w, drop_w, marker="^", label="with RI")
+          pooled["before"][0].extend(b), pooled["before"][1].extend(drop_b)
+          pooled["after vs original"][0].extend(w), pooled["after vs original"][1].extend(drop_w)
+          if drop_a is not None:
+            pooled["after vs adapted"][0].extend(a), pooled["after vs adapted"][1].extend(drop_a)
+          ax.scatter(b, drop_b, marker="o", label="without RI (vs original experts)")
+          ax.scatter(w, drop_w, marker="^", label="with RI (vs original experts)")
+          if drop_a is not None:
+            ax.scatter(a, drop_a, marker="x", label="with RI (vs adapted experts)")
           for i, t in enumerate(tasks):
             ax.annotate("", xy=(w[i], drop_w[i]), xytext=(b[i], drop_b[i]),
                         arrowprops=dict(arrowstyle="->", alpha=0.4))
             ax.annotate(t, (b[i], drop_b[i]), fontsize=6)
       ax.set_title(names[m])
       ax.set_xlabel("head-space CTI")
-      ax.set_ylabel("accuracy drop vs expert (points)")
+      ax.set_ylabel("accuracy drop vs the same experts (points)")
       ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(OUT / "cti_vs_drop.png", dpi=110)
     plt.close(fig)
+    lines += ["", "(e2) CTI vs adapted experts (the merge's own constituents: original experts without RI, adapted "
+              "experts with RI)", "",
+              "| method | CTI | " + " | ".join(tasks) + " | mean | rho(CTI vs adapted, drop vs adapted) | "
+              "rho(CTI vs adapted, drop vs original) |", "|---|---|" + "---|" * len(tasks) + "---|---|---|"] + e2
+    lines += ["", "Pooled over the four methods and the tasks (head-space CTI, n = "
+              f"{len(pooled['before'][0])}): rho(CTI, drop) " + ", ".join(
+                f"{k} {spearman(*v):.2f}" for k, v in pooled.items() if v[0]) + "."]
     for c in checks:
       lines += ["", f"RI-adapted experts (seed {c['seed']}, {c['source']}) on their own task, original → adapted: "
                 f"accuracy {_avg(base['experts']):.2f} → {_avg(c['accuracy']):.2f}, shifted "
                 f"{_avg(base['experts_shifted']):.2f} → {_avg(c['shifted']):.2f}; own-head drift from the original "
                 f"expert on its task images (head-space CTI of the adapted expert alone) "
                 f"{np.mean(c['head_drift']):.3g} (per task {', '.join(f'{x:.3g}' for x in c['head_drift'])})."]
-    lines += ["", "CTI of the RI merges against the *adapted* experts (mean over tasks, head / feature): " + ", ".join(
-      f"{names[m]} {np.mean([np.mean(r['methods'][m]['cti_vs_adapted']['head']) for r in main]):.3g} / "
-      f"{np.mean([np.mean(r['methods'][m]['cti_vs_adapted']['feature']) for r in main]):.3g}" for m in METHODS) + "."]
 
   # (f) cost.
   if runs:
@@ -498,7 +551,8 @@ def main(argv=None) -> int:
   r = sub.add_parser("run")
   r.add_argument("--seeds", type=int, nargs="+", default=[0])
   r.add_argument("--sources", nargs="+", default=["fractal"])
-  r.add_argument("--beta", default="bench", help="RI's beta: 'bench' (RI_DEFAULTS, 100), 'auto' or a number")
+  r.add_argument("--beta", default="default",
+                 help="RI's beta: 'default' (the library's, RI_DEFAULTS), 'auto' (auto_beta) or a number")
   sub.add_parser("report")
   e = sub.add_parser("experts", help="own-task accuracy and drift of the RI-adapted experts")
   e.add_argument("--seed", type=int, default=0)
@@ -514,7 +568,7 @@ def main(argv=None) -> int:
   if args.cmd == "experts":
     experts_check(args.seed, args.source)
   elif args.cmd == "run":
-    beta = args.beta if args.beta == "bench" else None if args.beta == "auto" else float(args.beta)
+    beta = args.beta if args.beta == "default" else None if args.beta == "auto" else float(args.beta)
     run(args.seeds, args.sources, beta=beta)
   else:
     report()

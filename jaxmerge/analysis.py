@@ -26,12 +26,14 @@ from jaxmerge import filters as jfilters
 from jaxmerge import linalg
 from jaxmerge import tree as jtree
 from jaxmerge.interference import cross_task_interference as cross_task_interference
+from jaxmerge.interference import cti_report as cti_report
 
 __all__ = [
     "cart_interference",
     "cart_interference_matrix",
     "cosine_similarity",
     "cross_task_interference",
+    "cti_report",
     "plot_curves",
     "plot_heatmap",
     "sign_conflict_rate",

@@ -13,10 +13,16 @@ Independent mode (default). For expert ``i`` with ``tau'_i`` initialized at ``ta
         + beta * E_x D( h_i(z(x; theta_i)), h_i(z(x; theta_0 + tau'_i)) )                        (preserve)
 
 with linear heads ``h_j(z) = W_j z`` and ``D`` the KL divergence between temperature softmaxes (target
-first) or the mean squared logit difference. Joint mode learns all ``tau'`` at once so that the merged model
-``merge(tau')`` (task arithmetic by default) matches every expert in its own head space::
+first: ``KL(softmax(h_i(z(x; theta_i)) / T) || softmax(h_i(z(x; theta'_i)) / T))``, the distillation direction,
+with the expert as the teacher; no ``T^2`` factor) or the mean squared logit difference over the task's
+classes. Joint mode learns all ``tau'`` at once so that the merged model ``merge(tau')`` (task arithmetic by
+default) matches every expert in its own head space::
 
     L = sum_i E_x D( h_i(z(x; theta_i)), h_i(z(x; theta_0 + merge(tau'))) )
+
+Defaults: the field defaults of :class:`~jaxmerge.tta.methods.RIConfig` (the registry entry ``"ri"``, which
+``import jaxmerge`` registers without importing this module), read by :func:`disentangle`'s signature and by the
+benchmark (``jaxmerge bench --ri``), the experiment scripts and the RI notebook.
 
 References:
   Ramesh, Stoica, Iyer, Choshen, Hoffman, "Resolving Interference: Disentangling Models for Improved Model
@@ -28,7 +34,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,83 +45,19 @@ from jaxmerge import filters as jfilters
 from jaxmerge import tree as jtree
 from jaxmerge.base import MergeContext, MergeTransform
 from jaxmerge.merge import prepare
-from jaxmerge.registry import register
 from jaxmerge.tta import heads as H
 from jaxmerge.tta.adapter import Adapter
 from jaxmerge.tta.fit import fit
 from jaxmerge.tta.losses import kl_divergence, mse
+from jaxmerge.tta.methods import RIConfig, ri_config
+from jaxmerge.tta.methods import check_ri as _check
 
 __all__ = ["RIConfig", "auto_beta", "disentangle", "ri_adapter", "ri_config"]
 
 REFERENCE = "https://arxiv.org/abs/2603.13467"
-_MODES = ("independent", "joint")
-_PRESERVE = ("kl", "mse")
-_LOOPS = ("vmap", "map")
-
-
-class RIConfig(NamedTuple):
-  """RI's hyperparameters (what ``jm.get_method("ri")(...)`` returns): RI is a pre-merge adaptation that needs
-  a model forward, heads and auxiliary data, so the registry entry describes the run; call
-  :func:`disentangle` with ``**config.run_kwargs()``."""
-
-  mode: str = "independent"
-  beta: float | None = None
-  steps: int = 200
-  learning_rate: float = 1e-5
-  weight_decay: float = 0.0
-  temperature: float = 1.0
-  preserve: str = "kl"
-  merge_scale: float = 0.3
-  task_loop: str = "vmap"
-
-  def run_kwargs(self) -> dict:
-    return dict(self._asdict())
-
-
-def _check(mode: str, preserve: str, task_loop: str, beta: float | None, temperature: float) -> None:
-  if mode not in _MODES:
-    raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
-  if preserve not in _PRESERVE:
-    raise ValueError(f"preserve must be one of {list(_PRESERVE)}, got {preserve!r}")
-  if task_loop not in _LOOPS:
-    raise ValueError(f"task_loop must be one of {list(_LOOPS)}, got {task_loop!r}")
-  if beta is not None and beta < 0:
-    raise ValueError(f"beta must be >= 0, got {beta}")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be positive, got {temperature}")
-
-
-@register("ri", family="adaptation", data="aux", storage="none (a pre-merge adaptation of the experts)",
-          reference=REFERENCE)
-def ri_config(mode: str = "independent", beta: float | None = None, steps: int = 200, learning_rate: float = 1e-5,
-              weight_decay: float = 0.0, temperature: float = 1.0, preserve: str = "kl", merge_scale: float = 0.3,
-              task_loop: str = "vmap") -> RIConfig:
-  """Resolving Interference's registry entry: validated hyperparameters (see :func:`disentangle`).
-
-  Args:
-    mode: ``"independent"`` or ``"joint"``.
-    beta: weight of the preserve term (``None``: the heads' mean squared row norm).
-    steps: optimizer steps.
-    learning_rate: the default AdamW's learning rate.
-    weight_decay: the default AdamW's decoupled weight decay on ``tau'``.
-    temperature: softmax temperature of the KL preserve term.
-    preserve: ``"kl"`` or ``"mse"``.
-    merge_scale: task arithmetic's lambda for joint mode's default merge.
-    task_loop: ``"vmap"`` or ``"map"`` (independent mode's loop over experts).
-
-  Returns:
-    The :class:`RIConfig`.
-
-  Raises:
-    ValueError: an unknown ``mode``, ``preserve`` or ``task_loop``, a negative ``beta`` or a non-positive
-      ``temperature``.
-
-  References:
-    Ramesh et al., "Resolving Interference: Disentangling Models for Improved Model Merging", 2026.
-    https://arxiv.org/abs/2603.13467
-  """
-  _check(mode, preserve, task_loop, beta, temperature)
-  return RIConfig(mode, beta, steps, learning_rate, weight_decay, temperature, preserve, merge_scale, task_loop)
+# RI's defaults: the field defaults of RIConfig (jaxmerge/tta/methods.py), shared with the registry entry "ri",
+# the benchmark and the experiments. Change them there.
+_RI = RIConfig()
 
 
 def _divergence(preserve: str, temperature: float) -> Callable[..., jax.Array]:
@@ -128,13 +70,13 @@ def ri_adapter(
     forward_fn: Callable[[Any, jax.Array], jax.Array],
     pretrained_like: Any,
     *,
-    mode: str = "independent",
+    mode: str = _RI.mode,
     beta: float = 1.0,
-    temperature: float = 1.0,
-    preserve: str = "kl",
+    temperature: float = _RI.temperature,
+    preserve: str = _RI.preserve,
     merge: MergeTransform | None = None,
-    merge_scale: float = 0.3,
-    task_loop: str = "vmap",
+    merge_scale: float = _RI.merge_scale,
+    task_loop: str = _RI.task_loop,
     layout: Callable[..., Any] | None = None,
 ) -> Adapter:
   """RI as an :class:`~jaxmerge.tta.Adapter`; ``apply`` returns ``(loss, metrics)`` for an aux batch.
@@ -269,17 +211,17 @@ def disentangle(
     aux_batches: Any,
     *,
     forward_fn: Callable[[Any, jax.Array], jax.Array],
-    mode: str = "independent",
-    beta: float | None = None,
-    steps: int = 200,
+    mode: str = _RI.mode,
+    beta: float | None = _RI.beta,
+    steps: int = _RI.steps,
     optimizer: optax.GradientTransformation | None = None,
-    learning_rate: float = 1e-5,
-    weight_decay: float = 0.0,
-    temperature: float = 1.0,
-    preserve: str = "kl",
+    learning_rate: float = _RI.learning_rate,
+    weight_decay: float = _RI.weight_decay,
+    temperature: float = _RI.temperature,
+    preserve: str = _RI.preserve,
     merge: MergeTransform | None = None,
-    merge_scale: float = 0.3,
-    task_loop: str = "vmap",
+    merge_scale: float = _RI.merge_scale,
+    task_loop: str = _RI.task_loop,
     key: jax.Array,
     layout: Callable[..., Any] | None = None,
     progress: bool = True,

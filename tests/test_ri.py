@@ -184,6 +184,9 @@ class _FakeSuite:
   def aux(self, source, n=1024):
     return np.asarray(jax.random.normal(jax.random.key(11), (n, DIN)))
 
+  def unlabeled(self, task, split="test"):
+    return np.asarray(self.x[task])
+
   def batches(self, task, split="train", batch_size=16, *, seed=0, labels=False, repeat=True):
     while True:
       yield np.asarray(self.x[task][:batch_size])
@@ -203,6 +206,26 @@ def test_bench_plugins_through_the_runner(monkeypatch):
   assert rows["experts"]["average"] == 1.0 and not res["skipped"]
   # The "ri" method row is RI followed by default task arithmetic: the same model as the adapter row.
   assert rows["ri"]["accuracy"] == rows["ri+task_arithmetic"]["accuracy"]
+  # CTI: the plain row against the original experts only, the RI row against both, each with its own drop.
+  tasks = list(suite.tasks)
+  plain, ri_row = rows["task_arithmetic"], rows["ri+task_arithmetic"]
+  assert "cti_vs_adapted_experts" not in plain and "cti_vs_original_experts" not in rows["adamerging"]
+  merged = jm.merge(jm.get_method("task_arithmetic")(), suite.pretrained, suite.experts)
+  ref = cross_task_interference(forward, merged, suite.experts, [suite.x[t] for t in tasks], list(suite.heads.values()))
+  np.testing.assert_allclose(plain["cti_vs_original_experts"]["feature"], ref["feature"], rtol=1e-6)
+  np.testing.assert_allclose(plain["cti_vs_original_experts"]["head"], ref["head"], rtol=1e-6)
+  np.testing.assert_allclose(plain["cti_vs_original_experts"]["accuracy_drop"],
+                             [1.0 - plain["accuracy"][t] for t in tasks], atol=1e-12)
+  adapted_acc = res["adapted_experts"]["ri"]
+  a, o = ri_row["cti_vs_adapted_experts"], ri_row["cti_vs_original_experts"]
+  assert a["reference"] == "adapted experts" and o["reference"] == "original experts"
+  np.testing.assert_allclose(a["accuracy_drop"], [adapted_acc[t] - ri_row["accuracy"][t] for t in tasks], atol=1e-12)
+  assert not np.allclose(a["feature"], o["feature"])  # RI moved the experts: the two references differ
+  assert set(a["spearman_with_accuracy_drop"]) == {"feature", "head"}
+  from jaxmerge.bench import report
+
+  md = report._markdown(res)
+  assert "CTI vs original experts" in md and "CTI vs adapted experts" in md and "Adapted experts (`ri`)" in md
 
 
 def test_clear_errors_for_zero_tasks_empty_aux_and_mismatched_heads():

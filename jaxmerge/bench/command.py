@@ -110,7 +110,9 @@ def register(subparsers) -> None:
                       "unless --methods is given)")
   p.add_argument("--tta", action="store_true", help="also run methods that adapt on unlabeled test inputs")
   p.add_argument("--ri", action="store_true",
-                 help="also run Resolving Interference before every data-free method (rows 'ri+<method>')")
+                 help="also run Resolving Interference (the library's defaults, jaxmerge.tta.methods.RIConfig) before "
+                      "every data-free method (rows 'ri+<method>'), with cross-task interference against the original "
+                      "and the adapted experts")
   p.add_argument("--moe", action="store_true",
                  help="also run the model-level merges (wemoe, smile, twin, free and the per-task models emr, "
                       "tall_mask, tsv_c, byom, byom_lora) and add the columns extra parameters and relative "

@@ -187,6 +187,7 @@ def _markdown(results: dict) -> str:
             "weights."]
   if results.get("skipped"):
     out += ["", "Skipped: " + "; ".join(f"`{s['method']}` ({s['reason']})" for s in results["skipped"])]
+  out += _cti_section(results)
   ce = results.get("cross_eval")
   if ce:
     out += ["", "## Experts' cross-evaluation (row: expert, column: task, accuracy %)", ""]
@@ -227,6 +228,47 @@ def _markdown(results: dict) -> str:
   if results.get("timings"):
     out += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items())]
   return "\n".join(out) + "\n"
+
+
+def _num(x, fmt: str) -> str:
+  return "—" if x is None or x != x else format(x, fmt)
+
+
+def _cti_section(results: dict) -> list[str]:
+  """Cross-task interference of the rows that carry it (``jaxmerge bench --ri``): against the original experts
+  and, for ``ri+<method>`` rows, against the RI-adapted experts, each with its Spearman correlation over tasks
+  to the accuracy drop against the same experts."""
+  rows = [r for r in results["rows"] if "cti_vs_original_experts" in r]
+  if not rows:
+    return []
+  out = ["", "## Cross-task interference (CTI)", "",
+         "Mean over tasks of the head-space CTI `E||h_i(z_merged) - h_i(z_expert_i)||` / feature CTI "
+         "`E||z_merged - z_expert_i||^2 / ||z_expert_i||^2` on unlabeled test images, measured against the "
+         "**original** experts and, for RI rows, against the **RI-adapted** experts the row was merged from. "
+         "*rho* = Spearman correlation over tasks of the CTI (head / feature) with the merged model's accuracy "
+         "drop against the same experts.", "",
+         "| method | CTI vs original experts (head / feature) | rho vs drop from original experts | "
+         "CTI vs adapted experts (head / feature) | rho vs drop from adapted experts |", "|---|---|---|---|---|"]
+
+  def cells(b):
+    if b is None:
+      return ["", ""]
+    rho = b.get("spearman_with_accuracy_drop") or {}
+    return [f"{_num(b['head_mean'], '.3g')} / {_num(b['feature_mean'], '.3g')}",
+            f"{_num(rho.get('head'), '.2f')} / {_num(rho.get('feature'), '.2f')}" if rho else ""]
+
+  for r in rows:
+    out.append(f"| {r['method']} | " + " | ".join(cells(r["cti_vs_original_experts"]) +
+                                                  cells(r.get("cti_vs_adapted_experts"))) + " |")
+  for name, acc in (results.get("adapted_experts") or {}).items():
+    tasks = results["tasks"]
+    ce = results.get("cross_eval")
+    orig = {t: ce["accuracy"][i][i] for i, t in enumerate(ce["tasks"])} if ce else {}
+    line = f"Adapted experts (`{name}`) on their own task: {_pct(float(np.mean([acc[t] for t in tasks])))}%"
+    if orig:
+      line += f" (original experts {_pct(float(np.mean([orig[t] for t in tasks])))}%)"
+    out += ["", line + "."]
+  return out
 
 
 def _csv(results: dict, path: Path) -> None:

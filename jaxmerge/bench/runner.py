@@ -49,9 +49,13 @@ class Suite(Protocol):
 MethodRunner = Callable[[Suite, str, dict, jax.Array], Any]
 # An adapter: (suite, PRNG key) -> adapted experts (list of T params), e.g. Resolving Interference.
 Adapter = Callable[[Suite, jax.Array], list]
+# An adapter's diagnostics: (suite, merged params, adapted experts or None, merged accuracy, original experts'
+# accuracy, adapted experts' accuracy or None) -> extra fields of the row (e.g. RI's cross-task interference).
+Diagnostics = Callable[[Suite, Any, "list | None", dict, dict, "dict | None"], dict]
 
 _RUNNERS: dict[str, MethodRunner] = {}
 _ADAPTERS: dict[str, Adapter] = {}
+_DIAGNOSTICS: dict[str, Diagnostics] = {}
 
 # Modules imported on demand; each registers its runner or adapter when imported.
 PLUGIN_MODULES: dict[str, tuple[str, ...]] = {
@@ -111,15 +115,24 @@ def dispatch_by_name(kind: str, mine: dict[str, MethodRunner]) -> MethodRunner:
   return run
 
 
-def register_adapter(name: str, adapter: Adapter) -> None:
+def register_adapter(name: str, adapter: Adapter, *, diagnostics: Diagnostics | None = None) -> None:
   """Registers a pre-merge adaptation.
 
   Args:
     name: the adapter's name, used in row names (``"<name>+<method>"``, e.g. ``"ri"``) and in
       ``run_suite(adapters=...)``.
     adapter: ``adapter(suite, key)`` returning the adapted experts (a list of ``T`` parameter trees).
+    diagnostics: optional ``diagnostics(suite, merged, adapted, merged_acc, expert_acc, adapted_acc)``
+      returning extra fields for a row that holds one merged parameter tree: called for every
+      ``"<name>+<method>"`` row with the adapted experts and their own-task accuracies, and for the plain
+      ``"<method>"`` rows of the same run with ``adapted = adapted_acc = None`` (the values before the
+      adaptation). Accuracies are ``{task: accuracy}``.
   """
   _ADAPTERS[name] = adapter
+  if diagnostics is None:
+    _DIAGNOSTICS.pop(name, None)
+  else:
+    _DIAGNOSTICS[name] = diagnostics
 
 
 def _load_plugins(kind: str) -> None:
@@ -247,7 +260,10 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
     strict: re-raise a method's error instead of recording it under ``"skipped"``.
 
   Returns:
-    The results dict of :mod:`jaxmerge.bench.report` (without the reference comparison).
+    The results dict of :mod:`jaxmerge.bench.report` (without the reference comparison); with adapters, also
+    ``"adapted_experts": {adapter: {task: accuracy of the adapted expert on its task}}``, and the rows carry
+    the fields of the adapters' diagnostics (for RI: cross-task interference against the original and the
+    adapted experts).
   """
   tasks = list(suite.tasks)
   timings = dict(getattr(suite, "timings", {}))
@@ -269,6 +285,7 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
   for a in adapters:
     jobs += [(f"{a}+{m}", m, a) for m in methods if jm.method_info(m).data == "none"]
   adapted: dict[str, list] = {}
+  adapted_acc: dict[str, dict] = {}
   key = jax.random.key(seed)
   t0 = time.perf_counter()
   bar = jobs
@@ -289,6 +306,8 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
         if adapter not in adapted:
           adapted[adapter] = _block(_ADAPTERS[adapter](suite, jax.random.fold_in(key, 1)))
         extra["adapt_seconds"] = time.perf_counter() - start
+        if adapter not in adapted_acc:
+          adapted_acc[adapter] = {t: suite.evaluate(e, [t])[t] for t, e in zip(tasks, adapted[adapter])}
         merged, seconds, compile_seconds = _timed_data_free(suite, method, key, adapted[adapter])
       elif info.data == "none" and runner is _merge_data_free:
         merged, seconds, compile_seconds = _timed_data_free(suite, method, key, None)
@@ -298,17 +317,45 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
         seconds, compile_seconds = time.perf_counter() - start, None
       start = time.perf_counter()
       acc, per_task = _evaluate_merged(suite, merged)
+      eval_seconds = time.perf_counter() - start
+      extra.update(_diagnose(suite, merged, per_task, acc, expert_acc, adapter, adapted, adapted_acc,
+                             adapters if adapter is None and info.data == "none" else (), strict))
       rows.append(_row(row_name, acc, expert_acc, tasks, seconds, compile_seconds=compile_seconds,
-                       eval_seconds=time.perf_counter() - start, kind="merge", data=info.data,
+                       eval_seconds=eval_seconds, kind="merge", data=info.data,
                        family=info.family, per_task_model=per_task, hparams=dict(info.hparams), **extra))
     except Exception as e:  # one method's failure must not lose the whole benchmark
       if strict:
         raise
       skipped.append({"method": row_name, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
   timings["merge_and_evaluate"] = time.perf_counter() - t0
-  return {"suite": suite.name, "tasks": tasks, "seed": seed, "rows": rows,
-          "cross_eval": {"experts": tasks, "tasks": tasks, "accuracy": [[c[t] for t in tasks] for c in cross]},
-          "skipped": skipped, "timings": timings}
+  out = {"suite": suite.name, "tasks": tasks, "seed": seed, "rows": rows,
+         "cross_eval": {"experts": tasks, "tasks": tasks, "accuracy": [[c[t] for t in tasks] for c in cross]},
+         "skipped": skipped, "timings": timings}
+  if adapted_acc:
+    out["adapted_experts"] = adapted_acc
+  return out
+
+
+def _diagnose(suite, merged, per_task: bool, acc: dict, expert_acc: dict, adapter: str | None, adapted: dict,
+              adapted_acc: dict, before_for: Sequence[str], strict: bool) -> dict:
+  """The diagnostics' row fields: the row's adapter's (with its adapted experts), or, for a plain data-free row,
+  every requested adapter's ``before`` values; a diagnostic's error is recorded in the row, not raised."""
+  if per_task or callable(getattr(merged, "evaluate_on", None)):
+    return {}  # diagnostics read one merged parameter tree
+  calls = [(adapter, adapted[adapter], adapted_acc[adapter])] if adapter is not None else [
+      (a, None, None) for a in before_for]
+  extra = {}
+  for name, experts, experts_acc in calls:
+    fn = _DIAGNOSTICS.get(name)
+    if fn is None:
+      continue
+    try:
+      extra.update(fn(suite, merged, experts, acc, expert_acc, experts_acc))
+    except Exception as e:  # a diagnostic's failure must not lose the row
+      if strict:
+        raise
+      extra[f"{name}_diagnostics_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+  return extra
 
 
 def aggregate_seeds(per_seed: Sequence[dict]) -> dict:

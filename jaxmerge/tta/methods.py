@@ -1,9 +1,11 @@
-"""Registry entries of the methods that need data (validation-driven and test-time adaptation).
+"""Registry entries of the methods that need data (validation-driven and test-time adaptation, and Resolving
+Interference's pre-merge adaptation).
 
 This module imports only the registry (no optax), so that ``import jaxmerge`` lists these methods. Each entry
 returns a validated configuration (a ``NamedTuple``); the work is done by :func:`jaxmerge.tta.run_method`
-(or the method's own function, with ``**config.run_kwargs()``), because these methods need a model forward,
-task heads and data, which a plain :class:`~jaxmerge.MergeTransform` does not see.
+(or the method's own function, with ``**config.run_kwargs()``; for ``"ri"``: :func:`jaxmerge.ri.disentangle`),
+because these methods need a model forward, task heads and data, which a plain :class:`~jaxmerge.MergeTransform`
+does not see.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import NamedTuple
 
 from jaxmerge.registry import register
 
-__all__ = ["AdaMergingConfig", "AdaRankConfig", "ConcreteConfig", "FisherConfig", "LocalizeStitchConfig",
+__all__ = ["AdaMergingConfig", "AdaRankConfig", "ConcreteConfig", "FisherConfig", "LocalizeStitchConfig", "RIConfig",
            "RegMeanConfig", "ScaleSearchConfig", "SurgeryConfig", "UGMConfig"]
 
 ADAMERGING_REF = "https://arxiv.org/abs/2310.02575"
@@ -475,3 +477,101 @@ def surgery_config(base: str = "task_arithmetic", rank: int = 16, learning_rate:
   if int(steps) != steps or steps < 0:
     raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
   return SurgeryConfig(base, int(rank), float(learning_rate), int(steps), int(batch_size))
+
+
+# ---- Resolving Interference ------------------------------------------------------------------------------------
+
+RI_REF = "https://arxiv.org/abs/2603.13467"
+RI_MODES = ("independent", "joint")
+RI_PRESERVE = ("kl", "mse")
+RI_LOOPS = ("vmap", "map")
+
+
+class RIConfig(NamedTuple):
+  """Resolving Interference's hyperparameters (what ``jm.get_method("ri")(...)`` returns).
+
+  The field defaults below are RI's defaults, the single place they are set: :func:`jaxmerge.ri.disentangle`,
+  the registry entry ``"ri"``, the benchmark (``jaxmerge bench --ri``, :mod:`jaxmerge.bench.ri_runner`), the
+  experiment scripts and the RI notebook read them from here (``RIConfig()``). RI is a pre-merge
+  adaptation that needs a model forward, heads and auxiliary data: call :func:`jaxmerge.ri.disentangle` with
+  ``**config.run_kwargs()`` on ``num_aux`` auxiliary images in batches of ``batch_size``.
+  """
+
+  mode: str = "independent"
+  beta: float | None = None
+  steps: int = 200
+  learning_rate: float = 1e-5
+  weight_decay: float = 0.0
+  temperature: float = 1.0
+  preserve: str = "kl"
+  merge_scale: float = 0.3
+  task_loop: str = "vmap"
+  num_aux: int = 1024
+  batch_size: int = 32
+
+  def run_kwargs(self) -> dict:
+    """Keyword arguments of :func:`jaxmerge.ri.disentangle` (all fields but ``num_aux`` and ``batch_size``,
+    which size the auxiliary data the caller batches)."""
+    kw = dict(self._asdict())
+    del kw["num_aux"], kw["batch_size"]
+    return kw
+
+
+def check_ri(mode: str, preserve: str, task_loop: str, beta: float | None, temperature: float) -> None:
+  """Raises ``ValueError`` for an unknown RI ``mode``, ``preserve`` or ``task_loop``, a negative ``beta`` or a
+  non-positive ``temperature``."""
+  if mode not in RI_MODES:
+    raise ValueError(f"mode must be one of {list(RI_MODES)}, got {mode!r}")
+  if preserve not in RI_PRESERVE:
+    raise ValueError(f"preserve must be one of {list(RI_PRESERVE)}, got {preserve!r}")
+  if task_loop not in RI_LOOPS:
+    raise ValueError(f"task_loop must be one of {list(RI_LOOPS)}, got {task_loop!r}")
+  if beta is not None and beta < 0:
+    raise ValueError(f"beta must be >= 0, got {beta}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+_RI = RIConfig()  # RI's defaults, read by the signature below (and by jaxmerge.ri.disentangle's)
+
+
+@register("ri", family="adaptation", data="aux", storage="none (a pre-merge adaptation of the experts)",
+          reference=RI_REF)
+def ri_config(mode: str = _RI.mode, beta: float | None = _RI.beta, steps: int = _RI.steps,
+              learning_rate: float = _RI.learning_rate, weight_decay: float = _RI.weight_decay,
+              temperature: float = _RI.temperature, preserve: str = _RI.preserve, merge_scale: float = _RI.merge_scale,
+              task_loop: str = _RI.task_loop, num_aux: int = _RI.num_aux, batch_size: int = _RI.batch_size) -> RIConfig:
+  """Resolving Interference's registry entry: validated hyperparameters (see :func:`jaxmerge.ri.disentangle`).
+
+  Args:
+    mode: ``"independent"`` or ``"joint"``.
+    beta: weight of the preserve term (``None``: :func:`jaxmerge.ri.auto_beta`, the heads' mean squared row
+      norm).
+    steps: optimizer steps.
+    learning_rate: the default AdamW's learning rate.
+    weight_decay: the default AdamW's decoupled weight decay on ``tau'``.
+    temperature: softmax temperature of the KL preserve term.
+    preserve: ``"kl"`` or ``"mse"``.
+    merge_scale: task arithmetic's lambda for joint mode's default merge.
+    task_loop: ``"vmap"`` or ``"map"`` (independent mode's loop over experts).
+    num_aux: unlabeled auxiliary images.
+    batch_size: auxiliary images per step.
+
+  Returns:
+    The :class:`RIConfig`.
+
+  Raises:
+    ValueError: an unknown ``mode``, ``preserve`` or ``task_loop``, a negative ``beta``, a non-positive
+      ``temperature``, a negative ``steps`` or a non-positive ``num_aux`` or ``batch_size``.
+
+  References:
+    Ramesh et al., "Resolving Interference: Disentangling Models for Improved Model Merging", 2026.
+    https://arxiv.org/abs/2603.13467
+  """
+  check_ri(mode, preserve, task_loop, beta, temperature)
+  if int(steps) != steps or steps < 0:
+    raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+  _positive_int("num_aux", num_aux)
+  _positive_int("batch_size", batch_size)
+  return RIConfig(mode, beta, int(steps), learning_rate, weight_decay, temperature, preserve, merge_scale, task_loop,
+                  int(num_aux), int(batch_size))
