@@ -18,7 +18,7 @@ from jaxmerge.bench.suite import OfflineConfig, build_offline_suite
 MICRO = dataclasses.replace(
   OfflineConfig.smoke(0), tasks=("digits", "colors", "counting"), sizes=(64, 16, 48), pretrain_size=256,
   width=16, layers=1, heads=2, text_width=16, text_layers=1, text_heads=2, projection_dim=16, pretrain_steps=4,
-  pretrain_batch=32, finetune_steps=4, finetune_batch=16, eval_batch=64)
+  pretrain_batch=32, finetune_steps=4, finetune_batch=16, eval_batch=64, backbone=None)
 
 
 def _parse(argv):

@@ -105,6 +105,12 @@ def load_backbone(name: str, like: Any, root: str | os.PathLike | None = None) -
   return jtree.unflatten_paths(like, {p: np.asarray(tensors[p], np.float32) for p in expected}), info
 
 
+def _honour_umask(path) -> None:
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(path, 0o666 & ~mask)
+
+
 def save_backbone(name: str, params: Any, *, config: dict, recipe: dict, vocab: list[str],
                   root: str | os.PathLike | None = None, extra: dict | None = None) -> Path:
   """Writes ``<root>/<name>.safetensors`` and ``<root>/<name>.json`` (each to a temporary file, renamed when
@@ -128,12 +134,13 @@ def save_backbone(name: str, params: Any, *, config: dict, recipe: dict, vocab: 
 
   root = Path(root) if root is not None else ASSET_DIR
   root.mkdir(parents=True, exist_ok=True)
-  flat = {p: np.ascontiguousarray(np.asarray(x, np.float32)) for p, x in jtree.flatten_paths(params).items()}
+  flat = {p: np.asarray(x, np.float32, order="C") for p, x in jtree.flatten_paths(params).items()}  # keeps 0-d leaves
   weights = root / f"{name}.safetensors"
   fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=root)
   os.close(fd)
   try:
     save_file(flat, tmp)
+    _honour_umask(tmp)
     os.replace(tmp, weights)
   finally:
     if os.path.exists(tmp):
@@ -143,5 +150,6 @@ def save_backbone(name: str, params: Any, *, config: dict, recipe: dict, vocab: 
   fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=root)
   with os.fdopen(fd, "w") as f:
     json.dump(meta, f, indent=1)
+  _honour_umask(tmp)
   os.replace(tmp, root / f"{name}.json")
   return weights

@@ -30,6 +30,9 @@ SUITES = ("offline", *CLIP_SUITES)
 CLIP_SUITE_PROVIDERS = ("jaxmerge.data.clip_suites", "jaxmerge.bench.clip_suites")
 # --smoke without --methods: a few representative methods (compilation dominates a smoke run's time).
 SMOKE_METHODS = ("simple_average", "task_arithmetic", "ties")
+# Methods that need data which the default offline run adds to the data-free ones: the rows of FusionBench's
+# ViT-B/32 table (layer-wise AdaMerging, Fisher merging, RegMean), so the run compares every method it reports.
+DEFAULT_DATA_METHODS = ("adamerging", "fisher", "regmean")
 # --smoke --tta without --methods: the smoke methods plus one test-time adaptation method.
 SMOKE_TTA_METHODS = ("adamerging",)
 
@@ -119,7 +122,8 @@ def register(subparsers) -> None:
                       "latency to every row")
   p.add_argument("--methods", default=None, metavar="A,B,C",
                  help="comma-separated registry names, and model-level names with --moe (default: every method "
-                      "that needs no data, and every model-level method with --moe)")
+                      "that needs no data plus " + ", ".join(DEFAULT_DATA_METHODS) + " on the offline suite, and "
+                      "every model-level method with --moe)")
   p.add_argument("--seed", type=int, default=None, help="one suite and merge seed (same as --seeds N)")
   p.add_argument("--seeds", default=None, metavar="A,B,C",
                  help="suite seeds to average over (default for the offline suite: "
@@ -206,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
 
     methods = [m for m in methods if m in SMOKE_METHODS or (args.tta and m in SMOKE_TTA_METHODS)]
     moe_methods = [m for m in moe_methods if m in SMOKE_MOE_METHODS]
+  if args.methods is None and not args.smoke and args.suite == "offline" and not moe:
+    methods += [m for m in DEFAULT_DATA_METHODS if m not in methods]
   adapters = ("ri",) if args.ri else ()
   check_adapters(adapters)  # fail before spending minutes on the suite
   start = time.perf_counter()

@@ -34,10 +34,12 @@ from jaxmerge.bench.cache import Cache
 from jaxmerge.bench.text import WordTokenizer
 from jaxmerge.data import synthetic
 
-__all__ = ["BACKBONE_FIELDS", "DEFAULT_SEEDS", "OfflineConfig", "OfflineSuite", "build_offline_suite"]
+__all__ = ["BACKBONE_FIELDS", "DEFAULT_BACKBONE", "DEFAULT_SEEDS", "OfflineConfig", "OfflineSuite", "build_offline_suite"]
 
 # Bump when generators or training change in a way the config fields do not capture.
-SUITE_VERSION = 2
+SUITE_VERSION = 3
+# The backbone the default suite starts from (jaxmerge/bench/assets/).
+DEFAULT_BACKBONE = "tinyclip-w128"
 # Seeds of the default run: each its own data and experts, the same backbone; results are means over them.
 DEFAULT_SEEDS = (0, 1, 2)
 _PIXEL_MEAN = 0.5
@@ -72,11 +74,11 @@ class OfflineConfig:
 
   seed: int = 0
   tasks: tuple[str, ...] = synthetic.TASKS
-  sizes: tuple[int, int, int] = (3000, 200, 500)
-  pretrain_size: int = 16384
-  pretrain_task_fraction: float = 0.3
+  sizes: tuple[int, int, int] = (3000, 200, 1000)
+  pretrain_size: int = 32768
+  pretrain_task_fraction: float = 0.1
   patch_size: int = 8
-  width: int = 64
+  width: int = 128
   layers: int = 4
   heads: int = 4
   text_width: int = 64
@@ -84,18 +86,18 @@ class OfflineConfig:
   text_heads: int = 4
   context_length: int = 8
   projection_dim: int = 64
-  pretrain_steps: int = 1100
-  pretrain_batch: int = 64
-  pretrain_lr: float = 2e-3
-  finetune_steps: int = 150
-  finetune_batch: int = 64
-  finetune_lr: float = 2e-3
+  pretrain_steps: int = 3000
+  pretrain_batch: int = 128
+  pretrain_lr: float = 1e-3
+  finetune_steps: int = 400
+  finetune_batch: int = 32
+  finetune_lr: float = 1e-4
   finetune_optimizer: str = "adamw"
   finetune_momentum: float = 0.9
   finetune_weight_decay: float = 0.05
   weight_decay: float = 0.05
   eval_batch: int = 500
-  backbone: str | None = None
+  backbone: str | None = DEFAULT_BACKBONE
   version: int = SUITE_VERSION
 
   def __post_init__(self):
@@ -107,9 +109,7 @@ class OfflineConfig:
   @classmethod
   def smoke(cls, seed: int = 0) -> "OfflineConfig":
     """A reduced suite that builds, merges and evaluates in well under a minute on a laptop CPU."""
-    return cls(seed=seed, sizes=(768, 64, 200), pretrain_size=3072, width=32, layers=2, heads=2, text_width=32,
-               text_layers=1, text_heads=2, projection_dim=32, pretrain_steps=150, pretrain_batch=64,
-               finetune_steps=60, finetune_batch=64, eval_batch=200)
+    return cls(seed=seed, sizes=(768, 64, 200), finetune_steps=60, eval_batch=200)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
