@@ -102,7 +102,7 @@ def test_rerun_is_deterministic_and_uses_the_cache(micro, tmp_path):
 def test_cache_key_depends_on_config():
   assert OfflineConfig().hash == OfflineConfig().hash
   assert OfflineConfig().hash != OfflineConfig(seed=1).hash
-  assert OfflineConfig().hash != dataclasses.replace(OfflineConfig(), finetune_lr=1e-4).hash
+  assert OfflineConfig().hash != dataclasses.replace(OfflineConfig(), finetune_lr=3e-4).hash
 
 
 def test_corrupt_checkpoint_is_detected_and_rebuilt(micro, tmp_path):
@@ -212,10 +212,11 @@ def test_evaluate_pads_the_last_batch(micro):
 
 def test_reference_ranking():
   rows = [{"method": m, "average": a} for m, a in
-          [("pretrained", 0.3), ("experts", 0.9), ("task_arithmetic", 0.5), ("ties", 0.6), ("simple_average", 0.4)]]
+          [("pretrained", 0.3), ("experts", 0.9), ("task_arithmetic", 0.5), ("ties", 0.6), ("simple_average", 0.4),
+           ("no_such_row", 0.1)]]
   ref = report.compare_with_reference(rows)
-  assert ref["methods"] == ["pretrained", "experts", "task_arithmetic", "ties"]
-  assert ref["ours_rank"] == [4, 1, 3, 2] and ref["reference_rank"] == [4, 1, 3, 2]
+  assert ref["methods"] == ["pretrained", "experts", "simple_average", "task_arithmetic", "ties"]
+  assert ref["ours_rank"] == [5, 1, 4, 3, 2] and ref["reference_rank"] == [5, 1, 4, 3, 2]
   assert ref["kendall_tau"] == 1.0
-  rows[2]["average"] = 0.95  # TA now beats the experts and TIES: 2 of the 6 pairs flip, tau = (4 - 2) / 6
-  assert report.compare_with_reference(rows)["kendall_tau"] == pytest.approx(2 / 6)
+  rows[2]["average"] = 0.95  # TA now beats the experts and TIES: 2 of the 10 pairs flip, tau = (8 - 2) / 10
+  assert report.compare_with_reference(rows)["kendall_tau"] == pytest.approx(6 / 10)
