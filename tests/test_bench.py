@@ -220,3 +220,18 @@ def test_reference_ranking():
   assert ref["kendall_tau"] == 1.0
   rows[2]["average"] = 0.95  # TA now beats the experts and TIES: 2 of the 10 pairs flip, tau = (8 - 2) / 10
   assert report.compare_with_reference(rows)["kendall_tau"] == pytest.approx(6 / 10)
+
+
+def test_row_cache_reads_what_it_stored(micro, tmp_path, monkeypatch):
+  _, suite = micro
+  cache = runner.RowCache(tmp_path, seed=0)
+  first = runner.run_suite(suite, ["task_arithmetic", "ties"], progress=False, row_cache=cache)
+  assert not any(r.get("cached") for r in first["rows"])
+  calls = []
+  monkeypatch.setattr(runner, "_timed_data_free", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+  second = runner.run_suite(suite, ["task_arithmetic", "ties"], progress=False, row_cache=runner.RowCache(tmp_path, seed=0))
+  assert not calls and [r.get("cached") for r in second["rows"][2:]] == [True, True]
+  strip = lambda res: [{k: v for k, v in r.items() if k != "cached"} for r in res["rows"]]
+  assert strip(json.loads(json.dumps(first, default=float))) == strip(second)
+  # Another seed is another entry.
+  assert runner.RowCache(tmp_path, seed=1).get("ties") is None

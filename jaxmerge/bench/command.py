@@ -128,6 +128,9 @@ def register(subparsers) -> None:
   p.add_argument("--seeds", default=None, metavar="A,B,C",
                  help="suite seeds to average over (default for the offline suite: "
                       "0,1,2; --smoke and the CLIP suites: 0)")
+  p.add_argument("--recompute", action="store_true",
+                 help="merge and evaluate every method again even if the cache holds its row for this exact code, "
+                      "package versions, suite and seed")
   p.add_argument("--no-regime", dest="regime", action="store_false",
                  help="skip the regime statistics (task-vector norms, cosines, ranks, linearity)")
   p.add_argument("--cache", default=None, metavar="DIR",
@@ -220,7 +223,14 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     suite = build_suite(args.suite, cache_dir=args.cache, seed=seed, smoke=args.smoke, progress=args.progress)
     build_seconds += time.perf_counter() - t0
-    results = run_suite(suite, methods, seed=seed, adapters=adapters, progress=args.progress)
+    row_cache = None
+    if args.suite == "offline" and not getattr(args, "recompute", False) and hasattr(suite, "config"):
+      from jaxmerge.bench.cache import default_cache_dir
+      from jaxmerge.bench.runner import RowCache
+
+      root = Path(args.cache or default_cache_dir()) / f"offline-{suite.config.hash}" / "rows"
+      row_cache = RowCache(root, seed=seed)
+    results = run_suite(suite, methods, seed=seed, adapters=adapters, progress=args.progress, row_cache=row_cache)
     if moe:
       from jaxmerge.bench.moe_runner import add_moe_rows
 
@@ -229,7 +239,12 @@ def run(args: argparse.Namespace) -> int:
       from jaxmerge.bench.regime import regime_stats
 
       t0 = time.perf_counter()
-      regimes.append(regime_stats(suite))
+      stats = row_cache.get("_regime") if row_cache is not None else None
+      if stats is None:
+        stats = regime_stats(suite)
+        if row_cache is not None:
+          row_cache.put("_regime", stats)
+      regimes.append(stats)
       results["timings"]["regime"] = time.perf_counter() - t0
     per_seed.append(results)
   results = aggregate_seeds(per_seed) if len(per_seed) > 1 else {**per_seed[0], "seeds": seeds}

@@ -185,6 +185,10 @@ def _markdown(results: dict) -> str:
   if any(r["kind"] == "model-level" for r in results["rows"]):
     out += ["", "‡ model-level merge (`jaxmerge bench --moe`): a routed or task-indexed model, not one set of "
             "weights."]
+  n_cached = sum(1 for r in results["rows"] if r.get("cached"))
+  if n_cached:
+    out += ["", f"{n_cached} rows were read from the cache (the same code, package versions, suite and seed "
+            "computed them before; `--recompute` merges and evaluates again)."]
   if results.get("skipped"):
     out += ["", "Skipped: " + "; ".join(f"`{s['method']}` ({s['reason']})" for s in results["skipped"])]
   out += _cti_section(results)
@@ -309,7 +313,7 @@ def _plots(results: dict, out: Path) -> list[str]:
     label = f"{v:.1f}"
     if r["kind"] == "model-level" and r.get("extra_params_ratio") is not None:
       label += f"  (+{r['extra_params_ratio']:.2f} towers, {r['relative_latency']:.1f}x latency)"
-    ax.text(v + 0.5, i, label, va="center", fontsize=8)
+    ax.text(v + 0.5 + 100 * r.get("average_std", 0.0), i, label, va="center", fontsize=8)
   ax.set_title(f"{results['suite']}: average accuracy over {len(results['tasks'])} tasks")
   fig.tight_layout()
   fig.savefig(out / "accuracy.png", dpi=110)

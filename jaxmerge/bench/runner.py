@@ -25,7 +25,7 @@ import numpy as np
 
 import jaxmerge as jm
 
-__all__ = ["MethodRunner", "PLUGIN_MODULES", "Suite", "aggregate_seeds", "check_adapters", "dispatch_by_name", "register_adapter", "register_runner",
+__all__ = ["MethodRunner", "PLUGIN_MODULES", "RowCache", "Suite", "aggregate_seeds", "check_adapters", "dispatch_by_name", "register_adapter", "register_runner",
            "resolve_methods", "run_suite"]
 
 
@@ -246,8 +246,61 @@ def _evaluate_merged(suite: Suite, merged: Any) -> tuple[dict, bool]:
   return suite.evaluate(merged), False
 
 
+class RowCache:
+  """Result rows stored on disk, keyed by what produces them, so that rerunning an unchanged benchmark reads
+  its rows instead of merging and evaluating again.
+
+  An entry is ``<root>/<salt>/<name>.json``; ``salt`` hashes everything a row depends on besides the suite and
+  the method: jaxmerge's source files, the versions of the numerics packages, the seed. The suite itself is
+  keyed by the cache directory (``offline-<config hash>``), which covers its data, backbone and experts.
+  Entries are written to a temporary file and renamed; an unreadable entry is recomputed.
+
+  Args:
+    root: the directory (created on first write).
+    seed: the run's seed (rows of different seeds never share an entry).
+  """
+
+  def __init__(self, root, *, seed: int):
+    import hashlib
+    import json as _json
+    from pathlib import Path
+
+    from jaxmerge.bench.versions import check_versions
+
+    pkg = Path(jm.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(pkg.rglob("*")):
+      if f.suffix in (".py", ".c") and f.is_file():
+        h.update(str(f.relative_to(pkg)).encode())
+        h.update(f.read_bytes())
+    h.update(_json.dumps(check_versions()["installed"], sort_keys=True).encode())
+    h.update(str(seed).encode())
+    self.dir = Path(root) / h.hexdigest()[:16]
+
+  def get(self, name: str):
+    import json as _json
+
+    try:
+      return _json.loads((self.dir / f"{name}.json").read_text())
+    except (OSError, ValueError):
+      return None
+
+  def put(self, name: str, value) -> None:
+    import json as _json
+    import os
+    import tempfile
+
+    from jaxmerge.bench.report import _jsonable
+
+    self.dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
+    with os.fdopen(fd, "w") as f:
+      _json.dump(_jsonable(value), f)
+    os.replace(tmp, self.dir / f"{name}.json")
+
+
 def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: Sequence[str] = (),
-              progress: bool = True, strict: bool = False) -> dict:
+              progress: bool = True, strict: bool = False, row_cache: RowCache | None = None) -> dict:
   """Evaluates the baselines and every method on ``suite``.
 
   Args:
@@ -258,6 +311,8 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
       ``"<adapter>+<method>"`` for every data-free method in ``methods``.
     progress: show a progress bar over methods.
     strict: re-raise a method's error instead of recording it under ``"skipped"``.
+    row_cache: a :class:`RowCache`: rows found there are read instead of computed (their ``cached`` field is
+      true), computed rows are stored; only used for runs without adapters.
 
   Returns:
     The results dict of :mod:`jaxmerge.bench.report` (without the reference comparison); with adapters, also
@@ -268,8 +323,13 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
   tasks = list(suite.tasks)
   timings = dict(getattr(suite, "timings", {}))
   t0 = time.perf_counter()
-  pre_acc = suite.evaluate(suite.pretrained)
-  cross = [suite.evaluate(e) for e in suite.experts]
+  row_cache = row_cache if not adapters else None
+  base = row_cache.get("_baselines") if row_cache is not None else None
+  if base is None:
+    base = {"pretrained": suite.evaluate(suite.pretrained), "cross": [suite.evaluate(e) for e in suite.experts]}
+    if row_cache is not None:
+      row_cache.put("_baselines", base)
+  pre_acc, cross = base["pretrained"], base["cross"]
   expert_acc = {t: cross[i][t] for i, t in enumerate(tasks)}
   timings["evaluate_baselines"] = time.perf_counter() - t0
   rows = [_row("pretrained", pre_acc, expert_acc, tasks, 0.0, kind="baseline", data="none"),
@@ -295,6 +355,10 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
     bar = tqdm(jobs, desc="merging and evaluating", leave=False)
   for row_name, method, adapter in bar:
     info = jm.method_info(method)
+    cached = row_cache.get(row_name) if row_cache is not None else None
+    if cached is not None:
+      rows.append({**cached, "cached": True})
+      continue
     runner = _RUNNERS.get(info.data)
     if runner is None:
       skipped.append({"method": row_name, "reason": f"needs {info.data!r} data and no runner for it is registered"})
@@ -323,6 +387,8 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
       rows.append(_row(row_name, acc, expert_acc, tasks, seconds, compile_seconds=compile_seconds,
                        eval_seconds=eval_seconds, kind="merge", data=info.data,
                        family=info.family, per_task_model=per_task, hparams=dict(info.hparams), **extra))
+      if row_cache is not None:
+        row_cache.put(row_name, rows[-1])
     except Exception as e:  # one method's failure must not lose the whole benchmark
       if strict:
         raise
