@@ -39,7 +39,7 @@ from jaxmerge import filters as jfilters
 from jaxmerge import tree as jtree
 from jaxmerge.base import MergeContext, MergeTransform
 from jaxmerge.merge import prepare
-from jaxmerge.registry import register
+from jaxmerge.registry import choice, integer, real, register
 from jaxmerge.tta import heads as H
 from jaxmerge.tta.adapter import Adapter
 from jaxmerge.tta.fit import fit
@@ -86,7 +86,10 @@ def _check(mode: str, preserve: str, task_loop: str, beta: float | None, tempera
 
 
 @register("ri", family="adaptation", data="aux", storage="none (a pre-merge adaptation of the experts)",
-          reference=REFERENCE)
+          reference=REFERENCE,
+          params={"mode": choice(*_MODES), "beta": real(0, optional=True), "steps": integer(0),
+                  "learning_rate": real(0, lo_open=True), "weight_decay": real(0), "temperature": real(0, lo_open=True),
+                  "preserve": choice(*_PRESERVE), "merge_scale": real(), "task_loop": choice(*_LOOPS)})
 def ri_config(mode: str = "independent", beta: float | None = None, steps: int = 200, learning_rate: float = 1e-5,
               weight_decay: float = 0.0, temperature: float = 1.0, preserve: str = "kl", merge_scale: float = 0.3,
               task_loop: str = "vmap") -> RIConfig:
