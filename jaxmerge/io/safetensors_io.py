@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import mmap
 import os
 import pathlib
 import re
 import shutil
+import stat
 import struct
 import tempfile
 import threading
@@ -35,6 +37,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import ml_dtypes
 import numpy as np
+
+from jaxmerge.io.paths import inside
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
@@ -94,9 +98,16 @@ class SafetensorsReader(Mapping):
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path)
     try:
-      self._file = open(self.path, "rb")
+      # O_NONBLOCK: a FIFO or a device opens at once instead of blocking, and is then refused below.
+      fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-      raise ValueError(f"cannot open checkpoint {self.path}: {e}") from e
+      raise ValueError(f"cannot open checkpoint {self.path}: {e.strerror}") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+      os.close(fd)
+      kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+      raise ValueError(f"checkpoint {self.path} is {kind}; a safetensors checkpoint is a regular file")
+    self._file = os.fdopen(fd, "rb")
     try:
       self._parse()
     except BaseException:
@@ -108,13 +119,20 @@ class SafetensorsReader(Mapping):
     size = os.fstat(self._file.fileno()).st_size
     if size < 8:
       raise ValueError(f"{self.path} is not a safetensors file: truncated before the header ({size} bytes)")
-    (n,) = struct.unpack("<Q", self._file.read(8))
+    first = self._file.read(8)
+    (n,) = struct.unpack("<Q", first)
+    if n > min(size - 8, _MAX_HEADER) and (first[:4] == b"PK\x03\x04" or first[:1] == b"\x80"):
+      raise ValueError(f"{self.path} is not a safetensors file: it looks like a PyTorch (zip or pickle) checkpoint, "
+                       "which jaxmerge does not load (pickles can run code); convert it to safetensors first")
     if n > min(size - 8, _MAX_HEADER):
-      raise ValueError(f"{self.path} is corrupt or truncated: header length {n} exceeds the file ({size} bytes)")
+      raise ValueError(f"{self.path} is corrupt or truncated: header length {n} exceeds the file ({size} bytes); "
+                       "is it a safetensors file?")
     try:
       header = json.loads(self._file.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ValueError(f"{self.path} is corrupt: its header is not valid JSON ({e})") from e
+    except RecursionError:
+      raise ValueError(f"{self.path} is corrupt: its header nests too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
       raise ValueError(f"{self.path} is corrupt: the header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -125,13 +143,18 @@ class SafetensorsReader(Mapping):
     for name, info in header.items():
       try:
         dtype = _DTYPES[info["dtype"]]
-        shape = tuple(int(d) for d in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
+        if not isinstance(info["shape"], list) or not isinstance(info["data_offsets"], list):
+          raise TypeError("shape and data_offsets must be lists")
+        if not all(type(d) is int for d in (*info["shape"], *info["data_offsets"])):
+          raise TypeError("shape and data_offsets must hold integers")
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
       except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{self.path} is corrupt: bad header entry for tensor {name!r} ({e!r})") from e
       if any(d < 0 for d in shape) or begin < 0:
         raise ValueError(f"{self.path} is corrupt: tensor {name!r} has a negative shape or offset")
-      if end > data_size or begin > end or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+      # Python integers: a shape like [2**32, 2**32] must not wrap around to a small size.
+      if end > data_size or begin > end or end - begin != math.prod(shape) * dtype.itemsize:
         raise ValueError(
             f"{self.path} is corrupt or truncated: tensor {name!r} ({info['dtype']} {list(shape)}) spans bytes "
             f"{begin}..{end} but the data section has {data_size} bytes"
@@ -230,18 +253,25 @@ class ShardedReader(Mapping):
     self.index_path = index
     try:
       raw = json.loads(index.read_text())
+      if not isinstance(raw, dict):
+        raise TypeError("the index is not a JSON object")
       weight_map = raw["weight_map"]
       if not isinstance(weight_map, dict):
         raise TypeError("weight_map is not an object")
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+      if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise TypeError("weight_map must map tensor names to shard file names")
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
+    except RecursionError:
+      raise ValueError(f"{index} is not a valid safetensors index: it nests too deeply") from None
     self.metadata = raw.get("metadata") or {}
     self._readers: dict[str, SafetensorsReader] = {}
     try:
       for f in sorted(set(weight_map.values())):
-        if not (index.parent / f).exists():
+        shard = inside(index.parent, f, f"shard listed in {index.name}")
+        if not shard.exists():
           raise ValueError(f"{index} lists shard {f}, which does not exist in {index.parent}")
-        self._readers[f] = SafetensorsReader(index.parent / f)
+        self._readers[f] = SafetensorsReader(shard)
     except BaseException:
       self.close()
       raise
@@ -322,13 +352,13 @@ def open_checkpoint(path: str | os.PathLike) -> TensorReader:
     indexes = sorted(p.glob("*.safetensors.index.json"))
     if indexes:
       preferred = [i for i in indexes if i.name == INDEX_NAME]
-      return ShardedReader((preferred or indexes)[0])
+      return ShardedReader(inside(p, (preferred or indexes)[0].name, "index"))
     files = sorted(p.glob("*.safetensors"))
     if len(files) == 1:
-      return SafetensorsReader(files[0])
+      return SafetensorsReader(inside(p, files[0].name, "checkpoint file"))
     if len(files) > 1:
       if (p / "model.safetensors").exists():
-        return SafetensorsReader(p / "model.safetensors")
+        return SafetensorsReader(inside(p, "model.safetensors", "checkpoint file"))
       raise ValueError(f"directory {p} has several safetensors files and no index: {[f.name for f in files]}")
     from jaxmerge.io import orbax_io  # noqa: PLC0415 (orbax is heavy: import on use)
 
