@@ -316,7 +316,7 @@ def tall_mask(tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) -
 
 
 @register("consensus", family="sparsification", reference="https://arxiv.org/abs/2405.07813",
-          params={"k": integer(1), "tall_lambda": TALL_LAMBDA, "base": choice(*_BASES), "scale": SCALE,
+          params={"k": integer(0), "tall_lambda": TALL_LAMBDA, "base": choice(*_BASES), "scale": SCALE,
                   "density": DENSITY, "disjoint": DISJOINT, "scope": SCOPE, "strict": flag()})
 def consensus(
     k: int = 2,

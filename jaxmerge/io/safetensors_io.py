@@ -13,7 +13,10 @@ Reading is lazy. ``open_checkpoint(path)`` returns a :class:`TensorReader` over 
 released as soon as the caller drops it (what streaming merges use: mapped pages would stay resident).
 
 Writing never leaves a partial checkpoint: files go to a temporary name in the target directory, are fsynced
-and renamed into place. :class:`ShardedWriter` knows every tensor's shape and dtype up front, plans the shards,
+and renamed into place (with the permissions the user's umask gives new files). A temporary is never a valid
+checkpoint: a streamed shard's header length stays zero until the shard is complete, and the index is written
+last; temporaries left by a killed run are removed by the next write into the same directory
+(:mod:`jaxmerge.io.atomic`). :class:`ShardedWriter` knows every tensor's shape and dtype up front, plans the shards,
 writes each header first and then each tensor at its offset as it arrives (in any order), so a merged model
 larger than memory can be written tensor by tensor.
 """
@@ -30,7 +33,6 @@ import re
 import shutil
 import stat
 import struct
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -38,6 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 import ml_dtypes
 import numpy as np
 
+from jaxmerge.io import atomic as atomic_io
 from jaxmerge.io.paths import inside
 
 __all__ = [
@@ -485,7 +488,7 @@ def save(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[
   path.parent.mkdir(parents=True, exist_ok=True)
   arrays = {k: _as_host(k, v) for k, v in tensors.items()}
   head, spans = _header_bytes([(k, a.shape, a.dtype) for k, a in arrays.items()], metadata)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  fd, tmp = atomic_io.mkstemp(path)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(head)
@@ -494,6 +497,7 @@ def save(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[
           f.write(memoryview(a.reshape(-1).view(np.uint8)))
       f.flush()
       os.fsync(f.fileno())
+    atomic_io.apply_umask(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
   except BaseException:
@@ -599,12 +603,13 @@ class ShardedWriter:
     groups = _plan_shards(self._specs, max_shard_bytes)
     self.directory.parent.mkdir(parents=True, exist_ok=True)
     if atomic:
-      self._root = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", suffix=".tmp",
-                                                 dir=self.directory.parent))
+      atomic_io.remove_stale(self.directory.parent)
+      self._root = atomic_io.mkdtemp(self.directory)
     else:
       self.directory.mkdir(parents=True, exist_ok=True)
       self._root = self.directory
     self._files: list[tuple[pathlib.Path, int]] = []
+    self._lengths: list[bytes] = []  # each shard's header length, written by close() (zero until then)
     self._where: dict[str, tuple[int, int, int]] = {}
     self._written: set[str] = set()
     self._closed = False
@@ -616,7 +621,9 @@ class ShardedWriter:
         head, spans = _header_bytes([(n, *self._specs[n]) for n in names], metadata)
         fd = os.open(self._root / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self._files.append((self._root / fname, fd))
-        _pwrite_all(fd, memoryview(head), 0)
+        # A zero header length until close(): an interrupted shard never reads as a valid (zero-filled) file.
+        _pwrite_all(fd, memoryview(b"\0" * 8 + head[8:]), 0)
+        self._lengths.append(head[:8])
         os.ftruncate(fd, len(head) + sum(n for _, n in spans.values()))
         self._dirty.append(0)
         for n, (off, nbytes) in spans.items():
@@ -665,7 +672,9 @@ class ShardedWriter:
       raise ValueError(f"{len(missing)} declared tensors were never written to {self.directory}: {missing[:5]}")
     try:
       self._wait_syncs()
-      for _, fd in self._files:
+      for (_, fd), length in zip(self._files, self._lengths):
+        os.fsync(fd)  # the data is on disk before the header length that makes the shard valid
+        _pwrite_all(fd, memoryview(length), 0)
         os.fsync(fd)
         os.close(fd)
       self._files_closed = True
@@ -674,6 +683,7 @@ class ShardedWriter:
         _write_index(self._root, {n: self._files[i][0].name for n, (i, _, _) in self._where.items()}, total)
       _fsync_dir(self._root)
       if self.atomic:
+        atomic_io.apply_umask(self._root)
         _replace_dir(self._root, self.directory, self.overwrite)
       self._closed = True
       return self.directory
@@ -714,7 +724,7 @@ def _replace_dir(tmp: pathlib.Path, final: pathlib.Path, overwrite: bool) -> Non
   if final.exists():
     if not overwrite:
       raise ValueError(f"output {final} already exists")
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    old = atomic_io.mkdtemp(final, suffix=".old")
     os.replace(final, old / final.name)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
@@ -740,7 +750,8 @@ def save_sharded(directory: str | os.PathLike, tensors: Mapping[str, Any], *,
   arrays = {k: _as_host(k, v) for k, v in tensors.items()}
   groups = _plan_shards({k: (a.shape, a.dtype) for k, a in arrays.items()}, max_shard_bytes)
   directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+  atomic_io.remove_stale(directory.parent)
+  tmp = atomic_io.mkdtemp(directory)
   try:
     weight_map = {}
     for i, names in enumerate(groups):
@@ -749,6 +760,7 @@ def save_sharded(directory: str | os.PathLike, tensors: Mapping[str, Any], *,
       weight_map.update({n: fname for n in names})
     if len(groups) > 1:
       _write_index(tmp, weight_map, sum(a.nbytes for a in arrays.values()))
+    atomic_io.apply_umask(tmp)
     _replace_dir(tmp, directory, overwrite=True)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
