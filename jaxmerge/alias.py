@@ -190,7 +190,7 @@ def _base_reduction(base: str, density: float, disjoint: str, scope: str) -> lis
 
 
 @register("dare", family="sparsification", reference="https://arxiv.org/abs/2311.03099",
-          params={"p": real(0, 1, hi_open=True), "rescale": choice(True, False, "l1"), "base": choice(*_BASES),
+          params={"p": real(0, 1), "rescale": choice(True, False, "l1"), "base": choice(*_BASES),
                   "scale": SCALE, "density": DENSITY, "disjoint": DISJOINT, "scope": SCOPE})
 def dare(
     p: float = 0.5,

@@ -152,7 +152,7 @@ def iso_cts(scale: float = 1.0, common_fraction: float = 0.8, fallback: str = "m
 
 
 @register("cart", family="subspace", reference="https://arxiv.org/abs/2412.12153",
-          params={"rank_fraction": RANK_FRACTION, "scale": real(), "rank": integer(1, optional=True),
+          params={"rank_fraction": RANK_FRACTION, "scale": real(), "rank": integer(0, optional=True),
                   "fallback": REDUCE_FALLBACK})
 def cart(rank_fraction: float = 0.08, scale: float = 1.0, rank: int | None = None, fallback: str = "mean") -> MergeTransform:
   """CART: ``theta_avg + lambda sum_t SVD_k(theta_t - theta_avg)`` with ``k = max(1, int(rho r))``.
@@ -220,7 +220,7 @@ _KNOTS_KNOBS = ("scale", "density", "disjoint", "p")
           params={"base": choice("task_arithmetic", "ties", "dare", "simple_average", "breadcrumbs", "della",
                                  "localize_stitch", "consensus", "nan", "model_stock", "pcb", "slerp"),
                   "scale": real(optional=True), "density": real(0, 1, optional=True),
-                  "disjoint": choice("sum", "mean", "max", optional=True), "p": real(0, 1, hi_open=True, optional=True),
+                  "disjoint": choice("sum", "mean", "max", optional=True), "p": real(0, 1, optional=True),
                   "base_hparams": mapping(), "eps": real(0), "scaled": flag()})
 def knots(
     base: str = "task_arithmetic",
