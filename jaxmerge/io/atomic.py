@@ -32,12 +32,27 @@ def _prefix(name: str) -> str:
 
 
 def mkstemp(path: pathlib.Path) -> tuple[int, str]:
-  """A private temporary file beside ``path`` (``tempfile.mkstemp``), named for :func:`remove_stale`."""
+  """A private temporary file beside ``path`` (``tempfile.mkstemp``), named for :func:`remove_stale`.
+
+  Args:
+    path: the final path the temporary file will be renamed to.
+
+  Returns:
+    ``(fd, name)`` as ``tempfile.mkstemp``.
+  """
   return tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)
 
 
 def mkdtemp(path: pathlib.Path, suffix: str = ".tmp") -> pathlib.Path:
-  """A private temporary directory beside ``path`` (``tempfile.mkdtemp``), named for :func:`remove_stale`."""
+  """A private temporary directory beside ``path`` (``tempfile.mkdtemp``), named for :func:`remove_stale`.
+
+  Args:
+    path: the final path the temporary directory will be renamed to.
+    suffix: ``".tmp"``, or ``".old"`` for a directory being replaced.
+
+  Returns:
+    The new directory.
+  """
   return pathlib.Path(tempfile.mkdtemp(prefix=_prefix(path.name), suffix=suffix, dir=path.parent))
 
 
@@ -87,7 +102,11 @@ def remove_stale(directory: str | os.PathLike) -> list[pathlib.Path]:
 
 
 def umask() -> int:
-  """The process's umask (read from ``/proc`` where it can be, so that it is never changed, even briefly)."""
+  """The process's umask (read from ``/proc`` where it can be, so that it is never changed, even briefly).
+
+  Returns:
+    The umask, e.g. ``0o022``.
+  """
   try:
     with open("/proc/self/status") as f:
       for line in f:
@@ -102,7 +121,11 @@ def umask() -> int:
 
 def apply_umask(path: str | os.PathLike) -> None:
   """Gives ``path`` (and, for a directory, everything under it) the permissions new files and directories get
-  under the user's umask (files ``0666 & ~umask``, directories ``0777 & ~umask``)."""
+  under the user's umask (files ``0666 & ~umask``, directories ``0777 & ~umask``; symbolic links are left).
+
+  Args:
+    path: a file or directory this process created.
+  """
   path = pathlib.Path(path)
   mask = umask()
   if path.is_dir() and not path.is_symlink():
@@ -139,7 +162,11 @@ def make_parents(path: str | os.PathLike) -> list[pathlib.Path]:
 
 
 def remove_empty(dirs: list[pathlib.Path]) -> None:
-  """Removes the directories :func:`make_parents` created, deepest first, as long as they are empty."""
+  """Removes the directories :func:`make_parents` created, deepest first, as long as they are empty.
+
+  Args:
+    dirs: what :func:`make_parents` returned.
+  """
   for d in dirs:
     try:
       d.rmdir()
