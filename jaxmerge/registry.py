@@ -111,6 +111,9 @@ class Hparam(NamedTuple):
         return value
     elif self._ok(value):
       return value
+    if self.kind == "method" and isinstance(value, str):
+      raise ValueError(f"method {method!r}: hyperparameter {name} names an unknown method {value!r}; valid methods: "
+                       f"{', '.join(list_methods())}")
     raise ValueError(f"method {method!r}: hyperparameter {name} must be {self.describe()}, got {value!r}")
 
   def _ok(self, value: Any) -> bool:

@@ -195,7 +195,8 @@ def test_every_method_declares_every_hyperparameter_and_its_defaults_pass():
     ("pcb", {"scale": [1.0, float("nan")]}, "scale must be a finite number"),
     ("dare", {"rescale": 1}, "rescale must be one of True, False, 'l1'"),
     ("ri", {"temperature": 0}, "temperature must be a finite number > 0"),
-    ("scale_search", {"base": "nope"}, "base must be a registered method name"),
+    ("scale_search", {"base": "nope"}, "hyperparameter base names an unknown method 'nope'; valid methods: "),
+    ("scale_search", {"base": 3}, "base must be a registered method name"),
 ])
 def test_out_of_range_hyperparameters_name_method_parameter_and_range(method, hp, match):
   import jaxmerge as jm
