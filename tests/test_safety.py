@@ -449,3 +449,14 @@ def test_bench_smoke_keeps_a_tta_method_with_tta():
   assert moe == ["wemoe", "smile", "emr"]
   _, moe = command.smoke_selection([], ["wemoe", "smile", "emr", "twin"], tta=False)
   assert moe == ["smile", "emr"]
+
+
+def test_orbax_checkpoint_with_a_link_out_of_it_is_refused(tmp_path):
+  from jaxmerge.io import orbax_io
+
+  orbax_io.save(tmp_path / "ck", {"w": np.ones((2, 2), np.float32)})
+  assert set(S.load(tmp_path / "ck")) == {"w"}
+  (tmp_path / "secret").write_text("x")
+  (tmp_path / "ck" / "extra").symlink_to(tmp_path / "secret")
+  with pytest.raises(ValueError, match="orbax checkpoint file .*outside the model directory"):
+    S.open_checkpoint(tmp_path / "ck")

@@ -367,6 +367,9 @@ def open_checkpoint(path: str | os.PathLike) -> TensorReader:
 
     item = orbax_io.find_item_dir(p)
     if item is not None:
+      for f in item.rglob("*"):  # every file orbax may open stays inside the checkpoint directory
+        if f.is_symlink():
+          inside(p, f.relative_to(p), "orbax checkpoint file")
       return orbax_io.OrbaxReader(item)
     if any(p.glob("*.bin")) or any(p.glob("*.pt")):
       raise ValueError(f"directory {p} holds PyTorch .bin/.pt weights only; convert them to safetensors first")
