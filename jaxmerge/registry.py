@@ -128,6 +128,11 @@ class Hparam(NamedTuple):
     return self._number_ok(value)
 
   def _number_ok(self, value: Any) -> bool:
+    if getattr(value, "shape", None) == () and getattr(getattr(value, "dtype", None), "kind", "") in "fiu":
+      try:  # a 0-d NumPy or JAX array
+        value = value.item()
+      except Exception:  # noqa: BLE001  (a traced value: checked where it is concrete)
+        return True
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
       return False
     if self.kind == "int" and not isinstance(value, numbers.Integral):
