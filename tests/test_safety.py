@@ -460,3 +460,13 @@ def test_orbax_checkpoint_with_a_link_out_of_it_is_refused(tmp_path):
   (tmp_path / "ck" / "extra").symlink_to(tmp_path / "secret")
   with pytest.raises(ValueError, match="orbax checkpoint file .*outside the model directory"):
     S.open_checkpoint(tmp_path / "ck")
+
+
+def test_pytorch_index_of_a_hugging_face_directory_cannot_name_files_outside(tmp_path):
+  from jaxmerge.io import hf
+
+  d = tmp_path / "m"
+  d.mkdir()
+  (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "../../etc/passwd"}}))
+  with pytest.raises(ValueError, match="not a plain relative path"):
+    hf.read_state_dict(d)
