@@ -510,3 +510,19 @@ def test_cache_loads_only_a_hash_checked_library_of_the_users(monkeypatch, caplo
   with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
     assert native.build().parent != out.parent
   assert "owned by uid" in caplog.text
+
+
+@needs_native
+def test_cache_survives_a_group_writable_umask(monkeypatch, caplog, tmp_path):
+  """Under umask 002 (user private groups) the cache is still created private and reused without a warning."""
+  monkeypatch.setenv("JAXMERGE_CACHE", str(tmp_path))
+  old = os.umask(0o002)
+  try:
+    out = native.build()
+    with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+      assert native.build() == out
+  finally:
+    os.umask(old)
+  assert caplog.text == ""
+  for p in (out, out.with_name(out.name + ".sha256"), out.parent):
+    assert p.stat().st_mode & 0o022 == 0, p

@@ -321,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
       print(f"note: removed {stale}, left behind by an interrupted jaxmerge run")
     tmp = atomic.mkdtemp(out)
   except OSError as e:
-    raise ValueError(f"cannot write the output {out}: {e.strerror} ({e.filename or out.parent})") from e
+    raise ValueError(f"cannot write the output {out}: {e.strerror or e} ({e.filename or out.parent})") from e
   t0 = time.perf_counter()
   try:
     dirs = [tmp / f"task_{i}" for i in range(t)] if spec.per_task else [tmp]

@@ -180,6 +180,7 @@ def build(force: bool = False) -> Path:
     os.chmod(tmp, 0o755 & ~_umask())
     side = work / (name + ".sha256")
     side.write_text(_digest(Path(tmp)) + "\n")
+    os.chmod(side, 0o644 & ~_umask())  # (never group-writable, which the check above would refuse)
     os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the new one, never a partial one
     os.replace(side, out.with_name(name + ".sha256"))
   finally:
@@ -188,6 +189,14 @@ def build(force: bool = False) -> Path:
 
 
 def _umask() -> int:
+  """The process's umask, read from ``/proc`` where possible (so that it is never changed, even briefly)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
   mask = os.umask(0o022)
   os.umask(mask)
   return mask
