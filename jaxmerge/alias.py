@@ -266,8 +266,8 @@ def della(p: float = 0.3, window: float = 0.14, scale: float = 1.1, rescale: boo
 
 
 @register("pcb", family="sparsification", reference="https://arxiv.org/abs/2410.02396",
-          params={"ratio": real(0, 1, lo_open=True), "scale": real(per_task=True), "clamp_ratio": real(0, 0.5, hi_open=True),
-                  "inter": choice("signed_minmax", "raw")})
+          params={"ratio": real(0, 1, lo_open=True), "scale": real(per_task=True),
+                  "clamp_ratio": real(0, 0.5, hi_open=True), "inter": choice("signed_minmax", "raw")})
 def pcb(
     ratio: float = 0.05, scale: float | Sequence[float] = 1.2, clamp_ratio: float = 0.01, inter: str = "signed_minmax"
 ) -> MergeTransform:

@@ -364,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     info = {"method": spec.method, "hparams": spec.hparams, "base": spec.base, "models": list(spec.models),
             "dtype": spec.dtype, "seed": spec.seed, "vocab_policy": spec.vocab_policy, "source": spec.source,
-            "stream": bool(use_stream), "mesh": dict(mesh.shape) if mesh is not None else None, "format": fmt, "per_task": spec.per_task, "notes": notes,
+            "stream": bool(use_stream), "mesh": dict(mesh.shape) if mesh is not None else None, "format": fmt,
+            "per_task": spec.per_task, "notes": notes,
             "seconds": seconds, "jaxmerge_version": jm.__version__}
     (tmp / "merge_info.json").write_text(json.dumps(info, indent=1, default=str))
     if out.exists():
