@@ -12,7 +12,7 @@ from jaxmerge import reductions as R
 from jaxmerge import transforms as T
 from jaxmerge.base import MergeTransform
 from jaxmerge.combine import chain
-from jaxmerge.registry import register
+from jaxmerge.registry import choice, flag, integer, real, register
 
 __all__ = [
     "breadcrumbs",
@@ -34,6 +34,14 @@ __all__ = [
 
 _BASES = ("task_arithmetic", "ties")
 
+# Shared hyperparameter declarations (jaxmerge.registry): a lambda may be any finite number (negative ones negate
+# the task vectors); fractions are in [0, 1].
+SCALE = real()
+DENSITY = real(0, 1)
+DISJOINT = choice("sum", "mean", "max")
+SCOPE = choice("global", "leaf")
+TALL_LAMBDA = real(per_task=True)
+
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
   if value not in choices:
@@ -53,7 +61,8 @@ def simple_average() -> MergeTransform:
   return R.mean_tasks()
 
 
-@register("task_arithmetic", family="weighted_average", reference="https://arxiv.org/abs/2212.04089")
+@register("task_arithmetic", family="weighted_average", reference="https://arxiv.org/abs/2212.04089",
+          params={"scale": SCALE})
 def task_arithmetic(scale: float = 0.3) -> MergeTransform:
   """``theta_0 + scale * sum_t tau_t``.
 
@@ -69,7 +78,8 @@ def task_arithmetic(scale: float = 0.3) -> MergeTransform:
   return chain(R.sum_tasks(), T.scale(scale))
 
 
-@register("nan", family="weighted_average", reference="https://arxiv.org/abs/2505.16148")
+@register("nan", family="weighted_average", reference="https://arxiv.org/abs/2505.16148",
+          params={"global_scale": real(optional=True), "norm_of": choice("task_vector", "weights")})
 def nan(global_scale: float | None = None, norm_of: str = "task_vector") -> MergeTransform:
   """NAN: per-leaf coefficients inversely proportional to the task vectors' norms, times ``T/2``.
 
@@ -87,7 +97,8 @@ def nan(global_scale: float | None = None, norm_of: str = "task_vector") -> Merg
   return T.nan_reduce(global_scale, norm_of)
 
 
-@register("slerp", family="weighted_average", reference="https://dl.acm.org/doi/10.1145/325165.325242")
+@register("slerp", family="weighted_average", reference="https://dl.acm.org/doi/10.1145/325165.325242",
+          params={"t": real(0, 1), "dot_threshold": real(0, 1), "epsilon": real(0)})
 def slerp(t: float = 0.5, dot_threshold: float = 0.9995, epsilon: float = 1e-8) -> MergeTransform:
   """Spherical interpolation of two fine-tuned models, per leaf (FusionBench defaults).
 
@@ -106,7 +117,8 @@ def slerp(t: float = 0.5, dot_threshold: float = 0.9995, epsilon: float = 1e-8) 
   return T.slerp_reduce(t, dot_threshold, epsilon)
 
 
-@register("model_stock", family="weighted_average", reference="https://arxiv.org/abs/2403.19522")
+@register("model_stock", family="weighted_average", reference="https://arxiv.org/abs/2403.19522",
+          params={"average": choice("angle", "cosine"), "clamp": flag()})
 def model_stock(average: str = "angle", clamp: bool = False) -> MergeTransform:
   """Model Stock: per-leaf interpolation between the pretrained and the average fine-tuned model.
 
@@ -134,7 +146,9 @@ def _ties_core(
   return [T.trim(density, scope, count), R.disjoint_merge(disjoint, scope, zero_sign)]
 
 
-@register("ties", family="sparsification", reference="https://arxiv.org/abs/2306.01708")
+@register("ties", family="sparsification", reference="https://arxiv.org/abs/2306.01708",
+          params={"density": DENSITY, "scale": SCALE, "disjoint": DISJOINT, "scope": SCOPE,
+                  "count": choice("reference", "exact"), "zero_sign": choice("majority", "positive")})
 def ties(
     density: float = 0.2,
     scale: float = 0.3,
@@ -175,7 +189,9 @@ def _base_reduction(base: str, density: float, disjoint: str, scope: str) -> lis
   return [R.sum_tasks()]
 
 
-@register("dare", family="sparsification", reference="https://arxiv.org/abs/2311.03099")
+@register("dare", family="sparsification", reference="https://arxiv.org/abs/2311.03099",
+          params={"p": real(0, 1), "rescale": choice(True, False, "l1"), "base": choice(*_BASES),
+                  "scale": SCALE, "density": DENSITY, "disjoint": DISJOINT, "scope": SCOPE})
 def dare(
     p: float = 0.5,
     rescale: bool | str = True,
@@ -206,7 +222,8 @@ def dare(
   return chain(T.drop(p, rescale), *_base_reduction(base, density, disjoint, scope), T.scale(scale))
 
 
-@register("breadcrumbs", family="sparsification", reference="https://arxiv.org/abs/2312.06795")
+@register("breadcrumbs", family="sparsification", reference="https://arxiv.org/abs/2312.06795",
+          params={"density": DENSITY, "gamma": real(0, 1), "scale": SCALE, "granularity": choice("row", "tensor")})
 def breadcrumbs(density: float = 0.85, gamma: float = 0.006, scale: float = 0.2, granularity: str = "row") -> MergeTransform:
   """Model Breadcrumbs: drop the top ``gamma`` and keep the next ``density`` fraction of each row, sum, scale.
 
@@ -226,7 +243,8 @@ def breadcrumbs(density: float = 0.85, gamma: float = 0.006, scale: float = 0.2,
   return chain(T.outlier_mask(density, gamma, granularity), R.sum_tasks(), T.scale(scale))
 
 
-@register("della", family="sparsification", reference="https://arxiv.org/abs/2406.11617")
+@register("della", family="sparsification", reference="https://arxiv.org/abs/2406.11617",
+          params={"p": real(0, 1, hi_open=True), "window": real(0, 1), "scale": SCALE, "rescale": flag()})
 def della(p: float = 0.3, window: float = 0.14, scale: float = 1.1, rescale: bool = True) -> MergeTransform:
   """DELLA: MAGPRUNE (magnitude-ranked drop with per-entry rescale), sign election, disjoint mean, scale.
 
@@ -247,7 +265,9 @@ def della(p: float = 0.3, window: float = 0.14, scale: float = 1.1, rescale: boo
   return chain(T.magprune(p, window, rescale), R.disjoint_merge("mean", "leaf"), T.scale(scale))
 
 
-@register("pcb", family="sparsification", reference="https://arxiv.org/abs/2410.02396")
+@register("pcb", family="sparsification", reference="https://arxiv.org/abs/2410.02396",
+          params={"ratio": real(0, 1, lo_open=True), "scale": real(per_task=True),
+                  "clamp_ratio": real(0, 0.5, hi_open=True), "inter": choice("signed_minmax", "raw")})
 def pcb(
     ratio: float = 0.05, scale: float | Sequence[float] = 1.2, clamp_ratio: float = 0.01, inter: str = "signed_minmax"
 ) -> MergeTransform:
@@ -275,6 +295,7 @@ def pcb(
     storage="T bit-masks + the multi-task vector",
     per_task=True,
     reference="https://arxiv.org/abs/2405.07813",
+    params={"tall_lambda": TALL_LAMBDA, "strict": flag()},
 )
 def tall_mask(tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) -> MergeTransform:
   """TALL masks: each task's model is ``theta_0 + m_t * sum_s tau_s`` (needs the task id).
@@ -294,7 +315,9 @@ def tall_mask(tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) -
   return T.tall_masks(tall_lambda, strict)
 
 
-@register("consensus", family="sparsification", reference="https://arxiv.org/abs/2405.07813")
+@register("consensus", family="sparsification", reference="https://arxiv.org/abs/2405.07813",
+          params={"k": integer(0), "tall_lambda": TALL_LAMBDA, "base": choice(*_BASES), "scale": SCALE,
+                  "density": DENSITY, "disjoint": DISJOINT, "scope": SCOPE, "strict": flag()})
 def consensus(
     k: int = 2,
     tall_lambda: float | Sequence[float] = 0.6,
@@ -331,6 +354,7 @@ def consensus(
     storage="unified task vector + T bit-masks + T scalars",
     per_task=True,
     reference="https://arxiv.org/abs/2405.17461",
+    params={"rescaler": choice("reference", "global")},
 )
 def emr(rescaler: str = "reference") -> MergeTransform:
   """EMR-Merging: each task's model is ``theta_0 + lambda_t (M_t * tau_uni)`` (needs the task id).
@@ -349,7 +373,8 @@ def emr(rescaler: str = "reference") -> MergeTransform:
   return T.emr_modulate(rescaler)
 
 
-@register("localize_stitch", family="sparsification", reference="https://arxiv.org/abs/2408.13656")
+@register("localize_stitch", family="sparsification", reference="https://arxiv.org/abs/2408.13656",
+          params={"density": DENSITY})
 def localize_stitch(density: float = 0.1) -> MergeTransform:
   """Localize-and-Stitch, data-free: top-``density`` masks per task, stitched with overlap averaging.
 
@@ -372,6 +397,7 @@ def localize_stitch(density: float = 0.1) -> MergeTransform:
     storage="T sparse residuals (density of a model each)",
     per_task=True,
     reference="https://arxiv.org/abs/2310.01886",
+    params={"density": DENSITY, "scale": SCALE},
 )
 def byom(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
   """BYOM-FFT: shared task-arithmetic model plus each task's top-``density`` residual (needs the task id).

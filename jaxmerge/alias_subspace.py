@@ -15,9 +15,15 @@ from jaxmerge import reductions as R
 from jaxmerge import transforms as T
 from jaxmerge.base import MergeTransform
 from jaxmerge.combine import chain
-from jaxmerge.registry import get_method, method_info, register
+from jaxmerge.reductions._matrix import REDUCE_FALLBACKS, TASK_FALLBACKS
+from jaxmerge.registry import choice, flag, get_method, integer, mapping, method_info, real, register
 
 __all__ = ["byom_lora", "cart", "iso_c", "iso_cts", "knots", "star", "tsv_c", "tsv_m", "wudi"]
+
+
+REDUCE_FALLBACK = choice(*REDUCE_FALLBACKS)
+TASK_FALLBACK = choice(*TASK_FALLBACKS)
+RANK_FRACTION = real(0, 1, lo_open=True)
 
 
 def _scaled(step: MergeTransform, scale: float | Sequence[float]) -> MergeTransform:
@@ -27,7 +33,9 @@ def _scaled(step: MergeTransform, scale: float | Sequence[float]) -> MergeTransf
   return chain(T.scale_tasks(list(scale)), step)
 
 
-@register("tsv_m", family="subspace", reference="https://arxiv.org/abs/2412.00081")
+@register("tsv_m", family="subspace", reference="https://arxiv.org/abs/2412.00081",
+          params={"scale": real(per_task=True), "rank_fraction": real(0, 1, lo_open=True, optional=True),
+                  "fallback": REDUCE_FALLBACK})
 def tsv_m(
     scale: float | Sequence[float] = 1.0, rank_fraction: float | None = None, fallback: str = "mean"
 ) -> MergeTransform:
@@ -55,6 +63,7 @@ def tsv_m(
     storage="per task and matrix: rank-k factors (T k (m + n + 1) floats)",
     per_task=True,
     reference="https://arxiv.org/abs/2412.00081",
+    params={"rank_fraction": real(0, 1, lo_open=True, optional=True), "fallback": TASK_FALLBACK},
 )
 def tsv_c(rank_fraction: float | None = None, fallback: str = "task") -> MergeTransform:
   """TSV-C: each task's model keeps its matrices' top ``k = int(r / T)`` singular triplets (use
@@ -82,6 +91,7 @@ def tsv_c(rank_fraction: float | None = None, fallback: str = "task") -> MergeTr
     storage="per task and matrix: rank-q factors",
     per_task=True,
     reference="https://arxiv.org/abs/2310.01886",
+    params={"rank": integer(1), "fallback": TASK_FALLBACK},
 )
 def byom_lora(rank: int = 4, fallback: str = "task") -> MergeTransform:
   """BYOM-LoRA: each task's model is ``theta_0 + SVD_q(Delta_t)`` on matrix leaves (LoRA-adapted layers; use
@@ -101,7 +111,8 @@ def byom_lora(rank: int = 4, fallback: str = "task") -> MergeTransform:
   return R.low_rank_tasks(rank=rank, fallback=fallback)
 
 
-@register("iso_c", family="subspace", reference="https://arxiv.org/abs/2502.04959")
+@register("iso_c", family="subspace", reference="https://arxiv.org/abs/2502.04959",
+          params={"scale": real(), "fallback": REDUCE_FALLBACK})
 def iso_c(scale: float = 1.0, fallback: str = "mean") -> MergeTransform:
   """Iso-C: ``alpha * mean(sigma) U V^T`` of the summed task matrices (flat spectrum, same nuclear norm).
 
@@ -119,7 +130,8 @@ def iso_c(scale: float = 1.0, fallback: str = "mean") -> MergeTransform:
   return chain(R.iso_c_merge(fallback=fallback), T.scale(scale))
 
 
-@register("iso_cts", family="subspace", reference="https://arxiv.org/abs/2502.04959")
+@register("iso_cts", family="subspace", reference="https://arxiv.org/abs/2502.04959",
+          params={"scale": real(), "common_fraction": real(0, 1), "fallback": REDUCE_FALLBACK})
 def iso_cts(scale: float = 1.0, common_fraction: float = 0.8, fallback: str = "mean") -> MergeTransform:
   """Iso-CTS: common subspace of the summed task matrices plus task-specific directions from the orthogonal
   complement (output side), orthogonalized, with a flat spectrum.
@@ -139,7 +151,9 @@ def iso_cts(scale: float = 1.0, common_fraction: float = 0.8, fallback: str = "m
   return chain(R.iso_cts_merge(common_fraction, fallback=fallback), T.scale(scale))
 
 
-@register("cart", family="subspace", reference="https://arxiv.org/abs/2412.12153")
+@register("cart", family="subspace", reference="https://arxiv.org/abs/2412.12153",
+          params={"rank_fraction": RANK_FRACTION, "scale": real(), "rank": integer(0, optional=True),
+                  "fallback": REDUCE_FALLBACK})
 def cart(rank_fraction: float = 0.08, scale: float = 1.0, rank: int | None = None, fallback: str = "mean") -> MergeTransform:
   """CART: ``theta_avg + lambda sum_t SVD_k(theta_t - theta_avg)`` with ``k = max(1, int(rho r))``.
 
@@ -158,7 +172,8 @@ def cart(rank_fraction: float = 0.08, scale: float = 1.0, rank: int | None = Non
   return R.cart_merge(rank_fraction, scale, rank=rank, fallback=fallback)
 
 
-@register("star", family="subspace", reference="https://arxiv.org/abs/2502.10339")
+@register("star", family="subspace", reference="https://arxiv.org/abs/2502.10339",
+          params={"eta": real(0, 100, lo_open=True), "fallback": REDUCE_FALLBACK})
 def star(eta: float = 40.0, fallback: str = "mean") -> MergeTransform:
   """STAR: keep the top singular directions holding ``eta`` % of each task matrix's nuclear norm, rescale
   them to the full nuclear norm, average (no global scale).
@@ -177,7 +192,8 @@ def star(eta: float = 40.0, fallback: str = "mean") -> MergeTransform:
   return R.star_merge(eta, fallback=fallback)
 
 
-@register("wudi", family="subspace", reference="https://arxiv.org/abs/2503.08099")
+@register("wudi", family="subspace", reference="https://arxiv.org/abs/2503.08099",
+          params={"steps": integer(0), "learning_rate": real(0, lo_open=True), "fallback": REDUCE_FALLBACK})
 def wudi(steps: int = 300, learning_rate: float = 1e-5, fallback: str = "mean") -> MergeTransform:
   """WUDI: per matrix, ``steps`` Adam steps on ``sum_t ||(tau_M - tau_t) tau_t^T||^2 / ||tau_t||^2`` from
   ``sum_t tau_t`` (FusionBench's config uses 400 steps); vector leaves get the mean; no global scale.
@@ -200,7 +216,12 @@ def wudi(steps: int = 300, learning_rate: float = 1e-5, fallback: str = "mean") 
 _KNOTS_KNOBS = ("scale", "density", "disjoint", "p")
 
 
-@register("knots", family="subspace", reference="https://arxiv.org/abs/2410.19735")
+@register("knots", family="subspace", reference="https://arxiv.org/abs/2410.19735",
+          params={"base": choice("task_arithmetic", "ties", "dare", "simple_average", "breadcrumbs", "della",
+                                 "localize_stitch", "consensus", "nan", "model_stock", "pcb", "slerp"),
+                  "scale": real(optional=True), "density": real(0, 1, optional=True),
+                  "disjoint": choice("sum", "mean", "max", optional=True), "p": real(0, 1, optional=True),
+                  "base_hparams": mapping(), "eps": real(0), "scaled": flag()})
 def knots(
     base: str = "task_arithmetic",
     scale: float | None = None,

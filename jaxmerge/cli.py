@@ -2,8 +2,8 @@
 
 Subcommands: ``bench`` (the offline benchmark suite, the main job), ``merge`` (checkpoints in, merged checkpoint
 out), ``eval`` (evaluate a checkpoint on a suite) and ``methods`` (the registry). Each lives in its own module
-exposing ``register(subparsers)``; this file only dispatches. Errors in the user's input (``ValueError``) are
-printed as one line and exit with status 2.
+exposing ``register(subparsers)``; this file only dispatches. Errors in the user's input (``ValueError``) and
+files that cannot be read or written (``OSError``, with the path) are printed as one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
   Returns:
     The exit status: the subcommand's (0 on success), 1 without a subcommand (after printing the help), 2 when
-    it raised ``ValueError`` (the message is printed to stderr as one line).
+    it raised ``ValueError`` or ``OSError`` (the message is printed to stderr as one line).
   """
   _enable_compilation_cache()
   parser = build_parser()
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     result = args.func(args)
   except ValueError as e:
+    print(f"jaxmerge {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # a file that cannot be read or written (permissions, a full disk): one line, the path
     print(f"jaxmerge {args.command}: error: {e}", file=sys.stderr)
     return 2
   return int(result or 0)

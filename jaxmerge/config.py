@@ -48,6 +48,8 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxmerge import registry as _registry
+
 __all__ = ["MergeSpec", "from_dict", "is_mergekit", "load_yaml", "resolve", "DTYPES", "canonical_dtype"]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -215,7 +217,7 @@ def resolve(cfg: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, 
       cfg["out_dtype"] = overrides.pop("dtype")
     cfg.update(overrides)
     return from_dict(cfg, where=where, relative_to=relative_to)
-  hp = dict(cfg.get("hparams") or {})
+  hp = _mapping(cfg.get("hparams"), "hparams", where)
   hp.update(overrides.pop("hparams", {}) or {})
   cfg.update(overrides)
   cfg["hparams"] = hp
@@ -239,6 +241,15 @@ def _check_common(cfg: Mapping[str, Any], where: str) -> tuple[int, str, str]:
   if policy not in VOCAB_POLICIES:
     raise ValueError(f"{where}: vocab_policy must be one of {VOCAB_POLICIES}, got {policy!r}")
   return seed, layout, policy
+
+
+def _mapping(value: Any, what: str, where: str) -> dict:
+  """``value`` as a dict with string keys (``None`` is empty); ``ValueError`` naming ``what`` otherwise."""
+  if value is None:
+    return {}
+  if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+    raise ValueError(f"{where}: {what} must be a mapping of names to values, got {value!r}")
+  return dict(value)
 
 
 def _path(value: Any, what: str, where: str) -> str:
@@ -265,14 +276,19 @@ def _from_jaxmerge(cfg: Mapping[str, Any], where: str) -> MergeSpec:
     raise ValueError(f"{where}: models must be a list of checkpoint paths")
   models = tuple(_path(m, "each model", where) for m in models)
   base = _path(cfg["base"], "base", where)
-  hparams = dict(cfg.get("hparams") or {})
-  info = jm.method_info(str(cfg["method"]))
+  hparams = _mapping(cfg.get("hparams"), "hparams", where)
+  if not isinstance(cfg["method"], str):
+    raise ValueError(f"{where}: method must be a registry name (`jaxmerge methods`), got {cfg['method']!r}")
+  info = jm.method_info(cfg["method"])
   if info.data != "none":
     raise ValueError(f"method {info.name!r} needs data ({info.data}); `jaxmerge merge` runs data-free methods "
                      f"({', '.join(n for n in jm.list_methods() if jm.method_info(n).data == 'none')})")
   tx = info.factory(**hparams)
   seed, layout, policy = _check_common(cfg, where)
-  names = tuple(cfg.get("names") or models)
+  names = cfg.get("names") or models
+  if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+    raise ValueError(f"{where}: names must be a list, one per model")
+  names = tuple(str(n) for n in names)
   if len(names) != len(models):
     raise ValueError(f"{where}: {len(names)} names for {len(models)} models")
   return MergeSpec(
@@ -299,6 +315,14 @@ _ALLOWED_PARAMS = {
     "slerp": {"t"},
     "model_stock": {"filter_wise"},
 }
+# The declared type and range of each mergekit parameter (jaxmerge.registry's descriptions): a NaN weight or a
+# density of 1.5 is an error naming the parameter, not a NaN model.
+MERGEKIT_PARAMS = {
+    "weight": _registry.real(), "density": _registry.real(0, 1), "gamma": _registry.real(0, 1),
+    "epsilon": _registry.real(0, 1), "lambda": _registry.real(), "t": _registry.real(0, 1),
+    "normalize": _registry.flag(), "rescale": _registry.flag(), "int8_mask": _registry.flag(),
+    "filter_wise": _registry.flag(),
+}
 _DEFAULTS = {  # (normalize, rescale) defaults of mergekit 0.1.5's generalized task arithmetic methods
     "task_arithmetic": (False, False), "ties": (True, False), "dare_ties": (False, True),
     "dare_linear": (False, True), "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False),
@@ -308,6 +332,9 @@ _DEFAULTS = {  # (normalize, rescale) defaults of mergekit 0.1.5's generalized t
 
 def _scalar(value: Any, name: str, owner: str, where: str) -> Any:
   if isinstance(value, (bool, int, float)):
+    decl = MERGEKIT_PARAMS.get(name)
+    if decl is not None and not decl._ok(value):
+      raise ValueError(f"{where}: parameter {name!r} of {owner} must be {decl.describe()}, got {value!r}")
     return value
   raise ValueError(f"{where}: parameter {name!r} of {owner} is {value!r}; jaxmerge supports one number per "
                    "parameter (mergekit's layer gradients and tensor filters are not supported)")
@@ -341,7 +368,12 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
     if cfg.get(k):
       raise ValueError(f"{where}: mergekit's {k!r} is not supported (jaxmerge merges whole models listed under "
                        "'models')")
-  method = str(cfg["merge_method"])
+  if cfg.get("chat_template") is not None:
+    raise ValueError(f"{where}: mergekit's 'chat_template' is not supported (jaxmerge copies the base model's "
+                     "tokenizer files, chat template included, unchanged); remove it")
+  if not isinstance(cfg["merge_method"], str):
+    raise ValueError(f"{where}: merge_method must be a name, got {cfg['merge_method']!r}")
+  method = cfg["merge_method"]
   if method not in MERGEKIT_METHODS:
     raise ValueError(f"{where}: merge_method {method!r} is not supported; supported mergekit methods: "
                      f"{', '.join(MERGEKIT_METHODS)}")
@@ -359,7 +391,7 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
   if not isinstance(entries, Sequence) or isinstance(entries, (str, bytes)):
     raise ValueError(f"{where}: models must be a list of {{model: PATH, parameters: {{...}}}}")
   allowed = _ALLOWED_PARAMS[method]
-  glob = dict(cfg.get("parameters") or {})
+  glob = _mapping(cfg.get("parameters"), "parameters", where)
   for k, v in glob.items():
     if k not in allowed:
       raise ValueError(f"{where}: parameter {k!r} does not apply to merge_method {method!r}; valid: {sorted(allowed)}")
@@ -367,7 +399,7 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
   models, params = [], []
   for e in entries:
     ref = _model_ref(e, where)
-    own = dict(e.get("parameters") or {}) if isinstance(e, Mapping) else {}
+    own = _mapping(e.get("parameters"), f"the parameters of model {ref}", where) if isinstance(e, Mapping) else {}
     for k, v in own.items():
       if k not in allowed:
         raise ValueError(f"{where}: parameter {k!r} of model {ref} does not apply to merge_method {method!r}; "

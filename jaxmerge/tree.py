@@ -494,8 +494,10 @@ def check_compatible(pretrained: Params, models: Sequence[Params], names: Sequen
     raise ValueError("no fine-tuned models given: the task list is empty")
   names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
   ref = flatten_paths(pretrained)
+  _check_arrays("the pretrained model", ref)
   for name, model in zip(names, models):
     got = flatten_paths(model)
+    _check_arrays(name, got)
     missing = [p for p in ref if p not in got]
     extra = [p for p in got if p not in ref]
     if missing or extra:
@@ -509,6 +511,14 @@ def check_compatible(pretrained: Params, models: Sequence[Params], names: Sequen
         raise ValueError(f"{name}: parameter {p!r} has {_describe(y)}, the pretrained model has {_describe(x)}")
       if jnp.result_type(x) != jnp.result_type(y):
         raise ValueError(f"{name}: parameter {p!r} has {_describe(y)}, the pretrained model has {_describe(x)}")
+
+
+def _check_arrays(name: str, flat: dict) -> None:
+  """Raises ``ValueError`` naming the model and path of a leaf that is not an array (a Python number, a list)."""
+  for p, x in flat.items():
+    if not (hasattr(x, "dtype") and hasattr(x, "shape")):
+      raise ValueError(f"{name}: parameter {p!r} is a {type(x).__name__}, not an array; parameters must be "
+                       "arrays (wrap scalars with numpy.asarray or jax.numpy.asarray)")
 
 
 @jax.jit

@@ -10,6 +10,7 @@ fallbacks (no compiler, switched off).
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -215,13 +216,14 @@ def test_build_is_atomic_and_reports_compiler_errors(monkeypatch, tmp_path):
   monkeypatch.setenv("JAXMERGE_CACHE", str(tmp_path))
   out = native.build()
   assert out.parent == tmp_path / "native"
-  assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left behind
+  kept = sorted([out.name, out.name + ".sha256"])  # the library and its hash; no temporary file left behind
+  assert sorted(p.name for p in out.parent.iterdir()) == kept
   src = tmp_path / "broken.c"
   src.write_text("this is not C\n")
   monkeypatch.setattr(native, "_SOURCE", src)
   with pytest.raises(RuntimeError, match="broken.c"):
     native.build()
-  assert [p.name for p in out.parent.iterdir()] == [out.name]
+  assert sorted(p.name for p in out.parent.iterdir()) == kept
 
 
 @needs_native
@@ -464,3 +466,63 @@ def test_many_tasks_match_the_numpy_reference(num_tasks):
   want = ref.ties(pre, fts, density=0.3, scale=0.4)
   for k, o in zip(keys, out):
     np.testing.assert_allclose(np.asarray(o), want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@needs_native
+def test_cache_loads_only_a_hash_checked_library_of_the_users(monkeypatch, caplog, tmp_path):
+  """A truncated or planted library in the cache is never returned (it is rebuilt with a warning); a cache
+  directory others can write, or owned by someone else, is not used at all."""
+  monkeypatch.setenv("JAXMERGE_CACHE", str(tmp_path))
+  out = native.build()
+  good = out.read_bytes()
+  assert (tmp_path / "native").stat().st_mode & 0o077 == 0  # created private
+  assert out.with_name(out.name + ".sha256").read_text().strip() == native._digest(out)
+  # Truncated (a crash mid-copy, a full disk): rebuilt, not loaded.
+  out.write_bytes(good[:100])
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+    assert native.build() == out
+  assert "does not match the hash" in caplog.text and out.read_bytes() == good
+  # A file planted under the library's name (with a hash file of its own that does not match it): rebuilt.
+  out.write_bytes(b"\x7fELF planted")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+    native.build()
+  assert "rebuilding" in caplog.text and out.read_bytes() == good
+  # A symbolic link in its place: rebuilt.
+  out.unlink()
+  out.symlink_to(tmp_path / "elsewhere.so")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+    native.build()
+  assert "symbolic link" in caplog.text and not out.is_symlink()
+  # A group- or world-writable cache directory: a private temporary build, the shared one untouched.
+  (tmp_path / "native").chmod(0o777)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+    private = native.build()
+  assert "writable by group or others" in caplog.text
+  assert private.parent != out.parent and private.parent.stat().st_mode & 0o077 == 0
+  (tmp_path / "native").chmod(0o700)
+  # A cache directory owned by another user (simulated): not used either.
+  uid = os.getuid()
+  monkeypatch.setattr(native.os, "getuid", lambda: uid + 1)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+    assert native.build().parent != out.parent
+  assert "owned by uid" in caplog.text
+
+
+@needs_native
+def test_cache_survives_a_group_writable_umask(monkeypatch, caplog, tmp_path):
+  """Under umask 002 (user private groups) the cache is still created private and reused without a warning."""
+  monkeypatch.setenv("JAXMERGE_CACHE", str(tmp_path))
+  old = os.umask(0o002)
+  try:
+    out = native.build()
+    with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+      assert native.build() == out
+  finally:
+    os.umask(old)
+  assert caplog.text == ""
+  for p in (out, out.with_name(out.name + ".sha256"), out.parent):
+    assert p.stat().st_mode & 0o022 == 0, p

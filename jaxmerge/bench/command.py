@@ -33,8 +33,28 @@ SMOKE_METHODS = ("simple_average", "task_arithmetic", "ties")
 # Methods that need data which the default offline run adds to the data-free ones: the rows of FusionBench's
 # ViT-B/32 table (layer-wise AdaMerging, Fisher merging, RegMean), so the run compares every method it reports.
 DEFAULT_DATA_METHODS = ("adamerging", "fisher", "regmean")
-# --smoke --tta without --methods: the smoke methods plus one test-time adaptation method.
+# ... plus, with --tta, one method that adapts on unlabeled test inputs (and with --moe, the routed one that does).
 SMOKE_TTA_METHODS = ("adamerging",)
+SMOKE_TTA_MOE_METHODS = ("wemoe",)
+
+
+def smoke_selection(methods: list[str], moe_methods: list[str], *, tta: bool) -> tuple[list[str], list[str]]:
+  """The methods ``--smoke`` runs without ``--methods``: the representative few of each selected kind, so that
+  ``--tta`` and ``--moe`` still run at least one method of theirs.
+
+  Args:
+    methods: the registry methods the flags select.
+    moe_methods: the model-level methods the flags select.
+    tta: ``--tta`` was given.
+
+  Returns:
+    ``(methods, moe_methods)`` reduced to the smoke selection.
+  """
+  from jaxmerge.bench.moe_runner import SMOKE_MOE_METHODS  # noqa: PLC0415
+
+  keep = SMOKE_METHODS + (SMOKE_TTA_METHODS if tta else ())
+  keep_moe = SMOKE_MOE_METHODS + (SMOKE_TTA_MOE_METHODS if tta else ())
+  return [m for m in methods if m in keep], [m for m in moe_methods if m in keep_moe]
 
 
 def build_suite(name: str, *, cache_dir=None, seed: int = 0, smoke: bool = False, progress: bool = True):
@@ -109,8 +129,8 @@ def register(subparsers) -> None:
   p.add_argument("--suite", default="offline", metavar="NAME",
                  help=f"suite to run: {', '.join(SUITES)} (default: offline)")
   p.add_argument("--smoke", action="store_true",
-                 help=f"a reduced suite that runs in under a minute (methods: {', '.join(SMOKE_METHODS)} "
-                      "unless --methods is given)")
+                 help=f"a reduced suite that runs in under a minute (methods: {', '.join(SMOKE_METHODS)}, "
+                      f"with --tta also {', '.join(SMOKE_TTA_METHODS)}, unless --methods is given)")
   p.add_argument("--tta", action="store_true", help="also run methods that adapt on unlabeled test inputs")
   p.add_argument("--ri", action="store_true",
                  help="also run Resolving Interference (the library's defaults, jaxmerge.tta.methods.RIConfig) before "
@@ -209,10 +229,7 @@ def run(args: argparse.Namespace) -> int:
   methods, moe_methods = _resolve(args.methods, tta=args.tta, moe=moe)
   _enable_compilation_cache(args.cache)
   if args.smoke and args.methods is None:
-    from jaxmerge.bench.moe_runner import SMOKE_MOE_METHODS
-
-    methods = [m for m in methods if m in SMOKE_METHODS or (args.tta and m in SMOKE_TTA_METHODS)]
-    moe_methods = [m for m in moe_methods if m in SMOKE_MOE_METHODS]
+    methods, moe_methods = smoke_selection(methods, moe_methods, tta=args.tta)
   if args.methods is None and not args.smoke and args.suite == "offline" and not moe:
     methods += [m for m in DEFAULT_DATA_METHODS if m not in methods]
   adapters = ("ri",) if args.ri else ()

@@ -15,7 +15,9 @@ otherwise. ``DIR`` receives ``model.safetensors`` (shards and ``model.safetensor
 ``--max-shard-size``) or an orbax checkpoint (``--format orbax``), the base directory's ``config.json`` and
 tokenizer files when it has them, and ``merge_info.json``; methods that keep one model per task (EMR, TALL masks,
 BYOM) write ``DIR/task_<i>/`` instead. Everything is written under a temporary directory beside ``DIR`` and
-renamed when complete, so an interrupted run never leaves a partial ``DIR``.
+renamed when complete, so an interrupted run never leaves a partial ``DIR``; the next run removes what a killed
+one left behind, a failed run removes its temporaries and the parent directories it created, and the output gets
+the permissions of the user's umask. A ``float16`` output refuses weights that do not fit it (above 65504).
 
 ``--mesh TASK[xMODEL]`` runs the in-memory merge on a device mesh (:mod:`jaxmerge.sharding`): the stack of
 models is sharded along its task axis over ``TASK`` devices (which must divide the number of models), and with
@@ -35,7 +37,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 
 __all__ = ["load_config", "mesh_rules", "parse_mesh", "register", "run"]
@@ -212,8 +213,46 @@ def _merge_in_memory(spec, base_v, model_vs, floats, key, layout, mesh=None):
     merged = fn(spec.tx, base, models, key=key, layout=layout, names=list(spec.names))
   merged = merged if spec.per_task else [merged]
   del models
-  return [{k: np.asarray(m[k]).astype(base_v.out_dtype(k)) if k in floats else np.asarray(m[k]) for k in base}
-          for m in merged]
+  with np.errstate(over="ignore"):  # (an overflow is reported below, naming the tensor)
+    outs = [{k: np.asarray(m[k]).astype(base_v.out_dtype(k)) if k in floats else np.asarray(m[k]) for k in base}
+            for m in merged]
+  for o in outs:
+    for k in floats:
+      _check_fits(k, o[k], o[k].dtype)
+  return outs
+
+
+def _check_fits(name: str, array, dtype) -> None:
+  """Raises ``ValueError`` when a merged tensor has values its output dtype cannot hold (``float16`` above 65504
+  becomes Inf; the inputs were checked finite, so a non-finite output is an overflow)."""
+  import numpy as np  # noqa: PLC0415
+
+  if np.dtype(dtype) != np.float16:
+    return
+  a = np.asarray(array)
+  if not np.isfinite(a).all():
+    raise ValueError(f"merged tensor {name!r} has values beyond float16's range (|x| > 65504) and would be written "
+                     "as Inf; use --dtype bfloat16 or float32")
+
+
+class _CheckedWriter:
+  """A writer that checks each merged tensor with :func:`_check_fits` before passing it on, and widens float32
+  results to a declared float64 (JAX computes in float32 unless x64 is enabled)."""
+
+  def __init__(self, writer, dtypes):
+    self._w, self._dtypes = writer, dtypes
+
+  def write(self, name, array):
+    import numpy as np  # noqa: PLC0415
+
+    dt = np.dtype(self._dtypes(name))
+    if dt == np.float64 and np.dtype(array.dtype) != dt:
+      array = np.asarray(array).astype(dt)
+    _check_fits(name, array, dt)
+    self._w.write(name, array)
+
+  def __getattr__(self, attr):
+    return getattr(self._w, attr)
 
 
 def _finish_dir(d: pathlib.Path, spec, base_v) -> None:
@@ -241,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
 
   import jaxmerge as jm  # noqa: PLC0415
   from jaxmerge import stream as jstream  # noqa: PLC0415
+  from jaxmerge.io import atomic  # noqa: PLC0415
   from jaxmerge.io import llm  # noqa: PLC0415
   from jaxmerge.io import safetensors_io as S  # noqa: PLC0415
 
@@ -268,11 +308,20 @@ def run(args: argparse.Namespace) -> int:
     mesh = parse_mesh(args.mesh, t)
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
   key = jax.random.key(int(spec.seed))
-  for note in spec.notes:
+  notes = list(spec.notes)
+  wide = [k for k in floats if base_v.out_dtype(k) == "float64"]
+  if wide:
+    notes.append(f"{len(wide)} float64 tensors (e.g. {wide[0]!r}) are merged in float32 and written as float64")
+  for note in notes:
     print(f"note: {note}")
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+  try:
+    created = atomic.make_parents(out)
+    for stale in atomic.remove_stale(out.parent):
+      print(f"note: removed {stale}, left behind by an interrupted jaxmerge run")
+    tmp = atomic.mkdtemp(out)
+  except OSError as e:
+    raise ValueError(f"cannot write the output {out}: {e.strerror or e} ({e.filename or out.parent})") from e
   t0 = time.perf_counter()
   try:
     dirs = [tmp / f"task_{i}" for i in range(t)] if spec.per_task else [tmp]
@@ -280,9 +329,10 @@ def run(args: argparse.Namespace) -> int:
     if use_stream:
       specs = {k: (base_v.shape(k), base_v.out_dtype(k)) for k in base_v.keys()}
       writers = [S.ShardedWriter(d, specs, max_shard_bytes=max_shard, metadata=meta, atomic=False) for d in dirs]
+      checked = [_CheckedWriter(w, base_v.out_dtype) for w in writers]
       try:
         result = jstream.merge_streaming(
-            spec.tx, base_v, model_vs, writers if spec.per_task else writers[0], method=spec.registry_method,
+            spec.tx, base_v, model_vs, checked if spec.per_task else checked[0], method=spec.registry_method,
             key=key, layout=layout, names=list(spec.names), per_task=spec.per_task)
         for w in writers:
           w.close()
@@ -314,14 +364,21 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     info = {"method": spec.method, "hparams": spec.hparams, "base": spec.base, "models": list(spec.models),
             "dtype": spec.dtype, "seed": spec.seed, "vocab_policy": spec.vocab_policy, "source": spec.source,
-            "stream": bool(use_stream), "mesh": dict(mesh.shape) if mesh is not None else None, "format": fmt, "per_task": spec.per_task, "notes": list(spec.notes),
+            "stream": bool(use_stream), "mesh": dict(mesh.shape) if mesh is not None else None, "format": fmt,
+            "per_task": spec.per_task, "notes": notes,
             "seconds": seconds, "jaxmerge_version": jm.__version__}
     (tmp / "merge_info.json").write_text(json.dumps(info, indent=1, default=str))
     if out.exists():
       raise ValueError(f"output {out} appeared while merging; choose a new --out")
+    atomic.apply_umask(tmp)
     os.replace(tmp, out)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    atomic.remove_empty(created)
+    if isinstance(e, OSError):
+      where = e.filename or tmp
+      raise ValueError(f"cannot write the output {out}: {e.strerror or e} (at {where}); nothing was left "
+                       "behind") from e
     raise
   finally:
     for r in (base_r, *model_rs):

@@ -1,5 +1,6 @@
 """``jaxmerge methods``: the registry as a table (name, family, data needed, extra storage, one model per task,
-whether ``jaxmerge merge --stream`` can stream it, default hyperparameters)."""
+whether ``jaxmerge merge --stream`` can stream it, default hyperparameters and their allowed values, from each
+method's declaration in :mod:`jaxmerge.registry`)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ def table() -> str:
   """
   import jaxmerge as jm
 
-  rows = ["| method | family | data | extra storage | task id | streams | hyperparameters (defaults) |",
+  rows = ["| method | family | data | extra storage | task id | streams | hyperparameters (defaults, allowed) |",
           "|---|---|---|---|---|---|---|"]
   for name in jm.list_methods():
     i = jm.method_info(name)
-    hp = ", ".join(f"{k}={v!r}" for k, v in i.hparams.items()) or "-"
+    hp = "; ".join(f"{k}={v!r} ({i.params[k].describe()})" if k in i.params else f"{k}={v!r}"
+                   for k, v in i.hparams.items()).replace("|", "\\|") or "-"
     rows.append(f"| `{name}` | {i.family} | {i.data} | {i.storage} | {'yes' if i.per_task else 'no'} | "
                 f"{_streams(name)} | {hp} |")
   return "\n".join(rows)
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
   if args.format == "json":
     out = {n: {k: v for k, v in jm.method_info(n)._asdict().items() if k != "factory"} for n in jm.list_methods()}
+    for n, info in out.items():
+      info["params"] = {k: d.describe() for k, d in info["params"].items()}
     print(json.dumps(out, indent=1, default=repr))
   else:
     print(table())

@@ -303,14 +303,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   Raises:
     ValueError: no weights, a corrupt or truncated file (named), or .bin weights without torch.
   """
-  from jaxmerge.io import safetensors_io  # noqa: PLC0415
+  from jaxmerge.io import paths, safetensors_io  # noqa: PLC0415
 
   p = pathlib.Path(path)
   if p.is_dir() and not list(p.glob("*.safetensors")) and not list(p.glob("*.safetensors.index.json")):
     index = p / "pytorch_model.bin.index.json"
     if index.exists():
       try:
-        files = sorted({p / f for f in json.loads(index.read_text())["weight_map"].values()})
+        files = sorted({paths.inside(p, f, f"shard listed in {index.name}")
+                        for f in json.loads(index.read_text())["weight_map"].values()})
       except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{index} is not a valid index: {e}") from e
       return _read_torch(files)
@@ -330,7 +331,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def _read_config(d: pathlib.Path) -> mclip.ClipConfig:
   import transformers  # noqa: PLC0415
 
-  cfg_path = d / "config.json"
+  from jaxmerge.io import paths  # noqa: PLC0415
+
+  cfg_path = paths.inside(d, "config.json", "model config")
   try:
     raw = json.loads(cfg_path.read_text())
   except (OSError, json.JSONDecodeError) as e:

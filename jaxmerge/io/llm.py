@@ -42,6 +42,7 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from jaxmerge.io.paths import inside
 from jaxmerge.io.safetensors_io import TensorReader
 
 __all__ = [
@@ -296,6 +297,7 @@ def _architecture(path: pathlib.Path) -> tuple[str | None, tuple[str, ...]] | No
   cfg_path = path / "config.json"
   if not cfg_path.is_file():
     return None
+  inside(path, "config.json", "model config")
   try:
     cfg = json.loads(cfg_path.read_text())
   except (OSError, json.JSONDecodeError) as e:
@@ -357,6 +359,9 @@ def copy_model_files(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
   Returns:
     The copied file names.
+
+  Raises:
+    ValueError: one of these files is a symbolic link out of ``base_dir`` (see :mod:`jaxmerge.io.paths`).
   """
   base_dir, out_dir = pathlib.Path(base_dir), pathlib.Path(out_dir)
   if not base_dir.is_dir():
@@ -366,6 +371,7 @@ def copy_model_files(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     src = base_dir / f
     if not src.is_file():
       continue
+    inside(base_dir, f, "model file")
     if f == "config.json":
       try:
         cfg = json.loads(src.read_text())

@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from jaxmerge.io import atomic as atomic_io
 
 __all__ = ["OrbaxReader", "find_item_dir", "is_orbax_dir", "load", "nest", "restore", "save"]
 
@@ -240,15 +241,17 @@ def save(path: str | os.PathLike, params: Any, *, overwrite: bool = False) -> pa
   Returns:
     ``path``.
   """
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).absolute()  # orbax needs an absolute path
   if path.exists() and not overwrite:
     raise ValueError(f"output {path} already exists")
   if isinstance(params, Mapping) and all(isinstance(k, str) and not isinstance(v, Mapping) for k, v in params.items()):
     params = nest(params)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+  atomic_io.remove_stale(path.parent)
+  tmp = atomic_io.mkdtemp(path)
   try:
     _ocp().PyTreeCheckpointer().save(tmp / "item", params)
+    atomic_io.apply_umask(tmp / "item")
     if path.exists():
       old = tmp / "old"
       os.replace(path, old)

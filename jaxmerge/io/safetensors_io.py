@@ -13,7 +13,10 @@ Reading is lazy. ``open_checkpoint(path)`` returns a :class:`TensorReader` over 
 released as soon as the caller drops it (what streaming merges use: mapped pages would stay resident).
 
 Writing never leaves a partial checkpoint: files go to a temporary name in the target directory, are fsynced
-and renamed into place. :class:`ShardedWriter` knows every tensor's shape and dtype up front, plans the shards,
+and renamed into place (with the permissions the user's umask gives new files). A temporary is never a valid
+checkpoint: a streamed shard's header length stays zero until the shard is complete, and the index is written
+last; temporaries left by a killed run are removed by the next write into the same directory
+(:mod:`jaxmerge.io.atomic`). :class:`ShardedWriter` knows every tensor's shape and dtype up front, plans the shards,
 writes each header first and then each tensor at its offset as it arrives (in any order), so a merged model
 larger than memory can be written tensor by tensor.
 """
@@ -22,19 +25,23 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import mmap
 import os
 import pathlib
 import re
 import shutil
+import stat
 import struct
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import ml_dtypes
 import numpy as np
+
+from jaxmerge.io import atomic as atomic_io
+from jaxmerge.io.paths import inside
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
@@ -94,9 +101,16 @@ class SafetensorsReader(Mapping):
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path)
     try:
-      self._file = open(self.path, "rb")
+      # O_NONBLOCK: a FIFO or a device opens at once instead of blocking, and is then refused below.
+      fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-      raise ValueError(f"cannot open checkpoint {self.path}: {e}") from e
+      raise ValueError(f"cannot open checkpoint {self.path}: {e.strerror}") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+      os.close(fd)
+      kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+      raise ValueError(f"checkpoint {self.path} is {kind}; a safetensors checkpoint is a regular file")
+    self._file = os.fdopen(fd, "rb")
     try:
       self._parse()
     except BaseException:
@@ -108,13 +122,20 @@ class SafetensorsReader(Mapping):
     size = os.fstat(self._file.fileno()).st_size
     if size < 8:
       raise ValueError(f"{self.path} is not a safetensors file: truncated before the header ({size} bytes)")
-    (n,) = struct.unpack("<Q", self._file.read(8))
+    first = self._file.read(8)
+    (n,) = struct.unpack("<Q", first)
+    if n > min(size - 8, _MAX_HEADER) and (first[:4] == b"PK\x03\x04" or first[:1] == b"\x80"):
+      raise ValueError(f"{self.path} is not a safetensors file: it looks like a PyTorch (zip or pickle) checkpoint, "
+                       "which jaxmerge does not load (pickles can run code); convert it to safetensors first")
     if n > min(size - 8, _MAX_HEADER):
-      raise ValueError(f"{self.path} is corrupt or truncated: header length {n} exceeds the file ({size} bytes)")
+      raise ValueError(f"{self.path} is corrupt or truncated: header length {n} exceeds the file ({size} bytes); "
+                       "is it a safetensors file?")
     try:
       header = json.loads(self._file.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ValueError(f"{self.path} is corrupt: its header is not valid JSON ({e})") from e
+    except RecursionError:
+      raise ValueError(f"{self.path} is corrupt: its header nests too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
       raise ValueError(f"{self.path} is corrupt: the header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -125,13 +146,18 @@ class SafetensorsReader(Mapping):
     for name, info in header.items():
       try:
         dtype = _DTYPES[info["dtype"]]
-        shape = tuple(int(d) for d in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
+        if not isinstance(info["shape"], list) or not isinstance(info["data_offsets"], list):
+          raise TypeError("shape and data_offsets must be lists")
+        if not all(type(d) is int for d in (*info["shape"], *info["data_offsets"])):
+          raise TypeError("shape and data_offsets must hold integers")
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
       except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{self.path} is corrupt: bad header entry for tensor {name!r} ({e!r})") from e
       if any(d < 0 for d in shape) or begin < 0:
         raise ValueError(f"{self.path} is corrupt: tensor {name!r} has a negative shape or offset")
-      if end > data_size or begin > end or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+      # Python integers: a shape like [2**32, 2**32] must not wrap around to a small size.
+      if end > data_size or begin > end or end - begin != math.prod(shape) * dtype.itemsize:
         raise ValueError(
             f"{self.path} is corrupt or truncated: tensor {name!r} ({info['dtype']} {list(shape)}) spans bytes "
             f"{begin}..{end} but the data section has {data_size} bytes"
@@ -230,18 +256,25 @@ class ShardedReader(Mapping):
     self.index_path = index
     try:
       raw = json.loads(index.read_text())
+      if not isinstance(raw, dict):
+        raise TypeError("the index is not a JSON object")
       weight_map = raw["weight_map"]
       if not isinstance(weight_map, dict):
         raise TypeError("weight_map is not an object")
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+      if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise TypeError("weight_map must map tensor names to shard file names")
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
+    except RecursionError:
+      raise ValueError(f"{index} is not a valid safetensors index: it nests too deeply") from None
     self.metadata = raw.get("metadata") or {}
     self._readers: dict[str, SafetensorsReader] = {}
     try:
       for f in sorted(set(weight_map.values())):
-        if not (index.parent / f).exists():
+        shard = inside(index.parent, f, f"shard listed in {index.name}")
+        if not shard.exists():
           raise ValueError(f"{index} lists shard {f}, which does not exist in {index.parent}")
-        self._readers[f] = SafetensorsReader(index.parent / f)
+        self._readers[f] = SafetensorsReader(shard)
     except BaseException:
       self.close()
       raise
@@ -322,18 +355,21 @@ def open_checkpoint(path: str | os.PathLike) -> TensorReader:
     indexes = sorted(p.glob("*.safetensors.index.json"))
     if indexes:
       preferred = [i for i in indexes if i.name == INDEX_NAME]
-      return ShardedReader((preferred or indexes)[0])
+      return ShardedReader(inside(p, (preferred or indexes)[0].name, "index"))
     files = sorted(p.glob("*.safetensors"))
     if len(files) == 1:
-      return SafetensorsReader(files[0])
+      return SafetensorsReader(inside(p, files[0].name, "checkpoint file"))
     if len(files) > 1:
       if (p / "model.safetensors").exists():
-        return SafetensorsReader(p / "model.safetensors")
+        return SafetensorsReader(inside(p, "model.safetensors", "checkpoint file"))
       raise ValueError(f"directory {p} has several safetensors files and no index: {[f.name for f in files]}")
     from jaxmerge.io import orbax_io  # noqa: PLC0415 (orbax is heavy: import on use)
 
     item = orbax_io.find_item_dir(p)
     if item is not None:
+      for f in item.rglob("*"):  # every file orbax may open stays inside the checkpoint directory
+        if f.is_symlink():
+          inside(p, f.relative_to(p), "orbax checkpoint file")
       return orbax_io.OrbaxReader(item)
     if any(p.glob("*.bin")) or any(p.glob("*.pt")):
       raise ValueError(f"directory {p} holds PyTorch .bin/.pt weights only; convert them to safetensors first")
@@ -455,7 +491,7 @@ def save(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[
   path.parent.mkdir(parents=True, exist_ok=True)
   arrays = {k: _as_host(k, v) for k, v in tensors.items()}
   head, spans = _header_bytes([(k, a.shape, a.dtype) for k, a in arrays.items()], metadata)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  fd, tmp = atomic_io.mkstemp(path)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(head)
@@ -464,6 +500,7 @@ def save(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[
           f.write(memoryview(a.reshape(-1).view(np.uint8)))
       f.flush()
       os.fsync(f.fileno())
+    atomic_io.apply_umask(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
   except BaseException:
@@ -569,12 +606,13 @@ class ShardedWriter:
     groups = _plan_shards(self._specs, max_shard_bytes)
     self.directory.parent.mkdir(parents=True, exist_ok=True)
     if atomic:
-      self._root = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", suffix=".tmp",
-                                                 dir=self.directory.parent))
+      atomic_io.remove_stale(self.directory.parent)
+      self._root = atomic_io.mkdtemp(self.directory)
     else:
       self.directory.mkdir(parents=True, exist_ok=True)
       self._root = self.directory
     self._files: list[tuple[pathlib.Path, int]] = []
+    self._lengths: list[bytes] = []  # each shard's header length, written by close() (zero until then)
     self._where: dict[str, tuple[int, int, int]] = {}
     self._written: set[str] = set()
     self._closed = False
@@ -586,7 +624,9 @@ class ShardedWriter:
         head, spans = _header_bytes([(n, *self._specs[n]) for n in names], metadata)
         fd = os.open(self._root / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self._files.append((self._root / fname, fd))
-        _pwrite_all(fd, memoryview(head), 0)
+        # A zero header length until close(): an interrupted shard never reads as a valid (zero-filled) file.
+        _pwrite_all(fd, memoryview(b"\0" * 8 + head[8:]), 0)
+        self._lengths.append(head[:8])
         os.ftruncate(fd, len(head) + sum(n for _, n in spans.values()))
         self._dirty.append(0)
         for n, (off, nbytes) in spans.items():
@@ -635,7 +675,9 @@ class ShardedWriter:
       raise ValueError(f"{len(missing)} declared tensors were never written to {self.directory}: {missing[:5]}")
     try:
       self._wait_syncs()
-      for _, fd in self._files:
+      for (_, fd), length in zip(self._files, self._lengths):
+        os.fsync(fd)  # the data is on disk before the header length that makes the shard valid
+        _pwrite_all(fd, memoryview(length), 0)
         os.fsync(fd)
         os.close(fd)
       self._files_closed = True
@@ -644,6 +686,7 @@ class ShardedWriter:
         _write_index(self._root, {n: self._files[i][0].name for n, (i, _, _) in self._where.items()}, total)
       _fsync_dir(self._root)
       if self.atomic:
+        atomic_io.apply_umask(self._root)
         _replace_dir(self._root, self.directory, self.overwrite)
       self._closed = True
       return self.directory
@@ -684,7 +727,7 @@ def _replace_dir(tmp: pathlib.Path, final: pathlib.Path, overwrite: bool) -> Non
   if final.exists():
     if not overwrite:
       raise ValueError(f"output {final} already exists")
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    old = atomic_io.mkdtemp(final, suffix=".old")
     os.replace(final, old / final.name)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
@@ -710,7 +753,8 @@ def save_sharded(directory: str | os.PathLike, tensors: Mapping[str, Any], *,
   arrays = {k: _as_host(k, v) for k, v in tensors.items()}
   groups = _plan_shards({k: (a.shape, a.dtype) for k, a in arrays.items()}, max_shard_bytes)
   directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+  atomic_io.remove_stale(directory.parent)
+  tmp = atomic_io.mkdtemp(directory)
   try:
     weight_map = {}
     for i, names in enumerate(groups):
@@ -719,6 +763,7 @@ def save_sharded(directory: str | os.PathLike, tensors: Mapping[str, Any], *,
       weight_map.update({n: fname for n in names})
     if len(groups) > 1:
       _write_index(tmp, weight_map, sum(a.nbytes for a in arrays.values()))
+    atomic_io.apply_umask(tmp)
     _replace_dir(tmp, directory, overwrite=True)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

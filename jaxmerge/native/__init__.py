@@ -12,7 +12,12 @@ may be float32 or bfloat16 (read as they are, float32 math, results rounded to b
 
 The kernel is compiled on first use with the machine's C compiler (``$CC``, else ``cc``/``gcc``/``clang``) against
 the XLA FFI headers that ship with jaxlib, and cached under ``$JAXMERGE_CACHE/native`` (default
-``~/.cache/jaxmerge/native``), keyed by the source, jaxlib's version and the compiler. Without a compiler, or with
+``~/.cache/jaxmerge/native``), keyed by the source, jaxlib's version and the compiler. The library is compiled in a
+private temporary directory and renamed into place next to its SHA-256; it is loaded only from a directory owned
+by the user and not writable by others, only when it is a regular file of the user's that nobody else can write
+and only when its content still has that hash. Anything else (a planted, truncated or foreign file, a shared
+cache directory) is rebuilt, in a private temporary directory when the cache directory itself is unsafe, with a
+warning. Without a compiler, or with
 ``JAXMERGE_NATIVE=0``, :func:`available` is ``False`` and :func:`jaxmerge.merge` keeps its XLA programs (the
 same results, slower on CPU). Only the CPU platform is served; accelerators always use the XLA programs.
 """
@@ -26,6 +31,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -58,6 +64,46 @@ def _cache_dir() -> Path:
   return Path(os.path.expanduser(root)) / "native"
 
 
+def _unsafe(path: Path, want_dir: bool) -> str | None:
+  """Why ``path`` may not be trusted (``None`` when it is the user's own, not writable by group or others, and a
+  real directory or regular file as asked; a symbolic link is refused)."""
+  try:
+    st = os.lstat(path)
+  except OSError as e:
+    return f"cannot stat it ({e.strerror})"
+  if stat.S_ISLNK(st.st_mode):
+    return "it is a symbolic link"
+  if want_dir != stat.S_ISDIR(st.st_mode) or (not want_dir and not stat.S_ISREG(st.st_mode)):
+    return "it is not a directory" if want_dir else "it is not a regular file"
+  if hasattr(os, "getuid") and st.st_uid != os.getuid():
+    return f"it is owned by uid {st.st_uid}, not by this user ({os.getuid()})"
+  if st.st_mode & 0o022:
+    return f"it is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+  return None
+
+
+def _digest(path: Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached(out: Path) -> str | None:
+  """Why the cached library ``out`` may not be loaded (``None`` when it may): see :func:`_unsafe`, and its
+  content must have the SHA-256 recorded beside it when it was built."""
+  why = _unsafe(out, want_dir=False)
+  if why:
+    return why
+  side = out.with_name(out.name + ".sha256")
+  why = _unsafe(side, want_dir=False)
+  if why:
+    return f"its recorded hash {side.name}: {why}"
+  try:
+    if side.read_text().strip() != _digest(out):
+      return "its content does not match the hash recorded when it was built (truncated or replaced)"
+  except OSError as e:
+    return f"cannot read it ({e.strerror})"
+  return None
+
+
 def _compiler() -> str | None:
   cc = os.environ.get("CC")
   if cc:
@@ -72,8 +118,11 @@ def _compiler() -> str | None:
 def build(force: bool = False) -> Path:
   """Compiles ``kernels.c`` into a shared library (or finds it in the cache) and returns its path.
 
-  The library is written to a temporary file and renamed into place, so concurrent processes never load a
-  partial one.
+  The library is compiled in a private temporary directory and renamed into place (after it, its SHA-256 in
+  ``<name>.sha256``), so concurrent processes never load a partial one. A cached library is returned only from a
+  directory of the user's that others cannot write, and only when its content matches the recorded hash; else
+  it is rebuilt with a warning (in a private temporary directory, removed at exit, when the cache directory
+  itself is not safe).
 
   Args:
     force: rebuild even when a cached library exists.
@@ -95,12 +144,27 @@ def build(force: bool = False) -> Path:
   ident = [_SOURCE.read_bytes(), jaxlib.__version__.encode(), cc.encode(), platform.machine().encode(),
            " ".join(flags).encode()]
   key = hashlib.sha256(b"\0".join(ident)).hexdigest()[:16]
-  out = _cache_dir() / f"jaxmerge_kernels_{key}.so"
-  if out.exists() and not force:
-    return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-  os.close(fd)
+  name = f"jaxmerge_kernels_{key}.so"
+  cache = _cache_dir()
+  try:
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+  except OSError:
+    pass
+  why = _unsafe(cache, want_dir=True)
+  if why:
+    log.warning("not using the native kernel cache %s (%s); building in a private temporary directory", cache, why)
+    cache = Path(tempfile.mkdtemp(prefix="jaxmerge-native-"))
+    import atexit  # noqa: PLC0415
+
+    atexit.register(shutil.rmtree, cache, True)
+  out = cache / name
+  if not force and (out.exists() or out.is_symlink()):
+    why = _cached(out)
+    if why is None:
+      return out
+    log.warning("not loading the cached native kernels %s (%s); rebuilding them", out, why)
+  work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))  # private (0700): nobody can swap the file in it
+  tmp = str(work / name)
   cmd = [cc, *flags, str(_SOURCE), "-o", tmp, "-lm"]
   try:
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -113,11 +177,29 @@ def build(force: bool = False) -> Path:
         res = plain
     if res.returncode != 0:
       raise RuntimeError(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{res.stderr.strip()}")
+    os.chmod(tmp, 0o755 & ~_umask())
+    side = work / (name + ".sha256")
+    side.write_text(_digest(Path(tmp)) + "\n")
+    os.chmod(side, 0o644 & ~_umask())  # (never group-writable, which the check above would refuse)
     os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the new one, never a partial one
+    os.replace(side, out.with_name(name + ".sha256"))
   finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+    shutil.rmtree(work, ignore_errors=True)
   return out
+
+
+def _umask() -> int:
+  """The process's umask, read from ``/proc`` where possible (so that it is never changed, even briefly)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def available() -> bool:

@@ -102,6 +102,9 @@ def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, stric
     del coeffs, key, ctx
 
     def leaf(x):
+      if k > x.shape[0]:
+        raise ValueError(f"consensus needs k <= the number of tasks ({x.shape[0]}), got k={k}: no entry could be "
+                         "kept, the result would be the pretrained model")
       mtv = task_sum(x)
       m = tall_mask_of(x, mtv, _lambdas(tall_lambda, x.shape[0]), strict)
       keep = task_sum(m.astype(jnp.int32)) >= k
@@ -267,7 +270,10 @@ def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
 
 
 def _minmax(v: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-  return (v - lo) / (hi - lo)
+  """``(v - lo) / (hi - lo)``, and 0 where ``hi == lo`` (no spread, e.g. an expert equal to the base: PCB's
+  reference divides by zero there and returns NaN)."""
+  spread = hi > lo
+  return jnp.where(spread, (v - lo) / jnp.where(spread, hi - lo, 1), 0)
 
 
 def pcb_reduce(
@@ -284,7 +290,9 @@ def pcb_reduce(
   ``tanh(x_t * sum_s sgn(x_s) minmax(A_s))`` (``inter="signed_minmax"``, the vision code) or
   ``tanh(x_t * sum_s x_s)`` (``"raw"``, the generic helper); their product is clamped from below at its
   ``int(d (1 - ratio))``-th order statistic and min-max normalized, so only about the top ``ratio`` keep a
-  nonzero score ``b_t``; the result is ``sum_t lambda_t b_t x'_t / max(sum_t b_t, 1e-12)``.
+  nonzero score ``b_t``; the result is ``sum_t lambda_t b_t x'_t / max(sum_t b_t, 1e-12)``. A min-max without
+  spread (a task vector of zeros, an expert equal to the base, a constant one) gives 0 instead of the
+  reference's NaN: such a task contributes nothing.
 
   Args:
     ratio: fraction of entries kept with a nonzero score.

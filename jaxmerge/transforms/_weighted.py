@@ -117,7 +117,9 @@ def model_stock_reduce(average: str = "angle", clamp: bool = False, epsilon: flo
   Per leaf, the pairwise cosines of the task vectors give ``c`` (``average="angle"``: the cosine of the
   mean pairwise angle, FusionBench's rule; ``"cosine"``: the mean pairwise cosine, the paper's), and the
   ratio ``r = T c / ((T - 1) c + 1 + epsilon)`` gives ``r * mean_t tau_t``. ``clamp=True`` clips ``c`` to
-  ``[0, 1]`` (guards the denominator). With one task ``r = 1``.
+  ``[0, 1]`` (guards the denominator). With one task ``r = 1``. Where the task vectors cancel
+  (``(T - 1) c + 1 <= 1e-6``, e.g. two anti-parallel ones) the ratio is undefined and ``r = 0``: the leaf keeps
+  the pretrained weights.
 
   Args:
     average: ``"angle"`` or ``"cosine"`` (see above).
@@ -151,7 +153,10 @@ def model_stock_reduce(average: str = "angle", clamp: bool = False, epsilon: flo
       c = jnp.cos(jnp.mean(jnp.arccos(pairs))) if average == "angle" else jnp.mean(pairs)
       if clamp:
         c = jnp.clip(c, 0.0, 1.0)
-      r = t * c / ((t - 1) * c + 1 + epsilon)
+      den = (t - 1) * c + 1
+      # Task vectors that cancel (e.g. two anti-parallel ones: c = -1/(T-1)) leave the ratio undefined; the leaf
+      # keeps the pretrained weights there (r = 0) instead of an infinite ratio.
+      r = jnp.where(den > 1e-6, t * c / (den + epsilon), 0.0)
       return r * mean
 
     return jax.tree.map(leaf, tree)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-from jaxmerge.registry import register
+from jaxmerge.registry import choice, flag, integer, method_name, real, register
 
 __all__ = ["AdaMergingConfig", "AdaRankConfig", "ConcreteConfig", "FisherConfig", "LocalizeStitchConfig", "RIConfig",
            "RegMeanConfig", "ScaleSearchConfig", "SurgeryConfig", "UGMConfig"]
@@ -25,6 +25,8 @@ REGMEAN_REF = "https://arxiv.org/abs/2212.09849"
 _GRANULARITY = ("task", "layer")
 _BASES = ("task_arithmetic", "ties")
 _ESTIMATORS = ("reference", "exact")
+_COUNT = integer(1)  # a positive count (examples, batch size, rank, iterations)
+_RATE = real(0, lo_open=True)  # a positive rate or temperature
 
 
 def _positive_int(name: str, value: int) -> None:
@@ -96,7 +98,8 @@ def check_adamerging(granularity: str, base: str) -> None:
 
 
 @register("fisher", family="weighted_average", data="val", storage="none (Fishers are transient)",
-          reference=FISHER_REF)
+          reference=FISHER_REF, params={"num_examples": _COUNT, "batch_size": _COUNT, "normalize": flag(),
+                                        "epsilon": real(0), "estimator": choice(*_ESTIMATORS)})
 def fisher_config(num_examples: int = 256, batch_size: int = 32, normalize: bool = True, epsilon: float = 1e-6,
                   estimator: str = "reference") -> FisherConfig:
   """Fisher-weighted averaging's registry entry (FusionBench ``clip_fisher_merging.yaml`` defaults).
@@ -126,7 +129,7 @@ def fisher_config(num_examples: int = 256, batch_size: int = 32, normalize: bool
 
 
 @register("regmean", family="weighted_average", data="val", storage="none (Grams are transient)",
-          reference=REGMEAN_REF)
+          reference=REGMEAN_REF, params={"alpha": real(0, 1), "num_examples": _COUNT, "batch_size": _COUNT})
 def regmean_config(alpha: float = 0.95, num_examples: int = 256, batch_size: int = 32) -> RegMeanConfig:
   """RegMean's registry entry (FusionBench ``clip_regmean.yaml`` defaults: off-diagonal scale 0.95).
 
@@ -150,7 +153,9 @@ def regmean_config(alpha: float = 0.95, num_examples: int = 256, batch_size: int
 
 
 @register("adamerging", family="adaptation", data="tta", storage="none (coefficients are folded into the weights)",
-          reference=ADAMERGING_REF)
+          reference=ADAMERGING_REF,
+          params={"granularity": choice(*_GRANULARITY), "init_scale": real(), "base": choice(*_BASES),
+                  "density": real(0, 1), "learning_rate": _RATE, "steps": integer(0), "batch_size": _COUNT})
 def adamerging_config(granularity: str = "layer", init_scale: float = 0.3, base: str = "task_arithmetic",
                       density: float = 0.2, learning_rate: float = 1e-3, steps: int = 1000,
                       batch_size: int = 16) -> AdaMergingConfig:
@@ -192,7 +197,9 @@ class ScaleSearchConfig(NamedTuple):
 
 
 @register("scale_search", family="weighted_average", data="val", storage="none",
-          reference="https://arxiv.org/abs/2212.04089")
+          reference="https://arxiv.org/abs/2212.04089",
+          params={"base": method_name(), "search": choice("grid", "golden"), "lo": real(), "hi": real(),
+                  "iters": _COUNT})
 def scale_search_config(base: str = "task_arithmetic", search: str = "grid", lo: float = 0.0, hi: float = 1.0,
                         iters: int = 12) -> ScaleSearchConfig:
   """A global scale chosen on labeled validation data for the merge of any registered method ``base``.
@@ -239,7 +246,9 @@ class UGMConfig(NamedTuple):
 
 
 @register("ugm", family="weighted_average", data="val", storage="none (Fishers are transient)",
-          reference="https://arxiv.org/abs/2310.12808")
+          reference="https://arxiv.org/abs/2310.12808",
+          params={"alphas": real(per_task=True), "prior_precision": real(0), "relative_prior": flag(),
+                  "num_examples": _COUNT, "batch_size": _COUNT, "estimator": choice(*_ESTIMATORS)})
 def ugm_config(alphas: float = 0.3, prior_precision: float = 1.0, relative_prior: bool = True,
                num_examples: int = 256, batch_size: int = 32, estimator: str = "reference") -> UGMConfig:
   """Uncertainty-based gradient matching's registry entry (no ViT default is published: alpha = TA's 0.3 and
@@ -289,7 +298,10 @@ class ConcreteConfig(NamedTuple):
 
 
 @register("concrete", family="sparsification", data="tta", storage="none (mask baked into the weights)",
-          reference="https://arxiv.org/abs/2312.06173")
+          reference="https://arxiv.org/abs/2312.06173",
+          params={"base": choice("task_arithmetic", "adamerging"), "scale": real(), "temperature": _RATE,
+                  "learning_rate": _RATE, "steps": integer(0), "adamerging_steps": integer(0), "batch_size": _COUNT,
+                  "mask_type": choice("continuous", "discrete")})
 def concrete_config(base: str = "task_arithmetic", scale: float = 0.3, temperature: float = 0.5,
                     learning_rate: float = 1e-3, steps: int = 2000, adamerging_steps: int = 1000, batch_size: int = 16,
                     mask_type: str = "continuous") -> ConcreteConfig:
@@ -339,7 +351,9 @@ class AdaRankConfig(NamedTuple):
 
 
 @register("adarank", family="subspace", data="tta", storage="none (masks baked into the weights)",
-          reference="https://arxiv.org/abs/2503.22178")
+          reference="https://arxiv.org/abs/2503.22178",
+          params={"init_scale": real(), "temperature": _RATE, "learning_rate": _RATE, "steps": integer(0),
+                  "batch_size": _COUNT})
 def adarank_config(init_scale: float = 0.3, temperature: float = 10.0, learning_rate: float = 1e-3,
                    steps: int = 1000, batch_size: int = 16) -> AdaRankConfig:
   """AdaRank's registry entry on task arithmetic (reference config: coefficient 0.3, every component kept
@@ -385,7 +399,10 @@ class LocalizeStitchConfig(NamedTuple):
 
 
 @register("localize_stitch_data", family="sparsification", data="val", storage="none (masks optional)",
-          reference="https://arxiv.org/abs/2408.13656")
+          reference="https://arxiv.org/abs/2408.13656",
+          params={"density": real(0, 1), "sigmoid_bias": _RATE, "l1_strength": real(0), "learning_rate": _RATE,
+                  "steps": integer(0), "num_examples": _COUNT, "batch_size": _COUNT,
+                  "binarize": choice("topk", "round")})
 def localize_stitch_data_config(density: float = 0.01, sigmoid_bias: float = 5.0, l1_strength: float = 1.0,
                                 learning_rate: float = 0.5, steps: int = 20, num_examples: int = 64,
                                 batch_size: int = 64, binarize: str = "topk") -> LocalizeStitchConfig:
@@ -445,7 +462,9 @@ class SurgeryConfig(NamedTuple):
 
 @register("surgery", family="moe", data="tta", per_task=True,
           storage="per task: a rank-r bottleneck adapter on the features (2 r D floats)",
-          reference="https://arxiv.org/abs/2402.02705")
+          reference="https://arxiv.org/abs/2402.02705",
+          params={"base": method_name(), "rank": _COUNT, "learning_rate": _RATE, "steps": integer(0),
+                  "batch_size": _COUNT})
 def surgery_config(base: str = "task_arithmetic", rank: int = 16, learning_rate: float = 1e-3, steps: int = 1000,
                    batch_size: int = 16) -> SurgeryConfig:
   """Representation Surgery's registry entry: per-task adapters on the features of the merged model of ``base``
@@ -536,7 +555,11 @@ _RI = RIConfig()  # RI's defaults, read by the signature below (and by jaxmerge.
 
 
 @register("ri", family="adaptation", data="aux", storage="none (a pre-merge adaptation of the experts)",
-          reference=RI_REF)
+          reference=RI_REF,
+          params={"mode": choice("independent", "joint"), "beta": real(0, optional=True), "steps": integer(0),
+                  "learning_rate": real(0, lo_open=True), "weight_decay": real(0),
+                  "temperature": real(0, lo_open=True), "preserve": choice("kl", "mse"), "merge_scale": real(),
+                  "task_loop": choice("vmap", "map"), "num_aux": integer(1), "batch_size": integer(1)})
 def ri_config(mode: str = _RI.mode, beta: float | None = _RI.beta, steps: int = _RI.steps,
               learning_rate: float = _RI.learning_rate, weight_decay: float = _RI.weight_decay,
               temperature: float = _RI.temperature, preserve: str = _RI.preserve, merge_scale: float = _RI.merge_scale,
