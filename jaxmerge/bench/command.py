@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
   adapters = ("ri",) if args.ri else ()
   check_adapters(adapters)  # fail before spending minutes on the suite
   start = time.perf_counter()
-  per_seed, regimes, build_seconds, suite = [], [], 0.0, None
+  per_seed, regimes, build_seconds, suite, config = [], [], 0.0, None, None
   for seed in seeds:
     t0 = time.perf_counter()
     suite = build_suite(args.suite, cache_dir=args.cache, seed=seed, smoke=args.smoke, progress=args.progress)
@@ -264,6 +264,16 @@ def run(args: argparse.Namespace) -> int:
       regimes.append(stats)
       results["timings"]["regime"] = time.perf_counter() - t0
     per_seed.append(results)
+    config = getattr(suite, "config", None)
+    if len(seeds) > 1:  # the next seed's suite compiles its own programs: free this one's (the disk cache keeps them)
+      import gc
+
+      import jax
+
+      del suite
+      suite = None
+      gc.collect()
+      jax.clear_caches()
   results = aggregate_seeds(per_seed) if len(per_seed) > 1 else {**per_seed[0], "seeds": seeds}
   if regimes:
     results["regime"] = regimes
@@ -271,7 +281,6 @@ def run(args: argparse.Namespace) -> int:
   results["timings"] = {"build_or_load_suite": build_seconds, **results["timings"],
                         "total": time.perf_counter() - start}
   results["peak_rss_gb"] = _peak_rss_gb()
-  config = getattr(suite, "config", None)
   if config is not None and hasattr(config, "to_dict"):
     results["suite_config"] = config.to_dict()
     results["cache_key"] = getattr(config, "hash", None)
