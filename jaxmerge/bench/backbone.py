@@ -33,7 +33,14 @@ def _sha256(path: Path) -> str:
 
 
 def list_backbones(root: str | os.PathLike | None = None) -> list[str]:
-  """Names of the backbones in ``root`` (default: the package's assets)."""
+  """Names of the backbones in a directory.
+
+  Args:
+    root: the directory (default: the package's assets).
+
+  Returns:
+    The sorted names that have both a weights and a metadata file.
+  """
   root = Path(root) if root is not None else ASSET_DIR
   return sorted(p.stem for p in root.glob("*.json") if p.with_suffix(".safetensors").exists())
 
@@ -49,8 +56,15 @@ def _paths(name: str, root: str | os.PathLike | None) -> tuple[Path, Path]:
 
 
 def backbone_info(name: str, root: str | os.PathLike | None = None) -> dict:
-  """The backbone's metadata: ``{"name", "config" (CLIP config fields), "recipe" (pretraining settings),
-  "vocab" (words), "sha256" (of the weights file), ...}``.
+  """A backbone's metadata.
+
+  Args:
+    name: the backbone's name.
+    root: directory of the assets (default: the package's).
+
+  Returns:
+    ``{"name", "config" (CLIP config fields), "recipe" (pretraining settings), "vocab" (words), "sha256" (of the
+    weights file), ...}``.
 
   Raises:
     ValueError: an unknown name or an unreadable metadata file.

@@ -103,6 +103,13 @@ def finetune_optimizer(config: "OfflineConfig", schedule) -> optax.GradientTrans
   ``config.finetune_momentum``, L2 weight decay ``config.finetune_weight_decay``) or ``"adamw"`` (decoupled
   weight decay ``config.finetune_weight_decay``).
 
+  Args:
+    config: the suite's configuration.
+    schedule: the learning-rate schedule.
+
+  Returns:
+    The optax transformation (clipping is added by the caller).
+
   Raises:
     ValueError: another name.
   """

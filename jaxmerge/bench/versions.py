@@ -23,7 +23,14 @@ def _norm(name: str) -> str:
 
 
 def pinned_versions(path: str | Path = CONSTRAINTS) -> dict[str, str]:
-  """``{package: version}`` of the ``name==version`` lines of a constraints file (names normalized)."""
+  """The pins of a constraints file.
+
+  Args:
+    path: the constraints file (default: the benchmark's).
+
+  Returns:
+    ``{package: version}`` of its ``name==version`` lines, names normalized (lower case, ``-`` for ``_``).
+  """
   out = {}
   for line in Path(path).read_text().splitlines():
     line = line.split("#", 1)[0].strip()
@@ -35,6 +42,10 @@ def pinned_versions(path: str | Path = CONSTRAINTS) -> dict[str, str]:
 
 def check_versions(packages=NUMERICS_PACKAGES, path: str | Path = CONSTRAINTS) -> dict:
   """Compares the installed versions of ``packages`` with the pinned ones.
+
+  Args:
+    packages: distribution names to check (default: :data:`NUMERICS_PACKAGES`).
+    path: the constraints file (default: the benchmark's).
 
   Returns:
     ``{"installed": {package: version or "missing"}, "pinned": {package: version}, "differs": {package:
