@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxmerge import filters as jfilters
 from jaxmerge import native
+from jaxmerge import sharding as jsharding
 from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, MergeContext, MergeTransform
 from jaxmerge.io.safetensors_io import aligned_empty
@@ -406,6 +407,10 @@ def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params,
   multi-leaf model whose leaves share one dtype; everything else in one whole-model program. The NaN/Inf check
   rides along in the first four. Returns the merged float leaves and the copied non-float ones."""
   pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=False)
+  models = ft if isinstance(ft, tuple) else (ft,)
+  mesh = jsharding.mesh_of([*pre.values(), *(x for m in models for x in m.values())])
+  if mesh is not None:
+    return _run_on_mesh(tx, layout, per_task, pre, ft, coeffs, key, names, check_finite, mesh), passthrough
   if coeffs is None and not per_task:
     merged = _run_native(tx, pre, ft, names, check_finite, key)
     if merged is not None:
@@ -437,6 +442,28 @@ def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params,
   if check_finite:
     _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)
   return _compiled(tx, layout, per_task)(pre, ft, coeffs, key), passthrough
+
+
+def _run_on_mesh(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: Any, coeffs: Any, key: Any,
+                 names: Sequence[str] | None, check_finite: bool, mesh: Any) -> dict:
+  """The sharded placement: inputs sharded over a mesh run under that mesh with automatic axis types (the same
+  buffers, retyped: :func:`jaxmerge.sharding.auto_axes`), leafwise ``by_shape`` transforms leaf by leaf and
+  everything else as the whole-model program, whose task-axis reductions then reduce along the axis
+  (:func:`jaxmerge.tree.on_mesh`). Outputs come back on the inputs' mesh."""
+  auto = jsharding.auto_axes(mesh)
+  pre = {p: jsharding.on_mesh(x, auto) for p, x in pre.items()}
+  ft = (tuple({p: jsharding.on_mesh(x, auto) for p, x in m.items()} for m in ft) if isinstance(ft, tuple)
+        else {p: jsharding.on_mesh(x, auto) for p, x in ft.items()})
+  with jax.set_mesh(auto):
+    if check_finite:
+      _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)
+    if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
+      prog = _compiled_leaf(tx, layout, per_task, False)
+      rows = (lambda p: tuple(m[p] for m in ft)) if isinstance(ft, tuple) else (lambda p: ft[p])
+      out = {p: prog(x, rows(p), key, np.uint32(jtree.leaf_id(p)))[0] for p, x in pre.items()}
+    else:
+      out = _compiled(tx, layout, per_task)(pre, ft, coeffs, key)
+  return {p: jsharding.on_mesh(y, mesh) for p, y in out.items()}
 
 
 def _run_native(tx: MergeTransform, pre: dict, ft: Any, names: Sequence[str] | None,

@@ -24,6 +24,7 @@ picks the largest device count that divides ``T``; an explicit mesh that does no
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmerge import filters as jfilters
@@ -43,10 +44,13 @@ from jaxmerge.typing import Coeffs, Params, PRNGKey, Stacked
 __all__ = [
     "MODEL",
     "TASK",
+    "auto_axes",
     "batch_sharded",
     "make_sharded_merger",
     "merge_sharded",
     "mesh",
+    "mesh_of",
+    "on_mesh",
     "shard_params",
     "shard_stack",
     "shardings_from_rules",
@@ -273,6 +277,65 @@ def batch_sharded(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def auto_axes(m: Mesh) -> Mesh:
+  """``m`` with every axis of type ``Auto`` (``m`` itself when they already are).
+
+  Merges run on meshes with automatic axes: XLA then places the collectives that slicing or reducing the task
+  axis needs. With explicit axes (``jax.make_mesh``'s default), such operations raise ``ShardingTypeError``
+  unless every step spells out its output shardings, which method code does not.
+
+  Args:
+    m: a mesh.
+
+  Returns:
+    A mesh with ``m``'s devices and axis names and automatic axis types.
+  """
+  types = tuple(getattr(m, "axis_types", ()) or ())
+  if all(t == AxisType.Auto for t in types):
+    return m
+  return Mesh(m.devices, m.axis_names, axis_types=(AxisType.Auto,) * len(m.axis_names))
+
+
+def mesh_of(leaves: Sequence[Any]) -> Mesh | None:
+  """The mesh of the first leaf sharded over several devices with a ``NamedSharding``, or ``None``.
+
+  Args:
+    leaves: arrays (JAX, NumPy, ...).
+
+  Returns:
+    A ``Mesh`` or ``None``.
+  """
+  for x in leaves:
+    s = getattr(x, "sharding", None)
+    if isinstance(x, jax.Array) and isinstance(s, NamedSharding) and len(s.device_set) > 1:
+      return s.mesh
+  return None
+
+
+def on_mesh(x: Any, m: Mesh) -> Any:
+  """``x`` with its ``NamedSharding``'s mesh replaced by ``m`` (same devices and names, other axis types; the
+  data does not move), or ``x`` unchanged when it is not a ``jax.Array`` with a ``NamedSharding`` of ``m``'s
+  devices.
+
+  Args:
+    x: an array.
+    m: the mesh to retype ``x`` onto.
+
+  Returns:
+    The array on ``m``.
+  """
+  s = getattr(x, "sharding", None)
+  if not isinstance(x, jax.Array) or not isinstance(s, NamedSharding) or s.mesh == m:
+    return x
+  if s.mesh.axis_names != m.axis_names or s.mesh.devices.shape != m.devices.shape or \
+     not (s.mesh.devices == m.devices).all():
+    return x
+  target = NamedSharding(m, s.spec)
+  if x.is_fully_addressable:  # the same device buffers under the new sharding
+    return jax.make_array_from_single_device_arrays(x.shape, target, [a.data for a in x.addressable_shards])
+  return jax.device_put(x, target)
+
+
 def _merge_module():
   # ``jaxmerge.merge`` is also the name of the function re-exported by the package, so import the module by path.
   return importlib.import_module("jaxmerge.merge")
@@ -316,13 +379,22 @@ def make_sharded_merger(
   """
   per_task = tx.kind != REDUCE if per_task is None else per_task
   inner = _compiled(tx, layout or jfilters.hf_layout, per_task)
+  auto = auto_axes(m)  # explicit axes: the same devices, XLA places the collectives (see auto_axes)
   out_like = stacked if per_task else pretrained
-  out = shardings_from_rules(m, rules, out_like, stacked=per_task)
-  fn = jax.jit(lambda pre, ft, coeffs, key: inner(pre, ft, coeffs, key), out_shardings=out)
+  out = shardings_from_rules(auto, rules, out_like, stacked=per_task)
+  back = shardings_from_rules(m, rules, out_like, stacked=per_task)
+  fns = {}
 
-  def merger(pre, ft, coeffs=None, key=None):
-    with jax.set_mesh(m):
-      return fn(pre, ft, coeffs, key)
+  def merger(pre, ft, coeffs=None, key=None, *, donate=False):
+    # donate=True: the pretrained (per-task: stacked) buffers may become the output's (merge_sharded's copies).
+    fn = fns.get(donate)
+    if fn is None:
+      fn = fns[donate] = jax.jit(lambda pre, ft, coeffs, key: inner(pre, ft, coeffs, key), out_shardings=out,
+                                 donate_argnums=((1,) if per_task else (0,)) if donate else ())
+    retype = functools.partial(jax.tree.map, lambda x: on_mesh(x, auto))
+    with jax.set_mesh(auto):
+      res = fn(retype(pre), retype(ft), coeffs, key)
+    return res if auto is m else jax.tree.map(on_mesh, res, jax.tree.map(lambda s: s.mesh, back))
 
   return merger
 
@@ -373,7 +445,8 @@ def merge_sharded(
   else:
     ft_s = shard_stack(ft, m, rules)
   merger = make_sharded_merger(tx, m, pre_s, ft_s, rules=rules, layout=layout, per_task=per_task)
-  merged = merger(pre_s, ft_s, coeffs, key)
+  merged = merger(pre_s, ft_s, coeffs, key, donate=True)  # the copies are ours: the output may reuse them
+  del pre_s, ft_s
   if per_task:
     return [jtree.unflatten_paths(pretrained, {**{p: x[i] for p, x in merged.items()}, **passthrough})
             for i in range(t)]
