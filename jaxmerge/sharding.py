@@ -37,6 +37,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmerge import filters as jfilters
+from jaxmerge import stats_stream
 from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, MergeTransform
 from jaxmerge.typing import Coeffs, Params, PRNGKey, Stacked
@@ -345,6 +346,106 @@ def _compiled(tx: MergeTransform, layout: Layout, per_task: bool) -> Callable[..
   return _merge_module()._compiled(tx, layout, per_task)  # the very program jaxmerge.merge runs
 
 
+@functools.lru_cache(maxsize=64)
+def _leaf_program(tx: MergeTransform, layout: Layout, per_task: bool, out: NamedSharding) -> Callable[..., Any]:
+  """One leaf's merge on the mesh for a leafwise ``by_shape`` transform: ``(pre, stacked, key, leaf_id) -> leaf``
+  with the leaf's declared output sharding; the pretrained leaf is donated (its buffer may become the output's)."""
+  from jaxmerge.base import MergeContext  # noqa: PLC0415
+
+  def run(pre, ft, key, pid):
+    with jtree.traced_leaf_ids({"leaf": pid}):
+      pre32 = pre.astype(jnp.float32)
+      tree = {"leaf": ft.astype(jnp.float32) - pre32[None]}
+      y = tx.apply(tx.init(tree), tree, key=key, ctx=MergeContext(pretrained={"leaf": pre32}, layout=layout))["leaf"]
+      return ((pre32[None] if per_task else pre32) + y).astype(pre.dtype)
+
+  return jax.jit(run, out_shardings=out, donate_argnums=(0,) if not per_task else ())
+
+
+def _ties_rows(pre: jax.Array, ft: jax.Array, thr: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  pre32 = pre.astype(jnp.float32)
+  d = ft.astype(jnp.float32) - pre32[None]
+  if thr is not None:
+    d = jnp.where(jnp.abs(d) >= thr.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
+  return pre32, d
+
+
+@jax.jit
+def _high_hist(pre: jax.Array, ft: jax.Array) -> jax.Array:
+  d = jnp.abs(_ties_rows(pre, ft, None)[1]).reshape(ft.shape[0], -1)
+  return jax.vmap(lambda r: jnp.bincount((stats_stream.float_keys(r) >> 16).astype(jnp.int32), length=1 << 16))(d)
+
+
+@jax.jit
+def _low_hist(pre: jax.Array, ft: jax.Array, hi: jax.Array) -> jax.Array:
+  d = jnp.abs(_ties_rows(pre, ft, None)[1]).reshape(ft.shape[0], -1)
+
+  def row(r, h):
+    q = stats_stream.float_keys(r)
+    low = jnp.where((q >> 16).astype(jnp.int32) == h[0], (q & jnp.uint32(0xFFFF)).astype(jnp.int32), 1 << 16)
+    return jnp.bincount(low, length=(1 << 16) + 1)[None, : 1 << 16]
+
+  return jax.vmap(row)(d, hi)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _sign_count(pre: jax.Array, ft: jax.Array, thr: jax.Array, trim: bool) -> jax.Array:
+  return jnp.sum(jnp.sign(jnp.sum(_ties_rows(pre, ft, thr if trim else None)[1], axis=0)).astype(jnp.int32))
+
+
+@functools.lru_cache(maxsize=64)
+def _ties_leaf(merge_func: str, zero_sign: str, trim: bool, out: NamedSharding) -> Callable[..., Any]:
+  from jaxmerge.reductions._mean import _disjoint_rows, _elect  # noqa: PLC0415 (TIES's rules, as in memory)
+
+  def run(pre, ft, thr, majority, scale):
+    pre32, d = _ties_rows(pre, ft, thr if trim else None)
+    s = _elect(jnp.sum(d, axis=0), zero_sign, majority)
+    return (pre32 + _disjoint_rows(d, s, merge_func) * scale).astype(pre.dtype)
+
+  return jax.jit(run, out_shardings=out, donate_argnums=(0,))
+
+
+def _ties_by_leaf(sp: Any, pre: dict, ft: dict, outs: dict) -> dict:
+  """Global TIES (:func:`jaxmerge.native.spec`'s ``"ties"``, no drop) leaf by leaf on the mesh: the per-task
+  thresholds by two histogram passes (:class:`jaxmerge.stats_stream.KthSmallest`, exact), the majority sign by a
+  third, then each leaf merged into its declared sharding. The temporaries are one leaf's, not the model's."""
+  from jaxmerge import native  # noqa: PLC0415 (the threshold rank rule)
+
+  density, merge_func, count, zero_sign = sp.ties
+  t = int(next(iter(ft.values())).shape[0])
+  sizes = {p: int(np.prod(x.shape, dtype=np.int64)) for p, x in pre.items()}
+  n = sum(sizes.values())
+  k = native.threshold_rank(n, density, count) if density < 1 else 0
+  thr = jnp.zeros((t,), jnp.float32)
+  if k > 0:
+    sel = stats_stream.KthSmallest(np.full((t,), k), n)
+    for p in pre:
+      sel.add_high(_high_hist(pre[p], ft[p]), sizes[p])
+    sel.finish_high()
+    hi = jnp.asarray(sel.buckets)
+    for p in pre:
+      sel.add_low(_low_hist(pre[p], ft[p], hi), sizes[p])
+    thr = jnp.asarray(sel.finish_low()[:, 0], jnp.float32)
+  majority = jnp.float32(1.0)
+  if zero_sign == "majority":
+    majority = jnp.float32(np.sign(sum(int(_sign_count(pre[p], ft[p], thr, k > 0)) for p in pre)))
+  return {p: _ties_leaf(merge_func, zero_sign, k > 0, outs[p])(pre[p], ft[p], thr, majority, jnp.float32(sp.scale))
+          for p in pre}
+
+
+def _by_leaf(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: dict, outs: dict, key: Any) -> dict | None:
+  """The merge leaf by leaf on the mesh (called under it), or ``None`` when ``tx`` has no per-leaf plan."""
+  from jaxmerge import native  # noqa: PLC0415
+
+  if tx.leafwise and tx.by_shape:
+    return {p: _leaf_program(tx, layout, per_task, outs[p])(x, ft[p], key, np.uint32(jtree.leaf_id(p)))
+            for p, x in pre.items()}
+  sp = native.spec(tx) if not per_task else None
+  if sp is not None and sp.op == "ties" and sp.drop is None:
+    return _ties_by_leaf(sp, pre, ft, outs)
+  return None
+
+
 def make_sharded_merger(
     tx: MergeTransform,
     m: Mesh,
@@ -444,8 +545,18 @@ def merge_sharded(
     ft_s = stack_sharded(list(ft), m, rules)
   else:
     ft_s = shard_stack(ft, m, rules)
-  merger = make_sharded_merger(tx, m, pre_s, ft_s, rules=rules, layout=layout, per_task=per_task)
-  merged = merger(pre_s, ft_s, coeffs, key, donate=True)  # the copies are ours: the output may reuse them
+  merged = None
+  if coeffs is None:  # leaf by leaf where a plan exists: one leaf's temporaries at a time, not the model's
+    auto = auto_axes(m)
+    outs = shardings_from_rules(auto, rules, ft_s if per_task else pre_s, stacked=per_task)
+    retype = functools.partial(jax.tree.map, lambda x: on_mesh(x, auto))
+    with jax.set_mesh(auto):
+      merged = _by_leaf(tx, layout or jfilters.hf_layout, per_task, retype(pre_s), retype(ft_s), outs, key)
+    if merged is not None and auto is not m:
+      merged = {p: on_mesh(x, m) for p, x in merged.items()}
+  if merged is None:
+    merger = make_sharded_merger(tx, m, pre_s, ft_s, rules=rules, layout=layout, per_task=per_task)
+    merged = merger(pre_s, ft_s, coeffs, key, donate=True)  # the copies are ours: the output may reuse them
   del pre_s, ft_s
   if per_task:
     return [jtree.unflatten_paths(pretrained, {**{p: x[i] for p, x in merged.items()}, **passthrough})
