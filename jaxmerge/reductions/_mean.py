@@ -272,4 +272,4 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sig
 
   leafwise = sign_scope == "leaf" or zero_sign == "positive"
   return MergeTransform(_empty, apply, REDUCE, leafwise=leafwise, flat=sign_scope == "global" or zero_sign == "positive",
-                        path_free=True)
+                        path_free=True, kernel=("disjoint", merge_func, sign_scope, zero_sign))

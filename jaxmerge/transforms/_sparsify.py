@@ -132,7 +132,8 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK, leafwise=scope == "leaf", flat=scope == "global", path_free=True)
+  return MergeTransform(_empty, apply, TASK, leafwise=scope == "leaf", flat=scope == "global", path_free=True,
+                        kernel=("trim", float(density), scope, count))
 
 
 def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
