@@ -12,9 +12,12 @@ spec without its first entry. Elementwise methods (task arithmetic, TIES, DARE, 
 axes sharded; SVD-based steps should call :func:`batch_sharded` on their ``(T, m, n)`` input so the SVD sees
 whole matrices (XLA would otherwise gather them, which is correct but slow).
 
-:func:`merge_sharded` is :func:`jaxmerge.merge` on a mesh: the same jitted program (so results equal the
-unsharded merge), inputs placed by the rules, outputs constrained to the declared shardings, and no host
-round-trip inside the program. :func:`make_sharded_merger` returns the jitted function itself, for sweeps.
+:func:`merge_sharded` is :func:`jaxmerge.merge` on a mesh: inputs placed by the rules, outputs in the declared
+shardings, results equal to the unsharded merge. Leafwise methods (task arithmetic, DARE) run one leaf program at
+a time and global TIES in exact histogram passes leaf by leaf, so the temporaries are one leaf's; other methods
+run the whole-model program, with no host round-trip inside it. :func:`make_sharded_merger` returns that jitted
+program itself, for sweeps. Meshes with explicit axis types (``jax.make_mesh``'s default) run with automatic
+ones (:func:`auto_axes`: the same devices and buffers), and results come back on the given mesh.
 
 The task axis size must divide ``T``: padding the stack with zero task vectors would change every method that
 counts tasks (means, Model Stock, NAN's ``T/2``, TIES's election), so jaxmerge does not pad. :func:`task_mesh`

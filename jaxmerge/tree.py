@@ -259,6 +259,9 @@ def on_mesh() -> bool:
   Reductions over the task axis then reduce along the axis, which XLA partitions into local sums and one
   all-reduce; unrolled over task slices (the fast form on one device), each slice of a task-sharded array is
   moved between devices, several full-size buffers per device.
+
+  Returns:
+    ``True`` inside ``jax.set_mesh(...)``.
   """
   return not jax.sharding.get_abstract_mesh().empty
 

@@ -164,7 +164,7 @@ _DATA = tuple({k: v for k, v in m.items() if k != "c"} if isinstance(m, dict) el
               if k != "c"} for f in m] for m in _models(seed=5, t=3))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_chains())
 def test_every_backend_that_accepts_a_chain_gives_the_whole_model_result(tx):
   pre, fts = _DATA

@@ -221,3 +221,30 @@ def test_kth_smallest_rows_equals_sort():
   for k in [1, 7, 40000, flat.shape[1]]:
     got = np.asarray(jax.jit(lambda *v, k=k: stats.kth_smallest_rows(list(v), k))(*vals))
     np.testing.assert_array_equal(got, np.sort(flat, axis=1)[:, k - 1])
+
+
+def test_merge_sharded_runs_leaf_by_leaf(monkeypatch):
+  """merge_sharded runs task arithmetic, DARE and global TIES one leaf at a time (never the whole-model program,
+  whose temporaries are the model's), with the unsharded result and the declared shardings; the TIES case has a
+  negative majority sign and entries whose trimmed sum is exactly zero, where that sign decides."""
+  def whole_model(*a, **k):
+    raise AssertionError("the whole-model program ran")
+
+  monkeypatch.setattr(S, "make_sharded_merger", whole_model)
+  r = np.random.default_rng(7)
+  pre = {k: r.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+  a = {k: r.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+  half = {k: (np.arange(np.prod(s)).reshape(s) % 2).astype(np.float32) for k, s in SHAPES.items()}
+  # Tasks 0 and 1 cancel exactly; tasks 2 and 3 are negative on half of the entries and zero on the others,
+  # where the trimmed sum is then exactly zero and the (negative) majority sign decides.
+  fts = [{k: pre[k] + a[k] for k in pre}, {k: pre[k] - a[k] for k in pre},
+         {k: pre[k] - half[k] * (np.abs(a[k]) + 1) for k in pre}, {k: pre[k] - half[k] * (np.abs(a[k]) + 2) for k in pre}]
+  mesh = jax.make_mesh((4, 2), ("task", "model"))
+  key = jax.random.key(7)
+  for name, hp in [("ties", {}), ("ties", {"density": 1.0, "disjoint": "mean"}), ("task_arithmetic", {}),
+                   ("dare", {})]:
+    tx = jm.get_method(name)(**hp)
+    got = S.merge_sharded(tx, pre, fts, mesh=mesh, rules=RULES, key=key)
+    _check(got, jm.merge(tx, pre, fts, key=key), False, name)
+    fc1 = got["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    assert fc1.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)

@@ -60,6 +60,14 @@ def global_thresholds(tree, density: float, count: str = "reference") -> jax.Arr
   On one device, from one ``(T, N)`` view (:func:`jaxmerge.tree.concat_tasks`; the native CPU select where it
   runs). Under a device mesh, leaf by leaf with the task axis batched (:func:`_mesh_thresholds`): concatenating
   leaves sharded differently, or a custom call, would gather the whole stack on every device.
+
+  Args:
+    tree: a stack ``(T, ...)`` with at least one leaf.
+    density: fraction kept, in ``[0, 1]``.
+    count: ``"reference"`` or ``"exact"`` (see :func:`trim`).
+
+  Returns:
+    The ``(T,)`` float32 thresholds (zeros when everything is kept).
   """
   leaves = jax.tree.leaves(tree)
   if jtree.on_mesh():
