@@ -350,9 +350,11 @@ def _compiled(tx: MergeTransform, layout: Layout, per_task: bool) -> Callable[..
 
 
 @functools.lru_cache(maxsize=64)
-def _leaf_program(tx: MergeTransform, layout: Layout, per_task: bool, out: NamedSharding) -> Callable[..., Any]:
+def _leaf_program(tx: MergeTransform, layout: Layout, per_task: bool, out: NamedSharding | None,
+                  donate: bool) -> Callable[..., Any]:
   """One leaf's merge on the mesh for a leafwise ``by_shape`` transform: ``(pre, stacked, key, leaf_id) -> leaf``
-  with the leaf's declared output sharding; the pretrained leaf is donated (its buffer may become the output's)."""
+  with the leaf's declared output sharding (``None``: XLA's choice); with ``donate`` the pretrained leaf is
+  donated (its buffer may become the output's)."""
   from jaxmerge.base import MergeContext  # noqa: PLC0415
 
   def run(pre, ft, key, pid):
@@ -362,7 +364,7 @@ def _leaf_program(tx: MergeTransform, layout: Layout, per_task: bool, out: Named
       y = tx.apply(tx.init(tree), tree, key=key, ctx=MergeContext(pretrained={"leaf": pre32}, layout=layout))["leaf"]
       return ((pre32[None] if per_task else pre32) + y).astype(pre.dtype)
 
-  return jax.jit(run, out_shardings=out, donate_argnums=(0,) if not per_task else ())
+  return jax.jit(run, out_shardings=out, donate_argnums=(0,) if donate and not per_task else ())
 
 
 def _ties_rows(pre: jax.Array, ft: jax.Array, thr: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -397,7 +399,8 @@ def _sign_count(pre: jax.Array, ft: jax.Array, thr: jax.Array, trim: bool) -> ja
 
 
 @functools.lru_cache(maxsize=64)
-def _ties_leaf(merge_func: str, zero_sign: str, trim: bool, out: NamedSharding) -> Callable[..., Any]:
+def _ties_leaf(merge_func: str, zero_sign: str, trim: bool, out: NamedSharding | None,
+               donate: bool) -> Callable[..., Any]:
   from jaxmerge.reductions._mean import _disjoint_rows, _elect  # noqa: PLC0415 (TIES's rules, as in memory)
 
   def run(pre, ft, thr, majority, scale):
@@ -405,10 +408,10 @@ def _ties_leaf(merge_func: str, zero_sign: str, trim: bool, out: NamedSharding) 
     s = _elect(jnp.sum(d, axis=0), zero_sign, majority)
     return (pre32 + _disjoint_rows(d, s, merge_func) * scale).astype(pre.dtype)
 
-  return jax.jit(run, out_shardings=out, donate_argnums=(0,))
+  return jax.jit(run, out_shardings=out, donate_argnums=(0,) if donate else ())
 
 
-def _ties_by_leaf(sp: Any, pre: dict, ft: dict, outs: dict) -> dict:
+def _ties_by_leaf(sp: Any, pre: dict, ft: dict, outs: dict, donate: bool) -> dict:
   """Global TIES (:func:`jaxmerge.native.spec`'s ``"ties"``, no drop) leaf by leaf on the mesh: the per-task
   thresholds by two histogram passes (:class:`jaxmerge.stats_stream.KthSmallest`, exact), the majority sign by a
   third, then each leaf merged into its declared sharding. The temporaries are one leaf's, not the model's."""
@@ -422,6 +425,9 @@ def _ties_by_leaf(sp: Any, pre: dict, ft: dict, outs: dict) -> dict:
   thr = jnp.zeros((t,), jnp.float32)
   if k > 0:
     sel = stats_stream.KthSmallest(np.full((t,), k), n)
+
+    # One leaf at a time, each histogram fetched before the next leaf's program runs: programs with collectives
+    # queued without bound on the in-process CPU devices can wait on each other past XLA's rendezvous timeout.
     for p in pre:
       sel.add_high(_high_hist(pre[p], ft[p]), sizes[p])
     sel.finish_high()
@@ -432,20 +438,49 @@ def _ties_by_leaf(sp: Any, pre: dict, ft: dict, outs: dict) -> dict:
   majority = jnp.float32(1.0)
   if zero_sign == "majority":
     majority = jnp.float32(np.sign(sum(int(_sign_count(pre[p], ft[p], thr, k > 0)) for p in pre)))
-  return {p: _ties_leaf(merge_func, zero_sign, k > 0, outs[p])(pre[p], ft[p], thr, majority, jnp.float32(sp.scale))
-          for p in pre}
+  return _in_turn({p: functools.partial(_ties_leaf(merge_func, zero_sign, k > 0, outs.get(p), donate), pre[p], ft[p],
+                                       thr, majority, jnp.float32(sp.scale)) for p in pre})
 
 
-def _by_leaf(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: dict, outs: dict, key: Any) -> dict | None:
-  """The merge leaf by leaf on the mesh (called under it), or ``None`` when ``tx`` has no per-leaf plan."""
+def _in_turn(calls: dict) -> dict:
+  """``{path: call()}``, each call dispatched once the one before the previous has finished: at most two leaf
+  programs in flight (bounded memory, and no unbounded queue of programs with collectives, see above)."""
+  out, prev = {}, None
+  for p, call in calls.items():
+    out[p] = call()
+    if prev is not None:
+      jax.block_until_ready(out[prev])
+    prev = p
+  return out
+
+
+def _by_leaf(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: dict, outs: dict, key: Any,
+            donate: bool = False) -> dict | None:
+  """A merge of stacked leaves leaf by leaf on the mesh (call it under the mesh), or ``None`` when ``tx`` has no
+  per-leaf plan: leafwise ``by_shape`` transforms one leaf program at a time, global TIES (recognized by
+  :func:`jaxmerge.native.spec`, no drop) in exact histogram passes leaf by leaf. The temporaries are one leaf's.
+
+  Args:
+    tx: the transform.
+    layout: matrix layout.
+    per_task: keep the task axis.
+    pre: ``{path: pretrained leaf}``.
+    ft: ``{path: stacked (T, ...) leaf}``.
+    outs: ``{path: NamedSharding}`` of the outputs (missing paths: XLA's choice).
+    key: PRNG key or ``None``.
+    donate: the pretrained leaves may be donated to the outputs (only for copies the caller owns).
+
+  Returns:
+    ``{path: merged leaf}`` or ``None``.
+  """
   from jaxmerge import native  # noqa: PLC0415
 
   if tx.leafwise and tx.by_shape:
-    return {p: _leaf_program(tx, layout, per_task, outs[p])(x, ft[p], key, np.uint32(jtree.leaf_id(p)))
-            for p, x in pre.items()}
+    return _in_turn({p: functools.partial(_leaf_program(tx, layout, per_task, outs.get(p), donate), x, ft[p], key,
+                                          np.uint32(jtree.leaf_id(p))) for p, x in pre.items()})
   sp = native.spec(tx) if not per_task else None
   if sp is not None and sp.op == "ties" and sp.drop is None:
-    return _ties_by_leaf(sp, pre, ft, outs)
+    return _ties_by_leaf(sp, pre, ft, outs, donate)
   return None
 
 
@@ -554,7 +589,7 @@ def merge_sharded(
     outs = shardings_from_rules(auto, rules, ft_s if per_task else pre_s, stacked=per_task)
     retype = functools.partial(jax.tree.map, lambda x: on_mesh(x, auto))
     with jax.set_mesh(auto):
-      merged = _by_leaf(tx, layout or jfilters.hf_layout, per_task, retype(pre_s), retype(ft_s), outs, key)
+      merged = _by_leaf(tx, layout or jfilters.hf_layout, per_task, retype(pre_s), retype(ft_s), outs, key, donate=True)
     if merged is not None and auto is not m:
       merged = {p: on_mesh(x, m) for p, x in merged.items()}
   if merged is None:

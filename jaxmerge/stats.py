@@ -96,7 +96,8 @@ def kth_smallest_rows(values: Sequence[jax.Array], k: int) -> jax.Array:
   def rank_in(hist, kk):  # per task: the bucket holding rank kk, and kk's rank inside it
     cum = jnp.cumsum(hist, axis=1)
     b = jax.vmap(lambda c, r: jnp.searchsorted(c, r, side="left"))(cum, kk).astype(jnp.int32)
-    return b, kk - (jnp.take_along_axis(cum, b[:, None], axis=1)[:, 0] - jnp.take_along_axis(hist, b[:, None], axis=1)[:, 0])
+    before = jnp.take_along_axis(cum, b[:, None], axis=1)[:, 0] - jnp.take_along_axis(hist, b[:, None], axis=1)[:, 0]
+    return b, kk - before
 
   kk = jnp.full((rows[0].shape[0],), k, jnp.int32)
   hi, k_lo = rank_in(hists(lambda q, t: (q >> 16).astype(jnp.int32), 1 << 16), kk)

@@ -216,7 +216,8 @@ def test_kth_smallest_rows_equals_sort():
   negatives included), equal to a sort."""
   from jaxmerge import stats
   r = np.random.default_rng(5)
-  vals = [r.standard_normal((3, 300, 230)).astype(np.float32), np.round(r.standard_normal((3, 7)), 1).astype(np.float32)]
+  vals = [r.standard_normal((3, 300, 230)).astype(np.float32),
+          np.round(r.standard_normal((3, 7)), 1).astype(np.float32)]
   flat = np.concatenate([v.reshape(3, -1) for v in vals], 1)
   for k in [1, 7, 40000, flat.shape[1]]:
     got = np.asarray(jax.jit(lambda *v, k=k: stats.kth_smallest_rows(list(v), k))(*vals))
@@ -238,7 +239,8 @@ def test_merge_sharded_runs_leaf_by_leaf(monkeypatch):
   # Tasks 0 and 1 cancel exactly; tasks 2 and 3 are negative on half of the entries and zero on the others,
   # where the trimmed sum is then exactly zero and the (negative) majority sign decides.
   fts = [{k: pre[k] + a[k] for k in pre}, {k: pre[k] - a[k] for k in pre},
-         {k: pre[k] - half[k] * (np.abs(a[k]) + 1) for k in pre}, {k: pre[k] - half[k] * (np.abs(a[k]) + 2) for k in pre}]
+         {k: pre[k] - half[k] * (np.abs(a[k]) + 1) for k in pre},
+         {k: pre[k] - half[k] * (np.abs(a[k]) + 2) for k in pre}]
   mesh = jax.make_mesh((4, 2), ("task", "model"))
   key = jax.random.key(7)
   for name, hp in [("ties", {}), ("ties", {"density": 1.0, "disjoint": "mean"}), ("task_arithmetic", {}),
