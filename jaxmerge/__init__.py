@@ -33,6 +33,7 @@ from jaxmerge.combine import partition as partition
 from jaxmerge.merge import make_merger as make_merger
 from jaxmerge.merge import merge as merge
 from jaxmerge.merge import merge_per_task as merge_per_task
+from jaxmerge.merge import route as route
 from jaxmerge.registry import MethodInfo as MethodInfo
 from jaxmerge.registry import get_method as get_method
 from jaxmerge.registry import list_methods as list_methods

@@ -100,10 +100,24 @@ class MergeTransform(NamedTuple):
   kernel: tuple = ()
 
   @property
+  def vouched(self) -> bool:
+    """Whether the engine may act on the hints ``flat`` and ``path_free``: only for steps whose ``apply`` is
+    jaxmerge's own code (a library factory, :func:`per_task`, :func:`across_tasks`, or a chain of such steps),
+    never for :func:`per_leaf` steps (they receive the path). A user's ``apply`` flagged by hand runs on the
+    whole-model program, which reads every path as it is: slower, never wrong."""
+    fn = self.apply
+    return getattr(fn, "__module__", "").startswith("jaxmerge.") and not getattr(fn, "reads_path", False)
+
+  @property
+  def runs_flat(self) -> bool:
+    """``flat``, when :attr:`vouched`."""
+    return self.flat and self.vouched
+
+  @property
   def by_shape(self) -> bool:
     """Whether the step's program for a leaf depends only on the leaf's shape and dtype (``flat`` or
-    ``path_free``)."""
-    return self.flat or self.path_free
+    ``path_free``, when :attr:`vouched`)."""
+    return (self.flat or self.path_free) and self.vouched
 
   @property
   def reduces(self) -> bool:
@@ -152,7 +166,7 @@ def per_task(fn: Callable[[jax.Array], jax.Array]) -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(jax.vmap(fn), tree)
 
-  return MergeTransform(_empty_init, apply, TASK)
+  return MergeTransform(_empty_init, apply, TASK, path_free=True)
 
 
 def across_tasks(fn: Callable[[jax.Array], jax.Array]) -> MergeTransform:
@@ -169,7 +183,7 @@ def across_tasks(fn: Callable[[jax.Array], jax.Array]) -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(fn, tree)
 
-  return MergeTransform(_empty_init, apply, REDUCE)
+  return MergeTransform(_empty_init, apply, REDUCE, path_free=True)
 
 
 def per_leaf(
@@ -206,6 +220,7 @@ def per_leaf(
 
     return jtree.map_with_path(leaf, tree)
 
+  apply.reads_path = True  # fn receives the path: never path-free, whatever the flags say
   return MergeTransform(init or _empty_init, apply, kind, needs_key, True)
 
 

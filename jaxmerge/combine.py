@@ -69,8 +69,10 @@ def named_chain(*named: tuple[str, MergeTransform]) -> MergeTransform:
 def chain(*transforms: MergeTransform) -> MergeTransform:
   """Runs steps one after the other; coefficients are a tuple, one entry per step.
 
-  Step ``i`` receives ``jax.random.fold_in(key, i)`` as its key. A task-preserving step after a reduction
-  raises ``ValueError`` when the chain is built.
+  Step ``i`` receives ``jax.random.fold_in(key, i)`` as its key. A chain among the steps is inlined:
+  ``chain(chain(a, b), c)`` draws the keys of ``chain(a, b, c)``, runs on the same backend and gives the same
+  result (its coefficients stay nested). A task-preserving step after a reduction raises ``ValueError`` when the
+  chain is built.
 
   Args:
     *transforms: the steps, in order (task-preserving steps, then at most one reduction, then steps that
@@ -85,6 +87,12 @@ def chain(*transforms: MergeTransform) -> MergeTransform:
   2.0
   """
   kind = _chain_kind([t.kind for t in transforms])
+  # Nested chains are inlined: ``(step, where its coefficients sit)`` in order, so that chain(chain(a, b), c)
+  # runs, draws its keys and is recognized by the backends exactly as chain(a, b, c).
+  flat: list[tuple[MergeTransform, tuple[int, ...]]] = []
+  for i, t in enumerate(transforms):
+    inner = getattr(t.apply, "chain_steps", None)
+    flat.extend([(s, (i, *where)) for s, where in inner] if inner is not None else [(t, (i,))])
 
   def init(tree):
     return tuple(t.init(tree) for t in transforms)
@@ -92,14 +100,19 @@ def chain(*transforms: MergeTransform) -> MergeTransform:
   def apply(coeffs, tree, *, key=None, ctx=None):
     if len(coeffs) != len(transforms):
       raise ValueError(f"chain of {len(transforms)} steps got {len(coeffs)} coefficient entries")
-    for i, (t, c) in enumerate(zip(transforms, coeffs)):
-      k = jax.random.fold_in(key, i) if key is not None else None
-      tree = t.apply(c, tree, key=k, ctx=ctx)
+    for j, (s, where) in enumerate(flat):
+      c = coeffs
+      for w in where:
+        c = c[w]
+      k = jax.random.fold_in(key, j) if key is not None else None  # step j of the inlined chain
+      tree = s.apply(c, tree, key=k, ctx=ctx)
     return tree
 
+  apply.chain_steps = tuple(flat)
+  steps = tuple(s for s, _ in flat)
   return MergeTransform(
-      init, apply, kind, any(t.needs_key for t in transforms), all(t.leafwise for t in transforms),
-      all(t.flat for t in transforms), all(t.by_shape for t in transforms), tuple(transforms),
+      init, apply, kind, any(t.needs_key for t in steps), all(t.leafwise for t in steps),
+      all(t.runs_flat for t in steps), all(t.by_shape for t in steps), steps,
   )
 
 

@@ -19,12 +19,13 @@ import numpy as np
 
 from jaxmerge import filters as jfilters
 from jaxmerge import native
+from jaxmerge import sharding as jsharding
 from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, MergeContext, MergeTransform
 from jaxmerge.io.safetensors_io import aligned_empty
 from jaxmerge.typing import Coeffs, Params, PRNGKey, Stacked
 
-__all__ = ["make_merger", "merge", "merge_per_task", "prepare"]
+__all__ = ["BACKENDS", "make_merger", "merge", "merge_per_task", "prepare", "route"]
 
 Layout = Callable[[str, jax.ShapeDtypeStruct], Any]
 
@@ -310,7 +311,7 @@ def _jitted_split(shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> Callable[[
 
 
 def _flat_ok(tx: MergeTransform, coeffs: Any, pre: dict, ft: Any) -> bool:
-  return tx.flat and coeffs is None and len(pre) > 1 and _flat_dtype(pre, ft) is not None
+  return tx.runs_flat and coeffs is None and len(pre) > 1 and _flat_dtype(pre, ft) is not None
 
 
 @functools.lru_cache(maxsize=128)
@@ -323,13 +324,13 @@ def _leaf_then_flat(tx: MergeTransform) -> tuple[MergeTransform, MergeTransform]
   from jaxmerge.combine import chain  # noqa: PLC0415 (combine imports this module's users)
 
   steps = tx.steps
-  if tx.leafwise or tx.flat:  # leaf by leaf, or wholly on the flat view
+  if tx.leafwise or tx.runs_flat:  # leaf by leaf, or wholly on the flat view
     return None
   k = 0
-  while k < len(steps) and not steps[k].flat and steps[k].leafwise and steps[k].by_shape and not steps[k].reduces:
+  while k < len(steps) and not steps[k].runs_flat and steps[k].leafwise and steps[k].by_shape and not steps[k].reduces:
     k += 1
   rest = steps[k:]
-  if k == 0 or not rest or not all(s.flat and not s.needs_key for s in rest):
+  if k == 0 or not rest or not all(s.runs_flat and not s.needs_key for s in rest):
     return None
   # The prefix keeps the chain's keys: step i of a chain gets fold_in(key, i), in the sub-chain too.
   return chain(*steps[:k]), chain(*rest)
@@ -396,21 +397,69 @@ def _run_leaf_then_flat(prefix: MergeTransform, rest: MergeTransform, layout: La
   return y, jnp.stack(bad)
 
 
-def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params, finetuned: Any, coeffs: Any,
-         key: Any, names: Sequence[str] | None, check_finite: bool) -> tuple[dict, dict]:
-  """Validates and runs the merge, on one of five routes: global TIES, task arithmetic, simple averaging and
-  DARE on them on the CPU as one native call (:func:`_run_native`); leafwise ``by_shape`` transforms (task arithmetic,
-  DARE, per-tensor TIES) leaf by leaf, one compiled program per leaf shape and no copy of the inputs; chains of
-  such steps followed by ``flat`` ones (DARE on global TIES) with the first part leaf by leaf and the rest on the
-  ``(T, N)`` view (:func:`_leaf_then_flat`); other ``flat`` transforms (global TIES) on one ``(T, N)`` view of a
-  multi-leaf model whose leaves share one dtype; everything else in one whole-model program. The NaN/Inf check
-  rides along in the first four. Returns the merged float leaves and the copied non-float ones."""
-  pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=False)
-  if coeffs is None and not per_task:
-    merged = _run_native(tx, pre, ft, names, check_finite, key)
-    if merged is not None:
-      return merged, passthrough
+BACKENDS = ("native", "leaf", "leaf_then_flat", "flat", "xla_whole", "mesh")
+
+
+def _plan(tx: MergeTransform, per_task: bool, pre: dict, ft: Any, coeffs: Any, key: Any) -> tuple[str, Any]:
+  """The planner: ``(backend, detail)`` for this merge, the fastest backend that can prove it runs it exactly.
+
+  ``"mesh"`` (inputs sharded over a device mesh, detail: the mesh); ``"native"`` (global TIES, task arithmetic,
+  simple averaging and DARE on them, recognized by their steps' identities, :func:`jaxmerge.native.spec`, as one
+  call of the CPU kernels; detail: the spec); ``"leaf"`` (leafwise ``by_shape`` transforms leaf by leaf, one
+  compiled program per leaf shape); ``"leaf_then_flat"`` (a leafwise by-shape prefix, then ``flat`` steps on the
+  ``(T, N)`` view; detail: ``(prefix, rest)``); ``"flat"`` (``flat`` transforms on one ``(T, N)`` view);
+  ``"xla_whole"`` (everything else: the whole-model program, slower, never wrong)."""
+  models = ft if isinstance(ft, tuple) else (ft,)
+  mesh = jsharding.mesh_of([*pre.values(), *(x for m in models for x in m.values())])
+  if mesh is not None:
+    return "mesh", mesh
+  sp = _native_spec(tx, pre, ft, key) if coeffs is None and not per_task else None
+  if sp is not None:
+    return "native", sp
   if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
+    return "leaf", None
+  split = _leaf_then_flat(tx) if coeffs is None and len(pre) > 1 and isinstance(ft, tuple) else None
+  if split is not None and _flat_dtype(pre, ft) is not None:
+    return "leaf_then_flat", split
+  if _flat_ok(tx, coeffs, pre, ft):
+    return "flat", None
+  return "xla_whole", None
+
+
+def _forced(backend: str, tx: MergeTransform, per_task: bool, pre: dict, ft: Any, coeffs: Any,
+            key: Any) -> tuple[str, Any]:
+  """``(backend, detail)`` for a backend the caller names; ``ValueError`` when it cannot run this merge."""
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)} (or None: the planner's choice)")
+  if backend == "xla_whole":
+    return backend, None
+  auto = _plan(tx, per_task, pre, ft, coeffs, key)
+  if auto[0] == backend:
+    return auto
+  ok = {"leaf": lambda: tx.leafwise and tx.by_shape and coeffs is None and auto[0] != "mesh",
+        "flat": lambda: _flat_ok(tx, coeffs, pre, ft) and auto[0] != "mesh"}
+  if backend in ok and ok[backend]():
+    return backend, None
+  if backend == "leaf_then_flat" and auto[0] != "mesh" and coeffs is None and isinstance(ft, tuple):
+    split = _leaf_then_flat(tx)
+    if split is not None and _flat_dtype(pre, ft) is not None:
+      return backend, split
+  raise ValueError(f"backend {backend!r} cannot run this merge (the planner chose {auto[0]!r}): see "
+                   "jaxmerge.merge.route for what each backend accepts")
+
+
+def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params, finetuned: Any, coeffs: Any,
+         key: Any, names: Sequence[str] | None, check_finite: bool, backend: str | None = None) -> tuple[dict, dict]:
+  """Validates the inputs, plans the merge (:func:`_plan`, or the named ``backend``) and runs it. The NaN/Inf
+  check rides along in the fast backends. Returns the merged float leaves and the copied non-float ones."""
+  pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=False)
+  route, detail = (_forced(backend, tx, per_task, pre, ft, coeffs, key) if backend is not None
+                   else _plan(tx, per_task, pre, ft, coeffs, key))
+  if route == "mesh":
+    return _run_on_mesh(tx, layout, per_task, pre, ft, coeffs, key, names, check_finite, detail), passthrough
+  if route == "native":
+    return _run_native(detail, pre, ft, names, check_finite, key), passthrough
+  if route == "leaf":
     # Leaf by leaf, one compiled program per leaf shape: no copy of the inputs (task arithmetic, DARE, per-tensor
     # TIES). The NaN/Inf probe rides along in each leaf's program.
     prog = _compiled_leaf(tx, layout, per_task, check_finite)
@@ -422,13 +471,12 @@ def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params,
     if check_finite and bool(jnp.any(jnp.stack([bad for _, bad in res.values()]))):
       _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)  # names the model and leaf
     return {p: y for p, (y, _) in res.items()}, passthrough
-  split = _leaf_then_flat(tx) if coeffs is None and len(pre) > 1 and isinstance(ft, tuple) else None
-  if split is not None and _flat_dtype(pre, ft) is not None:
-    y, bad = _run_leaf_then_flat(*split, layout, per_task, pre, ft, key, check_finite)
+  if route == "leaf_then_flat":
+    y, bad = _run_leaf_then_flat(*detail, layout, per_task, pre, ft, key, check_finite)
     if check_finite and bool(jnp.any(bad)):
       _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)  # names the model and leaf
     return _split_flat(y, {p: tuple(pre[p].shape) for p in pre}), passthrough
-  if _flat_ok(tx, coeffs, pre, ft):
+  if route == "flat":
     paths = tuple(pre)
     y, bad = _compiled_flat(tx, layout, per_task, paths)(pre, ft, coeffs, key)
     if check_finite and bool(jnp.any(bad)):
@@ -439,12 +487,58 @@ def _run(tx: MergeTransform, layout: Layout, per_task: bool, pretrained: Params,
   return _compiled(tx, layout, per_task)(pre, ft, coeffs, key), passthrough
 
 
-def _run_native(tx: MergeTransform, pre: dict, ft: Any, names: Sequence[str] | None,
-                check_finite: bool, key: Any) -> dict | None:
-  """Global TIES, task arithmetic, simple averaging and DARE on either as one call of the native CPU kernels
-  (:mod:`jaxmerge.native`): the same result as the XLA programs, without a flat copy of the task vectors or a
-  compilation. ``None`` when the transform, the leaves (all float32 or all bfloat16, each on one CPU device or in
-  NumPy) or the machine (no C compiler, ``JAXMERGE_NATIVE=0``) do not allow it."""
+def route(tx: MergeTransform, pretrained: Params, finetuned: Sequence[Params] | Stacked, *,
+          key: PRNGKey | None = None, coeffs: Coeffs | None = None, per_task: bool = False) -> str:
+  """The backend :func:`merge` (``per_task=True``: :func:`merge_per_task`) would run these inputs on.
+
+  One of :data:`BACKENDS`: ``"native"`` (one call of the CPU kernels: global TIES, task arithmetic, simple
+  averaging and DARE on either, recognized by their steps, however the chain is spelled), ``"leaf"`` (leafwise
+  path-free steps, one compiled program per leaf shape), ``"leaf_then_flat"`` (a leafwise prefix leaf by leaf,
+  then flat steps on one ``(T, N)`` view), ``"flat"`` (one ``(T, N)`` program), ``"mesh"`` (inputs sharded over
+  a device mesh) or ``"xla_whole"`` (the whole-model program, which runs every transform). Pass one of them as
+  ``merge(..., backend=...)`` to force it (``ValueError`` when it cannot run the merge).
+
+  Args:
+    tx: the transform.
+    pretrained: a pytree of arrays.
+    finetuned: a list of ``T`` pytrees or one stack.
+    key: the PRNG key the merge would get.
+    coeffs: the coefficients the merge would get.
+    per_task: plan :func:`merge_per_task` instead.
+
+  Returns:
+    The backend's name.
+  """
+  pre, ft, _ = prepare(pretrained, finetuned, check_finite=False)
+  return _plan(tx, per_task, pre, ft, coeffs, key)[0]
+
+
+def _run_on_mesh(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: Any, coeffs: Any, key: Any,
+                 names: Sequence[str] | None, check_finite: bool, mesh: Any) -> dict:
+  """The sharded placement: inputs sharded over a mesh run under that mesh with automatic axis types (the same
+  buffers, retyped: :func:`jaxmerge.sharding.auto_axes`), leafwise ``by_shape`` transforms leaf by leaf and
+  everything else as the whole-model program, whose task-axis reductions then reduce along the axis
+  (:func:`jaxmerge.tree.on_mesh`). Outputs come back on the inputs' mesh."""
+  auto = jsharding.auto_axes(mesh)
+  pre = {p: jsharding.on_mesh(x, auto) for p, x in pre.items()}
+  ft = (tuple({p: jsharding.on_mesh(x, auto) for p, x in m.items()} for m in ft) if isinstance(ft, tuple)
+        else {p: jsharding.on_mesh(x, auto) for p, x in ft.items()})
+  with jax.set_mesh(auto):
+    if check_finite:
+      _raise_nonfinite(pre, ft, _nonfinite_flags(pre, ft), names)
+    if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
+      prog = _compiled_leaf(tx, layout, per_task, False)
+      rows = (lambda p: tuple(m[p] for m in ft)) if isinstance(ft, tuple) else (lambda p: ft[p])
+      out = {p: prog(x, rows(p), key, np.uint32(jtree.leaf_id(p)))[0] for p, x in pre.items()}
+    else:
+      out = _compiled(tx, layout, per_task)(pre, ft, coeffs, key)
+  return {p: jsharding.on_mesh(y, mesh) for p, y in out.items()}
+
+
+def _native_spec(tx: MergeTransform, pre: dict, ft: Any, key: Any) -> Any:
+  """The native kernels' spec for this merge (:func:`jaxmerge.native.spec`), or ``None`` when the transform, the
+  leaves (all float32 or all bfloat16, each on one CPU device or in NumPy) or the machine (no C compiler,
+  ``JAXMERGE_NATIVE=0``) do not allow it."""
   sp = native.spec(tx)
   if sp is None or not pre or (sp.drop is not None and key is None):
     return None
@@ -461,6 +555,15 @@ def _run_native(tx: MergeTransform, pre: dict, ft: Any, names: Sequence[str] | N
   sizes = [int(np.size(pre[p])) for p in paths]
   if not native.fits(tasks, sum(sizes), sp, sizes) or not native.available():
     return None
+  return sp
+
+
+def _run_native(sp: Any, pre: dict, ft: Any, names: Sequence[str] | None, check_finite: bool, key: Any) -> dict:
+  """Global TIES, task arithmetic, simple averaging and DARE on either as one call of the native CPU kernels
+  (:mod:`jaxmerge.native`): the same result as the XLA programs, without a flat copy of the task vectors or a
+  compilation."""
+  paths = tuple(pre)
+  stacked = not isinstance(ft, tuple)
   # DARE's drop is the chain's first step: its key is fold_in(key, 0), as jaxmerge.chain gives it.
   keys = native.dare_keys(jax.random.fold_in(key, 0), paths) if sp.drop is not None else None
   fts = [ft[p] for p in paths] if stacked else [[m[p] for p in paths] for m in ft]
@@ -543,6 +646,7 @@ def merge(
     layout: Layout | None = None,
     names: Sequence[str] | None = None,
     check_finite: bool = True,
+    backend: str | None = None,
 ) -> Params:
   """Merges fine-tuned models into one model.
 
@@ -556,6 +660,8 @@ def merge(
       :func:`jaxmerge.filters.hf_layout`, use :func:`jaxmerge.filters.flax_layout` for Flax models.
     names: model names used in error messages.
     check_finite: reject NaN/Inf weights before merging.
+    backend: run on this backend (one of :data:`BACKENDS`, see :func:`route`) instead of the planner's choice;
+      ``"xla_whole"`` runs any transform. ``ValueError`` when the backend cannot run the merge.
 
   Returns:
     The merged parameters, with ``pretrained``'s structure and dtypes.
@@ -572,7 +678,7 @@ def merge(
   """
   _check_tx(tx, key, per_task=False)
   merged, passthrough = _run(tx, layout or jfilters.hf_layout, False, pretrained, finetuned, coeffs, key, names,
-                             check_finite)
+                             check_finite, backend)
   return _assemble(pretrained, merged, passthrough, False)
 
 
@@ -586,6 +692,7 @@ def merge_per_task(
     layout: Layout | None = None,
     names: Sequence[str] | None = None,
     check_finite: bool = True,
+    backend: str | None = None,
 ) -> list[Params]:
   """Builds one model per task with a task-preserving transform (EMR, TALL masks, BYOM, TSV-C).
 
@@ -600,13 +707,14 @@ def merge_per_task(
     layout: matrix layout (default :func:`jaxmerge.filters.hf_layout`).
     names: model names used in error messages.
     check_finite: reject NaN/Inf weights before merging.
+    backend: as :func:`merge`.
 
   Returns:
     A list of ``T`` pytrees with ``pretrained``'s structure and dtypes.
   """
   _check_tx(tx, key, per_task=True)
   merged, passthrough = _run(tx, layout or jfilters.hf_layout, True, pretrained, finetuned, coeffs, key, names,
-                             check_finite)
+                             check_finite, backend)
   return _assemble(pretrained, merged, passthrough, True)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["kth_smallest", "order_statistic", "top_fraction_threshold"]
+__all__ = ["kth_smallest", "kth_smallest_rows", "order_statistic", "top_fraction_threshold"]
 
 
 
@@ -65,6 +65,46 @@ def kth_smallest(values: Sequence[jax.Array], k: jax.Array | int) -> jax.Array:
   lo = jnp.searchsorted(jnp.cumsum(lo_hist[: 1 << 16]), k_lo, side="left").astype(jnp.int32)
   key = (hi.astype(jnp.uint32) << 16) | lo.astype(jnp.uint32)
   return _from_keys(key)
+
+
+def kth_smallest_rows(values: Sequence[jax.Array], k: int) -> jax.Array:
+  """Each task's exact ``k``-th smallest entry over ``values``, arrays with a leading task axis ``(T, ...)``.
+
+  The radix select of :func:`kth_smallest`, batched over the task axis and one array at a time: each array's
+  histograms wait for the previous array's (an exact ``+ 0 * count`` dependency), so XLA never holds every
+  array's keys at once. Under a device mesh, each device histograms its own tasks' entries.
+
+  Args:
+    values: arrays of finite floats with the same leading task size ``T``.
+    k: rank in ``1..N`` (``N`` the entries per task over all arrays).
+
+  Returns:
+    ``(T,)`` float32, row ``t`` equal to ``sort(concat(values[:][t]))[k - 1]``.
+  """
+  rows = [v.astype(jnp.float32).reshape(v.shape[0], -1) for v in values]
+
+  def hists(bucket, length):
+    """``sum`` over arrays of the per-task histograms of ``bucket(keys, task)``, one array after another."""
+    total = None
+    for x in rows:
+      if total is not None:
+        x = x + total[0, 0].astype(jnp.float32) * 0
+      h = jax.vmap(lambda r, t: jnp.bincount(bucket(_order_keys(r), t), length=length))(x, jnp.arange(x.shape[0]))
+      total = h if total is None else total + h
+    return total
+
+  def rank_in(hist, kk):  # per task: the bucket holding rank kk, and kk's rank inside it
+    cum = jnp.cumsum(hist, axis=1)
+    b = jax.vmap(lambda c, r: jnp.searchsorted(c, r, side="left"))(cum, kk).astype(jnp.int32)
+    before = jnp.take_along_axis(cum, b[:, None], axis=1)[:, 0] - jnp.take_along_axis(hist, b[:, None], axis=1)[:, 0]
+    return b, kk - before
+
+  kk = jnp.full((rows[0].shape[0],), k, jnp.int32)
+  hi, k_lo = rank_in(hists(lambda q, t: (q >> 16).astype(jnp.int32), 1 << 16), kk)
+  low = hists(lambda q, t: jnp.where((q >> 16).astype(jnp.int32) == hi[t], (q & jnp.uint32(0xFFFF)).astype(jnp.int32),
+                                     1 << 16), (1 << 16) + 1)
+  lo, _ = rank_in(low[:, : 1 << 16], k_lo)
+  return _from_keys((hi.astype(jnp.uint32) << 16) | lo.astype(jnp.uint32))
 
 
 def top_fraction_threshold(magnitudes: Sequence[jax.Array], density: float) -> jax.Array:

@@ -829,6 +829,20 @@ def _plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
   return None
 
 
+def _plan_of(tx: MergeTransform) -> _Plan | None:
+  """The multi-pass plan of a transform recognized by its steps' identities (:func:`jaxmerge.native.normalized`):
+  global TIES, optionally after DARE's drop and before a scale, however it is spelled (the registry's ``ties``,
+  a nested chain, or ``trim`` and ``disjoint_merge`` composed by hand). ``None`` otherwise."""
+  from jaxmerge import native  # noqa: PLC0415
+
+  sp = native.spec(tx)
+  if sp is None or sp.op != "ties":
+    return None
+  density, merge_func, count, zero_sign = sp.ties
+  prefix = tx.steps[0] if sp.drop is not None else None  # the chain's step 0 (its key is fold_in(key, 0))
+  return _Plan(_ties_plan(prefix, density, merge_func, count, zero_sign, sp.scale), False)
+
+
 def two_pass_methods() -> list[str]:
   """Registered methods whose default (global) form streams in several exact passes.
 
@@ -881,7 +895,8 @@ def merge_streaming(
 
   Args:
     tx: the transform (used as is when leafwise).
-    method: the registry name and hyperparameters ``tx`` was built from; needed for non-leafwise transforms.
+    method: the registry name and hyperparameters ``tx`` was built from; needed for non-leafwise transforms
+      other than global TIES (with an optional DARE drop and scale), which is recognized from its steps.
     Other arguments: as :func:`merge_leafwise` (``coeffs`` applies to leafwise transforms only).
 
   Returns:
@@ -893,7 +908,9 @@ def merge_streaming(
   if tx.leafwise:
     return merge_leafwise(tx, pretrained, models, writer, key=key, coeffs=coeffs, layout=layout, names=names,
                           per_task=per_task, out_dtype=out_dtype, check_finite=check_finite, prefetch=prefetch)
-  plan = _plan(method[0], method[1]) if method is not None else None
+  plan = _plan_of(tx)
+  if plan is None and method is not None:
+    plan = _plan(method[0], method[1])
   if plan is None:
     what = f"method {method[0]!r} with {dict(method[1])}" if method is not None else "this transform"
     raise ValueError(f"{what} cannot be streamed: it is not leafwise and has no multi-pass plan. Streamable "

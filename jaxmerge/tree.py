@@ -36,6 +36,7 @@ __all__ = [
     "leaf_uniform",
     "map_with_path",
     "num_tasks",
+    "on_mesh",
     "path_str",
     "paths",
     "stack",
@@ -252,11 +253,25 @@ def leaf_task_vectors(pretrained: jax.Array, models: Sequence[jax.Array]) -> tup
   return base, jnp.stack([m.astype(jnp.float32) - base for m in models])
 
 
+def on_mesh() -> bool:
+  """Whether the program is traced under a device mesh (``jax.set_mesh``: the engine's sharded placement).
+
+  Reductions over the task axis then reduce along the axis, which XLA partitions into local sums and one
+  all-reduce; unrolled over task slices (the fast form on one device), each slice of a task-sharded array is
+  moved between devices, several full-size buffers per device.
+
+  Returns:
+    ``True`` inside ``jax.set_mesh(...)``.
+  """
+  return not jax.sharding.get_abstract_mesh().empty
+
+
 def task_sum(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   """``sum_t w_t x[t]`` over the leading task axis.
 
   For up to 64 tasks this is an unrolled chain of elementwise adds: XLA fuses it with its producers, and on CPU
-  it is ~30x faster than ``jnp.sum(x, axis=0)``, which reduces over the major dimension.
+  it is ~30x faster than ``jnp.sum(x, axis=0)``, which reduces over the major dimension. Under a device mesh
+  (:func:`on_mesh`) it is the axis reduction.
 
   Args:
     x: ``(T, ...)``.
@@ -266,7 +281,7 @@ def task_sum(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     ``(...)``.
   """
   t = x.shape[0]
-  if t > _UNROLL:
+  if t > _UNROLL or on_mesh():
     return jnp.sum(x, axis=0) if weights is None else jnp.tensordot(weights.astype(x.dtype), x, axes=1)
   out = x[0] if weights is None else weights[0].astype(x.dtype) * x[0]
   for i in range(1, t):
@@ -283,7 +298,7 @@ def task_max(x: jax.Array) -> jax.Array:
   Returns:
     ``(...)``.
   """
-  if x.shape[0] > _UNROLL:
+  if x.shape[0] > _UNROLL or on_mesh():
     return jnp.max(x, axis=0)
   out = x[0]
   for i in range(1, x.shape[0]):

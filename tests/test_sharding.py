@@ -185,3 +185,68 @@ def test_plain_merge_accepts_sharded_inputs():
   assert stacked["vision_model.encoder.layers.0.mlp.fc1.weight"].sharding.spec == P("task")
   tx = jm.get_method("ties")()
   _check(jm.merge(tx, pre, stacked), jm.merge(tx, pre, fts), False, "ties")
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_merge_on_make_mesh_with_explicit_and_auto_axes(axis_type):
+  """jm.merge and merge_sharded on stacks sharded over a jax.make_mesh mesh (explicit axis types are JAX's
+  default, where slicing the task axis used to raise ShardingTypeError): the unsharded result, returned on the
+  inputs' mesh."""
+  from jax.sharding import AxisType
+  at = AxisType.Explicit if axis_type == "explicit" else AxisType.Auto
+  mesh = jax.make_mesh((4, 2), ("task", "model"), axis_types=(at, at))
+  pre, fts = _models(4, seed=4)
+  stacked = {k: jax.device_put(np.stack([f[k] for f in fts]), NamedSharding(mesh, P("task"))) for k in pre}
+  key = jax.random.key(4)
+  for name in ["task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts"]:
+    tx = jm.get_method(name)()
+    want = jm.merge(tx, pre, fts, key=key)
+    got = jm.merge(tx, pre, stacked, key=key)
+    _check(got, want, False, name)
+    assert all(x.sharding.mesh == mesh for x in got.values()), name
+  tx = jm.get_method("ties")()
+  got = S.merge_sharded(tx, pre, fts, mesh=mesh, rules=RULES)
+  _check(got, jm.merge(tx, pre, fts), False, "ties")
+  fc1 = got["vision_model.encoder.layers.0.mlp.fc1.weight"]
+  assert fc1.sharding.mesh == mesh and fc1.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
+
+
+def test_kth_smallest_rows_equals_sort():
+  """The per-task radix select of the sharded placement: each row's k-th smallest over several arrays (ties and
+  negatives included), equal to a sort."""
+  from jaxmerge import stats
+  r = np.random.default_rng(5)
+  vals = [r.standard_normal((3, 300, 230)).astype(np.float32),
+          np.round(r.standard_normal((3, 7)), 1).astype(np.float32)]
+  flat = np.concatenate([v.reshape(3, -1) for v in vals], 1)
+  for k in [1, 7, 40000, flat.shape[1]]:
+    got = np.asarray(jax.jit(lambda *v, k=k: stats.kth_smallest_rows(list(v), k))(*vals))
+    np.testing.assert_array_equal(got, np.sort(flat, axis=1)[:, k - 1])
+
+
+def test_merge_sharded_runs_leaf_by_leaf(monkeypatch):
+  """merge_sharded runs task arithmetic, DARE and global TIES one leaf at a time (never the whole-model program,
+  whose temporaries are the model's), with the unsharded result and the declared shardings; the TIES case has a
+  negative majority sign and entries whose trimmed sum is exactly zero, where that sign decides."""
+  def whole_model(*a, **k):
+    raise AssertionError("the whole-model program ran")
+
+  monkeypatch.setattr(S, "make_sharded_merger", whole_model)
+  r = np.random.default_rng(7)
+  pre = {k: r.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+  a = {k: r.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+  half = {k: (np.arange(np.prod(s)).reshape(s) % 2).astype(np.float32) for k, s in SHAPES.items()}
+  # Tasks 0 and 1 cancel exactly; tasks 2 and 3 are negative on half of the entries and zero on the others,
+  # where the trimmed sum is then exactly zero and the (negative) majority sign decides.
+  fts = [{k: pre[k] + a[k] for k in pre}, {k: pre[k] - a[k] for k in pre},
+         {k: pre[k] - half[k] * (np.abs(a[k]) + 1) for k in pre},
+         {k: pre[k] - half[k] * (np.abs(a[k]) + 2) for k in pre}]
+  mesh = jax.make_mesh((4, 2), ("task", "model"))
+  key = jax.random.key(7)
+  for name, hp in [("ties", {}), ("ties", {"density": 1.0, "disjoint": "mean"}), ("task_arithmetic", {}),
+                   ("dare", {})]:
+    tx = jm.get_method(name)(**hp)
+    got = S.merge_sharded(tx, pre, fts, mesh=mesh, rules=RULES, key=key)
+    _check(got, jm.merge(tx, pre, fts, key=key), False, name)
+    fc1 = got["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    assert fc1.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)

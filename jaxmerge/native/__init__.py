@@ -249,6 +249,29 @@ class Spec(NamedTuple):
   ties: tuple[float, str, str, str] | None = None
 
 
+def normalized(tx: Any) -> list[tuple]:
+  """The identities (``kernel`` tuples) of ``tx``'s steps, nested chains inlined (:func:`jaxmerge.chain`), with
+  the catalogue's compositions read as the fused steps they equal: ``trim(d, "global", count)`` followed by
+  ``disjoint_merge(f, "global", z)`` (or ``zero_sign="positive"``, whose scope does not matter) is
+  ``ties_merge(d, f, count, z)``. A step without an identity is ``()``.
+
+  Args:
+    tx: a merge transform.
+
+  Returns:
+    The list of identities, in order.
+  """
+  out: list[tuple] = []
+  for k in (s.kernel if s.vouched else () for s in (tx.steps or (tx,))):
+    prev = out[-1] if out else ()
+    if (k[:1] == ("disjoint",) and prev[:1] == ("trim",) and prev[2] == "global"
+        and (k[2] == "global" or k[3] == "positive")):
+      out[-1] = ("ties", prev[1], k[1], prev[3], k[3])
+    else:
+      out.append(k)
+  return out
+
+
 def spec(tx: Any) -> Spec | None:
   """Recognizes the merges the native kernels run: an optional DARE drop (:func:`jaxmerge.transforms.drop`
   with ``rescale`` ``True`` or ``False``) as the first step, then global TIES
@@ -262,7 +285,7 @@ def spec(tx: Any) -> Spec | None:
   Returns:
     A :class:`Spec`, or ``None`` for any other transform.
   """
-  kernels = [s.kernel for s in (tx.steps or (tx,))]
+  kernels = normalized(tx)
   drop = None
   if kernels and kernels[0][:1] == ("drop",):
     drop = (kernels[0][1], kernels[0][2])

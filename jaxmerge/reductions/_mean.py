@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform
-from jaxmerge.tree import concat_tasks, fence, global_sum, task_mean, task_sum
+from jaxmerge.tree import fence, global_sum, on_mesh, task_mean, task_sum
 
 __all__ = ["disjoint_merge", "elected_sign", "mean_tasks", "sum_tasks", "ties_merge", "weighted_sum"]
 
@@ -109,13 +109,20 @@ def elected_sign(tree, scope: str = "global"):
 
 def _disjoint(x: jax.Array, s: jax.Array, merge_func: str) -> jax.Array:
   """The disjoint merge of a stacked leaf ``(T, ...)`` under elected signs ``s``."""
-  return _disjoint_rows([x[i] for i in range(x.shape[0])], s, merge_func)
+  return _disjoint_rows(x if on_mesh() else [x[i] for i in range(x.shape[0])], s, merge_func)
 
 
-def _disjoint_rows(rows: list[jax.Array], s: jax.Array, merge_func: str) -> jax.Array:
+def _disjoint_rows(rows: list[jax.Array] | jax.Array, s: jax.Array, merge_func: str) -> jax.Array:
   """The disjoint merge of one leaf given as its ``T`` task slices: the entries whose sign agrees with ``s``,
   summed, averaged over the agreeing nonzero entries, or the largest agreeing magnitude with sign ``s``. Slices
   (not a stacked array) so that XLA fuses the whole merge into one pass over the task vectors."""
+  if not isinstance(rows, list):  # a stacked (T, ...) leaf under a device mesh: reductions along the task axis
+    sel = jnp.where(jnp.where(s > 0, rows > 0, rows < 0), rows, 0)
+    if merge_func == "sum":
+      return jnp.sum(sel, axis=0)
+    if merge_func == "mean":
+      return jnp.sum(sel, axis=0) / jnp.maximum(jnp.sum((sel != 0).astype(sel.dtype), axis=0), 1)
+    return jnp.max(jnp.abs(sel), axis=0) * s
   sel = [jnp.where(jnp.where(s > 0, x > 0, x < 0), x, 0) for x in rows]
   if merge_func == "sum":
     return functools.reduce(jnp.add, sel)
@@ -147,7 +154,7 @@ def ties_merge(
     Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
     https://arxiv.org/abs/2306.01708
   """
-  from jaxmerge.transforms._sparsify import task_thresholds  # noqa: PLC0415 (transforms import reductions)
+  from jaxmerge.transforms._sparsify import global_thresholds  # noqa: PLC0415 (transforms import reductions)
 
   if merge_func not in ("sum", "mean", "max"):
     raise ValueError(f"merge_func must be one of 'sum', 'mean', 'max'; got {merge_func!r}")
@@ -162,7 +169,7 @@ def ties_merge(
     # equal-shape leaves share one compiled kernel (see jaxmerge.tree.concat_tasks).
     thr = thr2 = None
     if density < 1:
-      thr = task_thresholds([concat_tasks(tree)], density, count, use_native=True)
+      thr = global_thresholds(tree, density, count)
       # A second copy of the thresholds: a distinct value, so XLA does not merge the two passes' trims into
       # one stored (T, ...) trimmed stack (see below).
       thr2 = fence(jnp.stack([thr, thr]))[1]
@@ -170,12 +177,14 @@ def ties_merge(
     def rows(x, v):
       """The trimmed task vectors of one leaf, task by task: ``T`` arrays of the leaf's shape. Elementwise
       expressions on slices, so that XLA fuses the trim into each pass instead of storing a (T, ...) stack."""
+      if on_mesh():  # one stacked array: task slices of a task-sharded leaf would move between devices
+        return x if v is None else jnp.where(jnp.abs(x) >= _per_task(v, x), x, 0)
       if v is None:
         return [x[i] for i in range(x.shape[0])]
       return [jnp.where(jnp.abs(x[i]) >= v[i], x[i], 0) for i in range(x.shape[0])]
 
     def elect(r, majority=None):
-      return _elect(functools.reduce(jnp.add, r), zero_sign, majority)
+      return _elect(functools.reduce(jnp.add, r) if isinstance(r, list) else jnp.sum(r, axis=0), zero_sign, majority)
 
     # Two passes read the task vectors: the first elects signs for the majority sign (a whole-model scalar),
     # the second trims and elects again, then merges: rereading the task vectors costs what reading a stored
@@ -263,4 +272,4 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sig
 
   leafwise = sign_scope == "leaf" or zero_sign == "positive"
   return MergeTransform(_empty, apply, REDUCE, leafwise=leafwise, flat=sign_scope == "global" or zero_sign == "positive",
-                        path_free=True)
+                        path_free=True, kernel=("disjoint", merge_func, sign_scope, zero_sign))

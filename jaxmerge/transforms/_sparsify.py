@@ -16,7 +16,7 @@ from jaxmerge import stats
 from jaxmerge import tree as jtree
 from jaxmerge.base import TASK, EmptyCoeffs, MergeTransform, context_of, require_key
 
-__all__ = ["drop", "magprune", "outlier_mask", "rows_view", "task_thresholds", "trim"]
+__all__ = ["drop", "global_thresholds", "magprune", "outlier_mask", "rows_view", "task_thresholds", "trim"]
 
 
 def _empty(tree):
@@ -52,6 +52,35 @@ def task_thresholds(leaves: list[jax.Array], density: float, count: str = "refer
     return jax.lax.platform_dependent(cpu=lambda: native.ties_thresholds(leaves, k),
                                       default=lambda: _xla_thresholds(leaves, k))
   return _xla_thresholds(leaves, k)
+
+
+def global_thresholds(tree, density: float, count: str = "reference") -> jax.Array:
+  """Per-task magnitude thresholds ``(T,)`` over every leaf of the stack ``tree`` (:func:`task_thresholds`).
+
+  On one device, from one ``(T, N)`` view (:func:`jaxmerge.tree.concat_tasks`; the native CPU select where it
+  runs). Under a device mesh, leaf by leaf with the task axis batched (:func:`_mesh_thresholds`): concatenating
+  leaves sharded differently, or a custom call, would gather the whole stack on every device.
+
+  Args:
+    tree: a stack ``(T, ...)`` with at least one leaf.
+    density: fraction kept, in ``[0, 1]``.
+    count: ``"reference"`` or ``"exact"`` (see :func:`trim`).
+
+  Returns:
+    The ``(T,)`` float32 thresholds (zeros when everything is kept).
+  """
+  leaves = jax.tree.leaves(tree)
+  if jtree.on_mesh():
+    t = leaves[0].shape[0]
+    k = native.threshold_rank(sum(int(x[0].size) for x in leaves), density, count)
+    return jnp.zeros((t,), jnp.float32) if k <= 0 else _mesh_thresholds(leaves, k)
+  return task_thresholds([jtree.concat_tasks(tree)], density, count, use_native=True)
+
+
+def _mesh_thresholds(leaves: list[jax.Array], k: int) -> jax.Array:
+  """Each task's ``k``-th smallest magnitude over ``leaves`` (:func:`jaxmerge.stats.kth_smallest_rows`: the radix
+  select batched over the task axis, leaf after leaf)."""
+  return stats.kth_smallest_rows([jnp.abs(x) for x in leaves], k)
 
 
 def _xla_thresholds(leaves: list[jax.Array], k: int) -> jax.Array:
@@ -102,7 +131,7 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
     if scope == "global":
       if not jax.tree.leaves(tree):
         return tree
-      thr = task_thresholds([jtree.concat_tasks(tree)], density, count, use_native=True)
+      thr = global_thresholds(tree, density, count)
       return jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= _bcast(thr, x), x, 0), tree)
 
     def leaf(x):
@@ -111,7 +140,8 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK, leafwise=scope == "leaf", flat=scope == "global", path_free=True)
+  return MergeTransform(_empty, apply, TASK, leafwise=scope == "leaf", flat=scope == "global", path_free=True,
+                        kernel=("trim", float(density), scope, count))
 
 
 def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
