@@ -237,8 +237,8 @@ def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict
   def shifted_batches(task, index):
     make = lambda: _shifted_batches(batches(task), shifts, index, shift_seed, batch_size)  # noqa: E731
     key = _digest(image_keys[task], "shift", shifts, index, shift_seed)
-    return _cached_images(cache / "images" if cache else None, f"{task}-shift-{shifts[index]}", key, make,
-                          batch_size)
+    name = f"{task}-shift-{shifts[index]}{index}of{len(shifts)}-seed{shift_seed}"
+    return _cached_images(cache / "images" if cache else None, name, key, make, batch_size)
 
   def evaluate_shifted(per_task: Sequence) -> dict:
     acc, per_shift, loss = {}, {}, {}
