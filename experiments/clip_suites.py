@@ -15,9 +15,15 @@ for per-task methods), evaluate every merged model on every task, and write ``re
 
 The YAML config (``experiments/configs/clip_*.yaml``) names the checkpoints, the data, the methods and their
 hyperparameters (``{}`` = the registry's defaults, FusionBench's), and the published reference numbers.
-``--data DIR`` reads ``DIR/<task>`` (a ``save_to_disk`` dataset or an image folder) instead of the hub.
-With ``--cache``, preprocessed test images are kept as uint8 ``.npy`` files, so each method's evaluation only
-runs the vision tower.
+``--data DIR`` reads ``DIR/<task>`` (a ``save_to_disk`` dataset, or an image folder ``DIR/<task>/<split>/<class>/``
+whose class directories are the task's class names or numbers ``0..C-1``: unknown or missing class directories
+are refused, and ``results.json``'s ``data`` section records each task's source, mapping and fingerprint)
+instead of the hub. With ``--cache``, zero-shot heads are kept under ``cache/heads`` keyed by the text tower's
+weights, the prompts and their token ids, and preprocessed test images as uint8 ``.npy`` files under
+``cache/images`` keyed by the data's content fingerprint, split, preprocessing and limit: another checkpoint or
+dataset never reuses an entry, and each method's evaluation only runs the vision tower. The pretrained directory
+must hold a usable CLIP tokenizer (an error names it otherwise) unless every head is already in the cache for
+the same text tower and prompts. With ``--limit N`` below the batch size the evaluation batch is ``N``.
 
 Unseen domains (optional): with ``shifts`` in the config (a list of :data:`jaxmerge.data.synthetic.SHIFTS`,
 e.g. ``[noise, blur, contrast, tint]``; ``--shifts``), every row is also evaluated on a held-out shifted variant
@@ -28,8 +34,16 @@ model sees the same shifted images. Rows then carry ``shifted`` (accuracy per ta
 ``results.md`` gets a second table and ``results.csv`` a ``shifted_average`` column. With ``--cache`` the
 shifted images are cached next to the originals (as much disk again).
 
-Memory: the experts are held in host memory as float32 (ViT-B/32: 0.35 GB per task; L/14: 1.2 GB per task).
-Methods that need data (AdaMerging, WEMoE, ...) are not run here (see ``jaxmerge bench``).
+Timings and memory: ``merge_seconds`` waits for the merged tower (JAX dispatches asynchronously), and every
+row records the process's peak RSS while merging and evaluating (``merge_peak_rss_gb``, ``eval_peak_rss_gb``,
+:class:`jaxmerge.eval.memory.PeakRSS`); ``results.json``'s ``memory`` section has the experts' size and the
+process's peak. The experts are held in host memory as float32 (a ViT-B/32 vision tower is 0.35 GB); methods
+that stream (:func:`jaxmerge.stream.merge_streaming`: leafwise ones and the exact multi-pass plans of TIES and
+other global methods) are merged tensor by tensor from them, so a merge adds about one tower to the experts
+instead of a stacked copy plus task vectors (``stream: false`` in the config merges with :func:`jaxmerge.merge`).
+Measured numbers are in ``experiments/README.md``; ``experiments/clip_rehearsal.py`` rehearses the whole pipeline
+at full size with local random-weight files. Methods that need data (AdaMerging, WEMoE, ...) are not run here
+(see ``jaxmerge bench``).
 """
 
 from __future__ import annotations

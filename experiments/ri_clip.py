@@ -192,7 +192,8 @@ def main(argv=None) -> int:
   preprocess = Preprocess.from_pretrained(pre_dir, default_size=pcfg.image_size)
   experts = [hf.load_clip(cs._expert_path(cfg, t), like=pcfg)[1]["vision_model"] for t in tasks]
   cache = pathlib.Path(cfg["cache"]).expanduser() if cfg.get("cache") else None
-  zs = ClipZeroShot(pcfg, pparams, tokenizer=load_tokenizer(pre_dir, pcfg), heads_cache=cache / "heads" if cache else None,
+  zs = ClipZeroShot(pcfg, pparams, tokenizer=load_tokenizer(pre_dir, pcfg),
+                    heads_cache=cache / "heads" if cache else None,
                     preprocess=preprocess, tasks={t: (TASKS[t].classnames, TASKS[t].templates) for t in tasks})
   scale = float(np.exp(np.asarray(pparams["logit_scale"])))
   heads = [zs.build_heads([t])[t] * scale for t in tasks]  # zero-shot logits = scale * cos
