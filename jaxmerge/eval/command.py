@@ -141,6 +141,13 @@ def eval_batch_size(batch_size: int, limit: int | None) -> int:
   """The padded evaluation batch: ``batch_size``, or ``limit`` when fewer images are evaluated per task (a
   64-image run is not padded to 128).
 
+  Args:
+    batch_size: the requested batch size.
+    limit: images evaluated per task (``None``: all).
+
+  Returns:
+    ``min(batch_size, limit)``, or ``batch_size`` without a limit.
+
   Raises:
     ValueError: a batch size or limit below 1.
   """

@@ -32,7 +32,11 @@ def _status(field: str) -> int | None:
 
 
 def rss_bytes() -> int:
-  """The process's resident memory now (``VmRSS``; ``ru_maxrss`` where ``/proc`` is missing)."""
+  """The process's resident memory now.
+
+  Returns:
+    Bytes: ``VmRSS``, or the peak ``ru_maxrss`` where ``/proc`` is missing.
+  """
   now = _status("VmRSS")
   if now is not None:
     return now

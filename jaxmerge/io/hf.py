@@ -43,8 +43,8 @@ import numpy as np
 from jaxmerge.models import clip as mclip
 from jaxmerge.models.clip import check_compatible as check_compatible
 
-__all__ = ["check_compatible", "from_hf_state_dict", "load_clip", "name_map", "read_state_dict", "resolve",
-           "save_clip", "save_clip_vision", "to_hf_state_dict"]
+__all__ = ["VisionTowerReader", "check_compatible", "clip_vision_layout", "from_hf_state_dict", "load_clip",
+           "name_map", "read_state_dict", "resolve", "save_clip", "save_clip_vision", "to_hf_state_dict"]
 
 _CLIP_TYPES = ("clip", "clip_vision_model")
 _IGNORED_SUFFIXES = ("position_ids",)
@@ -473,6 +473,13 @@ def clip_vision_layout(base: str | os.PathLike, models: list[str | os.PathLike] 
   """Whether ``base`` is a ``CLIPModel`` directory and every model a ``CLIPVisionModel`` one (``config.json``
   ``model_type`` ``clip`` and ``clip_vision_model``): the standard layout of the CLIP merging benchmarks, whose
   merge is a merge of vision towers.
+
+  Args:
+    base: the pretrained checkpoint (a directory or a weights file in one).
+    models: the fine-tuned checkpoints.
+
+  Returns:
+    Whether the checkpoints are in that layout.
 
   Raises:
     ValueError: the vision towers' sizes differ from the base's (naming the model).
