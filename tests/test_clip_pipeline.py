@@ -270,3 +270,22 @@ def test_merge_cli_clip_model_base_and_vision_experts(files, tmp_path, stream, c
   assert cli.main(["merge", "--method", "task_arithmetic", "--base", str(a), "--model", str(other), "--out",
                    str(tmp_path / "bad")]) == 2
   assert f"{other}'s vision tower is not compatible" in capsys.readouterr().err
+
+
+def test_vision_tower_reader_spellings(tmp_path):
+  from jaxmerge.io import hf
+  from jaxmerge.io import safetensors_io as S
+
+  x = np.arange(6, dtype=np.float32).reshape(2, 3)
+  S.save(tmp_path / "full.safetensors", {"vision_model.encoder.w": x, "text_model.encoder.w": x + 1,
+                                         "logit_scale": np.float32(2.0), "vision_model.embeddings.position_ids": x})
+  S.save(tmp_path / "bare.safetensors", {"encoder.w": x + 2, "post_layernorm.bias": x[0]})
+  S.save(tmp_path / "both.safetensors", {"encoder.w": x, "vision_model.encoder.w": x})
+  full = hf.VisionTowerReader(S.open_checkpoint(tmp_path / "full.safetensors"), "full")
+  assert list(full.keys()) == ["vision_model.encoder.w"]
+  bare = hf.VisionTowerReader(S.open_checkpoint(tmp_path / "bare.safetensors"), "bare")
+  assert sorted(bare.keys()) == ["vision_model.encoder.w", "vision_model.post_layernorm.bias"]
+  np.testing.assert_array_equal(bare.get("vision_model.encoder.w"), x + 2)
+  assert bare.shape("vision_model.post_layernorm.bias") == (3,)
+  with pytest.raises(ValueError, match=r"both holds 'vision_model.encoder.w' twice"):
+    hf.VisionTowerReader(S.open_checkpoint(tmp_path / "both.safetensors"), "both")
