@@ -22,6 +22,8 @@ the standard layout with ``jaxmerge merge`` (``CLIPModel`` base, ``CLIPVisionMod
 streamed, checks that both outputs are bit-identical and equal the float64 task-arithmetic tower, and that
 ``jaxmerge eval`` of the merged directory reproduces the suite's row. ``results/rehearsal.json`` records every step's
 wall time and the process's peak RSS (each ``jaxmerge merge`` runs in its own process, so its peak is its own).
+``--merge-memory ties,tsv_m`` only measures merges: each method streamed (the suite's engine) and in memory
+(:func:`jaxmerge.merge`), each in a fresh process, with its peak RSS over the experts' size.
 ``--layers N`` builds both towers with N layers instead of 12 (same widths, image size and patch size): a
 reduced-size run for small machines. The accuracies mean nothing (random weights); what is rehearsed is that
 every step runs, agrees with the others, and how long and how much memory it takes.
@@ -167,6 +169,47 @@ def _cli(args: list[str], log) -> tuple[float, float]:
   return seconds, (kb[-1] * 1024 / 1e9 if kb else float("nan"))
 
 
+_MERGE_MEMORY = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import clip_suites as cs
+from jaxmerge.eval.memory import PeakRSS, rss_bytes
+from jaxmerge.io import hf
+pre, experts, method, engine = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
+pcfg, pp = hf.load_clip(pre)
+tower = pp["vision_model"]
+del pp
+before = rss_bytes()
+exs = [hf.load_clip(e, like=pcfg)[1]["vision_model"] for e in experts]
+after = rss_bytes()
+size = sum(x.nbytes for e in exs for x in __import__("jax").tree.leaves(e))
+hp = {"scale": 0.3} if method == "task_arithmetic" else {}
+t = time.perf_counter()
+with PeakRSS() as m:
+  merged = cs._merge(method, hp, tower, exs, 0, stream=engine == "stream")
+print(json.dumps({"seconds": time.perf_counter() - t, "experts_gb": size / 1e9, "rss_before_experts_gb": before / 1e9,
+                  "rss_after_experts_gb": after / 1e9, "merge_peak_rss_gb": m.peak_bytes / 1e9,
+                  "peak_over_experts": (m.peak_bytes - before) / size, "rss_method": m.method}))
+"""
+
+
+def merge_memory(pre: pathlib.Path, experts: dict, methods, log) -> dict:
+  """Per method and engine (``stream``: the suite's default; ``memory``: :func:`jaxmerge.merge`), in a fresh
+  process: the merge's wall time and peak RSS, and ``peak_over_experts`` = (peak RSS during the merge - RSS before
+  the experts were loaded) / the experts' float32 size, i.e. experts + everything the merge adds, in experts."""
+  out = {}
+  for method in methods:
+    for engine in ("stream", "memory"):
+      p = subprocess.run([sys.executable, "-c", _MERGE_MEMORY, str(ROOT / "experiments"), str(pre),
+                          json.dumps([str(experts[t]) for t in experts]), method, engine],
+                         capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+      if p.returncode:
+        raise RuntimeError(f"merge-memory run {method}/{engine} failed:\n{p.stderr[-3000:]}")
+      out[f"{method}/{engine}"] = json.loads(p.stdout.strip().splitlines()[-1])
+      log(f"{method} ({engine}): {out[f'{method}/{engine}']}")
+  return out
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--work", required=True, help="working directory (models, data, cache, results)")
@@ -177,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--workers", type=int, default=2)
   p.add_argument("--keep", action="store_true", help="reuse models and data already in --work")
+  p.add_argument("--merge-memory", default=None, metavar="METHODS",
+                 help="only measure each method's merge (streamed and in memory, each in a fresh process) on the "
+                      "models in --work (built first if missing); writes work/merge_memory.json")
   p.add_argument("--in-memory", action="store_true",
                  help="the suite merges in memory (jaxmerge.merge) instead of streaming (to compare memory)")
   args = p.parse_args(argv)
@@ -202,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
   expert_bytes = sum(f.stat().st_size for d in experts.values() for f in d.glob("*.safetensors"))
   log(f"built in {steps['build']['seconds']:.0f} s; experts on disk {expert_bytes / 1e9:.2f} GB")
 
+  if args.merge_memory:
+    mm = merge_memory(pre, experts, [m.strip() for m in args.merge_memory.split(",") if m.strip()], log)
+    (work / "merge_memory.json").write_text(json.dumps(mm, indent=1))
+    print(json.dumps(mm, indent=1))
+    return 0
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   cfg = {"name": f"rehearsal-vit-b32-{args.layers}l", "pretrained": str(pre),
          "experts": {k: str(v) for k, v in experts.items()}, "suite": "TALL8", "data": str(work / "data"),
