@@ -122,7 +122,8 @@ def load_tokenizer(path: str | os.PathLike, config: Any = None) -> Any:
 
   d = pathlib.Path(path)
   fix = (" Copy the tokenizer files of the checkpoint this model came from into the directory, or evaluate with "
-         "a heads cache already holding heads built from the same text tower (--heads-cache)")
+         "a heads cache already holding heads built from the same text tower (jaxmerge eval --heads-cache, "
+         "clip_suites.py --cache)")
   if not ((d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())):
     raise ValueError(f"{d} has no CLIP tokenizer files (vocab.json and merges.txt, or tokenizer.json): "
                      "transformers would build a 2-token tokenizer and every zero-shot head would be the same." + fix)
