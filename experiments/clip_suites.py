@@ -15,9 +15,15 @@ for per-task methods), evaluate every merged model on every task, and write ``re
 
 The YAML config (``experiments/configs/clip_*.yaml``) names the checkpoints, the data, the methods and their
 hyperparameters (``{}`` = the registry's defaults, FusionBench's), and the published reference numbers.
-``--data DIR`` reads ``DIR/<task>`` (a ``save_to_disk`` dataset or an image folder) instead of the hub.
-With ``--cache``, preprocessed test images are kept as uint8 ``.npy`` files, so each method's evaluation only
-runs the vision tower.
+``--data DIR`` reads ``DIR/<task>`` (a ``save_to_disk`` dataset, or an image folder ``DIR/<task>/<split>/<class>/``
+whose class directories are the task's class names or numbers ``0..C-1``: unknown or missing class directories
+are refused, and ``results.json``'s ``data`` section records each task's source, mapping and fingerprint)
+instead of the hub. With ``--cache``, zero-shot heads are kept under ``cache/heads`` keyed by the text tower's
+weights, the prompts and their token ids, and preprocessed test images as uint8 ``.npy`` files under
+``cache/images`` keyed by the data's content fingerprint, split, preprocessing and limit: another checkpoint or
+dataset never reuses an entry, and each method's evaluation only runs the vision tower. The pretrained directory
+must hold a usable CLIP tokenizer (an error names it otherwise) unless every head is already in the cache for
+the same text tower and prompts. With ``--limit N`` below the batch size the evaluation batch is ``N``.
 
 Unseen domains (optional): with ``shifts`` in the config (a list of :data:`jaxmerge.data.synthetic.SHIFTS`,
 e.g. ``[noise, blur, contrast, tint]``; ``--shifts``), every row is also evaluated on a held-out shifted variant
@@ -28,8 +34,16 @@ model sees the same shifted images. Rows then carry ``shifted`` (accuracy per ta
 ``results.md`` gets a second table and ``results.csv`` a ``shifted_average`` column. With ``--cache`` the
 shifted images are cached next to the originals (as much disk again).
 
-Memory: the experts are held in host memory as float32 (ViT-B/32: 0.35 GB per task; L/14: 1.2 GB per task).
-Methods that need data (AdaMerging, WEMoE, ...) are not run here (see ``jaxmerge bench``).
+Timings and memory: ``merge_seconds`` waits for the merged tower (JAX dispatches asynchronously), and every
+row records the process's peak RSS while merging and evaluating (``merge_peak_rss_gb``, ``eval_peak_rss_gb``,
+:class:`jaxmerge.eval.memory.PeakRSS`); ``results.json``'s ``memory`` section has the experts' size and the
+process's peak. The experts are held in host memory as float32 (a ViT-B/32 vision tower is 0.35 GB); methods
+that stream (:func:`jaxmerge.stream.merge_streaming`: leafwise ones and the exact multi-pass plans of TIES and
+other global methods) are merged tensor by tensor from them, so a merge adds about one tower to the experts
+instead of a stacked copy plus task vectors (``stream: false`` in the config merges with :func:`jaxmerge.merge`).
+Measured numbers are in ``experiments/README.md``; ``experiments/clip_rehearsal.py`` rehearses the whole pipeline
+at full size with local random-weight files. Methods that need data (AdaMerging, WEMoE, ...) are not run here
+(see ``jaxmerge bench``).
 """
 
 from __future__ import annotations
@@ -72,13 +86,21 @@ def _expert_path(cfg: Mapping, task: str) -> str:
   return str(experts).format(task=task)
 
 
-def _cached_images(cache: pathlib.Path | None, task: str, split: str, size: int, limit: int | None,
+def _digest(*parts: Any) -> str:
+  import hashlib
+
+  return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:24]
+
+
+def _cached_images(cache: pathlib.Path | None, task: str, key: str,
                    make: Callable[[], Iterable[Mapping[str, np.ndarray]]], batch_size: int):
-  """Batches of ``task``; with a cache, decoded once into ``<cache>/<task>-<split>-<size>.npy`` (+ labels)."""
+  """Batches of ``task``; with a cache, decoded once into ``<cache>/<task>-<key>.images.npy`` (+ labels), where
+  ``key`` digests everything the images depend on (the data's content fingerprint, split, preprocessing, limit,
+  shifts): another dataset or preprocessing never reads this entry."""
   if cache is None:
     yield from make()
     return
-  stem = f"{task}-{split}-{size}" + (f"-first{limit}" if limit else "")
+  stem = f"{task}-{key}"
   img_f, lab_f = cache / f"{stem}.images.npy", cache / f"{stem}.labels.npy"
   if not (img_f.exists() and lab_f.exists()):
     cache.mkdir(parents=True, exist_ok=True)
@@ -119,19 +141,40 @@ def _shifted_batches(batches: Iterable[Mapping[str, np.ndarray]], shifts: Sequen
     yield {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
 
 
-def _merge(method: str, hparams: Mapping, pretrained, experts: Sequence, seed: int):
-  """One merged vision tower, or a list of T (per-task methods)."""
+def _merge(method: str, hparams: Mapping, pretrained, experts: Sequence, seed: int, stream: bool = True):
+  """One merged vision tower, or a list of T (per-task methods), computed to the end (timings block on it).
+
+  With ``stream`` (the default), methods that stream (:func:`jaxmerge.stream.merge_streaming`: leafwise ones
+  and the exact multi-pass plans of global ones) are merged tensor by tensor from the experts held in memory,
+  so the merge needs the experts plus one merged tower plus a few tensors times T, not a stacked copy of every
+  expert and its task vectors; the result is :func:`jaxmerge.merge`'s. Other methods merge in memory.
+  """
   import jax
 
   import jaxmerge as jm
+  from jaxmerge import stream as jstream
+  from jaxmerge import tree as jtree
 
   info = jm.method_info(method)
   if info.data != "none":
     raise ValueError(f"method {method!r} needs data ({info.data}); this script runs data-free methods only")
-  tx = jm.get_method(method)(**dict(hparams or {}))
+  hp = dict(hparams or {})
+  tx = jm.get_method(method)(**hp)
   key = jax.random.key(seed) if getattr(tx, "needs_key", False) else None
+  if stream and (tx.leafwise or jstream._plan(method, hp) is not None):  # noqa: SLF001
+    writers = [jstream.DictWriter() for _ in experts] if info.per_task else jstream.DictWriter()
+    jstream.merge_streaming(tx, jstream.DictReader(pretrained), [jstream.DictReader(e) for e in experts], writers,
+                            method=(method, hp), key=key, layout=jm.filters.flax_layout, per_task=info.per_task)
+    out = [jtree.unflatten_paths(pretrained, w) for w in (writers if info.per_task else [writers])]
+    return out if info.per_task else out[0]
   merge = jm.merge_per_task if info.per_task else jm.merge
-  return merge(tx, pretrained, list(experts), key=key, layout=jm.filters.flax_layout)
+  return jax.block_until_ready(merge(tx, pretrained, list(experts), key=key, layout=jm.filters.flax_layout))
+
+
+def _nbytes(tree: Any) -> int:
+  from jaxmerge import tree as jtree
+
+  return int(sum(np.asarray(v).nbytes for v in jtree.flatten_paths(tree).values()))
 
 
 def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict:
@@ -140,12 +183,11 @@ def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict
   Returns:
     The results dict written to ``out/results.json``.
   """
-  import transformers
-
   from jaxmerge.data.preprocess import Preprocess
   from jaxmerge.data.tasks import TASKS, get_suite
-  from jaxmerge.eval.command import task_batches
-  from jaxmerge.eval.zeroshot import ClipZeroShot
+  from jaxmerge.eval.command import eval_batch_size, task_batches, task_source
+  from jaxmerge.eval.memory import PeakRSS, rss_bytes
+  from jaxmerge.eval.zeroshot import ClipZeroShot, load_tokenizer
   from jaxmerge.io import hf
 
   log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
@@ -156,7 +198,8 @@ def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict
   if unknown:
     raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
   cache = pathlib.Path(cfg["cache"]).expanduser() if cfg.get("cache") else None
-  batch_size, limit, split = int(cfg.get("batch_size", 128)), cfg.get("limit"), cfg.get("split", "test")
+  limit, split = cfg.get("limit"), cfg.get("split", "test")
+  batch_size = eval_batch_size(int(cfg.get("batch_size", 128)), limit)
   shifts, shift_seed = list(cfg.get("shifts") or []), int(cfg.get("shift_seed", 0))
   if shifts:
     from jaxmerge.data import synthetic
@@ -167,29 +210,49 @@ def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict
                        + (f" (unknown: {bad})" if bad else ""))
 
   log(f"loading {cfg['pretrained']}")
-  pcfg, pparams = hf.load_clip(cfg["pretrained"])
-  pre_dir = hf.resolve(cfg["pretrained"])
-  tokenizer = transformers.CLIPTokenizer.from_pretrained(str(pre_dir))
-  preprocess = Preprocess.from_pretrained(pre_dir, default_size=pcfg.image_size)
-  experts = []
-  for t in tasks:
-    log(f"loading expert {_expert_path(cfg, t)}")
-    experts.append(hf.load_clip(_expert_path(cfg, t), like=pcfg)[1]["vision_model"])
-  heads_cache = cache / "heads" / str(cfg.get("name", pcfg.vision_width)) if cache else None
-  zs = ClipZeroShot(pcfg, pparams, tokenizer=tokenizer, heads_cache=heads_cache, preprocess=preprocess,
-                    batch_size=batch_size, tasks={t: (TASKS[t].classnames, TASKS[t].templates) for t in tasks})
+  with PeakRSS() as load_mem:
+    pcfg, pparams = hf.load_clip(cfg["pretrained"])
+    pre_dir = hf.resolve(cfg["pretrained"])
+    tokenizer, tokenizer_error = None, None
+    try:
+      tokenizer = load_tokenizer(pre_dir, pcfg)
+    except ValueError as e:
+      if cache is None:
+        raise
+      tokenizer_error = str(e)
+      log(f"note: {e}; using the heads cache {cache / 'heads'}")
+    preprocess = Preprocess.from_pretrained(pre_dir, default_size=pcfg.image_size)
+    experts = []
+    for t in tasks:
+      log(f"loading expert {_expert_path(cfg, t)}")
+      experts.append(hf.load_clip(_expert_path(cfg, t), like=pcfg)[1]["vision_model"])
+  zs = ClipZeroShot(pcfg, pparams, tokenizer=tokenizer, heads_cache=cache / "heads" if cache else None,
+                    tokenizer_error=tokenizer_error, preprocess=preprocess, batch_size=batch_size,
+                    tasks={t: (TASKS[t].classnames, TASKS[t].templates) for t in tasks})
   zs.build_heads(tasks)
   timings = {"load": time.perf_counter() - t0}
+  memory = {"experts_gb": sum(_nbytes(e) for e in experts) / 1e9, "pretrained_gb": _nbytes(pparams) / 1e9,
+            "vision_tower_gb": _nbytes(pparams["vision_model"]) / 1e9, "load_peak_rss_gb": load_mem.peak_bytes / 1e9,
+            "rss_after_load_gb": rss_bytes() / 1e9, "rss_method": load_mem.method}
+
+  sources, data_info = {}, {}
+  for task in tasks:
+    sources[task], data_info[task] = task_source(task, data=cfg.get("data"), split=split)
+    if data_info[task].get("mapping"):
+      log(f"{task}: image folder {data_info[task]['path']}: class directories mapped {data_info[task]['mapping']}")
+  image_keys = {t: _digest(data_info[t]["fingerprint"], split, preprocess, limit) for t in tasks}
 
   def batches(task):
     make = lambda: task_batches(task, data=cfg.get("data"), split=split, batch_size=batch_size,  # noqa: E731
-                                preprocess=preprocess, limit=limit, workers=int(cfg.get("workers", 4)))
-    return _cached_images(cache / "images" if cache else None, task, split, preprocess.crop, limit, make, batch_size)
+                                preprocess=preprocess, limit=limit, workers=int(cfg.get("workers", 4)),
+                                source=sources[task])
+    return _cached_images(cache / "images" if cache else None, task, image_keys[task], make, batch_size)
 
   def shifted_batches(task, index):
     make = lambda: _shifted_batches(batches(task), shifts, index, shift_seed, batch_size)  # noqa: E731
+    key = _digest(image_keys[task], "shift", shifts, index, shift_seed)
     name = f"{task}-shift-{shifts[index]}{index}of{len(shifts)}-seed{shift_seed}"
-    return _cached_images(cache / "images" if cache else None, name, split, preprocess.crop, limit, make, batch_size)
+    return _cached_images(cache / "images" if cache else None, name, key, make, batch_size)
 
   def evaluate_shifted(per_task: Sequence) -> dict:
     acc, per_shift, loss = {}, {}, {}
@@ -212,10 +275,12 @@ def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict
   def evaluate(models: Any, row: str) -> dict:
     t = time.perf_counter()
     per_task = list(zip(tasks, models)) if isinstance(models, list) else [(task, models) for task in tasks]
-    acc = {task: zs.evaluate(m, task, batches(task)) for task, m in per_task}  # a list: one model per task
+    with PeakRSS() as mem:
+      acc = {task: zs.evaluate(m, task, batches(task)) for task, m in per_task}  # a list: one model per task
     r = {"method": row, "accuracy": {k: v["accuracy"] for k, v in acc.items()},
          "loss": {k: v["loss"] for k, v in acc.items()},
-         "average": float(np.mean([v["accuracy"] for v in acc.values()])), "eval_seconds": time.perf_counter() - t}
+         "average": float(np.mean([v["accuracy"] for v in acc.values()])), "eval_seconds": time.perf_counter() - t,
+         "eval_peak_rss_gb": mem.peak_bytes / 1e9}
     if shifts:
       t = time.perf_counter()
       r["shifted"] = evaluate_shifted(per_task)
@@ -238,20 +303,35 @@ def run(cfg: Mapping, out: str | pathlib.Path, *, progress: bool = True) -> dict
       log(f"skipping {method}: {skipped[method]}")
       continue
     t = time.perf_counter()
-    merged = _merge(method, hp, pre_vision, experts, int(cfg.get("seed", 0)))
+    with PeakRSS() as mem:
+      merged = _merge(method, hp, pre_vision, experts, int(cfg.get("seed", 0)), stream=bool(cfg.get("stream", True)))
     merge_s = time.perf_counter() - t
     row = evaluate(merged, method)
-    row.update(merge_seconds=merge_s, hparams=dict(hp or {}), per_task=isinstance(merged, list))
+    row.update(merge_seconds=merge_s, merge_peak_rss_gb=mem.peak_bytes / 1e9, merge_start_rss_gb=mem.start_bytes / 1e9,
+               hparams=dict(hp or {}), per_task=isinstance(merged, list))
+    log(f"{method}: merged in {merge_s:.1f} s, peak RSS {mem.peak_bytes / 1e9:.2f} GB "
+        f"(from {mem.start_bytes / 1e9:.2f} GB; experts {memory['experts_gb']:.2f} GB)")
+    del merged
     rows.append(row)
   suite_name = suite if isinstance(suite, str) else None
   ref = ((cfg.get("reference") or {}).get(suite_name) or {}) if suite_name and not limit else {}
   results = {"name": cfg.get("name"), "pretrained": str(cfg["pretrained"]), "tasks": tasks, "split": split,
-             "limit": limit, "shifts": shifts, "shift_seed": shift_seed if shifts else None,
+             "limit": limit, "batch_size": batch_size, "shifts": shifts,
+             "shift_seed": shift_seed if shifts else None, "data": data_info,
              "rows": rows, "skipped": skipped, "reference": ref,
              "reference_source": cfg.get("reference_source") if ref else None,
+             "memory": {**memory, "process_peak_rss_gb": max(
+                 [_max_rss_gb(), memory["load_peak_rss_gb"]]
+                 + [r.get(k, 0.0) for r in rows for k in ("merge_peak_rss_gb", "eval_peak_rss_gb")])},
              "timings": {**timings, "total": time.perf_counter() - t0}}
   _write(results, pathlib.Path(out))
   return results
+
+
+def _max_rss_gb() -> float:
+  import resource
+
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 def _markdown(results: Mapping) -> str:
@@ -266,6 +346,14 @@ def _markdown(results: Mapping) -> str:
   lines.append("")
   lines.append("† one model per task. Accuracy in %, unweighted mean over tasks." +
                (f" Reference: {results['reference_source']}." if results.get("reference_source") else ""))
+  merged = [r for r in results["rows"] if "merge_seconds" in r]
+  if merged:
+    mem = results.get("memory") or {}
+    lines += ["", f"Merge cost (experts in memory: {mem.get('experts_gb', 0):.2f} GB; peak RSS is the whole "
+              "process's, experts included):", "", "| method | merge (s) | merge peak RSS (GB) | eval (s) |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['merge_seconds']:.1f} | {r.get('merge_peak_rss_gb', 0):.2f} | "
+              f"{r['eval_seconds']:.1f} |" for r in merged]
   shifts = results.get("shifts") or []
   if shifts:
     lines += ["", f"Unseen domains: accuracy (%) on the shifted test sets (test image k gets shift k mod "

@@ -165,13 +165,12 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   import jax
-  import transformers
 
   import jaxmerge as jm
   from jaxmerge.bench.ri_runner import aux_batches
   from jaxmerge.data.preprocess import Preprocess
   from jaxmerge.data.tasks import TASKS, get_suite
-  from jaxmerge.eval.zeroshot import ClipZeroShot, clip_embed_fn, l2_normalize
+  from jaxmerge.eval.zeroshot import ClipZeroShot, clip_embed_fn, l2_normalize, load_tokenizer
   from jaxmerge.io import hf
   from jaxmerge.ri import disentangle
 
@@ -196,8 +195,8 @@ def main(argv=None) -> int:
   preprocess = Preprocess.from_pretrained(pre_dir, default_size=pcfg.image_size)
   experts = [hf.load_clip(cs._expert_path(cfg, t), like=pcfg)[1]["vision_model"] for t in tasks]
   cache = pathlib.Path(cfg["cache"]).expanduser() if cfg.get("cache") else None
-  zs = ClipZeroShot(pcfg, pparams, tokenizer=transformers.CLIPTokenizer.from_pretrained(str(pre_dir)),
-                    heads_cache=cache / "heads" / str(cfg.get("name", pcfg.vision_width)) if cache else None,
+  zs = ClipZeroShot(pcfg, pparams, tokenizer=load_tokenizer(pre_dir, pcfg),
+                    heads_cache=cache / "heads" if cache else None,
                     preprocess=preprocess, tasks={t: (TASKS[t].classnames, TASKS[t].templates) for t in tasks})
   scale = float(np.exp(np.asarray(pparams["logit_scale"])))
   heads = [zs.build_heads([t])[t] * scale for t in tasks]  # zero-shot logits = scale * cos

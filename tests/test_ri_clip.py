@@ -114,13 +114,13 @@ def test_ri_clip_script_unseen_domains_on_tiny_fixtures(ri_files, tmp_path):
   zs = ClipZeroShot(pcfg, pp, tokenizer=transformers.CLIPTokenizer.from_pretrained(str(pre)), preprocess=p,
                     batch_size=4, tasks={t: (TASKS[t].classnames, TASKS[t].templates) for t in tasks})
   for t in tasks:
-    images = np.load(next((cache / "images").glob(f"{t}-test-*.images.npy")))
-    labels = np.load(next((cache / "images").glob(f"{t}-test-*.labels.npy")))
+    images = np.load(next((cache / "images").glob(f"{t}-[0-9a-f]*.images.npy")))
+    labels = np.load(next((cache / "images").glob(f"{t}-[0-9a-f]*.labels.npy")))
     assert len(labels) == 11
     for i, kind in enumerate(shifts):
       ks = np.arange(i, 11, 4)
       shifted = np.stack([synthetic.shift_images(images[k:k + 1], kind, seed=k)[0] for k in ks])
-      cached = np.load(next((cache / "images").glob(f"{t}-shift-{kind}{i}of4-seed0-test-*.images.npy")))
+      cached = np.load(next((cache / "images").glob(f"{t}-shift-{kind}{i}of4-seed0-*.images.npy")))
       np.testing.assert_array_equal(cached, shifted)
       batches = [{"image": shifted[s:s + 4], "label": labels[ks][s:s + 4]} for s in range(0, len(ks), 4)]
       want = zs.evaluate(pp["vision_model"], t, batches)["accuracy"]

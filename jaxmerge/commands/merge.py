@@ -25,6 +25,13 @@ models is sharded along its task axis over ``TASK`` devices (which must divide t
 the most devices that divide the number of models. The result equals the unsharded merge (single process; for
 multi-host runs use :func:`jaxmerge.sharding.merge_sharded` after ``jax.distributed.initialize()``).
 
+**CLIP's standard layout**: a ``CLIPModel`` base directory and ``CLIPVisionModel`` expert directories (their
+``config.json`` say ``model_type`` ``clip`` and ``clip_vision_model``; the towers' sizes must agree) merge the
+vision towers: the base's text tower, projections and logit scale are left out, expert keys are read with or
+without the ``vision_model.`` prefix (transformers 4 and 5 spellings), and ``DIR`` is a ``CLIPVisionModel``
+directory (``vision_model.*`` keys, the first expert's ``config.json``), evaluated with ``jaxmerge eval --model DIR
+--pretrained BASE``.
+
 ``--stream`` merges tensor by tensor (memory: a few tensors times the number of models); it is chosen
 automatically when an in-memory merge would need more than half of the available memory. Global methods
 (TIES's model-wide threshold, Localize-and-Stitch, BYOM, EMR) stream in exact extra passes.
@@ -290,9 +297,16 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"output {out} already exists; choose a new --out")
   max_shard = S.parse_size(args.max_shard_size)
   fmt = getattr(args, "format", "safetensors") or "safetensors"
-  llm.check_architectures(spec.base, spec.models, names=list(spec.names))
+  from jaxmerge.io import hf  # noqa: PLC0415
+
+  clip_vision = hf.clip_vision_layout(spec.base, list(spec.models))
+  if not clip_vision:
+    llm.check_architectures(spec.base, spec.models, names=list(spec.names))
   base_r = S.open_checkpoint(spec.base)
   model_rs = [S.open_checkpoint(p) for p in spec.models]
+  if clip_vision:  # CLIPModel base + CLIPVisionModel experts: merge the vision towers, keys "vision_model.*"
+    base_r = hf.VisionTowerReader(base_r, str(spec.base))
+    model_rs = [hf.VisionTowerReader(r, str(n)) for r, n in zip(model_rs, spec.names)]
   base_v, model_vs = llm.align(base_r, model_rs, policy=spec.vocab_policy, names=list(spec.names),
                                out_dtype=spec.dtype)
   floats = [k for k in base_v.keys() if jstream._is_float_dtype(base_v.dtype(k))]
@@ -360,9 +374,14 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "orbax").rmdir()
       detail = "in memory" + (f" on a {dict(mesh.shape)} mesh" if mesh is not None else "")
     for d in dirs:
-      _finish_dir(d, spec, base_v)
+      if clip_vision:  # a CLIPVisionModel directory, like the experts
+        first = pathlib.Path(spec.models[0])
+        shutil.copyfile((first if first.is_dir() else first.parent) / "config.json", d / "config.json")
+      else:
+        _finish_dir(d, spec, base_v)
     seconds = time.perf_counter() - t0
     info = {"method": spec.method, "hparams": spec.hparams, "base": spec.base, "models": list(spec.models),
+            "layout": "clip_vision" if clip_vision else None,
             "dtype": spec.dtype, "seed": spec.seed, "vocab_policy": spec.vocab_policy, "source": spec.source,
             "stream": bool(use_stream), "mesh": dict(mesh.shape) if mesh is not None else None, "format": fmt,
             "per_task": spec.per_task, "notes": notes,

@@ -3,9 +3,12 @@
 A *source* is a random-access list of ``(image, label)`` with a name for every item (used in error
 messages): :class:`ArraySource` (numpy arrays), :class:`FolderSource` (``root/<class>/<file>``) and
 :class:`HFSource` (a Hugging Face ``datasets.Dataset``; images are decoded here, not by ``datasets``, so that an
-undecodable image raises ``ValueError`` naming it). :func:`load_hf` opens a dataset from a ``save_to_disk``
-directory, a local dataset directory or the hub (its cache; ``HF_DATASETS_OFFLINE=1`` is honoured), with the
-validation split carved from the train split (10% with a fixed seed, :func:`train_val_indices`).
+undecodable image raises ``ValueError`` naming it). An image folder of a task maps its class directories to the
+task's class list by name or by number, never by their alphabetical order (:class:`FolderSource`). Every source
+has a ``fingerprint()`` of its content (files and their sizes and times, or array bytes), which caches key on.
+:func:`load_hf` opens a dataset from a ``save_to_disk`` directory, a local dataset directory or the hub (its
+cache; ``HF_DATASETS_OFFLINE=1`` is honoured), with the validation split carved from the train split (10% with a
+fixed seed, :func:`train_val_indices`).
 
 :func:`batches` decodes, converts to RGB, resizes and crops on the host (:mod:`jaxmerge.data.preprocess`), and
 yields uint8 batches; the last batch may be smaller (evaluation pads it, :mod:`jaxmerge.eval.zeroshot`).
@@ -14,6 +17,7 @@ Nothing here imports model code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -42,6 +46,10 @@ class Source(Protocol):
     ...
 
   def name(self, i: int) -> str: ...
+
+  def fingerprint(self) -> str:
+    """A digest of the content this source yields (cache keys)."""
+    ...
 
 
 class ArraySource:
@@ -74,29 +82,54 @@ class ArraySource:
   def name(self, i: int) -> str:
     return f"{self._name}[{i}]"
 
+  def fingerprint(self) -> str:
+    """A digest of the images (bytes, shapes, dtypes) and labels."""
+    h = hashlib.sha256(f"arrays\0{self.classnames}".encode())
+    for img in (self.images if isinstance(self.images, (list, tuple)) else [self.images]):
+      a = np.ascontiguousarray(img)
+      h.update(f"\0{a.shape}\0{a.dtype}".encode())
+      h.update(a.tobytes())
+    h.update(self.labels.tobytes())
+    return h.hexdigest()
+
 
 class FolderSource:
-  """``root/<class name>/<image file>``: classes are the sorted subdirectory names, labels their indices.
+  """``root/<class>/<image file>``.
+
+  Without ``classnames``, classes are the sorted subdirectory names and labels their indices (``mapping`` is
+  ``"alphabetical"``). With ``classnames`` (a task's class list, in label order) the directories are mapped to
+  it, never by their sort order: **by name** when every directory is one of ``classnames`` (exactly, or after
+  lower-casing and dropping everything but letters and digits), else **by number** when every directory is an
+  integer ``0 <= i < len(classnames)`` (``gtsrb/0`` .. ``gtsrb/42``). ``mapping`` says which one was used
+  (``"by name"`` or ``"by number"``).
 
   Raises:
-    ValueError: ``root`` missing or holding no class directories with images.
+    ValueError: ``root`` missing or holding no images; with ``classnames``: a directory that matches no class
+      (neither a class name nor a class number), a class without a directory (an empty directory is fine: the
+      class simply has no images), or two directories for one class.
   """
 
-  def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+  def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS, *,
+               classnames: Sequence[str] | None = None):
     self.root = pathlib.Path(root)
     if not self.root.is_dir():
       raise ValueError(f"image folder {self.root} does not exist")
-    classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    dirs = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classnames is None:
+      index, self.mapping, self.classnames = {d: i for i, d in enumerate(dirs)}, "alphabetical", tuple(dirs)
+    else:
+      self.classnames = tuple(classnames)
+      index, self.mapping = _map_class_dirs(self.root, dirs, self.classnames)
     self.files: list[pathlib.Path] = []
     labels = []
-    for c, cls in enumerate(classes):
-      files = sorted(f for f in (self.root / cls).rglob("*") if f.is_file() and f.suffix.lower() in extensions)
+    for d in sorted(dirs, key=lambda d: (index[d], d)):
+      files = sorted(f for f in (self.root / d).rglob("*") if f.is_file() and f.suffix.lower() in extensions)
       self.files += files
-      labels += [c] * len(files)
+      labels += [index[d]] * len(files)
     if not self.files:
       raise ValueError(f"image folder {self.root} has no class subdirectories with images ({', '.join(extensions)})")
     self.labels = np.asarray(labels, np.int64)
-    self.classnames = tuple(classes)
+    self.class_dirs = {d: index[d] for d in dirs}
 
   def __len__(self) -> int:
     return len(self.files)
@@ -106,6 +139,52 @@ class FolderSource:
 
   def name(self, i: int) -> str:
     return str(self.files[i])
+
+  def fingerprint(self) -> str:
+    """A digest of what this source yields: the resolved root, every file's relative path, size and
+    modification time, its label, and the class mapping (a changed, added or relabelled file changes it)."""
+    h = hashlib.sha256(f"folder\0{self.root.resolve()}\0{self.mapping}\0{self.classnames}".encode())
+    for f, y in zip(self.files, self.labels):
+      st = f.stat()
+      h.update(f"\0{f.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\0{int(y)}".encode())
+    return h.hexdigest()
+
+
+def _norm_class(name: str) -> str:
+  return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def _map_class_dirs(root: pathlib.Path, dirs: Sequence[str], classnames: Sequence[str]) -> tuple[dict, str]:
+  """``({directory: label}, "by name" | "by number")`` for an image folder of a task with ``classnames``."""
+  exact = {c: i for i, c in enumerate(classnames)}
+  loose: dict[str, int] = {}
+  for i, c in enumerate(classnames):
+    loose.setdefault(_norm_class(c), i)
+  by_name = {d: exact[d] if d in exact else loose.get(_norm_class(d)) for d in dirs}
+  by_number = {d: int(d) if d.isdigit() and int(d) < len(classnames) else None for d in dirs}
+  candidates = [(m, "by name") for m in (by_name,) if all(v is not None for v in m.values())]
+  candidates += [(m, "by number") for m in (by_number,) if all(v is not None for v in m.values())]
+  if not candidates:
+    unknown = [d for d in dirs if by_name[d] is None and by_number[d] is None]
+    bad = unknown or [d for d in dirs if by_name[d] is None]
+    raise ValueError(
+        f"image folder {root}: class directories {bad[:10]}{' ...' if len(bad) > 10 else ''} match none of the "
+        f"task's {len(classnames)} classes by name or by number (directories must all be class names, e.g. "
+        f"{list(classnames[:3])}, or all class numbers 0..{len(classnames) - 1})")
+  index, how = candidates[0]
+  seen: dict[int, str] = {}
+  for d in dirs:
+    if index[d] in seen:
+      raise ValueError(f"image folder {root}: directories {seen[index[d]]!r} and {d!r} both map {how} to class "
+                       f"{index[d]} ({classnames[index[d]]!r})")
+    seen[index[d]] = d
+  missing = [i for i in range(len(classnames)) if i not in seen]
+  if missing:
+    names = [f"{i} ({classnames[i]!r})" for i in missing[:10]]
+    raise ValueError(f"image folder {root}: no directory for class(es) {', '.join(names)}"
+                     f"{' ...' if len(missing) > 10 else ''} ({len(missing)} of {len(classnames)} missing; mapped "
+                     f"{how}); create an empty directory for a class without images")
+  return index, how
 
 
 class HFSource:
@@ -152,6 +231,20 @@ class HFSource:
     elif isinstance(img, (bytes, bytearray)):
       img = decode_image(img, name)
     return img, int(row[self.label_column])
+
+  def fingerprint(self) -> str:
+    """A digest of what this source yields: the dataset's files (path, size and modification time of each Arrow
+    file, for a ``save_to_disk`` or cached dataset) or, in memory, the ``datasets`` fingerprint; the columns read
+    and the selected rows."""
+    h = hashlib.sha256(f"hf\0{self.image_column}\0{self.label_column}\0{self.classnames}".encode())
+    files = [f.get("filename") for f in getattr(self.dataset, "cache_files", None) or [] if f.get("filename")]
+    for f in files:
+      st = os.stat(f)
+      h.update(f"\0{os.path.realpath(f)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    if not files:
+      h.update(f"\0fingerprint {getattr(self.dataset, '_fingerprint', None)}".encode())
+    h.update(np.ascontiguousarray(self.indices, np.int64).tobytes())
+    return h.hexdigest()
 
   def name(self, i: int, row: dict | None = None) -> str:
     j = int(self.indices[i])

@@ -1,9 +1,10 @@
 """Evaluation: zero-shot heads and jitted batched evaluation (``zeroshot``), metrics (``metrics``), and the
-``jaxmerge eval`` subcommand (``command``). Submodules load on first access."""
+``jaxmerge eval`` subcommand (``command``), peak-memory measurement (``memory``). Submodules load on first
+access."""
 
 import importlib as _importlib
 
-_SUBMODULES = ("command", "metrics", "zeroshot")
+_SUBMODULES = ("command", "memory", "metrics", "zeroshot")
 
 
 def __getattr__(name):

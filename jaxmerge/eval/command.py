@@ -12,7 +12,11 @@ config). ``--pretrained`` gives the text tower, projection, logit scale, tokeniz
 ``--model`` itself, which must then be a full ``CLIPModel``). Heads follow the standard CLIP zero-shot protocol
 (:mod:`jaxmerge.eval.zeroshot`). Datasets come from the Hugging Face ids of :mod:`jaxmerge.data.tasks` (hub
 cache or network), or from ``--data DIR`` where ``DIR/<task>`` is a ``save_to_disk`` dataset or an image folder
-(``DIR/<task>/<split>/<class>/<image>``). Prints a markdown table; ``--out`` writes JSON.
+(``DIR/<task>/<split>/<class>/<image>``: class directories named after the task's classes or numbered
+``0..C-1``; unknown or missing class directories are refused, and the mapping used is printed and recorded).
+The pretrained directory must hold a usable CLIP tokenizer (an error names it otherwise), unless every head is
+already in ``--heads-cache`` for the same text tower and prompts. With ``--limit N`` below ``--batch-size``
+the batch is ``N``. Prints a markdown table; ``--out`` writes JSON.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import time
 
-__all__ = ["load_eval_model", "register", "run", "task_batches"]
+__all__ = ["eval_batch_size", "load_eval_model", "register", "run", "task_batches", "task_source"]
 
 
 def register(subparsers) -> None:
@@ -74,32 +79,81 @@ def load_eval_model(model: str, pretrained: str | None = None):
   return pcfg, pparams, mparams["vision_model"], hf.resolve(pre_path)
 
 
-def task_batches(task: str, *, data: str | None, split: str, batch_size: int, preprocess, limit=None, workers=0):
-  """Batches of one task from ``data/<task>`` (dataset or image folder) or its Hugging Face id.
+def task_source(task: str, *, data: str | None, split: str):
+  """The source of one task's split and a description of it.
 
   Args:
     task: a task name.
-    data: a directory with ``data/<task>``, or ``None`` for the hub.
+    data: a directory with ``data/<task>`` (a ``save_to_disk`` dataset, or an image folder
+      ``data/<task>/<split>/<class>/<image>`` whose class directories are mapped to the task's classes by name
+      or by number, :class:`jaxmerge.data.datasets.FolderSource`), or ``None`` for the hub.
     split: the split.
-    batch_size: images per batch.
-    preprocess: image sizes and normalization.
-    limit: evaluate only the first ``limit`` images.
-    workers: image-decoding threads.
 
   Returns:
-    An iterator of ``{"image", "label"}`` batches.
+    ``(source, info)``: info is ``{"kind": "folder"|"dataset"|"hub", "path", "mapping" (folders),
+    "images", "fingerprint"}``.
   """
   from jaxmerge.data import datasets as D  # noqa: PLC0415
+  from jaxmerge.data.tasks import get_task  # noqa: PLC0415
 
   if data is not None:
     root = pathlib.Path(data) / task
     if not root.exists():
       raise ValueError(f"no local data for task {task!r} at {root}")
     folder = root / split if (root / split).is_dir() and not (root / "dataset_dict.json").exists() else None
-    source = D.FolderSource(folder) if folder is not None else D.load_task(task, split, path=str(root))
+    if folder is not None:
+      source = D.FolderSource(folder, classnames=get_task(task).classnames)
+      info = {"kind": "folder", "path": str(folder), "mapping": source.mapping}
+    else:
+      source, info = D.load_task(task, split, path=str(root)), {"kind": "dataset", "path": str(root)}
   else:
     source = D.load_task(task, split)
+    info = {"kind": "hub", "path": get_task(task).hf_path}
+  info.update(images=len(source), fingerprint=source.fingerprint())
+  return source, info
+
+
+def task_batches(task: str, *, data: str | None, split: str, batch_size: int, preprocess, limit=None, workers=0,
+                 source=None):
+  """Batches of one task from ``data/<task>`` (dataset or image folder) or its Hugging Face id.
+
+  Args:
+    task: a task name.
+    data: a directory with ``data/<task>``, or ``None`` for the hub (see :func:`task_source`).
+    split: the split.
+    batch_size: images per batch.
+    preprocess: image sizes and normalization.
+    limit: evaluate only the first ``limit`` images.
+    workers: image-decoding threads.
+    source: the task's source if already opened (:func:`task_source`).
+
+  Returns:
+    An iterator of ``{"image", "label"}`` batches.
+  """
+  from jaxmerge.data import datasets as D  # noqa: PLC0415
+
+  if source is None:
+    source, _ = task_source(task, data=data, split=split)
   return D.batches(source, batch_size, preprocess=preprocess, limit=limit, num_workers=workers)
+
+
+def eval_batch_size(batch_size: int, limit: int | None) -> int:
+  """The padded evaluation batch: ``batch_size``, or ``limit`` when fewer images are evaluated per task (a
+  64-image run is not padded to 128).
+
+  Args:
+    batch_size: the requested batch size.
+    limit: images evaluated per task (``None``: all).
+
+  Returns:
+    ``min(batch_size, limit)``, or ``batch_size`` without a limit.
+
+  Raises:
+    ValueError: a batch size or limit below 1.
+  """
+  if batch_size < 1 or (limit is not None and limit < 1):
+    raise ValueError(f"batch size and limit must be positive, got {batch_size} and {limit}")
+  return min(batch_size, limit) if limit else batch_size
 
 
 def _table(summary: dict) -> str:
@@ -120,33 +174,41 @@ def run(args: argparse.Namespace) -> int:
   Returns:
     The exit status.
   """
-  import transformers  # noqa: PLC0415
-
   from jaxmerge.data.preprocess import Preprocess  # noqa: PLC0415
   from jaxmerge.data.tasks import TASKS, get_suite  # noqa: PLC0415
-  from jaxmerge.eval.zeroshot import ClipZeroShot  # noqa: PLC0415
+  from jaxmerge.eval.zeroshot import ClipZeroShot, load_tokenizer  # noqa: PLC0415
 
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(get_suite(args.suite or "TALL8"))
   unknown = [t for t in tasks if t not in TASKS]
   if unknown:
     raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
   start = time.perf_counter()
+  batch_size = eval_batch_size(args.batch_size, args.limit)
   cfg, pparams, vision, pre_dir = load_eval_model(args.model, args.pretrained)
+  tokenizer, tokenizer_error = None, None
   try:
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(pre_dir))
-  except Exception as e:  # noqa: BLE001 (transformers raises OSError/ValueError/TypeError for missing files)
+    tokenizer = load_tokenizer(pre_dir, cfg)
+  except ValueError as e:
     if args.heads_cache is None:
-      raise ValueError(f"{pre_dir} has no CLIP tokenizer ({type(e).__name__}); pass --heads-cache with heads") from e
-    tokenizer = None
+      raise
+    tokenizer_error = str(e)
+    print(f"note: {e}; using the heads cache {args.heads_cache}", file=sys.stderr)
   preprocess = Preprocess.from_pretrained(pre_dir, default_size=cfg.image_size)
   zs = ClipZeroShot(cfg, pparams, tokenizer=tokenizer, heads_cache=args.heads_cache, preprocess=preprocess,
-                    batch_size=args.batch_size)
-  summary = zs.evaluate_tasks(
-      {"vision_model": vision}, tasks,
-      lambda t: task_batches(t, data=args.data, split=args.split, batch_size=args.batch_size,
-                             preprocess=preprocess, limit=args.limit, workers=args.workers))
+                    batch_size=batch_size, tokenizer_error=tokenizer_error)
+  data_info = {}
+
+  def batches(t):
+    source, data_info[t] = task_source(t, data=args.data, split=args.split)
+    if data_info[t].get("mapping"):
+      print(f"note: {t}: image folder {data_info[t]['path']}: class directories mapped {data_info[t]['mapping']}",
+            file=sys.stderr)
+    return task_batches(t, data=args.data, split=args.split, batch_size=batch_size, preprocess=preprocess,
+                        limit=args.limit, workers=args.workers, source=source)
+
+  summary = zs.evaluate_tasks({"vision_model": vision}, tasks, batches)
   summary.update(model=str(args.model), pretrained=str(args.pretrained or args.model), split=args.split,
-                 seconds=time.perf_counter() - start)
+                 batch_size=batch_size, data=data_info, seconds=time.perf_counter() - start)
   print(_table(summary))
   if args.out:
     out = pathlib.Path(args.out)

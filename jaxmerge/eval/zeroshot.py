@@ -21,6 +21,8 @@ model of the same architecture. Sums stay on the device until the end of the dat
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import pathlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +38,8 @@ from jaxmerge.data.preprocess import normalize as normalize_images
 from jaxmerge.eval import metrics
 
 __all__ = ["ClipZeroShot", "build_head", "build_heads", "cached_heads", "clip_embed_fn", "evaluate",
-           "head_logits", "l2_normalize", "load_heads", "save_heads", "text_encoder", "tokenize"]
+           "head_logits", "l2_normalize", "load_heads", "load_tokenizer", "params_digest", "save_heads",
+           "text_encoder", "tokenize"]
 
 Templates = Sequence[str | Callable[[str], str]]
 
@@ -92,6 +95,75 @@ def tokenize(tokenizer: Any, texts: Sequence[str], context_length: int) -> tuple
   out = tokenizer(list(texts), padding="max_length", max_length=context_length, truncation=True,
                   return_tensors="np")
   return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+
+
+_PROBES = ("a photo of a cat.", "a photo of a dog.")
+
+
+def load_tokenizer(path: str | os.PathLike, config: Any = None) -> Any:
+  """The CLIP tokenizer of a model directory, checked to be usable.
+
+  transformers builds a tokenizer even from a directory without tokenizer files (a 2-token vocabulary that
+  turns every prompt into end-of-text tokens, so every zero-shot head is the same vector); this refuses it.
+
+  Args:
+    path: the pretrained model's directory.
+    config: the model's :class:`jaxmerge.models.clip.ClipConfig` (token ids must be below its ``vocab_size``).
+
+  Returns:
+    A ``transformers.CLIPTokenizer``.
+
+  Raises:
+    ValueError: naming ``path``: no tokenizer files (``vocab.json`` and ``merges.txt``, or ``tokenizer.json``),
+      an unreadable tokenizer, one that maps ordinary words to special or unknown tokens, or one with ids beyond
+      the text tower's vocabulary.
+  """
+  import transformers  # noqa: PLC0415
+
+  d = pathlib.Path(path)
+  fix = (" Copy the tokenizer files of the checkpoint this model came from into the directory, or evaluate with "
+         "a heads cache already holding heads built from the same text tower (jaxmerge eval --heads-cache, "
+         "clip_suites.py --cache)")
+  if not ((d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())):
+    raise ValueError(f"{d} has no CLIP tokenizer files (vocab.json and merges.txt, or tokenizer.json): "
+                     "transformers would build a 2-token tokenizer and every zero-shot head would be the same." + fix)
+  try:
+    tok = transformers.CLIPTokenizer.from_pretrained(str(d))
+  except Exception as e:  # noqa: BLE001 (transformers raises OSError/ValueError/TypeError for bad files)
+    raise ValueError(f"{d}: cannot load its CLIP tokenizer ({type(e).__name__}: {e}).{fix}") from e
+  special = set(tok.all_special_ids) | ({tok.unk_token_id} if tok.unk_token_id is not None else set())
+  ids = [list(tok(p)["input_ids"]) for p in _PROBES]
+  words = [[i for i in x if i not in special] for x in ids]
+  if not all(words) or words[0] == words[1]:
+    raise ValueError(f"{d}: its tokenizer ({len(tok)} tokens) is not a usable CLIP tokenizer: {_PROBES[0]!r} -> "
+                     f"{ids[0]}, {_PROBES[1]!r} -> {ids[1]} (special or unknown tokens only, or the same ids).{fix}")
+  vocab = getattr(config, "vocab_size", None)
+  if vocab is not None and len(tok) > vocab:
+    raise ValueError(f"{d}: its tokenizer has {len(tok)} tokens but the text tower's vocabulary has {vocab}: ids "
+                     f"would fall outside the embedding table.{fix}")
+  return tok
+
+
+def params_digest(tree: Any, *extra: Any) -> str:
+  """A hex digest of a parameter tree's leaves (paths, dtypes, shapes and bytes) and of ``extra`` values' reprs.
+
+  Args:
+    tree: nested dicts of arrays.
+    *extra: more things the digest depends on (a config, a name).
+
+  Returns:
+    A 64-character hex string.
+  """
+  from jaxmerge import tree as jtree  # noqa: PLC0415
+
+  h = hashlib.blake2b(digest_size=32)
+  for x in extra:
+    h.update(repr(x).encode() + b"\0")
+  for k, v in sorted(jtree.flatten_paths(tree).items()):
+    a = np.ascontiguousarray(np.asarray(v))
+    h.update(f"{k}\0{a.dtype}\0{a.shape}\0".encode())
+    h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+  return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=16)
@@ -158,7 +230,11 @@ def build_head(encode_text_fn: Callable[[Sequence[str]], Any], classnames: Seque
   if emb.ndim != 2 or emb.shape[0] != len(texts):
     raise ValueError(f"encode_text_fn returned shape {emb.shape} for {len(texts)} prompts")
   emb = l2_normalize(emb).reshape(len(classnames), len(templates), -1)
-  return l2_normalize(emb.mean(axis=1)).astype(np.float32)
+  head = l2_normalize(emb.mean(axis=1)).astype(np.float32)
+  if len(classnames) > 1 and float(np.max(np.abs(head - head[:1]))) == 0.0:
+    raise ValueError(f"all {len(classnames)} classes ({list(classnames[:3])}...) got the same zero-shot head: the "
+                     "text encoder saw the same tokens for every prompt (an unusable tokenizer?)")
+  return head
 
 
 def build_heads(encode_text_fn: Callable[[Sequence[str]], Any],
@@ -347,7 +423,13 @@ class ClipZeroShot:
     tokenizer: a transformers CLIP tokenizer (needed only for heads that are not given or cached).
     tasks: ``{task: (classnames, templates)}`` (default: the 20 TALL tasks).
     heads: precomputed ``{task: [C, D]}`` heads.
-    heads_cache: an orbax directory for :func:`cached_heads`.
+    heads_cache: an orbax directory of heads. Each entry is keyed by its content, ``<task>__<key>`` where the
+      key digests the text tower's weights and config (:func:`params_digest` of ``text_model`` and
+      ``text_projection``), the task's prompts (class names and templates) and their token ids; a cache holding
+      heads of other weights, prompts or tokenizers is never used for these. Without a tokenizer, an entry with
+      the same weights and prompts is used whatever tokenizer built it (the way to evaluate with a checkpoint
+      directory that lacks tokenizer files).
+    tokenizer_error: why there is no tokenizer (raised, with the missing tasks, when a head must be built).
     preprocess: image sizes and normalization (default: OpenAI CLIP's at ``config.image_size``).
     batch_size: images per jitted step.
   """
@@ -355,7 +437,7 @@ class ClipZeroShot:
   def __init__(self, config, params: Mapping, *, tokenizer: Any = None,
                tasks: Mapping[str, tuple[Sequence[str], Templates]] | None = None,
                heads: Mapping[str, Any] | None = None, heads_cache: str | os.PathLike | None = None,
-               preprocess: Preprocess | None = None, batch_size: int = 64):
+               tokenizer_error: str | None = None, preprocess: Preprocess | None = None, batch_size: int = 64):
     if config.projection_dim is None or not config.has_text:
       raise ValueError("zero-shot evaluation needs the pretrained CLIPModel (text tower and projections), got a "
                        "vision-only config")
@@ -366,7 +448,7 @@ class ClipZeroShot:
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.tasks = dict(tasks)
     self.heads = {k: np.asarray(v, np.float32) for k, v in (heads or {}).items()}
-    self.heads_cache = heads_cache
+    self.heads_cache, self.tokenizer_error, self._text_digest = heads_cache, tokenizer_error, None
     self.preprocess = preprocess or Preprocess(size=config.image_size)
     self.batch_size = batch_size
     self.embed_fn = clip_embed_fn(config, self.preprocess)
@@ -386,10 +468,53 @@ class ClipZeroShot:
     """Heads of ``tasks`` (given, cached, or built with the text tower and cached)."""
     self.check_tasks(tasks)
     todo = {t: self.tasks[t] for t in tasks if t not in self.heads}
-    if todo:
-      enc = text_encoder(self.config, self.params, self.tokenizer) if self.tokenizer is not None else None
-      self.heads.update(cached_heads(self.heads_cache, enc, todo))
+    if not todo:
+      return {t: self.heads[t] for t in tasks}
+    if self.heads_cache is None and self.tokenizer is None:
+      raise ValueError(f"heads for {sorted(todo)} must be built and there is no tokenizer"
+                       + (f": {self.tokenizer_error}" if self.tokenizer_error else ""))
+    if self.heads_cache is None:
+      self.heads.update(build_heads(text_encoder(self.config, self.params, self.tokenizer), todo))
+      return {t: self.heads[t] for t in tasks}
+    keys = {t: self.cache_key(t) for t in todo}
+    cache = {}
+    if pathlib.Path(self.heads_cache).is_dir():
+      try:
+        cache = load_heads(self.heads_cache)
+      except ValueError:
+        cache = {}
+    build = {}
+    for t, key in keys.items():
+      found = sorted(k for k in cache if k.startswith(f"{t}__{key}") and cache[k].shape[0] == len(todo[t][0]))
+      if found:
+        self.heads[t] = cache[found[0]]
+      else:
+        build[t] = todo[t]
+    if build:
+      if self.tokenizer is None:
+        raise ValueError(f"heads for {sorted(build)} are not in the heads cache {self.heads_cache} for this text "
+                         "tower's weights and prompts, and there is no tokenizer to build them"
+                         + (f": {self.tokenizer_error}" if self.tokenizer_error else ""))
+      built = build_heads(text_encoder(self.config, self.params, self.tokenizer), build)
+      for t, h in built.items():
+        self.heads[t] = cache[f"{t}__{keys[t]}"] = h
+      save_heads(self.heads_cache, cache)
     return {t: self.heads[t] for t in tasks}
+
+  def cache_key(self, task: str) -> str:
+    """The heads-cache key of ``task`` (without the ``<task>__`` prefix): 16 hex digits of the text tower's
+    digest, 16 of the prompts', then (with a tokenizer) 16 of the prompts' token ids."""
+    if self._text_digest is None:
+      text = {k: self.params[k] for k in ("text_model", "text_projection") if k in self.params}
+      self._text_digest = params_digest(text, self.config)
+    classnames, templates = self.tasks[task]
+    prompts = [p for c in classnames for p in _prompts(c, templates)]
+    spec = hashlib.sha256(json.dumps([len(classnames), prompts]).encode()).hexdigest()
+    key = self._text_digest[:16] + spec[:16]
+    if self.tokenizer is not None:
+      ids, mask = tokenize(self.tokenizer, prompts, self.config.context_length)
+      key += hashlib.sha256(ids.tobytes() + mask.tobytes()).hexdigest()[:16]
+    return key
 
   def full_params(self, model: Mapping) -> dict:
     """``model`` (full params, or a ``vision_model`` subtree) with the pretrained projection and scale."""

@@ -43,8 +43,8 @@ import numpy as np
 from jaxmerge.models import clip as mclip
 from jaxmerge.models.clip import check_compatible as check_compatible
 
-__all__ = ["check_compatible", "from_hf_state_dict", "load_clip", "name_map", "read_state_dict", "resolve",
-           "save_clip", "save_clip_vision", "to_hf_state_dict"]
+__all__ = ["VisionTowerReader", "check_compatible", "clip_vision_layout", "from_hf_state_dict", "load_clip",
+           "name_map", "read_state_dict", "resolve", "save_clip", "save_clip_vision", "to_hf_state_dict"]
 
 _CLIP_TYPES = ("clip", "clip_vision_model")
 _IGNORED_SUFFIXES = ("position_ids",)
@@ -453,3 +453,107 @@ def save_clip(path: str | os.PathLike, config: mclip.ClipConfig, params: Mapping
   if not config.has_text:
     return save_clip_vision(path, config, params)
   return _write_dir(path, config.to_hf(), to_hf_state_dict(config, params), "CLIPModel")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The standard layout for merging: a CLIPModel base and CLIPVisionModel experts.
+
+_VISION_PREFIX = "vision_model."
+_BARE_VISION = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+
+
+def _model_type(path: str | os.PathLike) -> str | None:
+  p = pathlib.Path(path)
+  cfg = (p if p.is_dir() else p.parent) / "config.json"
+  try:
+    raw = json.loads(cfg.read_text())
+  except (OSError, json.JSONDecodeError):
+    return None
+  return raw.get("model_type") if isinstance(raw, dict) else None
+
+
+def clip_vision_layout(base: str | os.PathLike, models: list[str | os.PathLike] | tuple) -> bool:
+  """Whether ``base`` is a ``CLIPModel`` directory and every model a ``CLIPVisionModel`` one (``config.json``
+  ``model_type`` ``clip`` and ``clip_vision_model``): the standard layout of the CLIP merging benchmarks, whose
+  merge is a merge of vision towers.
+
+  Args:
+    base: the pretrained checkpoint (a directory or a weights file in one).
+    models: the fine-tuned checkpoints.
+
+  Returns:
+    Whether the checkpoints are in that layout.
+
+  Raises:
+    ValueError: the vision towers' sizes differ from the base's (naming the model).
+  """
+  if _model_type(base) != "clip" or not models or any(_model_type(m) != "clip_vision_model" for m in models):
+    return False
+  b = pathlib.Path(base)
+  bcfg = _read_config(b if b.is_dir() else b.parent)
+  for m in models:
+    p = pathlib.Path(m)
+    check_compatible(bcfg, _read_config(p if p.is_dir() else p.parent), what=str(m))
+  return True
+
+
+class VisionTowerReader:
+  """A lazy checkpoint reader (:class:`jaxmerge.io.safetensors_io.TensorReader`) showing only a CLIP checkpoint's
+  vision tower, every key spelled ``vision_model.<...>``: a ``CLIPModel``'s other tensors (text tower,
+  projections, logit scale) are hidden, and a transformers-5 ``CLIPVisionModel``'s unprefixed keys
+  (``embeddings.*``, ``encoder.*``, ...) get the prefix. Non-persistent ``position_ids`` buffers are hidden.
+
+  Args:
+    reader: the checkpoint's reader (``safetensors_io.open_checkpoint``).
+    source: the checkpoint's name, for errors.
+
+  Raises:
+    ValueError: the checkpoint has a tensor under both spellings, or no vision-tower tensor.
+  """
+
+  def __init__(self, reader: Any, source: str = "checkpoint"):
+    self.reader, self.path = reader, getattr(reader, "path", source)
+    self._src: dict[str, str] = {}
+    for k in reader.keys():
+      if k.endswith(_IGNORED_SUFFIXES):
+        continue
+      name = k if k.startswith(_VISION_PREFIX) else _VISION_PREFIX + k if k.startswith(_BARE_VISION) else None
+      if name is None:
+        continue
+      if name in self._src:
+        raise ValueError(f"{source} holds {name!r} twice: as {self._src[name]!r} and as {k!r}")
+      self._src[name] = k
+    if not self._src:
+      raise ValueError(f"{source} has no CLIP vision-tower tensors (vision_model.* or embeddings.*/encoder.*)")
+
+  @property
+  def reads_into(self) -> bool:
+    return bool(getattr(self.reader, "reads_into", False))
+
+  def keys(self):
+    return self._src.keys()
+
+  def __iter__(self):
+    return iter(self._src)
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._src
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.reader.shape(self._src[name]))
+
+  def dtype(self, name: str) -> np.dtype:
+    return self.reader.dtype(self._src[name])
+
+  def get(self, name: str, *, out: np.ndarray | None = None) -> np.ndarray:
+    if out is not None:
+      return self.reader.get(self._src[name], out=out)
+    return self.reader.get(self._src[name])
+
+  def close(self) -> None:
+    close = getattr(self.reader, "close", None)
+    if close is not None:
+      close()
