@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     paths = [q for q in paths if q.stem in args.names]
     if len(paths) != len(args.names):
       raise SystemExit(f"unknown notebook among {args.names}; have {[q.stem for q in sorted(COLABS.glob('*.ipynb'))]}")
-  os.environ.setdefault("MPLBACKEND", "Agg")
+  os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend, so that plots land in the notebook
   for path in paths:
     seconds = run(path, args.timeout)
     print(f"{path.name}: {seconds:.0f} s", flush=True)
