@@ -202,12 +202,13 @@ def test_task_arithmetic_and_average_single_task():
 
 def test_single_task_nan_model_stock_consensus():
   """T = 1: NAN gives ``theta_0 + tau/2`` (a = 1, g = T/2); Model Stock gives ``theta_1`` (ratio 1);
-  Consensus with k = 2 keeps nothing (``theta_0``), with k = 1 it is TA."""
+  Consensus with k = 1 is TA, and k = 2 > T, which would keep nothing (``theta_0``), is an error naming k."""
   pre, fts = tiny(1)
   half = {k: (pre[k].astype(np.float64) + 0.5 * (fts[0][k].astype(np.float64) - pre[k])) for k in pre}
   close(merge("nan", pre, fts), half, what="NAN T=1")
   close(merge("model_stock", pre, fts), fts[0], what="Model Stock T=1")
-  close(merge("consensus", pre, fts, k=2, scale=1.0), pre, what="consensus T=1 k=2")
+  with pytest.raises(ValueError, match="k <= the number of tasks \\(1\\), got k=2"):
+    merge("consensus", pre, fts, k=2, scale=1.0)
   close(merge("consensus", pre, fts, k=1, scale=1.0), fts[0], what="consensus T=1 k=1")
 
 
