@@ -10,7 +10,6 @@ rebuilds it from the recipe.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -19,17 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from jaxmerge.bench.cache import sha256_file
+
 __all__ = ["ASSET_DIR", "backbone_info", "list_backbones", "load_backbone", "save_backbone"]
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
-
-
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def list_backbones(root: str | os.PathLike | None = None) -> list[str]:
@@ -98,7 +91,7 @@ def load_backbone(name: str, like: Any, root: str | os.PathLike | None = None) -
 
   info = backbone_info(name, root)
   _, weights = _paths(name, root)
-  digest = _sha256(weights)
+  digest = sha256_file(weights)
   if digest != info.get("sha256"):
     raise ValueError(f"backbone weights {weights} fail their checksum (sha256 {digest[:16]}..., expected "
                      f"{str(info.get('sha256'))[:16]}...): the file is corrupt or was modified; reinstall jaxmerge "
@@ -159,7 +152,7 @@ def save_backbone(name: str, params: Any, *, config: dict, recipe: dict, vocab: 
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
-  meta = {"name": name, "config": config, "recipe": recipe, "vocab": list(vocab), "sha256": _sha256(weights),
+  meta = {"name": name, "config": config, "recipe": recipe, "vocab": list(vocab), "sha256": sha256_file(weights),
           "parameters": int(sum(x.size for x in flat.values())), **(extra or {})}
   fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=root)
   with os.fdopen(fd, "w") as f:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Cache", "CorruptEntryWarning", "default_cache_dir"]
+__all__ = ["Cache", "CorruptEntryWarning", "default_cache_dir", "sha256_file"]
 
 _MANIFEST = "manifest.json"
 _TMP_PREFIX = ".tmp-"
@@ -40,7 +40,15 @@ def default_cache_dir() -> Path:
   return Path(env).expanduser() if env else Path.home() / ".cache" / "jaxmerge"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+  """The SHA-256 hex digest of a file, read in 1 MiB chunks.
+
+  Args:
+    path: the file.
+
+  Returns:
+    The hex digest.
+  """
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -83,7 +91,7 @@ class Cache:
         problem = f"files differ from the manifest ({sorted(present ^ set(files))[:5]})"
       else:
         for rel, digest in files.items():
-          if _sha256(d / rel) != digest:
+          if sha256_file(d / rel) != digest:
             problem = f"checksum mismatch in {rel}"
             break
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -110,7 +118,7 @@ class Cache:
     try:
       tmp.mkdir()
       write_payload(tmp)
-      files = {str(p.relative_to(tmp)): _sha256(p) for p in _payload_files(tmp)}
+      files = {str(p.relative_to(tmp)): sha256_file(p) for p in _payload_files(tmp)}
       (tmp / _MANIFEST).write_text(json.dumps({"files": files, "meta": meta or {}}, indent=1, sort_keys=True))
       if final.exists():
         trash = self.root / f"{_TMP_PREFIX}old-{name}-{uuid.uuid4().hex[:8]}"
