@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxmerge.bench.cache import sha256_file
+from jaxmerge.io.atomic import apply_umask, mkstemp
 
 __all__ = ["ASSET_DIR", "backbone_info", "list_backbones", "load_backbone", "save_backbone"]
 
@@ -112,12 +112,6 @@ def load_backbone(name: str, like: Any, root: str | os.PathLike | None = None) -
   return jtree.unflatten_paths(like, {p: np.asarray(tensors[p], np.float32) for p in expected}), info
 
 
-def _honour_umask(path) -> None:
-  mask = os.umask(0)
-  os.umask(mask)
-  os.chmod(path, 0o666 & ~mask)
-
-
 def save_backbone(name: str, params: Any, *, config: dict, recipe: dict, vocab: list[str],
                   root: str | os.PathLike | None = None, extra: dict | None = None) -> Path:
   """Writes ``<root>/<name>.safetensors`` and ``<root>/<name>.json`` (each to a temporary file, renamed when
@@ -143,20 +137,20 @@ def save_backbone(name: str, params: Any, *, config: dict, recipe: dict, vocab: 
   root.mkdir(parents=True, exist_ok=True)
   flat = {p: np.asarray(x, np.float32, order="C") for p, x in jtree.flatten_paths(params).items()}  # keeps 0-d leaves
   weights = root / f"{name}.safetensors"
-  fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=root)
+  fd, tmp = mkstemp(weights)
   os.close(fd)
   try:
     save_file(flat, tmp)
-    _honour_umask(tmp)
+    apply_umask(tmp)
     os.replace(tmp, weights)
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
   meta = {"name": name, "config": config, "recipe": recipe, "vocab": list(vocab), "sha256": sha256_file(weights),
           "parameters": int(sum(x.size for x in flat.values())), **(extra or {})}
-  fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=root)
+  fd, tmp = mkstemp(root / f"{name}.json")
   with os.fdopen(fd, "w") as f:
     json.dump(meta, f, indent=1)
-  _honour_umask(tmp)
+  apply_umask(tmp)
   os.replace(tmp, root / f"{name}.json")
   return weights

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["CONCLUSIONS", "FUSIONBENCH_VIT_B32", "TIMING_KEYS", "check_conclusions", "compare_with_reference",
-           "write_reports"]
+           "jsonable", "write_reports"]
 
 # FusionBench's published CLIP ViT-B/32 8-task averages (%), for rank comparison: every method of its table
 # that jaxmerge implements under the same name and defaults (layer-wise AdaMerging is ``adamerging``).
@@ -357,11 +357,19 @@ def _plots(results: dict, out: Path) -> list[str]:
   return files
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+  """``x`` with NumPy scalars and arrays turned into Python values (other objects: their ``repr``).
+
+  Args:
+    x: a results value.
+
+  Returns:
+    A JSON-serializable value.
+  """
   if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, (np.floating, np.integer, np.bool_)):
     return x.item()
   if isinstance(x, np.ndarray):
@@ -387,7 +395,7 @@ def write_reports(results: dict, out_dir: str | Path, *, plots: bool = True) -> 
   results = dict(results)
   results["reference"] = compare_with_reference(results["rows"])
   results["conclusions"] = check_conclusions(results["rows"])
-  results = _jsonable(results)
+  results = jsonable(results)
   (out / "results.json").write_text(json.dumps(results, indent=1))
   _csv(results, out / "results.csv")
   (out / "results.md").write_text(_markdown(results))

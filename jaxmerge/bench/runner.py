@@ -15,9 +15,13 @@ for the data classes or adapters that a run asks for.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import jax
@@ -261,10 +265,6 @@ class RowCache:
   """
 
   def __init__(self, root, *, seed: int):
-    import hashlib
-    import json as _json
-    from pathlib import Path
-
     from jaxmerge.bench.versions import check_versions
 
     pkg = Path(jm.__file__).resolve().parent
@@ -273,29 +273,24 @@ class RowCache:
       if f.suffix in (".py", ".c") and f.is_file():
         h.update(str(f.relative_to(pkg)).encode())
         h.update(f.read_bytes())
-    h.update(_json.dumps(check_versions()["installed"], sort_keys=True).encode())
+    h.update(json.dumps(check_versions()["installed"], sort_keys=True).encode())
     h.update(str(seed).encode())
     self.dir = Path(root) / h.hexdigest()[:16]
 
   def get(self, name: str):
-    import json as _json
-
     try:
-      return _json.loads((self.dir / f"{name}.json").read_text())
+      return json.loads((self.dir / f"{name}.json").read_text())
     except (OSError, ValueError):
       return None
 
   def put(self, name: str, value) -> None:
-    import json as _json
-    import os
-    import tempfile
-
-    from jaxmerge.bench.report import _jsonable
+    from jaxmerge.bench.report import jsonable
+    from jaxmerge.io.atomic import mkstemp
 
     self.dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
+    fd, tmp = mkstemp(self.dir / f"{name}.json")
     with os.fdopen(fd, "w") as f:
-      _json.dump(_jsonable(value), f)
+      json.dump(jsonable(value), f)
     os.replace(tmp, self.dir / f"{name}.json")
 
 

@@ -177,29 +177,17 @@ def build(force: bool = False) -> Path:
         res = plain
     if res.returncode != 0:
       raise RuntimeError(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{res.stderr.strip()}")
-    os.chmod(tmp, 0o755 & ~_umask())
+    from jaxmerge.io.atomic import umask  # noqa: PLC0415  (stdlib only; lazy: the engine does not import io)
+
+    os.chmod(tmp, 0o755 & ~umask())
     side = work / (name + ".sha256")
     side.write_text(_digest(Path(tmp)) + "\n")
-    os.chmod(side, 0o644 & ~_umask())  # (never group-writable, which the check above would refuse)
+    os.chmod(side, 0o644 & ~umask())  # (never group-writable, which the check above would refuse)
     os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the new one, never a partial one
     os.replace(side, out.with_name(name + ".sha256"))
   finally:
     shutil.rmtree(work, ignore_errors=True)
   return out
-
-
-def _umask() -> int:
-  """The process's umask, read from ``/proc`` where possible (so that it is never changed, even briefly)."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("Umask:"):
-          return int(line.split()[1], 8)
-  except (OSError, ValueError):
-    pass
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
 
 
 def available() -> bool:
