@@ -422,7 +422,8 @@ def finetune_missing(suites: Sequence[OfflineSuite], *, jobs: int = 1, progress:
     jobs: fine-tuning jobs run at once (threads sharing the compiled step).
     progress: show a progress bar over the experts.
   """
-  todo = [(s, t) for s in suites for t, e in zip(s.config.tasks, s.experts) if e is None]
+  todo = [(s, t) for s in suites if isinstance(s, OfflineSuite) for t, e in zip(s.config.tasks, s.experts)
+          if e is None]
   if not todo:
     return
   steps = {id(s): btrain.make_finetune_step(s, s.config) for s, _ in todo}
