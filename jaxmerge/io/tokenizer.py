@@ -233,27 +233,33 @@ class VocabularyGroup:
     self.info = info
     self.readers = dict(readers)
     self.order = list(readers)
-    self._cache: dict[str, dict[str, np.ndarray]] = {}
+    self._views: collections.Counter = collections.Counter()
+    self._cache: dict[str, tuple[dict[str, np.ndarray], collections.Counter]] = {}
 
   def view(self, path: str) -> _VocabView:
-    """The reader of model ``path`` (one of this group's)."""
+    """The reader of model ``path`` (one of this group's); several views of one model may exist."""
+    self._views[path] += 1
     return _VocabView(self, path)
 
   def is_vocab(self, reader, name: str) -> bool:
+    """Whether ``name`` has a vocabulary axis (axis 0) to re-index."""
     shape = tuple(reader.shape(name))
     return llm.is_vocab_param(name) and len(shape) >= 1 and llm.vocab_axis(name, len(shape)) == 0
 
   def shape(self, reader, name: str) -> tuple[int, ...]:
+    """The shape of ``name`` after re-indexing."""
     shape = tuple(reader.shape(name))
     return (self.info.rows, *shape[1:]) if self.is_vocab(reader, name) else shape
 
   def rows_of(self, path: str, name: str) -> np.ndarray:
-    """Model ``path``'s tensor ``name`` with the output vocabulary's rows (float32)."""
-    entry = self._cache.get(name)
-    if entry is None:
-      entry = self._cache[name] = self._compute(name)
-    x = entry.pop(path)
-    if not entry:
+    """Model ``path``'s tensor ``name`` with the output vocabulary's rows (float32). The group's tensors are
+    computed together and kept until every view has read its own (a streamed merge holds one at a time)."""
+    if name not in self._cache:
+      self._cache[name] = (self._compute(name), collections.Counter(self._views))
+    rows, left = self._cache[name]
+    x = rows[path]
+    left[path] -= 1
+    if all(v <= 0 for v in left.values()):
       del self._cache[name]
     return x
 
