@@ -37,7 +37,11 @@ model_stock        mean pairwise cosine per tensor (``filter_wise: false``)
 mergekit computes in the config's ``dtype``; jaxmerge computes in float32 and writes ``out_dtype`` (else
 ``dtype``, else the base's dtype). Per-model ``weight`` defaults to 1 (mergekit requires it). Settings jaxmerge
 cannot reproduce exactly (layer gradients, per-model densities that differ, weighted ``normalize`` for TIES,
-LoRA references, slices) raise ``ValueError`` naming the setting.
+LoRA references, ``modules``) raise ``ValueError`` naming the setting.
+
+mergekit's I/O settings are resolved at the end of this module: ``slices`` (layer stacking, each slice merged
+with the method above; :mod:`jaxmerge.io.layers`), ``tokenizer_source`` / ``tokenizer`` and ``chat_template``
+(:mod:`jaxmerge.io.tokenizer`), and model references by hub id (:func:`locate_models`, :mod:`jaxmerge.io.hub`).
 """
 
 from __future__ import annotations

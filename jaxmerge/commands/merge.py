@@ -6,9 +6,11 @@
 
 CONFIG is jaxmerge's schema ``{method: NAME, base: PATH, models: [PATH, ...], hparams: {...},
 dtype: float32|bfloat16|float16, seed: N, vocab_policy: error|truncate|pad_base}`` or mergekit's
-(``merge_method``, ``base_model``, ``models: [{model, parameters}]``, ``parameters``, ``dtype``); see
-:mod:`jaxmerge.config`. Flags override the YAML and work without it. PATH is a safetensors file, a directory
-holding one or a sharded checkpoint with an index (a Hugging Face directory), or an orbax directory.
+(``merge_method``, ``base_model``, ``models: [{model, parameters}]`` or ``slices``, ``parameters``, ``dtype``,
+``tokenizer_source``/``tokenizer``, ``chat_template``); see :mod:`jaxmerge.config`. Flags override the YAML and
+work without it. PATH is a safetensors file, a directory holding one or a sharded checkpoint with an index (a
+Hugging Face directory), an orbax directory, or a hub id ``org/name[@revision]`` (downloaded, or read from the
+cache with ``HF_HUB_OFFLINE=1``: :mod:`jaxmerge.io.hub`).
 
 Math runs in float32; each output tensor has the pretrained checkpoint's dtype unless ``--dtype`` says
 otherwise. ``DIR`` receives ``model.safetensors`` (shards and ``model.safetensors.index.json`` above
