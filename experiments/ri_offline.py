@@ -377,62 +377,6 @@ def run(seeds, studies, cache, work: pathlib.Path, *, only: list | None = None) 
         print(f"  done in {res['wall_seconds']:.0f} s", flush=True)
 
 
-def cost(seed: int, cache, *, repeats: int = 3, steps=(20, 60)) -> None:
-  """RI's cost next to the merges', measured so that load from other jobs on a shared machine counts least:
-  each merge ``repeats`` times (the minimum wall time and CPU time), and RI in each mode for two step counts
-  ``(a, b)``, so that ``per step = (t_b - t_a) / (b - a)`` and ``fixed = t_a - a * per step`` (tracing,
-  compilation or the persistent XLA cache, data preparation) separate, and ``fixed + 200 * per step`` estimates
-  the default run. Writes ``<out>/cost-s<seed>.json``."""
-  import jax
-
-  import jaxmerge as jm
-  from jaxmerge.bench import ri_runner
-  from jaxmerge.ri import disentangle
-  from jaxmerge.tta.methods import RIConfig
-
-  default_steps = RIConfig().steps
-  suite = load_suite(seed, cache)
-  out = {"suite_seed": seed, "repeats": repeats, "merges": {}, "ri": {}}
-
-  def timed(fn):
-    with PeakRSS() as mem:
-      w, c = time.perf_counter(), time.process_time()
-      _block(fn())
-      return time.perf_counter() - w, time.process_time() - c, mem.added_mb
-
-  for m in METHODS:
-    tx = jm.get_method(m)()
-    call = lambda tx=tx: jm.merge(tx, suite.pretrained, suite.experts, key=jax.random.key(0), layout=suite.layout)  # noqa: E731
-    first = timed(call)
-    rep = [timed(call) for _ in range(repeats)]
-    out["merges"][m] = {"first_call": first, "wall_min": min(r[0] for r in rep), "cpu_min": min(r[1] for r in rep),
-                        "peak_added_mb_max": max(r[2] for r in rep)}
-    print(f"  {m}: {out['merges'][m]}", flush=True)
-  for mode in ("independent", "joint"):
-    cfg = ri_config(suite, mode, "fractal")
-    source, num_aux, bs, shuffle = (cfg.pop(k) for k in ("aux_source", "num_aux", "batch_size", "seed"))
-    aux = suite.aux(source, num_aux)
-    res = {}
-    for n in steps:
-      cfg["steps"] = n
-      res[n] = timed(lambda: disentangle(
-        suite.pretrained, list(suite.experts), ri_runner._heads(suite), ri_runner.aux_batches(aux, bs, seed=shuffle),
-        forward_fn=suite.embed, key=jax.random.fold_in(jax.random.key(seed), 1), layout=suite.layout,
-        progress=False, **cfg)[0])
-    a, b = steps
-    per = [(res[b][i] - res[a][i]) / (b - a) for i in (0, 1)]
-    fixed = [res[a][i] - a * per[i] for i in (0, 1)]
-    out["ri"][mode] = {"runs": {str(n): res[n] for n in steps}, "per_step_wall": per[0], "per_step_cpu": per[1],
-                       "fixed_wall": fixed[0], "fixed_cpu": fixed[1],
-                       "default_steps": default_steps, "estimate_wall": fixed[0] + default_steps * per[0],
-                       "estimate_cpu": fixed[1] + default_steps * per[1],
-                       "peak_added_mb_max": max(r[2] for r in res.values())}
-    print(f"  RI {mode}: {out['ri'][mode]}", flush=True)
-  path = OUT / f"cost-s{seed}.json"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(out, indent=1))
-
-
 # ---- report ----------------------------------------------------------------------------------------------------
 
 
@@ -635,42 +579,31 @@ def report() -> None:
                  f"{_ms(secs, 0)} |")
 
   # (f) cost.
-  ri_runs = [(n, r) for n, rs in runs.items() if n != "baseline" for r in rs.values()]
+  ri_runs = [r for n, rs in runs.items() if n != "baseline" for r in rs.values()]
   if ri_runs:
+    def span(xs, digits=0):  # the minimum is the run least slowed by other jobs on a shared machine
+      xs = np.asarray(xs, float)
+      return f"{_ms(xs, digits)} [{xs.min():.{digits}f}, {xs.max():.{digits}f}]"
+
     L += ["", "#### (f) Cost: RI against the merges (wall time, peak resident memory added)", "",
+          "Mean ± std [min, max] over runs. Every number was measured while other jobs loaded the shared 2-core "
+          "machine, so the minimum is the better estimate of the cost itself. RI includes tracing and compilation "
+          "(the persistent XLA cache serves repeated shapes). Merges: every merge of every run (a single call from "
+          "the warm XLA cache; the baseline's steady-state second call).", "",
           "| step | runs | wall time (s) | peak memory added (MB) |", "|---|---|---|---|"]
-    for n in ("independent-fractal", "joint-fractal"):
-      if n in runs:
-        rs = list(runs[n].values())
+    for mode in ("independent", "joint"):
+      rs = [r for r in ri_runs if r["ri"]["config"]["mode"] == mode and r["ri"]["config"]["steps"] == 200]
+      if rs:
         c = rs[0]["ri"]["config"]
-        L.append(f"| RI {c['mode']}, 8 experts, {c['steps']} steps of {c['batch_size']} aux images (with "
-                 f"compilation) | {len(rs)} | {_ms([r['ri']['seconds'] for r in rs])} | "
-                 f"{_ms([r['ri']['peak_added_mb'] for r in rs], 0)} |")
-        summary["cost"][n] = {"seconds": [r["ri"]["seconds"] for r in rs],
-                              "peak_added_mb": [r["ri"]["peak_added_mb"] for r in rs]}
+        L.append(f"| RI {mode}, 8 experts, {c['steps']} steps of {c['batch_size']} auxiliary images | {len(rs)} | "
+                 f"{span([r['ri']['seconds'] for r in rs])} | {span([r['ri']['peak_added_mb'] for r in rs])} |")
+        summary["cost"][f"ri_{mode}"] = {"seconds": [r["ri"]["seconds"] for r in rs],
+                                         "peak_added_mb": [r["ri"]["peak_added_mb"] for r in rs]}
     for m in METHODS:
-      cs = [base[s]["methods"][m]["merge_cost"] for s in seeds]
-      L.append(f"| {NAMES[m]} merge: steady state (first call, with compilation) | {len(cs)} | "
-               f"{_ms([c['seconds'] for c in cs], 2)} ({_ms([c['first_call_seconds'] for c in cs], 1)}) | "
-               f"{_ms([c['peak_added_mb'] for c in cs], 0)} |")
-      summary["cost"][m] = cs
-    for cpath in sorted(OUT.glob("cost-s*.json")):
-      c = json.loads(cpath.read_text())
-      summary["cost"]["repeated"] = c
-      L += ["", f"Repeated timing (`python experiments/ri_offline.py cost --seed {c['suite_seed']}`, suite seed "
-            f"{c['suite_seed']}): merges, minimum over {c['repeats']} calls after a first one; RI per step from two "
-            "runs of different length (wall and process CPU time; the CPU time sums all threads).", "",
-            "| step | wall (s) | CPU (s) | peak memory added (MB) |", "|---|---|---|---|"]
-      for m in METHODS:
-        mc = c["merges"][m]
-        L.append(f"| {NAMES[m]} merge | {mc['wall_min']:.2f} | {mc['cpu_min']:.2f} | {mc['peak_added_mb_max']:.0f} |")
-      for mode, rc in c["ri"].items():
-        L.append(f"| RI {mode}, one step of 8 experts | {rc['per_step_wall']:.2f} | {rc['per_step_cpu']:.2f} | "
-                 f"{rc['peak_added_mb_max']:.0f} |")
-        L.append(f"| RI {mode}, fixed part (tracing, compilation or XLA cache, data) | {rc['fixed_wall']:.1f} | "
-                 f"{rc['fixed_cpu']:.1f} | |")
-        L.append(f"| RI {mode}, {rc['default_steps']} steps (estimate: fixed + steps x per step) | "
-                 f"{rc['estimate_wall']:.0f} | {rc['estimate_cpu']:.0f} | |")
+      cs = [r["methods"][m]["merge_cost"] for rs in runs.values() for r in rs.values()]
+      L.append(f"| {NAMES[m]} merge | {len(cs)} | {span([c['seconds'] for c in cs], 2)} | "
+               f"{span([c['peak_added_mb'] for c in cs])} |")
+      summary["cost"][m] = {"seconds": [c["seconds"] for c in cs], "peak_added_mb": [c["peak_added_mb"] for c in cs]}
 
   # (g) CTI both ways.
   if "independent-fractal" in runs:
@@ -743,9 +676,6 @@ def main(argv=None) -> int:
                  help="run only these run names, in this order (e.g. independent-fractal-steps=400)")
   r.add_argument("--cache", default=None, help="the suite cache (jaxmerge bench's --cache)")
   r.add_argument("--work", required=True, help="directory for the adapted experts (kept apart from the cache)")
-  c = sub.add_parser("cost", help="RI's cost per step and the merges', repeated (for a loaded machine)")
-  c.add_argument("--seed", type=int, default=0)
-  c.add_argument("--cache", default=None)
   sub.add_parser("report")
   args = p.parse_args(argv)
   if args.smoke:
@@ -756,8 +686,6 @@ def main(argv=None) -> int:
     OUT = pathlib.Path(tempfile.gettempdir()) / "ri_offline_smoke"
   if args.cmd == "run":
     run(args.seeds, args.study, args.cache, pathlib.Path(args.work), only=args.only)
-  elif args.cmd == "cost":
-    cost(args.seed, args.cache)
   else:
     report()
   return 0
