@@ -3,7 +3,7 @@
 ::
 
     jaxmerge bench [--suite offline|clip-vit-b32-8|...] [--smoke] [--tta] [--ri] [--moe] [--methods a,b,c]
-                   [--seeds 0,1,2 | --seed N] [--cache DIR] [--out DIR]
+                   [--seeds 0,1,2 | --seed N] [--jobs N] [--cache DIR] [--out DIR]
 
 With no arguments it runs the offline 8-task suite for three seeds (each seed its own data and experts, all
 from the shipped pretrained backbone; built on the first run, then read from the cache), reports every
