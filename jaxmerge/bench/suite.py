@@ -430,12 +430,9 @@ def finetune_missing(suites: Sequence[OfflineSuite], *, jobs: int = 1, progress:
 
   def one(item):
     s, t = item
-    start = time.perf_counter()
-    i = s.config.tasks.index(t)
     e = jax.tree.map(np.asarray, btrain.finetune(s, s.config, t, steps[id(s)]))
     s._cache.save_tree(f"expert-{t}", e, meta={"task": t})
-    s.experts[i] = e
-    return s, time.perf_counter() - start
+    s.experts[s.config.tasks.index(t)] = e
 
   bar = _bar(len(todo), "fine-tuning experts", progress)
   start = time.perf_counter()
@@ -445,9 +442,9 @@ def finetune_missing(suites: Sequence[OfflineSuite], *, jobs: int = 1, progress:
         bar.update()
   if bar is not None:
     bar.close()
-  wall = time.perf_counter() - start
-  for s in {id(s): s for s, _ in todo}.values():  # wall time shared by the suites trained together
-    s.timings["experts"] = s.timings.get("experts", 0.0) + wall / len({id(x) for x, _ in todo})
+  trained = {id(s): s for s, _ in todo}.values()
+  for s in trained:  # the wall time, shared by the suites trained together
+    s.timings["experts"] = s.timings.get("experts", 0.0) + (time.perf_counter() - start) / len(trained)
 
 
 def _bar(total: int, desc: str, enabled: bool):
