@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxmerge.io import llm
+from jaxmerge.io import llm, paths
 
 __all__ = ["TokenizerInfo", "VocabularyGroup", "build", "load_tokenizer", "save", "template_for"]
 
@@ -50,11 +50,8 @@ def _transformers():
 
 
 def _config_vocab_size(path: str) -> int | None:
-  p = pathlib.Path(path)
-  cfg_path = (p if p.is_dir() else p.parent) / "config.json"
-  try:
-    cfg = json.loads(cfg_path.read_text())
-  except (OSError, json.JSONDecodeError):
+  cfg = paths.model_config(path)
+  if cfg is None:
     return None
   for c in (cfg, cfg.get("text_config") or {}):
     if isinstance(c, dict) and isinstance(c.get("vocab_size"), int):
