@@ -67,6 +67,9 @@ def register(subparsers) -> None:
   p.add_argument("--model", action="append", default=None, help="fine-tuned checkpoint (repeat)")
   p.add_argument("--hparam", action="append", default=[], metavar="K=V", help="hyperparameter (repeat; YAML value)")
   p.add_argument("--dtype", choices=_DTYPES, help="output dtype (default: the base checkpoint's)")
+  p.add_argument("--compute-dtype", dest="compute_dtype", choices=_DTYPES, default=None,
+                 help="mergekit-schema configs: compute in this dtype instead of the config's dtype (mergekit's "
+                      "rule), e.g. float32; jaxmerge's schema always computes in float32")
   p.add_argument("--seed", type=int, help="PRNG seed for stochastic methods (default 0)")
   p.add_argument("--layout", choices=("hf", "flax"), default=None, help="how 2-D weights are stored (default hf)")
   p.add_argument("--vocab-policy", dest="vocab_policy", choices=("error", "truncate", "pad_base"),
@@ -120,7 +123,11 @@ def load_config(args: argparse.Namespace):
     hp[k.strip()] = _value(v)
   overrides = {"method": args.method, "base": args.base, "models": args.model, "hparams": hp, "dtype": args.dtype,
                "seed": args.seed, "layout": args.layout, "vocab_policy": getattr(args, "vocab_policy", None)}
-  return config.resolve(cfg, overrides, where=where, relative_to=rel)
+  spec = config.resolve(cfg, overrides, where=where, relative_to=rel)
+  compute = getattr(args, "compute_dtype", None)
+  if compute and spec.plan is None:
+    raise ValueError("--compute-dtype applies to mergekit-schema configs; jaxmerge's schema computes in float32")
+  return config.with_compute_dtype(spec, compute)
 
 
 def _available_bytes() -> int:
@@ -262,6 +269,45 @@ class _CheckedWriter:
     return getattr(self._w, attr)
 
 
+def _merge_mergekit(spec, base_v, model_vs, out_dir, max_shard, meta, stream: bool) -> str:
+  """Runs a mergekit-schema plan (:mod:`jaxmerge.mk`) into ``out_dir``: streamed (each merged tensor written
+  before the next is read) or in memory (every input read first); both merge each tensor the same way."""
+  import numpy as np  # noqa: PLC0415
+
+  from jaxmerge.io import safetensors_io as S  # noqa: PLC0415
+  from jaxmerge.mk import engine  # noqa: PLC0415
+
+  plan = spec.plan
+  first = plan.base_index if plan.base_index is not None else 0
+  readers = list(model_vs)
+  readers.insert(first, base_v)
+  names = [str(n) for n in plan.inputs]
+  keys = list(base_v.keys())
+  outs = {k: plan.out_for([np.dtype(r.dtype(k)) for r in readers]) for k in keys}
+  if stream:
+    specs = {k: (base_v.shape(k), outs[k]) for k in keys}
+    w = S.ShardedWriter(out_dir, specs, max_shard_bytes=max_shard, metadata=meta, atomic=False)
+    checked = _CheckedWriter(w, outs.__getitem__)
+    try:
+      engine.run(plan, keys, lambda i, k: readers[i].get(k), checked.write, names)
+      w.close()
+    except BaseException:
+      w.abort()
+      raise
+    return "streamed tensor by tensor (mergekit's arithmetic)"
+  loaded = [{k: np.array(r.get(k)) for k in keys} for r in readers]
+  merged: dict = {}
+  engine.run(plan, keys, lambda i, k: loaded[i][k], merged.__setitem__, names)
+  del loaded
+  for k, x in merged.items():
+    _check_fits(k, x, x.dtype)
+  S.save_sharded(out_dir / "model", merged, max_shard_bytes=max_shard, metadata=meta)
+  for f in (out_dir / "model").iterdir():
+    os.replace(f, out_dir / f.name)
+  (out_dir / "model").rmdir()
+  return "in memory (mergekit's arithmetic)"
+
+
 def _finish_dir(d: pathlib.Path, spec, base_v) -> None:
   from jaxmerge.io import llm  # noqa: PLC0415
 
@@ -319,6 +365,8 @@ def run(args: argparse.Namespace) -> int:
   if getattr(args, "mesh", None):
     if use_stream:
       raise ValueError("--mesh shards an in-memory merge; it cannot be combined with --stream (pass --no-stream)")
+    if spec.plan is not None:
+      raise ValueError("--mesh runs jaxmerge's transforms; mergekit-schema configs merge tensor by tensor on the host")
     mesh = parse_mesh(args.mesh, t)
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
   key = jax.random.key(int(spec.seed))
@@ -340,7 +388,11 @@ def run(args: argparse.Namespace) -> int:
   try:
     dirs = [tmp / f"task_{i}" for i in range(t)] if spec.per_task else [tmp]
     meta = {"jaxmerge_method": spec.method}
-    if use_stream:
+    if spec.plan is not None:  # mergekit's schema: its methods tensor by tensor (jaxmerge.mk)
+      if fmt == "orbax":
+        raise ValueError("mergekit-schema configs write safetensors; use --format safetensors")
+      detail = _merge_mergekit(spec, base_v, model_vs, tmp, max_shard, meta, use_stream)
+    elif use_stream:
       specs = {k: (base_v.shape(k), base_v.out_dtype(k)) for k in base_v.keys()}
       writers = [S.ShardedWriter(d, specs, max_shard_bytes=max_shard, metadata=meta, atomic=False) for d in dirs]
       checked = [_CheckedWriter(w, base_v.out_dtype) for w in writers]
