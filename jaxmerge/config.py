@@ -427,6 +427,8 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
   # The readers: the base (or the first input) and every other input, in the plan's order.
   first = base_index if base_index is not None else 0
   models = tuple(m for i, m in enumerate(inputs) if i != first)
+  if not models:  # one input (passthrough): the readers need a model besides the base; the engine reads only one
+    models = (inputs[first],)
   hp = {"parameters": glob, "models": {m: s for m, s in zip(inputs, scopes) if s}}
   return MergeSpec(method=f"mergekit:{method}", tx=None, base=inputs[first], models=models, names=models,
                    hparams=hp, dtype=out or cdtype, seed=seed, per_task=False, layout=layout, vocab_policy=policy,

@@ -281,6 +281,7 @@ def _merge_mergekit(spec, base_v, model_vs, out_dir, max_shard, meta, stream: bo
   first = plan.base_index if plan.base_index is not None else 0
   readers = list(model_vs)
   readers.insert(first, base_v)
+  readers = readers[:len(plan.inputs)]  # a single-input plan (passthrough) reads the base view only
   names = [str(n) for n in plan.inputs]
   keys = list(base_v.keys())
   outs = {k: plan.out_for([np.dtype(r.dtype(k)) for r in readers]) for k in keys}

@@ -74,7 +74,8 @@ class Plan:
       return np.dtype(dtypes[self.base_index or 0])
     if self.out_dtype:
       return _NP[self.out_dtype]
-    return K.result_dtype(self.method, self.compute_for(dtypes))
+    # mergekit's output dtype (a compute_dtype override changes the arithmetic, not the written dtype)
+    return K.result_dtype(self.method, _NP[self.dtype] if self.dtype else _promote(dtypes))
 
   def merge_tensor(self, name: str, arrays: Sequence[np.ndarray], t: float,
                    names: Sequence[str] | None = None) -> np.ndarray:
