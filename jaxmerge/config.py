@@ -31,8 +31,10 @@ mergekit (the compute dtype; float32 for ``ramplus_tl`` and ``arcee_fusion``). `
 in the YAML, or ``jaxmerge merge --compute-dtype float32``, computes in float32 instead.
 
 Parameters that do not apply to the method (``weight`` on slerp, ``density`` on linear, ``lambda`` set on one
-model) are ignored with a warning naming them, as mergekit ignores them. A model without ``weight`` gets 1
-(mergekit requires one). ``slices``, ``modules``, ``tokenizer`` blocks, ``chat_template`` and LoRA references
+model) are ignored with a warning naming them, as mergekit ignores them. A model without ``weight`` is an error
+naming it for the methods that need one (as in mergekit). ``task_arithmetic`` and ``linear`` with plain-number
+settings also carry jaxmerge's float32 transform (``tx``), which ``jaxmerge merge`` runs on its fast engine when
+the merge computes in float32 (same result to float32 rounding). ``slices``, ``modules``, ``tokenizer`` blocks, ``chat_template`` and LoRA references
 raise ``ValueError`` naming the setting.
 """
 
@@ -66,7 +68,9 @@ class MergeSpec:
 
   Attributes:
     method: what is run, for messages and ``merge_info.json`` (a registry name, or ``mergekit:<name>``).
-    tx: the :class:`~jaxmerge.base.MergeTransform` (``None`` for mergekit's schema: see ``plan``).
+    tx: the :class:`~jaxmerge.base.MergeTransform`. For mergekit's schema, ``None``, or the float32 equivalent of
+      ``plan`` that ``jaxmerge merge`` runs on its fast engine when the merge computes in float32 (``task_arithmetic``
+      and ``linear`` with plain-number settings).
     base: the pretrained checkpoint's path.
     models: the fine-tuned checkpoints' paths (the task order).
     names: model names for error messages.
@@ -81,7 +85,7 @@ class MergeSpec:
     source: ``"jaxmerge"`` or ``"mergekit"``.
     notes: semantic notes worth printing (approximations, defaults filled in, ignored parameters).
     plan: for mergekit's schema, the :class:`jaxmerge.mk.engine.Plan` that merges tensor by tensor with
-      mergekit's arithmetic (``tx`` is then ``None``); ``None`` for jaxmerge's schema.
+      mergekit's arithmetic; ``None`` for jaxmerge's schema.
   """
 
   method: str
@@ -409,14 +413,16 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
     if n_other < lo or (hi is not None and n_other > hi):
       want = f"exactly {lo}" if lo == hi else f"at least {lo}"
       raise ValueError(f"{where}: {method} merges {want} models besides the base, got {n_other}")
-  if spec_m.param("weight") is not None:
+  if spec_m.param("weight") is not None and "weight" not in glob:
     idx = [i for i in range(n_in) if i != base_index or spec_m.param("weight").scope == "input"]
-    if any("weight" not in scopes[i] for i in idx) and "weight" not in glob:
-      notes.append("models without a 'weight' get weight 1 (mergekit requires it)")
+    missing = [inputs[i] for i in idx if "weight" not in scopes[i]]
+    if missing:  # mergekit: "Missing weight for input(s)"
+      raise ValueError(f"{where}: {method} needs a 'weight' for every model; missing for {missing} (set it under "
+                       "the model's 'parameters', or one for all under the global 'parameters')")
   for name in [p.name for p in spec_m.params if p.default is P.REQUIRED and p.name != "weight"]:
     if name not in glob:
       raise ValueError(f"{where}: {method} needs the parameter {name!r} (under 'parameters')")
-  resolver = P.Resolver(method, [glob], scopes, base_index)
+  resolver = P.Resolver(method, [glob], scopes, base_index, default_weight=None)
   cdtype = canonical_dtype(cfg.get("dtype"), f"{where}: dtype")
   out = canonical_dtype(cfg.get("out_dtype"), f"{where}: out_dtype")
   plan = E.Plan(method=method, inputs=tuple(inputs), base_index=base_index, resolver=resolver, dtype=cdtype,
@@ -430,9 +436,41 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
   if not models:  # one input (passthrough): the readers need a model besides the base; the engine reads only one
     models = (inputs[first],)
   hp = {"parameters": glob, "models": {m: s for m, s in zip(inputs, scopes) if s}}
-  return MergeSpec(method=f"mergekit:{method}", tx=None, base=inputs[first], models=models, names=models,
+  fast = _float32_transform(method, first, glob, scopes)
+  return MergeSpec(method=f"mergekit:{method}", tx=fast, base=inputs[first], models=models, names=models,
                    hparams=hp, dtype=out or cdtype, seed=seed, per_task=False, layout=layout, vocab_policy=policy,
                    registry_method=None, source="mergekit", notes=tuple(notes), plan=plan)
+
+
+def _float32_transform(method: str, first: int, glob: Mapping[str, Any], scopes: Sequence[Mapping[str, Any]]):
+  """jaxmerge's own transform for a mergekit config that it computes exactly as mergekit does when mergekit
+  computes in float32: ``task_arithmetic`` and ``linear`` (mergekit's linear always computes in float32) with
+  plain numbers as settings, as a weighted sum of the task vectors ``inputs[i] - inputs[first]``. ``None`` for
+  anything else. ``jaxmerge merge`` runs it on its fast (XLA) engine when every tensor's compute dtype is
+  float32 (:func:`jaxmerge.commands.merge.run`); the two engines agree to float32 rounding.
+  """
+  from jaxmerge import reductions as R  # noqa: PLC0415
+
+  def plain(scope):
+    return all(isinstance(v, (bool, int, float)) for v in scope.values())
+
+  if method not in ("task_arithmetic", "linear") or not plain(glob) or not all(plain(s) for s in scopes):
+    return None
+  weights = [float(s.get("weight", glob.get("weight", 1.0))) for s in scopes]
+  others = [w for i, w in enumerate(weights) if i != first]
+  if not others:
+    return None
+  if method == "linear":
+    total = sum(weights)
+    if glob.get("normalize", True):
+      if abs(total) < 1e-6:
+        return None
+      return R.weighted_sum([w / total for w in others])
+    return R.weighted_sum(others) if abs(total - 1.0) <= 1e-6 else None
+  lam = float(glob.get("lambda", 1.0))
+  total = sum(others)
+  div = (total if abs(total) >= 1e-8 else 1.0) if glob.get("normalize", False) else 1.0
+  return R.weighted_sum([w * lam / div for w in others])
 
 
 def with_compute_dtype(spec: MergeSpec, compute: str | None) -> MergeSpec:

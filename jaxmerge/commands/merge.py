@@ -269,6 +269,25 @@ class _CheckedWriter:
     return getattr(self._w, attr)
 
 
+def _float32_exact(plan, base_v, model_vs) -> bool:
+  """Whether jaxmerge's float32 transform of a mergekit config (``spec.tx``) gives mergekit's result here: every
+  float tensor computed in float32 (mergekit's linear always is) and written in the dtype mergekit writes."""
+  import numpy as np  # noqa: PLC0415
+
+  from jaxmerge import stream as jstream  # noqa: PLC0415
+
+  readers = [base_v, *model_vs]
+  for k in base_v.keys():
+    if not jstream._is_float_dtype(base_v.dtype(k)):
+      continue
+    dts = [np.dtype(r.dtype(k)) for r in readers]
+    if plan.method != "linear" and plan.compute_for(dts) != np.float32:
+      return False
+    if np.dtype(plan.out_for(dts)) != np.dtype(base_v.out_dtype(k)):
+      return False
+  return True
+
+
 def _merge_mergekit(spec, base_v, model_vs, out_dir, max_shard, meta, stream: bool) -> str:
   """Runs a mergekit-schema plan (:mod:`jaxmerge.mk`) into ``out_dir``: streamed (each merged tensor written
   before the next is read) or in memory (every input read first); both merge each tensor the same way."""
@@ -285,12 +304,13 @@ def _merge_mergekit(spec, base_v, model_vs, out_dir, max_shard, meta, stream: bo
   names = [str(n) for n in plan.inputs]
   keys = list(base_v.keys())
   outs = {k: plan.out_for([np.dtype(r.dtype(k)) for r in readers]) for k in keys}
+  sizes = {k: int(np.prod(base_v.shape(k))) for k in keys}
   if stream:
     specs = {k: (base_v.shape(k), outs[k]) for k in keys}
     w = S.ShardedWriter(out_dir, specs, max_shard_bytes=max_shard, metadata=meta, atomic=False)
     checked = _CheckedWriter(w, outs.__getitem__)
     try:
-      engine.run(plan, keys, lambda i, k: readers[i].get(k), checked.write, names)
+      engine.run(plan, keys, lambda i, k: readers[i].get(k), checked.write, names, sizes)
       w.close()
     except BaseException:
       w.abort()
@@ -298,7 +318,7 @@ def _merge_mergekit(spec, base_v, model_vs, out_dir, max_shard, meta, stream: bo
     return "streamed tensor by tensor (mergekit's arithmetic)"
   loaded = [{k: np.array(r.get(k)) for k in keys} for r in readers]
   merged: dict = {}
-  engine.run(plan, keys, lambda i, k: loaded[i][k], merged.__setitem__, names)
+  engine.run(plan, keys, lambda i, k: loaded[i][k], merged.__setitem__, names, sizes)
   del loaded
   for k, x in merged.items():
     _check_fits(k, x, x.dtype)
@@ -362,16 +382,21 @@ def run(args: argparse.Namespace) -> int:
   use_stream = args.stream if args.stream is not None else need > _available_bytes() // 2
   if use_stream and fmt == "orbax":
     raise ValueError("--stream writes safetensors; use --format safetensors (or --no-stream for orbax output)")
+  plan = spec.plan
+  if plan is not None and spec.tx is not None and _float32_exact(plan, base_v, model_vs):
+    plan = None  # computed in float32 by both tools: jaxmerge's fast engine gives mergekit's result
   mesh = None
   if getattr(args, "mesh", None):
     if use_stream:
       raise ValueError("--mesh shards an in-memory merge; it cannot be combined with --stream (pass --no-stream)")
-    if spec.plan is not None:
+    if plan is not None:
       raise ValueError("--mesh runs jaxmerge's transforms; mergekit-schema configs merge tensor by tensor on the host")
     mesh = parse_mesh(args.mesh, t)
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
   key = jax.random.key(int(spec.seed))
   notes = list(spec.notes)
+  if spec.plan is not None and plan is None:
+    notes.append("mergekit computes this merge in float32: jaxmerge's own engine gives its result")
   wide = [k for k in floats if base_v.out_dtype(k) == "float64"]
   if wide:
     notes.append(f"{len(wide)} float64 tensors (e.g. {wide[0]!r}) are merged in float32 and written as float64")
@@ -389,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
   try:
     dirs = [tmp / f"task_{i}" for i in range(t)] if spec.per_task else [tmp]
     meta = {"jaxmerge_method": spec.method}
-    if spec.plan is not None:  # mergekit's schema: its methods tensor by tensor (jaxmerge.mk)
+    if plan is not None:  # mergekit's schema: its methods tensor by tensor (jaxmerge.mk)
       if fmt == "orbax":
         raise ValueError("mergekit-schema configs write safetensors; use --format safetensors")
       detail = _merge_mergekit(spec, base_v, model_vs, tmp, max_shard, meta, use_stream)

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import os
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -106,9 +109,10 @@ class Plan:
     work = []
     for a, who in zip(arrays, names):
       x = np.asarray(a)
-      if not np.isfinite(x).all():
+      w = x.astype(cd).astype(n.work, copy=False)  # a fresh array the kernel may overwrite
+      if not np.isfinite(w if x.dtype.itemsize <= 2 else x).all():
         raise ValueError(f"model {who}: tensor {name!r} contains NaN or Inf values")
-      work.append(x.astype(cd).astype(n.work))
+      work.append(w)
     shared, per = self.resolver.resolve(name, t, names)
     out = _dispatch(self.method, n, work, self.base_index, shared, per, f"tensor {name!r}")
     with np.errstate(over="ignore"):
@@ -158,22 +162,74 @@ def num_layers(names: Sequence[str]) -> int:
   return max(idx) + 1 if idx else 0
 
 
+def _workers() -> int:
+  """Tensors merged at once: the usable cores (at most 4); ``JAXMERGE_MK_THREADS`` overrides."""
+  env = os.environ.get("JAXMERGE_MK_THREADS")
+  if env:
+    return max(1, int(env))
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    cores = os.cpu_count() or 1
+  return max(1, min(4, cores))
+
+
+# Tensors in flight together hold at most this many entries (each input's float32 copy and the kernel's
+# temporaries scale with it); one tensor larger than this runs alone.
+_IN_FLIGHT_ENTRIES = 1 << 24
+
+
 def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write: Callable[[str, np.ndarray], None],
-        names: Sequence[str] | None = None) -> None:
-  """Merges every tensor of ``keys`` in order, reading each input's tensor with ``read(input, key)`` and passing
-  the result to ``write(key, array)`` before reading the next (memory: one tensor per input).
+        names: Sequence[str] | None = None, sizes: Mapping[str, int] | None = None,
+        workers: int | None = None) -> None:
+  """Merges every tensor of ``keys``, reading each input's tensor with ``read(input, key)`` and passing the
+  result to ``write(key, array)`` in the order of ``keys``.
+
+  Up to ``workers`` tensors are merged at once on threads (NumPy releases the GIL in its loops), as long as the
+  tensors in flight hold at most 2**24 entries together (one larger tensor runs alone): memory stays a few
+  tensors' worth, whatever the model's size. Each tensor's result does not depend on the others (the random
+  masks are seeded by the tensor's name), so the output is the same for any number of workers.
 
   Args:
     plan: the plan.
     keys: the tensor names (the base's).
-    read: ``(input index, key) -> array``.
-    write: receives each merged tensor.
+    read: ``(input index, key) -> array`` (called from worker threads).
+    write: receives each merged tensor (called from the calling thread, in order).
     names: the inputs' names for messages.
+    sizes: each key's number of entries (to bound the memory in flight); default: one tensor per worker.
+    workers: threads (default: the usable cores, at most 4).
   """
   layers = num_layers(keys)
-  for k in keys:
+
+  def merge(k: str) -> np.ndarray:
     arrays = [read(i, k) for i in range(len(plan.inputs))]
-    write(k, plan.merge_tensor(k, arrays, P.layer_t(k, layers), names))
+    return plan.merge_tensor(k, arrays, P.layer_t(k, layers), names)
+
+  workers = workers or _workers()
+  if workers == 1 or len(keys) < 2:
+    for k in keys:
+      write(k, merge(k))
+    return
+  size = (lambda k: int(sizes[k])) if sizes is not None else (lambda k: 0)
+  pending: collections.deque = collections.deque()
+  held = 0
+  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxmerge-mk") as pool:
+    try:
+      for k in keys:
+        while pending and (len(pending) >= workers or held + size(k) > _IN_FLIGHT_ENTRIES):
+          done, fut, n = pending.popleft()
+          write(done, fut.result())
+          held -= n
+        pending.append((k, pool.submit(merge, k), size(k)))
+        held += size(k)
+      while pending:
+        done, fut, n = pending.popleft()
+        write(done, fut.result())
+        held -= n
+    except BaseException:
+      for _, fut, _ in pending:
+        fut.cancel()
+      raise
 
 
 def merge_arrays(plan: Plan, tensors: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:

@@ -180,14 +180,20 @@ GTA = {  # method: (consensus, sparsification, default normalize, default rescal
 def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], shared: dict, per: Sequence[dict],
         where: str = "") -> np.ndarray:
   """mergekit's generalized task arithmetic: sparsify each task vector, weight, elect (TIES methods), sum, divide
-  by the (kept) weights with ``normalize``, times ``lambda``, plus the base."""
+  by the (kept) weights with ``normalize``, times ``lambda``, plus the base.
+
+  The models' work arrays are overwritten (their task vectors are computed in place); the base is not.
+  """
   consensus, sparsify, _, _ = GTA[method]
   if not models:
     return base
   rescale = bool(shared["rescale"])
-  deltas = np.empty((len(models), *base.shape), n.work)
-  for i, (m, p) in enumerate(zip(models, per)):
-    d = n.q(m - base)
+  weights = n.q([p["weight"] for p in per])  # mergekit: a tensor of the compute dtype
+  deltas = []
+  for m, p, w in zip(models, per, weights):
+    d = _own(m)
+    np.subtract(d, base, out=d)
+    d = n.q(d)
     if sparsify == "magnitude":
       d = magnitude(n, d, p["density"], rescale)
     elif sparsify == "magnitude_outliers":
@@ -196,23 +202,46 @@ def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], sha
       d = bernoulli(n, d, p["density"], rescale)
     elif sparsify == "della_magprune":
       d = della_magprune(n, d, p["density"], p["epsilon"], rescale, where)
-    deltas[i] = d
-  weights = n.q([p["weight"] for p in per]).reshape((len(models),) + (1,) * base.ndim)
-  deltas = n.q(deltas * weights)
+    if w != 1:
+      d = n.q(np.multiply(d, w, out=_own(d)))
+    deltas.append(d)
+  # Sums accumulate in the work dtype in input order and round once (PyTorch's reduction of a 16-bit stack).
   if consensus:
-    mask = sign_mask(n, deltas)
-    mixed = n.sum(deltas * mask, axis=0)
-    divisor = n.sum(weights * mask, axis=0)
-    divisor = np.where(divisor == 0, 1, divisor)
+    total = deltas[0].copy()
+    for d in deltas[1:]:
+      np.add(total, d, out=total)
+    positive = total >= 0  # the elected sign (a zero sum elects +); rounding keeps the sign
+    mixed = np.zeros_like(total)
+    divisor = np.zeros_like(total)
+    for d, w in zip(deltas, weights):
+      keep = np.equal(d > 0, positive)
+      keep &= d != 0
+      np.add(mixed, np.multiply(d, keep, out=d), out=mixed)
+      if w == 1:
+        np.add(divisor, keep, out=divisor)
+      else:
+        np.add(divisor, np.multiply(keep, w, dtype=n.work), out=divisor)
+    mixed = n.q(mixed)
+    divisor = n.q(divisor)
+    divisor += divisor == 0
   else:
-    mixed = n.sum(deltas, axis=0)
-    divisor = n.sum(weights, axis=0)
-    divisor = np.where(np.abs(divisor) < 1e-8, 1, divisor)
+    mixed = deltas[0] if len(deltas) == 1 else deltas[0] + deltas[1]
+    for d in deltas[2:]:
+      np.add(mixed, d, out=mixed)
+    mixed = n.q(mixed)
+    divisor = n.sum(weights)
+    if abs(divisor) < 1e-8:
+      divisor = n.s(1)
   if shared["normalize"]:
-    mixed = n.q(mixed / divisor)
+    mixed = n.q(np.divide(mixed, divisor, out=_own(mixed)))
   if shared["lambda"] != 1:
-    mixed = n.q(mixed * n.s(shared["lambda"]))
+    mixed = n.q(np.multiply(mixed, n.s(shared["lambda"]), out=_own(mixed)))
   return n.q(base + mixed)
+
+
+def _own(x: np.ndarray) -> np.ndarray:
+  """``x`` when it is a writable array that owns its data, else a copy (in-place steps write into it)."""
+  return x if x.flags.writeable and x.flags.owndata else np.array(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -397,7 +426,7 @@ def _sce_mask(n: Num, tvs: np.ndarray, density: float) -> np.ndarray:
 
 def _ram_vectors(n: Num, base: np.ndarray, models: Sequence[np.ndarray], epsilon: float):
   tv = np.stack([n.q(m - base) for m in models]).reshape(len(models), -1)
-  nonzero = np.abs(tv) > epsilon
+  nonzero = np.abs(tv) > n.q(epsilon)  # PyTorch compares a 16-bit tensor with the scalar rounded to its dtype
   counts = nonzero.sum(axis=0, keepdims=True)
   return tv, nonzero, counts, counts > 1, counts == 1
 
