@@ -278,7 +278,15 @@ E2E = [
 ]
 
 
-@pytest.mark.parametrize("dtype,cfg", E2E, ids=[f"{c['merge_method']}-{i}" for i, (_, c) in enumerate(E2E)])
+# The default run keeps one whole run per family (task arithmetic with per-model values and gradients,
+# interpolation with filtered gradients, the other task-vector methods, single-input, linear with dtype and
+# out_dtype); the rest (-m slow) cover every method.
+_FAST_E2E = {"ties-0", "slerp-2", "ramplus_tl-8", "passthrough-11", "linear-13"}
+_E2E_IDS = [f"{c['merge_method']}-{i}" for i, (_, c) in enumerate(E2E)]
+
+
+@pytest.mark.parametrize("dtype,cfg", [
+    pytest.param(d, c, id=i, marks=() if i in _FAST_E2E else pytest.mark.slow) for i, (d, c) in zip(_E2E_IDS, E2E)])
 def test_whole_run_matches_mergekit(tmp_path, dtype, cfg):
   from mergekit.config import MergeConfiguration
   from mergekit.merge import run_merge
