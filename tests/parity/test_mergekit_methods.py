@@ -211,7 +211,8 @@ def test_parameters_that_do_not_apply_warn_and_are_ignored():
   assert any("'weight' of model x" in n for n in spec.notes)
   assert spec.plan.resolver.resolve("w", 0.0)[0] == {"t": 0.5}
   with pytest.warns(UserWarning, match="'lambda' of model x"):
-    C.from_dict({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"lambda": 2}}]})
+    C.from_dict({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"lambda": 2,
+                                                                                                   "weight": 1}}]})
 
 
 # ----------------------------------------------------------------------------------------------------------
