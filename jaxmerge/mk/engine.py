@@ -109,15 +109,17 @@ class Plan:
     work = []
     for a, who in zip(arrays, names):
       x = np.asarray(a)
-      w = x.astype(cd).astype(n.work, copy=False)  # a fresh array the kernel may overwrite
+      w = x.astype(cd, copy=False)
+      w = w if w is not x and w.dtype == n.work else w.astype(n.work)  # a fresh array the kernel may overwrite
       if not np.isfinite(w if x.dtype.itemsize <= 2 else x).all():
         raise ValueError(f"model {who}: tensor {name!r} contains NaN or Inf values")
       work.append(w)
     shared, per = self.resolver.resolve(name, t, names)
-    out = _dispatch(self.method, n, work, self.base_index, shared, per, f"tensor {name!r}")
+    # 16-bit intermediates may overflow to inf as in PyTorch (silently); an output that does not fit its dtype is
+    # refused when written (jaxmerge.commands.merge).
     with np.errstate(over="ignore"):
-      res = out.astype(self.out_for(dtypes))
-    return res
+      out = _dispatch(self.method, n, work, self.base_index, shared, per, f"tensor {name!r}")
+      return out.astype(self.out_for(dtypes))
 
 
 def _dispatch(method: str, n: K.Num, work: list, bi: int | None, shared: dict, per: list, where: str):
@@ -174,11 +176,6 @@ def _workers() -> int:
   return max(1, min(4, cores))
 
 
-# Tensors in flight together hold at most this many entries (each input's float32 copy and the kernel's
-# temporaries scale with it); one tensor larger than this runs alone.
-_IN_FLIGHT_ENTRIES = 1 << 24
-
-
 def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write: Callable[[str, np.ndarray], None],
         names: Sequence[str] | None = None, sizes: Mapping[str, int] | None = None,
         workers: int | None = None) -> None:
@@ -186,8 +183,8 @@ def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write:
   result to ``write(key, array)`` in the order of ``keys``.
 
   Up to ``workers`` tensors are merged at once on threads (NumPy releases the GIL in its loops), as long as the
-  tensors in flight hold at most 2**24 entries together (one larger tensor runs alone): memory stays a few
-  tensors' worth, whatever the model's size. Each tensor's result does not depend on the others (the random
+  tensors in flight hold no more entries together than the largest tensor: the memory in flight stays about
+  what merging the largest tensor alone takes. Each tensor's result does not depend on the others (the random
   masks are seeded by the tensor's name), so the output is the same for any number of workers.
 
   Args:
@@ -196,7 +193,7 @@ def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write:
     read: ``(input index, key) -> array`` (called from worker threads).
     write: receives each merged tensor (called from the calling thread, in order).
     names: the inputs' names for messages.
-    sizes: each key's number of entries (to bound the memory in flight); default: one tensor per worker.
+    sizes: each key's number of entries (bounds the memory in flight); default: no bound but ``workers``.
     workers: threads (default: the usable cores, at most 4).
   """
   layers = num_layers(keys)
@@ -211,12 +208,13 @@ def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write:
       write(k, merge(k))
     return
   size = (lambda k: int(sizes[k])) if sizes is not None else (lambda k: 0)
+  budget = max((size(k) for k in keys), default=0)
   pending: collections.deque = collections.deque()
   held = 0
   with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxmerge-mk") as pool:
     try:
       for k in keys:
-        while pending and (len(pending) >= workers or held + size(k) > _IN_FLIGHT_ENTRIES):
+        while pending and (len(pending) >= workers or held + size(k) > budget):
           done, fut, n = pending.popleft()
           write(done, fut.result())
           held -= n
