@@ -32,9 +32,9 @@ in the YAML, or ``jaxmerge merge --compute-dtype float32``, computes in float32 
 
 Parameters that do not apply to the method (``weight`` on slerp, ``density`` on linear, ``lambda`` set on one
 model) are ignored with a warning naming them, as mergekit ignores them. A model without ``weight`` is an error
-naming it for the methods that need one (as in mergekit). ``task_arithmetic`` and ``linear`` with plain-number
-settings also carry jaxmerge's float32 transform (``tx``), which ``jaxmerge merge`` runs on its fast engine when
-the merge computes in float32 (same result to float32 rounding). ``slices``, ``modules``, ``tokenizer`` blocks, ``chat_template`` and LoRA references
+naming it for the methods that need one (as in mergekit). ``task_arithmetic`` with plain-number settings also
+carries jaxmerge's float32 transform (``tx``), which ``jaxmerge merge`` runs on its fast engine when the merge
+computes in float32 (same result to float32 rounding). ``slices``, ``modules``, ``tokenizer`` blocks, ``chat_template`` and LoRA references
 raise ``ValueError`` naming the setting.
 """
 
@@ -69,8 +69,8 @@ class MergeSpec:
   Attributes:
     method: what is run, for messages and ``merge_info.json`` (a registry name, or ``mergekit:<name>``).
     tx: the :class:`~jaxmerge.base.MergeTransform`. For mergekit's schema, ``None``, or the float32 equivalent of
-      ``plan`` that ``jaxmerge merge`` runs on its fast engine when the merge computes in float32 (``task_arithmetic``
-      and ``linear`` with plain-number settings).
+      ``plan`` that ``jaxmerge merge`` runs on its fast engine when the merge computes in float32
+      (``task_arithmetic`` with plain-number settings).
     base: the pretrained checkpoint's path.
     models: the fine-tuned checkpoints' paths (the task order).
     names: model names for error messages.
@@ -443,30 +443,23 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
 
 
 def _float32_transform(method: str, first: int, glob: Mapping[str, Any], scopes: Sequence[Mapping[str, Any]]):
-  """jaxmerge's own transform for a mergekit config that it computes exactly as mergekit does when mergekit
-  computes in float32: ``task_arithmetic`` and ``linear`` (mergekit's linear always computes in float32) with
-  plain numbers as settings, as a weighted sum of the task vectors ``inputs[i] - inputs[first]``. ``None`` for
-  anything else. ``jaxmerge merge`` runs it on its fast (XLA) engine when every tensor's compute dtype is
-  float32 (:func:`jaxmerge.commands.merge.run`); the two engines agree to float32 rounding.
+  """jaxmerge's own transform for a mergekit config that it computes as mergekit does when mergekit computes in
+  float32: ``task_arithmetic`` with plain numbers as settings, ``base + sum_i c_i (m_i - base)`` with mergekit's
+  coefficients (the same operations; float32 rounding aside). ``None`` for anything else (``linear`` too:
+  mergekit sums ``w_i m_i``, which cancels to exactly 0 where the task-vector form leaves a rounding residue).
+  ``jaxmerge merge`` runs it on its fast (XLA) engine when every tensor's compute dtype is float32
+  (:func:`jaxmerge.commands.merge.run`).
   """
   from jaxmerge import reductions as R  # noqa: PLC0415
 
   def plain(scope):
     return all(isinstance(v, (bool, int, float)) for v in scope.values())
 
-  if method not in ("task_arithmetic", "linear") or not plain(glob) or not all(plain(s) for s in scopes):
+  if method != "task_arithmetic" or not plain(glob) or not all(plain(s) for s in scopes):
     return None
-  weights = [float(s.get("weight", glob.get("weight", 1.0))) for s in scopes]
-  others = [w for i, w in enumerate(weights) if i != first]
+  others = [float(s.get("weight", glob.get("weight", 1.0))) for i, s in enumerate(scopes) if i != first]
   if not others:
     return None
-  if method == "linear":
-    total = sum(weights)
-    if glob.get("normalize", True):
-      if abs(total) < 1e-6:
-        return None
-      return R.weighted_sum([w / total for w in others])
-    return R.weighted_sum(others) if abs(total - 1.0) <= 1e-6 else None
   lam = float(glob.get("lambda", 1.0))
   total = sum(others)
   div = (total if abs(total) >= 1e-8 else 1.0) if glob.get("normalize", False) else 1.0

@@ -271,7 +271,7 @@ class _CheckedWriter:
 
 def _float32_exact(plan, base_v, model_vs) -> bool:
   """Whether jaxmerge's float32 transform of a mergekit config (``spec.tx``) gives mergekit's result here: every
-  float tensor computed in float32 (mergekit's linear always is) and written in the dtype mergekit writes."""
+  float tensor computed in float32 and written in the dtype mergekit writes."""
   import numpy as np  # noqa: PLC0415
 
   from jaxmerge import stream as jstream  # noqa: PLC0415
@@ -281,7 +281,7 @@ def _float32_exact(plan, base_v, model_vs) -> bool:
     if not jstream._is_float_dtype(base_v.dtype(k)):
       continue
     dts = [np.dtype(r.dtype(k)) for r in readers]
-    if plan.method != "linear" and plan.compute_for(dts) != np.float32:
+    if plan.compute_for(dts) != np.float32:
       return False
     if np.dtype(plan.out_for(dts)) != np.dtype(base_v.out_dtype(k)):
       return False
