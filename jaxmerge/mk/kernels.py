@@ -49,7 +49,19 @@ class Num:
   def q(self, x) -> np.ndarray:
     """``x`` rounded to the compute dtype, as a work array (PyTorch's rounding of one operation's result)."""
     x = np.asarray(x, dtype=self.work)
-    return x.astype(self.dtype).astype(self.work) if self.low else x
+    if not self.low:
+      return x
+    if self.dtype.name == "bfloat16" and x.ndim:
+      return round_bf16_(x.copy())
+    return x.astype(self.dtype).astype(self.work)
+
+  def q_(self, x: np.ndarray) -> np.ndarray:
+    """:meth:`q` in place, for a work array that nothing else refers to (a temporary)."""
+    if not self.low:
+      return x
+    if self.dtype.name == "bfloat16" and x.ndim and x.dtype == F32 and x.flags.writeable and x.flags.c_contiguous:
+      return round_bf16_(x)
+    return self.q(x)
 
   def s(self, v: float) -> np.ndarray:
     """A Python scalar as PyTorch's operations see it: in float32 (float64 for float64 tensors)."""
@@ -65,6 +77,22 @@ class Num:
 
   def mean(self, x, axis=None, keepdims=False) -> np.ndarray:
     return self.q(np.mean(np.asarray(x, self.work), axis=axis, keepdims=keepdims, dtype=self.work))
+
+
+def round_bf16_(x: np.ndarray) -> np.ndarray:
+  """Rounds a C-contiguous float32 array to bfloat16 values in place (round to nearest even on the bit pattern,
+  as ``astype(bfloat16)``, twice as fast; NaN stays NaN, values past bfloat16's range become inf), and returns
+  it."""
+  u = x.view(np.uint32)
+  nan = np.isnan(x)
+  lsb = u >> 16
+  lsb &= np.uint32(1)
+  u += lsb
+  u += np.uint32(0x7FFF)
+  u &= np.uint32(0xFFFF0000)
+  if nan.any():
+    x[nan] = np.nan
+  return x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,7 +221,7 @@ def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], sha
   for m, p, w in zip(models, per, weights):
     d = _own(m)
     np.subtract(d, base, out=d)
-    d = n.q(d)
+    d = n.q_(d)
     if sparsify == "magnitude":
       d = magnitude(n, d, p["density"], rescale)
     elif sparsify == "magnitude_outliers":
@@ -203,7 +231,7 @@ def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], sha
     elif sparsify == "della_magprune":
       d = della_magprune(n, d, p["density"], p["epsilon"], rescale, where)
     if w != 1:
-      d = n.q(np.multiply(d, w, out=_own(d)))
+      d = n.q_(np.multiply(d, w, out=_own(d)))
     deltas.append(d)
   # Sums accumulate in the work dtype in input order and round once (PyTorch's reduction of a 16-bit stack).
   if consensus:
@@ -221,22 +249,22 @@ def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], sha
         np.add(divisor, keep, out=divisor)
       else:
         np.add(divisor, np.multiply(keep, w, dtype=n.work), out=divisor)
-    mixed = n.q(mixed)
-    divisor = n.q(divisor)
+    mixed = n.q_(mixed)
+    divisor = n.q_(divisor)
     divisor += divisor == 0
   else:
-    mixed = deltas[0] if len(deltas) == 1 else deltas[0] + deltas[1]
+    mixed = deltas[0].copy() if len(deltas) == 1 else deltas[0] + deltas[1]
     for d in deltas[2:]:
       np.add(mixed, d, out=mixed)
-    mixed = n.q(mixed)
+    mixed = n.q_(mixed)
     divisor = n.sum(weights)
     if abs(divisor) < 1e-8:
       divisor = n.s(1)
   if shared["normalize"]:
-    mixed = n.q(np.divide(mixed, divisor, out=_own(mixed)))
+    mixed = n.q_(np.divide(mixed, divisor, out=_own(mixed)))
   if shared["lambda"] != 1:
-    mixed = n.q(np.multiply(mixed, n.s(shared["lambda"]), out=_own(mixed)))
-  return n.q(base + mixed)
+    mixed = n.q_(np.multiply(mixed, n.s(shared["lambda"]), out=_own(mixed)))
+  return n.q_(np.add(mixed, base, out=mixed))
 
 
 def _own(x: np.ndarray) -> np.ndarray:
