@@ -99,15 +99,18 @@ def round_bf16_(x: np.ndarray) -> np.ndarray:
 # Generalized task arithmetic: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
 
 
-def _rescaled(n: Num, tensor: np.ndarray, mask: np.ndarray, rescale: bool, eps: float = 1e-7) -> np.ndarray:
-  masked = n.q(tensor * mask)
+def _rescaled(n: Num, tensor: np.ndarray, mask: np.ndarray, rescale: bool, eps: float = 1e-7,
+              inplace: bool = False) -> np.ndarray:
+  """``tensor * mask``, rescaled to ``tensor``'s L1 norm with ``rescale`` (mergekit's ``rescaled_masked_tensor``);
+  ``inplace``: written into ``tensor`` (a temporary)."""
+  before = n.sum(np.abs(tensor)) if rescale else None
+  masked = n.q_(np.multiply(tensor, mask, out=tensor if inplace else None, dtype=n.work))
   if not rescale:
     return masked
-  before = n.sum(np.abs(tensor))
   after = n.sum(np.abs(masked))
   if before < eps or after < eps:
     return masked
-  return n.q(masked * n.q(before / after))
+  return n.q_(np.multiply(masked, n.q(before / after), out=masked))
 
 
 def _top_order(w: np.ndarray, descending: bool) -> np.ndarray:
@@ -115,14 +118,16 @@ def _top_order(w: np.ndarray, descending: bool) -> np.ndarray:
   return np.argsort(-w if descending else w, kind="stable")
 
 
-def magnitude(n: Num, d: np.ndarray, density: float, rescale: bool) -> np.ndarray:
-  """TIES's trim: exactly ``max(1, int(density * size))`` largest magnitudes (equal ones in index order)."""
+def magnitude(n: Num, d: np.ndarray, density: float, rescale: bool, inplace: bool = False) -> np.ndarray:
+  """TIES's trim: exactly ``max(1, int(density * size))`` largest magnitudes (equal ones in index order);
+  ``inplace``: written into ``d`` (a temporary)."""
   if density >= 1:
     return d
   if density <= 0 or d.size == 0:
     return np.zeros_like(d)
   k = max(1, int(density * d.size))
-  return _rescaled(n, d, top_k_mask(np.abs(d).reshape(-1), k).reshape(d.shape).astype(n.work), rescale)
+  keep = top_k_mask(np.abs(d).reshape(-1), k).reshape(d.shape)
+  return _rescaled(n, d, keep, rescale, inplace=inplace)
 
 
 def top_k_mask(w: np.ndarray, k: int) -> np.ndarray:
@@ -223,7 +228,7 @@ def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], sha
     np.subtract(d, base, out=d)
     d = n.q_(d)
     if sparsify == "magnitude":
-      d = magnitude(n, d, p["density"], rescale)
+      d = magnitude(n, d, p["density"], rescale, inplace=True)
     elif sparsify == "magnitude_outliers":
       d = magnitude_outliers(n, d, p["density"], p["gamma"], rescale)
     elif sparsify == "random":
