@@ -28,7 +28,8 @@ from NumPy's generator seeded by ``seed`` and the tensor name (mergekit: PyTorch
 agree in distribution (keep rate, L1 rescale) only. ``arcee_fusion`` uses exact quantiles (mergekit samples
 1,000,000 entries of larger tensors). The output dtype is ``out_dtype``, else the kernel's result dtype, as in
 mergekit (the compute dtype; float32 for ``ramplus_tl`` and ``arcee_fusion``). ``jaxmerge: {compute_dtype: float32}``
-in the YAML, or ``jaxmerge merge --compute-dtype float32``, computes in float32 instead.
+in the YAML, or ``jaxmerge merge --compute-dtype float32``, computes in float32 instead; ``jaxmerge: {tie_rule:
+keep_all}`` runs ``ties`` on jaxmerge's fast engine (float32, every magnitude tied at the threshold kept).
 
 Parameters that do not apply to the method (``weight`` on slerp, ``density`` on linear, ``lambda`` set on one
 model) are ignored with a warning naming them, as mergekit ignores them. A model without ``weight`` is an error
@@ -305,7 +306,8 @@ def _from_jaxmerge(cfg: Mapping[str, Any], where: str) -> MergeSpec:
 
 # jaxmerge's own key in a mergekit-schema YAML: {compute_dtype: float32} computes in float32 instead of the
 # config's dtype (the same as `jaxmerge merge --compute-dtype float32`).
-JAXMERGE_OPTIONS = ("compute_dtype",)
+JAXMERGE_OPTIONS = ("compute_dtype", "tie_rule")
+TIE_RULES = ("exact", "keep_all")
 
 
 def _model_ref(value: Any, where: str) -> str:
@@ -385,6 +387,11 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
   if bad:
     raise ValueError(f"{where}: unknown 'jaxmerge' options {bad}; valid: {', '.join(JAXMERGE_OPTIONS)}")
   compute = canonical_dtype(opts.get("compute_dtype"), f"{where}: jaxmerge.compute_dtype")
+  tie_rule = opts.get("tie_rule", "exact")
+  if tie_rule not in TIE_RULES:
+    raise ValueError(f"{where}: jaxmerge.tie_rule must be one of {', '.join(TIE_RULES)}, got {tie_rule!r}")
+  if tie_rule == "keep_all" and method != "ties":
+    raise ValueError(f"{where}: jaxmerge.tie_rule applies to merge_method ties, not {method!r}")
   base = _model_ref(cfg["base_model"], where) if cfg.get("base_model") else None
   entries = cfg.get("models") or []
   if not isinstance(entries, Sequence) or isinstance(entries, (str, bytes)) or not entries:
@@ -426,7 +433,7 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
   cdtype = canonical_dtype(cfg.get("dtype"), f"{where}: dtype")
   out = canonical_dtype(cfg.get("out_dtype"), f"{where}: out_dtype")
   plan = E.Plan(method=method, inputs=tuple(inputs), base_index=base_index, resolver=resolver, dtype=cdtype,
-                compute_dtype=compute, out_dtype=out, seed=seed)
+                compute_dtype=compute, out_dtype=out, seed=seed, tie_rule=tie_rule)
   if compute:
     notes.append(f"jaxmerge.compute_dtype: computing in {compute} (mergekit computes in "
                  f"{cdtype or 'the checkpoints dtype'})")
@@ -437,6 +444,12 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
     models = (inputs[first],)
   hp = {"parameters": glob, "models": {m: s for m, s in zip(inputs, scopes) if s}}
   fast = _float32_transform(method, first, glob, scopes)
+  if tie_rule == "keep_all":
+    fast, why = _keep_ties_transform(glob, [sc for i, sc in enumerate(scopes) if i != first])
+    if fast is None:
+      raise ValueError(f"{where}: jaxmerge.tie_rule keep_all (jaxmerge's fast TIES) needs {why}")
+    notes.append("jaxmerge.tie_rule keep_all: jaxmerge's fast TIES in float32; magnitudes tied at the trim threshold "
+                 "are all kept (mergekit keeps exactly k of them)")
   return MergeSpec(method=f"mergekit:{method}", tx=fast, base=inputs[first], models=models, names=models,
                    hparams=hp, dtype=out or cdtype, seed=seed, per_task=False, layout=layout, vocab_policy=policy,
                    registry_method=None, source="mergekit", notes=tuple(notes), plan=plan)
@@ -464,6 +477,42 @@ def _float32_transform(method: str, first: int, glob: Mapping[str, Any], scopes:
   total = sum(others)
   div = (total if abs(total) >= 1e-8 else 1.0) if glob.get("normalize", False) else 1.0
   return R.weighted_sum([w * lam / div for w in others])
+
+
+def _keep_ties_transform(glob: Mapping[str, Any], models: Sequence[Mapping[str, Any]]):
+  """jaxmerge's own TIES for a mergekit ``ties`` config (``jaxmerge: {tie_rule: keep_all}``): mergekit's
+  per-tensor trim of ``max(1, int(density n))`` magnitudes, except that every magnitude tied at the threshold is
+  kept, the sign election and the (weighted) disjoint sum or mean, times ``lambda``. Returns ``(transform,
+  None)``, or ``(None, why)`` for settings it does not express."""
+  from jaxmerge import reductions as R  # noqa: PLC0415
+  from jaxmerge import transforms as T  # noqa: PLC0415
+  from jaxmerge.combine import chain  # noqa: PLC0415
+
+  scopes = [glob, *models]
+  if not all(isinstance(v, (bool, int, float)) for sc in scopes for v in sc.values()):
+    return None, "plain numbers as settings (no gradients or filters)"
+  if glob.get("rescale", False):
+    return None, "rescale: false"
+  weights = [float(m.get("weight", glob.get("weight", 1.0))) for m in models]
+  densities = {float(m.get("density", glob.get("density", 1.0))) for m in models}
+  if len(densities) != 1:
+    return None, "one density for every model"
+  density = densities.pop()
+  lam = float(glob.get("lambda", 1.0))
+  normalize = bool(glob.get("normalize", True))
+  uniform = len(set(weights)) == 1
+  if normalize and not uniform:
+    return None, "equal weights with normalize (the weighted disjoint mean is mergekit's engine only)"
+  if uniform and weights[0] <= 0:
+    return None, "positive weights"
+  first = [T.trim(density, "leaf", "exact")] if density < 1 else []
+  if not uniform:
+    tail = [T.scale_tasks(weights), R.disjoint_merge("sum", "leaf", "positive"), T.scale(lam)]
+  elif normalize:
+    tail = [R.disjoint_merge("mean", "leaf", "positive"), T.scale(lam)]
+  else:
+    tail = [R.disjoint_merge("sum", "leaf", "positive"), T.scale(lam * weights[0])]
+  return chain(*first, *tail), None
 
 
 def with_compute_dtype(spec: MergeSpec, compute: str | None) -> MergeSpec:

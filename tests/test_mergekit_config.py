@@ -343,3 +343,35 @@ def test_streamed_mergekit_config_equals_in_memory(tmp_path):
     assert a[k].dtype == BF16
     np.testing.assert_array_equal(np.asarray(a[k], np.float32), np.asarray(b[k], np.float32))
   assert pathlib.Path(tmp_path / "st" / "config.json").exists()
+
+
+def test_keep_all_tie_rule_runs_jaxmerge_ties(tmp_path, capsys):
+  """``jaxmerge: {tie_rule: keep_all}`` runs ``ties`` on jaxmerge's fast float32 engine: on float32 checkpoints
+  without tied magnitudes it writes mergekit's result; settings it cannot express are errors naming them."""
+  pytest.importorskip("mergekit")
+  yaml = pytest.importorskip("yaml")
+  from mergekit.config import MergeConfiguration
+  from mergekit.merge import run_merge
+  from mergekit.options import MergeOptions
+
+  _llama_dirs(tmp_path, np.dtype(np.float32))
+  cfg = {"merge_method": "ties", "base_model": "base", "parameters": {"normalize": True, "lambda": 0.9},
+         "models": [{"model": f"ft{i}", "parameters": {"weight": 1.0, "density": 0.4}} for i in range(3)]}
+  (tmp_path / "m.yaml").write_text(yaml.safe_dump({**cfg, "jaxmerge": {"tie_rule": "keep_all"}}))
+  ref = {**cfg, "base_model": str(tmp_path / "base"),
+         "models": [{**m, "model": str(tmp_path / m["model"])} for m in cfg["models"]]}
+  run_merge(MergeConfiguration.model_validate(ref), str(tmp_path / "mk"),
+            options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+  capsys.readouterr()
+  assert cli.main(["merge", str(tmp_path / "m.yaml"), "--stream", "--out", str(tmp_path / "jm")]) == 0
+  assert "pass(es)" in capsys.readouterr().out  # jaxmerge's streaming engine, not the mergekit engine
+  theirs, ours = S.load(tmp_path / "mk"), S.load(tmp_path / "jm")
+  _close(ours, theirs, tol=1e-5)
+  info = json.loads((tmp_path / "jm" / "merge_info.json").read_text())
+  assert any("tie_rule keep_all" in n for n in info["notes"])
+  with pytest.raises(ValueError, match="tie_rule applies to merge_method ties"):
+    C.from_dict({**cfg, "merge_method": "task_arithmetic", "jaxmerge": {"tie_rule": "keep_all"}})
+  with pytest.raises(ValueError, match="needs plain numbers as settings"):
+    C.from_dict({**cfg, "parameters": {"lambda": [0.5, 1.0]}, "jaxmerge": {"tie_rule": "keep_all"}})
+  with pytest.raises(ValueError, match="tie_rule must be one of exact, keep_all"):
+    C.from_dict({**cfg, "jaxmerge": {"tie_rule": "some"}})

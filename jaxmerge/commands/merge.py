@@ -269,9 +269,9 @@ class _CheckedWriter:
     return getattr(self._w, attr)
 
 
-def _float32_exact(plan, base_v, model_vs) -> bool:
+def _float32_exact(plan, base_v, model_vs, any_compute: bool = False) -> bool:
   """Whether jaxmerge's float32 transform of a mergekit config (``spec.tx``) gives mergekit's result here: every
-  float tensor computed in float32 and written in the dtype mergekit writes."""
+  float tensor computed in float32 (unless ``any_compute``) and written in the dtype mergekit writes."""
   import numpy as np  # noqa: PLC0415
 
   from jaxmerge import stream as jstream  # noqa: PLC0415
@@ -281,7 +281,7 @@ def _float32_exact(plan, base_v, model_vs) -> bool:
     if not jstream._is_float_dtype(base_v.dtype(k)):
       continue
     dts = [np.dtype(r.dtype(k)) for r in readers]
-    if plan.compute_for(dts) != np.float32:
+    if not any_compute and plan.compute_for(dts) != np.float32:
       return False
     if np.dtype(plan.out_for(dts)) != np.dtype(base_v.out_dtype(k)):
       return False
@@ -383,8 +383,13 @@ def run(args: argparse.Namespace) -> int:
   if use_stream and fmt == "orbax":
     raise ValueError("--stream writes safetensors; use --format safetensors (or --no-stream for orbax output)")
   plan = spec.plan
-  if plan is not None and spec.tx is not None and _float32_exact(plan, base_v, model_vs):
-    plan = None  # computed in float32 by both tools: jaxmerge's fast engine gives mergekit's result
+  if plan is not None and spec.tx is not None:
+    keep_all = plan.tie_rule == "keep_all"
+    if _float32_exact(plan, base_v, model_vs, any_compute=keep_all):
+      plan = None  # computed in float32 by both tools (or keep_all asked for it): jaxmerge's fast engine
+    elif keep_all:
+      raise ValueError("jaxmerge.tie_rule keep_all needs checkpoints whose tensors mergekit writes in one dtype "
+                       "(set out_dtype)")
   mesh = None
   if getattr(args, "mesh", None):
     if use_stream:
@@ -395,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
   key = jax.random.key(int(spec.seed))
   notes = list(spec.notes)
-  if spec.plan is not None and plan is None:
+  if spec.plan is not None and plan is None and spec.plan.tie_rule == "exact":
     notes.append("mergekit computes this merge in float32: jaxmerge's own engine gives its result")
   wide = [k for k in floats if base_v.out_dtype(k) == "float64"]
   if wide:

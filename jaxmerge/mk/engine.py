@@ -55,6 +55,9 @@ class Plan:
     compute_dtype: overrides the compute dtype (``"float32"``: jaxmerge's float32 option), or ``None``.
     out_dtype: the output dtype, or ``None`` for the kernel's result dtype (mergekit's rule).
     seed: seeds the random masks (DARE, DELLA): one generator per tensor, from the seed and the tensor's name.
+    tie_rule: ``"exact"`` (mergekit's), or ``"keep_all"``: the config asks for jaxmerge's own float32 TIES, which
+      keeps every magnitude tied at the trim threshold (``jaxmerge: {tie_rule: keep_all}``; run by
+      ``jaxmerge merge`` on its fast engine, :mod:`jaxmerge.config`).
   """
 
   method: str
@@ -65,6 +68,7 @@ class Plan:
   compute_dtype: str | None = None
   out_dtype: str | None = None
   seed: int = 0
+  tie_rule: str = "exact"
 
   def compute_for(self, dtypes: Sequence[np.dtype]) -> np.dtype:
     """The dtype one tensor is merged in, given its inputs' dtypes."""
