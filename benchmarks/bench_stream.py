@@ -65,7 +65,9 @@ if mode == "mergekit":
   from mergekit.config import MergeConfiguration
   from mergekit.merge import run_merge
   from mergekit.options import MergeOptions
-  conf = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
+  d = yaml.safe_load(open(cfg))
+  d.pop("jaxmerge", None)  # jaxmerge's own options
+  conf = MergeConfiguration.model_validate(d)
   opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
   run = lambda: run_merge(conf, out, options=opts)
 else:
@@ -203,8 +205,10 @@ def mergekit_yaml(method: str, root: pathlib.Path, models: int, compute: str) ->
   n = models if count is None else count
   cfg = {"merge_method": method,
          "models": [{"model": str(root / f"ft{i}"), **({"parameters": dict(per)} if per else {})} for i in range(n)]}
-  if compute == "float32":
+  if compute in ("float32", "keep_all"):
     cfg.update({"dtype": "float32", "out_dtype": "bfloat16"})
+  if compute == "keep_all":  # ties only: jaxmerge's fast TIES (every magnitude tied at the threshold kept)
+    cfg["jaxmerge"] = {"tie_rule": "keep_all"}
   if with_base:
     cfg["base_model"] = str(root / "base")
   if glob:
@@ -255,8 +259,9 @@ def main() -> None:
   ap.add_argument("--methods", default="task_arithmetic,ties",
                   help=f"comma-separated, or 'all': {','.join(METHODS)}")
   ap.add_argument("--compute", default="float32",
-                  help="comma-separated: float32 (dtype: float32, out_dtype: bfloat16 in the YAML) and/or native "
-                       "(no dtype: mergekit computes in bf16)")
+                  help="comma-separated: float32 (dtype: float32, out_dtype: bfloat16 in the YAML), native "
+                       "(no dtype: mergekit computes in bf16), keep_all (ties only: float32 plus jaxmerge's "
+                       "tie_rule: keep_all, which mergekit's run does not see)")
   ap.add_argument("--baseline", default=None,
                   help="another jaxmerge tree (e.g. a checkout of main) also run on every case, interleaved")
   ap.add_argument("--rounds", type=int, default=2)
@@ -272,7 +277,7 @@ def main() -> None:
   cfg = llama_config(args.hidden, args.layers, args.vocab)
   modes = ["mergekit", "stream", "memory"] + (["stream@base", "memory@base"] if args.baseline else [])
   methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
-  cases = [(m, c) for c in args.compute.split(",") for m in methods]
+  cases = [(m, c) for c in args.compute.split(",") for m in methods if c != "keep_all" or m == "ties"]
   results = {}
   try:
     t0 = time.perf_counter()
