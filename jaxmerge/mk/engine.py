@@ -24,7 +24,14 @@ _NP = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat
 
 
 def np_dtype(name: str) -> np.dtype:
-  """``"bfloat16"`` -> ``ml_dtypes.bfloat16`` etc."""
+  """The NumPy dtype of a dtype name.
+
+  Args:
+    name: ``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"float64"``.
+
+  Returns:
+    The dtype (``ml_dtypes.bfloat16`` for ``"bfloat16"``).
+  """
   return _NP[name]
 
 

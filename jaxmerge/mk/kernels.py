@@ -20,6 +20,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# The kernels (gta, linear, slerp, ..., one per mergekit method) are called by jaxmerge.mk.engine, which resolves
+# their parameters; they are not a public API.
+__all__ = ["GTA", "Num", "result_dtype"]
+
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
 
@@ -550,7 +554,15 @@ def model_stock(n: Num, base: np.ndarray, models: Sequence[np.ndarray], filter_w
 
 
 def result_dtype(method: str, compute: np.dtype) -> np.dtype:
-  """The dtype mergekit's kernel returns for inputs of dtype ``compute``."""
+  """The dtype mergekit's kernel returns for inputs of dtype ``compute``.
+
+  Args:
+    method: the mergekit method.
+    compute: the compute dtype.
+
+  Returns:
+    ``compute``, or float32 (float64 for float64) for ``ramplus_tl`` and ``arcee_fusion``.
+  """
   if method in ("ramplus_tl", "arcee_fusion"):
     return np.promote_types(np.dtype(np.float64) if compute == F64 else F32, F32)
   return compute

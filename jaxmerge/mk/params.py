@@ -217,14 +217,28 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
 def layer_index(name: str) -> int | None:
-  """The decoder layer a tensor belongs to (``model.layers.7.mlp...`` -> 7), or ``None``."""
+  """The decoder layer a tensor belongs to (``model.layers.7.mlp...`` -> 7).
+
+  Args:
+    name: a tensor name.
+
+  Returns:
+    The layer index, or ``None`` outside the layers.
+  """
   m = _LAYER.search(name)
   return int(m.group(1)) if m else None
 
 
 def layer_t(name: str, num_layers: int) -> float:
-  """mergekit's gradient position of a tensor in a whole-model merge: ``index / (num_layers - 1)`` inside the
-  layers (``1`` with a single layer), ``0`` outside them."""
+  """mergekit's gradient position of a tensor in a whole-model merge.
+
+  Args:
+    name: the tensor's name.
+    num_layers: the model's number of layers.
+
+  Returns:
+    ``index / (num_layers - 1)`` inside the layers (``1`` with a single layer), ``0`` outside them.
+  """
   i = layer_index(name)
   if i is None:
     return 0.0
@@ -288,8 +302,16 @@ class Resolver:
 
 
 def unused_names(method: str, scope: Mapping[str, Any], per_input: bool) -> list[str]:
-  """The keys of ``scope`` that mergekit ignores for ``method``: not its parameters, or (``per_input``) shared
-  parameters set on a model."""
+  """The keys of ``scope`` that mergekit ignores for ``method``.
+
+  Args:
+    method: a :data:`METHODS` name.
+    scope: a ``parameters`` mapping.
+    per_input: whether it is a model's own mapping (shared parameters are ignored there).
+
+  Returns:
+    The keys that are not ``method``'s parameters, or (``per_input``) shared parameters set on a model.
+  """
   spec = METHODS[method]
   out = []
   for k in scope:
