@@ -165,7 +165,7 @@ def test_schema_detection_defaults_and_overrides():
                     "out_dtype": "float16", "parameters": {"weight": 1}}).dtype == "float16"
   spec = C.resolve({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}],
                     "tokenizer_source": "base"})
-  assert spec.vocab_policy == "pad_base" and spec.base == "x"
+  assert spec.tokenizer == C.TokenizerSpec(source="base") and spec.base == "x" and spec.vocab_policy == "error"
   with pytest.raises(ValueError, match=r"flags only override dtype, seed"):
     C.resolve({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}]}, {"method": "ties"})
   jspec = C.resolve({"method": "ties", "base": "b", "models": ["x", "y"], "hparams": {"density": 0.5}},
@@ -195,7 +195,8 @@ def test_float32_transform_only_for_plain_task_arithmetic():
     ({"merge_method": "frankenmerge", "base_model": "b", "models": [{"model": "x"}]},
      "merge_method 'frankenmerge' is not supported; supported mergekit methods: task_arithmetic"),
     ({"merge_method": "ties", "models": [{"model": "x", "parameters": {"weight": 1}}]}, "needs base_model"),
-    ({"merge_method": "ties", "base_model": "b", "slices": [{}], "models": [{"model": "x"}]}, "'slices' is not"),
+    ({"merge_method": "ties", "base_model": "b", "slices": [{}], "models": [{"model": "x"}]},
+     "exactly one of 'models' and 'slices'"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": 1}},
                                                             {"model": "y"}]},
      r"ties needs a 'weight' for every model; missing for \['y'\]"),
@@ -208,8 +209,8 @@ def test_float32_transform_only_for_plain_task_arithmetic():
     ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "x"}]}, "slerp needs the parameter 't'"),
     ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "x"}]}, "at least 3 models"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x+lora"}]}, "'model\\+lora' form"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "tokenizer_source": "union"},
-     "tokenizer_source 'union' is not supported"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "tokenizer_source": "union",
+      "tokenizer": {"source": "base"}}, "either tokenizer_source or a tokenizer block"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "weird": 1}, "unknown keys \\['weird'\\]"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "jaxmerge": {"compute": 1}},
      "unknown 'jaxmerge' options \\['compute'\\]"),

@@ -6,9 +6,11 @@
 
 CONFIG is jaxmerge's schema ``{method: NAME, base: PATH, models: [PATH, ...], hparams: {...},
 dtype: float32|bfloat16|float16, seed: N, vocab_policy: error|truncate|pad_base}`` or mergekit's
-(``merge_method``, ``base_model``, ``models: [{model, parameters}]``, ``parameters``, ``dtype``); see
-:mod:`jaxmerge.config`. Flags override the YAML and work without it. PATH is a safetensors file, a directory
-holding one or a sharded checkpoint with an index (a Hugging Face directory), or an orbax directory.
+(``merge_method``, ``base_model``, ``models: [{model, parameters}]`` or ``slices``, ``parameters``, ``dtype``,
+``tokenizer_source``/``tokenizer``, ``chat_template``); see :mod:`jaxmerge.config`. Flags override the YAML and
+work without it. PATH is a safetensors file, a directory holding one or a sharded checkpoint with an index (a
+Hugging Face directory), an orbax directory, or a hub id ``org/name[@revision]`` (downloaded, or read from the
+cache with ``HF_HUB_OFFLINE=1``: :mod:`jaxmerge.io.hub`).
 
 Math runs in float32; each output tensor has the pretrained checkpoint's dtype unless ``--dtype`` says
 otherwise. ``DIR`` receives ``model.safetensors`` (shards and ``model.safetensors.index.json`` above
@@ -40,6 +42,7 @@ automatically when an in-memory merge would need more than half of the available
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -123,6 +126,11 @@ def load_config(args: argparse.Namespace):
     hp[k.strip()] = _value(v)
   overrides = {"method": args.method, "base": args.base, "models": args.model, "hparams": hp, "dtype": args.dtype,
                "seed": args.seed, "layout": args.layout, "vocab_policy": getattr(args, "vocab_policy", None)}
+  cfg = config.locate_models(cfg, rel)
+  if not args.config or not config.is_mergekit(cfg):
+    for k in ("base", "models"):
+      if overrides.get(k):
+        overrides[k] = config.locate_models({"method": "x", k: overrides[k]})[k]
   spec = config.resolve(cfg, overrides, where=where, relative_to=rel)
   compute = getattr(args, "compute_dtype", None)
   if compute and spec.plan is None:
@@ -288,53 +296,147 @@ def _float32_exact(plan, base_v, model_vs, any_compute: bool = False) -> bool:
   return True
 
 
-def _merge_mergekit(spec, base_v, model_vs, out_dir, max_shard, meta, stream: bool) -> str:
-  """Runs a mergekit-schema plan (:mod:`jaxmerge.mk`) into ``out_dir``: streamed (each merged tensor written
-  before the next is read) or in memory (every input read first); both merge each tensor the same way."""
-  import numpy as np  # noqa: PLC0415
+def _plan_route(gspec, base_v, model_vs):
+  """The mergekit plan that merges a group, or ``None`` when jaxmerge's transform (``gspec.tx``) runs it: a
+  jaxmerge-schema spec, or a mergekit one that both tools compute in float32 (or ``tie_rule: keep_all``)."""
+  plan = gspec.plan
+  if plan is not None and gspec.tx is not None:
+    keep_all = plan.tie_rule == "keep_all"
+    if _float32_exact(plan, base_v, model_vs, any_compute=keep_all):
+      return None
+    if keep_all:
+      raise ValueError("jaxmerge.tie_rule keep_all needs checkpoints whose tensors mergekit writes in one dtype "
+                       "(set out_dtype)")
+  return plan
 
-  from jaxmerge.io import safetensors_io as S  # noqa: PLC0415
-  from jaxmerge.mk import engine  # noqa: PLC0415
 
-  plan = spec.plan
+def _plan_readers(plan, base_v, model_vs) -> list:
+  """The readers in the plan's input order (the base view at the plan's base position)."""
   first = plan.base_index if plan.base_index is not None else 0
   readers = list(model_vs)
   readers.insert(first, base_v)
-  readers = readers[:len(plan.inputs)]  # a single-input plan (passthrough) reads the base view only
+  return readers[:len(plan.inputs)]  # a single-input plan (passthrough) reads the base view only
+
+
+def _plan_out_dtypes(plan, base_v, model_vs) -> dict:
+  """``{tensor: output dtype}`` of a plan's group (mergekit's rule: ``out_dtype``, else the kernel's dtype)."""
+  import numpy as np  # noqa: PLC0415
+
+  readers = _plan_readers(plan, base_v, model_vs)
+  return {k: np.dtype(plan.out_for([np.dtype(r.dtype(k)) for r in readers])) for k in base_v.keys()}
+
+
+def _slice_t(offset: int, count: int):
+  """mergekit's gradient position of a sliced tensor (output names): the layer's index in its slice over
+  ``count - 1`` (1 for a one-layer slice), 0 for the tensors outside the layers."""
+  from jaxmerge.mk import params as P  # noqa: PLC0415
+
+  def t_of(name: str) -> float:
+    i = P.layer_index(name)
+    if i is None:
+      return 0.0
+    return (i - offset) / (count - 1) if count > 1 else 1.0
+
+  return t_of
+
+
+def _merge_plan(plan, base_v, model_vs, write, stream: bool, t_of=None) -> None:
+  """Runs a mergekit-schema plan (:mod:`jaxmerge.mk`) on one group, passing each merged tensor to ``write``:
+  streamed (each tensor read when it is merged) or in memory (every input read first); both merge each tensor the
+  same way."""
+  import numpy as np  # noqa: PLC0415
+
+  from jaxmerge.mk import engine  # noqa: PLC0415
+
+  readers = _plan_readers(plan, base_v, model_vs)
   names = [str(n) for n in plan.inputs]
   keys = list(base_v.keys())
-  outs = {k: plan.out_for([np.dtype(r.dtype(k)) for r in readers]) for k in keys}
   sizes = {k: int(np.prod(base_v.shape(k))) for k in keys}
   if stream:
-    specs = {k: (base_v.shape(k), outs[k]) for k in keys}
-    w = S.ShardedWriter(out_dir, specs, max_shard_bytes=max_shard, metadata=meta, atomic=False)
-    checked = _CheckedWriter(w, outs.__getitem__)
-    try:
-      engine.run(plan, keys, lambda i, k: readers[i].get(k), checked.write, names, sizes)
-      w.close()
-    except BaseException:
-      w.abort()
-      raise
-    return "streamed tensor by tensor (mergekit's arithmetic)"
+    engine.run(plan, keys, lambda i, k: readers[i].get(k), write, names, sizes, t_of=t_of)
+    return
   loaded = [{k: np.array(r.get(k)) for k in keys} for r in readers]
-  merged: dict = {}
-  engine.run(plan, keys, lambda i, k: loaded[i][k], merged.__setitem__, names, sizes)
-  del loaded
-  for k, x in merged.items():
-    _check_fits(k, x, x.dtype)
-  S.save_sharded(out_dir / "model", merged, max_shard_bytes=max_shard, metadata=meta)
-  for f in (out_dir / "model").iterdir():
-    os.replace(f, out_dir / f.name)
-  (out_dir / "model").rmdir()
-  return "in memory (mergekit's arithmetic)"
+  engine.run(plan, keys, lambda i, k: loaded[i][k], write, names, sizes, t_of=t_of)
 
 
-def _finish_dir(d: pathlib.Path, spec, base_v) -> None:
+def _finish_dir(d: pathlib.Path, spec, base_v, tok_info=None, num_layers=None) -> list[str]:
+  """Writes ``config.json`` and the tokenizer files next to the merged weights; returns notes."""
   from jaxmerge.io import llm  # noqa: PLC0415
+  from jaxmerge.io import tokenizer as jtok  # noqa: PLC0415
 
+  notes = []
   base_path = pathlib.Path(spec.base)
+  rebuild = tok_info is not None or spec.chat_template is not None
   if base_path.is_dir():
-    llm.copy_model_files(base_path, d, vocab_size=llm.vocab_size_of(base_v), dtype=spec.dtype)
+    llm.copy_model_files(base_path, d, vocab_size=llm.vocab_size_of(base_v), dtype=spec.dtype,
+                         num_layers=num_layers, tokenizer_files=not rebuild)
+  if rebuild:
+    models = list(dict.fromkeys([*spec.order, spec.base]))
+    template = jtok.template_for(spec.chat_template, models)
+    if tok_info is not None:
+      jtok.save(tok_info.tokenizer, d, template)
+    else:  # mergekit: the base model's tokenizer re-saved with the template
+      try:
+        tok = jtok.load_tokenizer(spec.base)
+      except ValueError as e:
+        notes.append(f"chat_template not written: {e}")
+      else:
+        jtok.save(tok, d, template)
+  return notes
+
+
+def _open_groups(spec, clip_vision: bool):
+  """The groups of tensors to merge: ``(groups, readers to close, tokenizer info, output layer count)``.
+
+  One group (the whole model) without ``slices``; one per slice with them (:mod:`jaxmerge.io.layers`). With a
+  tokenizer setting, each group's readers show the output vocabulary's embedding rows
+  (:class:`jaxmerge.io.tokenizer.VocabularyGroup`)."""
+  from jaxmerge.io import hf  # noqa: PLC0415
+  from jaxmerge.io import layers  # noqa: PLC0415
+  from jaxmerge.io import safetensors_io as S  # noqa: PLC0415
+  from jaxmerge.io import tokenizer as jtok  # noqa: PLC0415
+
+  raw: dict[str, object] = {}
+
+  def opened(p):
+    if p not in raw:
+      raw[p] = S.open_checkpoint(p)
+    return raw[p]
+
+  try:
+    info = None
+    if spec.tokenizer is not None:
+      referenced = list(dict.fromkeys([*spec.order, *([spec.tokenizer.base_model] if spec.tokenizer.base_model
+                                                        else [])]))
+      info = jtok.build(spec.tokenizer, referenced, spec.tokenizer.base_model)
+    if spec.slices:
+      vgroups = {}
+
+      def open_reader(p, si):
+        if info is None:
+          return opened(p)
+        if si not in vgroups:
+          vgroups[si] = jtok.VocabularyGroup(info, {q: opened(q) for q, _, _ in spec.slices[si].ranges})
+        return vgroups[si].view(p)
+
+      groups, total = layers.plan(spec, open_reader)
+      return groups, list(raw.values()), info, total
+    if info is not None:
+      vg = jtok.VocabularyGroup(info, {p: opened(p) for p in dict.fromkeys([*spec.order, spec.base, *spec.models])})
+      base_r, model_rs = vg.view(spec.base), [vg.view(m) for m in spec.models]
+    else:
+      base_r = opened(spec.base)
+      model_rs = [S.open_checkpoint(p) for p in spec.models]
+      raw.update({f"{i}:{p}": r for i, (p, r) in enumerate(zip(spec.models, model_rs))})
+    if clip_vision:  # CLIPModel base + CLIPVisionModel experts: merge the vision towers, keys "vision_model.*"
+      base_r = hf.VisionTowerReader(base_r, str(spec.base))
+      model_rs = [hf.VisionTowerReader(r, str(n)) for r, n in zip(model_rs, spec.names)]
+    return [layers.Group(spec=spec, base=base_r, models=model_rs)], list(raw.values()), info, None
+  except BaseException:
+    for r in raw.values():
+      if hasattr(r, "close"):
+        r.close()
+    raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -366,43 +468,54 @@ def run(args: argparse.Namespace) -> int:
   fmt = getattr(args, "format", "safetensors") or "safetensors"
   from jaxmerge.io import hf  # noqa: PLC0415
 
-  clip_vision = hf.clip_vision_layout(spec.base, list(spec.models))
+  clip_vision = not spec.slices and hf.clip_vision_layout(spec.base, list(spec.models))
   if not clip_vision:
-    llm.check_architectures(spec.base, spec.models, names=list(spec.names))
-  base_r = S.open_checkpoint(spec.base)
-  model_rs = [S.open_checkpoint(p) for p in spec.models]
-  if clip_vision:  # CLIPModel base + CLIPVisionModel experts: merge the vision towers, keys "vision_model.*"
-    base_r = hf.VisionTowerReader(base_r, str(spec.base))
-    model_rs = [hf.VisionTowerReader(r, str(n)) for r, n in zip(model_rs, spec.names)]
-  base_v, model_vs = llm.align(base_r, model_rs, policy=spec.vocab_policy, names=list(spec.names),
-                               out_dtype=spec.dtype)
-  floats = [k for k in base_v.keys() if jstream._is_float_dtype(base_v.dtype(k))]
+    llm.check_architectures(spec.base, [p for p in dict.fromkeys([*spec.models, *spec.order]) if p != spec.base],
+                            names=None)
+  groups, readers, tok_info, num_layers = _open_groups(spec, clip_vision)
+  base_r, model_rs = groups[0].base, groups[0].models
+  aligned = []
+  try:
+    for g in groups:
+      aligned.append((g.spec, *llm.align(g.base, g.models, policy=g.spec.vocab_policy, names=list(g.spec.names),
+                                         out_dtype=g.spec.dtype)))
+  except BaseException:
+    for r in readers:
+      if hasattr(r, "close"):
+        r.close()
+    raise
+  base_v, model_vs = aligned[0][1], aligned[0][2]
   t = len(model_vs)
-  need = (t + 3) * _float_bytes(base_v, floats)
+  need = sum((len(mv) + 3) * _float_bytes(bv, [k for k in bv.keys() if jstream._is_float_dtype(bv.dtype(k))])
+             for _, bv, mv in aligned)
   use_stream = args.stream if args.stream is not None else need > _available_bytes() // 2
   if use_stream and fmt == "orbax":
     raise ValueError("--stream writes safetensors; use --format safetensors (or --no-stream for orbax output)")
-  plan = spec.plan
-  if plan is not None and spec.tx is not None:
-    keep_all = plan.tie_rule == "keep_all"
-    if _float32_exact(plan, base_v, model_vs, any_compute=keep_all):
-      plan = None  # computed in float32 by both tools (or keep_all asked for it): jaxmerge's fast engine
-    elif keep_all:
-      raise ValueError("jaxmerge.tie_rule keep_all needs checkpoints whose tensors mergekit writes in one dtype "
-                       "(set out_dtype)")
+  routes = [_plan_route(gspec, bv, mv) for gspec, bv, mv in aligned]  # per group: a mergekit plan, or None
+  t_ofs = [None] * len(aligned)
+  if spec.slices:  # mergekit's gradients run over each slice's own layers
+    offset = 0
+    for i, sl in enumerate(spec.slices):
+      t_ofs[i] = _slice_t(offset, sl.num_layers)
+      offset += sl.num_layers
   mesh = None
   if getattr(args, "mesh", None):
     if use_stream:
       raise ValueError("--mesh shards an in-memory merge; it cannot be combined with --stream (pass --no-stream)")
-    if plan is not None:
+    if len(aligned) > 1:
+      raise ValueError("--mesh merges whole models; it cannot be combined with slices")
+    if any(r is not None for r in routes):
       raise ValueError("--mesh runs jaxmerge's transforms; mergekit-schema configs merge tensor by tensor on the host")
     mesh = parse_mesh(args.mesh, t)
+  if fmt == "orbax" and any(r is not None for r in routes):
+    raise ValueError("mergekit-schema configs write safetensors; use --format safetensors")
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
   key = jax.random.key(int(spec.seed))
   notes = list(spec.notes)
-  if spec.plan is not None and plan is None and spec.plan.tie_rule == "exact":
+  if any(g.plan is not None and r is None and g.plan.tie_rule == "exact" for (g, _, _), r in zip(aligned, routes)):
     notes.append("mergekit computes this merge in float32: jaxmerge's own engine gives its result")
-  wide = [k for k in floats if base_v.out_dtype(k) == "float64"]
+  wide = [k for (_, bv, _), r in zip(aligned, routes) if r is None for k in bv.keys()
+          if jstream._is_float_dtype(bv.dtype(k)) and bv.out_dtype(k) == "float64"]
   if wide:
     notes.append(f"{len(wide)} float64 tensors (e.g. {wide[0]!r}) are merged in float32 and written as float64")
   for note in notes:
@@ -416,30 +529,48 @@ def run(args: argparse.Namespace) -> int:
   except OSError as e:
     raise ValueError(f"cannot write the output {out}: {e.strerror or e} ({e.filename or out.parent})") from e
   t0 = time.perf_counter()
+  arith = " (mergekit's arithmetic)" if any(r is not None for r in routes) else ""
   try:
     dirs = [tmp / f"task_{i}" for i in range(t)] if spec.per_task else [tmp]
     meta = {"jaxmerge_method": spec.method}
-    if plan is not None:  # mergekit's schema: its methods tensor by tensor (jaxmerge.mk)
-      if fmt == "orbax":
-        raise ValueError("mergekit-schema configs write safetensors; use --format safetensors")
-      detail = _merge_mergekit(spec, base_v, model_vs, tmp, max_shard, meta, use_stream)
-    elif use_stream:
-      specs = {k: (base_v.shape(k), base_v.out_dtype(k)) for k in base_v.keys()}
+    out_dtypes: dict = {}
+    for (_, bv, mv), plan in zip(aligned, routes):
+      out_dtypes.update(_plan_out_dtypes(plan, bv, mv) if plan is not None else {k: bv.out_dtype(k) for k in bv.keys()})
+    if use_stream:
+      specs = {k: (bv.shape(k), out_dtypes[k]) for _, bv, _ in aligned for k in bv.keys()}
       writers = [S.ShardedWriter(d, specs, max_shard_bytes=max_shard, metadata=meta, atomic=False) for d in dirs]
-      checked = [_CheckedWriter(w, base_v.out_dtype) for w in writers]
+      checked = [_CheckedWriter(w, out_dtypes.__getitem__) for w in writers]
       try:
-        result = jstream.merge_streaming(
-            spec.tx, base_v, model_vs, checked if spec.per_task else checked[0], method=spec.registry_method,
-            key=key, layout=layout, names=list(spec.names), per_task=spec.per_task)
+        passes = compiles = 0
+        for (gspec, bv, mv), plan, t_of in zip(aligned, routes, t_ofs):
+          if plan is not None:  # mergekit's schema: its methods tensor by tensor (jaxmerge.mk)
+            _merge_plan(plan, bv, mv, checked[0].write, True, t_of)
+            passes = max(passes, 1)
+            continue
+          result = jstream.merge_streaming(
+              gspec.tx, bv, mv, checked if gspec.per_task else checked[0], method=gspec.registry_method,
+              key=key, layout=layout, names=list(gspec.names), per_task=gspec.per_task)
+          passes, compiles = max(passes, result.passes), compiles + result.compiles
         for w in writers:
           w.close()
       except BaseException:
         for w in writers:
           w.abort()
         raise
-      detail = f"streamed in {result.passes} pass(es), {result.compiles} compile(s)"
+      detail = f"streamed in {passes} pass(es), {compiles} compile(s){arith}"
     else:
-      merged = _merge_in_memory(spec, base_v, model_vs, floats, key, layout, mesh)
+      merged = None
+      for (gspec, bv, mv), plan, t_of in zip(aligned, routes, t_ofs):
+        if plan is not None:
+          part_d: dict = {}
+          _merge_plan(plan, bv, mv, part_d.__setitem__, False, t_of)
+          for k, x in part_d.items():
+            _check_fits(k, x, x.dtype)
+          part = [part_d]
+        else:
+          gfloats = [k for k in bv.keys() if jstream._is_float_dtype(bv.dtype(k))]
+          part = _merge_in_memory(gspec, bv, mv, gfloats, key, layout, mesh)
+        merged = part if merged is None else [{**a, **b} for a, b in zip(merged, part)]
       for d, m in zip(dirs, merged):
         if fmt == "orbax":
           from jaxmerge.io import orbax_io  # noqa: PLC0415
@@ -455,15 +586,18 @@ def run(args: argparse.Namespace) -> int:
         for f in (tmp / "orbax").iterdir():
           os.replace(f, tmp / f.name)
         (tmp / "orbax").rmdir()
-      detail = "in memory" + (f" on a {dict(mesh.shape)} mesh" if mesh is not None else "")
+      detail = "in memory" + (f" on a {dict(mesh.shape)} mesh" if mesh is not None else "") + arith
     for d in dirs:
       if clip_vision:  # a CLIPVisionModel directory, like the experts
         first = pathlib.Path(spec.models[0])
         shutil.copyfile((first if first.is_dir() else first.parent) / "config.json", d / "config.json")
       else:
-        _finish_dir(d, spec, base_v)
+        notes.extend(_finish_dir(d, spec, base_v, tok_info, num_layers))
     seconds = time.perf_counter() - t0
     info = {"method": spec.method, "hparams": spec.hparams, "base": spec.base, "models": list(spec.models),
+            "slices": [[list(r) for r in sl.ranges] for sl in spec.slices] or None, "num_layers": num_layers,
+            "tokenizer": dataclasses.asdict(spec.tokenizer) if spec.tokenizer is not None else None,
+            "chat_template": spec.chat_template,
             "layout": "clip_vision" if clip_vision else None,
             "dtype": spec.dtype, "seed": spec.seed, "vocab_policy": spec.vocab_policy, "source": spec.source,
             "stream": bool(use_stream), "mesh": dict(mesh.shape) if mesh is not None else None, "format": fmt,
@@ -483,7 +617,7 @@ def run(args: argparse.Namespace) -> int:
                        "behind") from e
     raise
   finally:
-    for r in (base_r, *model_rs):
+    for r in (*readers, base_r, *model_rs):
       if hasattr(r, "close"):
         r.close()
   print(f"merged {t} models with {spec.method} ({detail}) in {seconds:.2f} s -> {out}")

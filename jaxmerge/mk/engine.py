@@ -189,7 +189,7 @@ def _workers() -> int:
 
 def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write: Callable[[str, np.ndarray], None],
         names: Sequence[str] | None = None, sizes: Mapping[str, int] | None = None,
-        workers: int | None = None) -> None:
+        workers: int | None = None, t_of: Callable[[str], float] | None = None) -> None:
   """Merges every tensor of ``keys``, reading each input's tensor with ``read(input, key)`` and passing the
   result to ``write(key, array)`` in the order of ``keys``.
 
@@ -206,12 +206,16 @@ def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write:
     names: the inputs' names for messages.
     sizes: each key's number of entries (bounds the memory in flight); default: no bound but ``workers``.
     workers: threads (default: the usable cores, at most 4).
+    t_of: each tensor's position for layer gradients (default: :func:`jaxmerge.mk.params.layer_t` over the
+      layers among ``keys``, a whole-model merge; a slice passes its own).
   """
-  layers = num_layers(keys)
+  if t_of is None:
+    layers = num_layers(keys)
+    t_of = lambda k: P.layer_t(k, layers)  # noqa: E731
 
   def merge(k: str) -> np.ndarray:
     arrays = [read(i, k) for i in range(len(plan.inputs))]
-    return plan.merge_tensor(k, arrays, P.layer_t(k, layers), names)
+    return plan.merge_tensor(k, arrays, t_of(k), names)
 
   workers = workers or _workers()
   if workers == 1 or len(keys) < 2:
