@@ -253,7 +253,7 @@ def _run_mergekit(cfg, out):
   return None
 
 
-def _run_jaxmerge(cfg, tmp, out):
+def _run_jaxmerge(cfg, tmp, out, *flags):
   import yaml
 
   from jaxmerge import cli
@@ -261,7 +261,7 @@ def _run_jaxmerge(cfg, tmp, out):
   path = tmp / "merge.yml"
   path.write_text(yaml.safe_dump(cfg))
   try:
-    rc = cli.main(["merge", str(path), "--out", str(out)])
+    rc = cli.main(["merge", str(path), "--out", str(out), *flags])
   except Exception as e:  # noqa: BLE001 (a crash counts as a failure below, with its message)
     return f"crash {type(e).__name__}: {e}"
   return None if rc == 0 else f"exit status {rc}"
@@ -447,3 +447,32 @@ def test_same_result_as_mergekit(cfg, zoo, tmp_path):
   ours, theirs = _compare_tensors(tmp_path / "mk", tmp_path / "jm", random, cfg)
   if random:
     _compare_random(ours, theirs, cfg["base_model"])
+
+
+def _stream_params(cases):
+  return [pytest.param(cfg, id=cid, marks=() if cid in DEFAULT else pytest.mark.slow) for cid, cfg, _ in cases]
+
+
+@pytest.mark.parametrize("cfg", _stream_params(CASES))
+def test_stream_equals_in_memory(cfg, zoo, tmp_path):
+  """Acceptance 2: ``--stream`` gives the in-memory result for every config (methods, slices, tokenizers):
+  the same files, tensors bit for bit."""
+  from jaxmerge.io import safetensors_io as S
+
+  cfg = _substitute(cfg, zoo)
+  errs = [_run_jaxmerge(cfg, tmp_path, tmp_path / name, flag) for name, flag in (("s", "--stream"),
+                                                                                  ("m", "--no-stream"))]
+  assert not any(e and e.startswith("crash") for e in errs), errs
+  assert (errs[0] is None) == (errs[1] is None), errs
+  if errs[0] is not None:
+    return
+  streamed, loaded = S.load(tmp_path / "s"), S.load(tmp_path / "m")
+  assert set(streamed) == set(loaded)
+  for k in loaded:
+    a, b = np.asarray(streamed[k]), np.asarray(loaded[k])
+    assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), k
+  files = lambda d: sorted(f.name for f in d.iterdir() if f.suffix != ".safetensors"  # noqa: E731
+                           and f.name not in ("model.safetensors.index.json", "merge_info.json"))
+  assert files(tmp_path / "s") == files(tmp_path / "m")
+  for f in files(tmp_path / "m"):
+    assert (tmp_path / "s" / f).read_bytes() == (tmp_path / "m" / f).read_bytes(), f
