@@ -39,6 +39,11 @@ def _is_float(dt: np.dtype) -> bool:
   return np.dtype(dt) in _NP.values()
 
 
+def _finite(x: np.ndarray) -> bool:
+  """Whether every entry is finite: two reductions (NaN propagates through max) instead of a boolean array."""
+  return bool(np.isfinite(np.max(x)) and np.isfinite(np.min(x)))
+
+
 def _promote(dtypes: Sequence[np.dtype]) -> np.dtype:
   """PyTorch's promotion of float dtypes: equal ones stay, bfloat16 with float16 is float32, else the widest."""
   ds = {np.dtype(d) for d in dtypes}
@@ -122,7 +127,7 @@ class Plan:
       x = np.asarray(a)
       w = x.astype(cd, copy=False)
       w = w if w is not x and w.dtype == n.work else w.astype(n.work)  # a fresh array the kernel may overwrite
-      if not np.isfinite(w if x.dtype.itemsize <= 2 else x).all():
+      if w.size and not _finite(w if x.dtype.itemsize <= 2 else x):
         raise ValueError(f"model {who}: tensor {name!r} contains NaN or Inf values")
       work.append(w)
     shared, per = self.resolver.resolve(name, t, names)
