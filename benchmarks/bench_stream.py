@@ -198,9 +198,33 @@ METHODS = {
 }
 
 
-def mergekit_yaml(method: str, root: pathlib.Path, models: int, compute: str) -> dict:
+# Layer stacking (mergekit's ``slices``) over the checkpoints' ``layers``: a passthrough "frankenmerge" (all of
+# ft0's layers, then the second half of ft1's: 1.5 x layers) and a linear merge of ft0 and ft1 slice by slice with
+# other weights per slice.
+SLICES = ("slices_passthrough", "slices_linear")
+
+
+def _slices_yaml(method: str, root: pathlib.Path, layers: int) -> dict:
+  half = max(1, layers // 2)
+  if method == "slices_passthrough":
+    return {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(root / "ft0"), "layer_range": [0, layers]}]},
+        {"sources": [{"model": str(root / "ft1"), "layer_range": [layers - half, layers]}]}]}
+  return {"merge_method": "linear", "slices": [
+      {"sources": [{"model": str(root / f"ft{i}"), "layer_range": [a, b], "parameters": {"weight": w}}
+                   for i, w in ((0, wa), (1, 1 - wa))]}
+      for (a, b), wa in (((0, half), 0.7), ((half, layers), 0.3)) if a < b]}
+
+
+def mergekit_yaml(method: str, root: pathlib.Path, models: int, compute: str, layers: int = 2) -> dict:
   """The mergekit YAML of one case; ``compute="float32"``: ``dtype: float32, out_dtype: bfloat16`` (both tools
-  compute in float32), ``"native"``: no dtype (mergekit computes in the checkpoints' bf16)."""
+  compute in float32), ``"native"``: no dtype (mergekit computes in the checkpoints' bf16). ``layers``: the
+  checkpoints' layer count (for the ``slices_*`` cases)."""
+  if method in SLICES:
+    cfg = _slices_yaml(method, root, layers)
+    if compute == "float32":
+      cfg.update({"dtype": "float32", "out_dtype": "bfloat16"})
+    return cfg
   per, glob, with_base, count = METHODS[method]
   n = models if count is None else count
   cfg = {"merge_method": method,
@@ -257,7 +281,7 @@ def main() -> None:
   ap.add_argument("--vocab", type=int, default=32000)
   ap.add_argument("--models", type=int, default=3, help="fine-tuned models")
   ap.add_argument("--methods", default="task_arithmetic,ties",
-                  help=f"comma-separated, or 'all': {','.join(METHODS)}")
+                  help=f"comma-separated, or 'all': {','.join((*METHODS, *SLICES))}")
   ap.add_argument("--compute", default="float32",
                   help="comma-separated: float32 (dtype: float32, out_dtype: bfloat16 in the YAML), native "
                        "(no dtype: mergekit computes in bf16), keep_all (ties only: float32 plus jaxmerge's "
@@ -276,7 +300,7 @@ def main() -> None:
   scratch = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="jaxmerge-bench-stream-"))
   cfg = llama_config(args.hidden, args.layers, args.vocab)
   modes = ["mergekit", "stream", "memory"] + (["stream@base", "memory@base"] if args.baseline else [])
-  methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+  methods = [*METHODS, *SLICES] if args.methods == "all" else args.methods.split(",")
   cases = [(m, c) for c in args.compute.split(",") for m in methods if c != "keep_all" or m == "ties"]
   results = {}
   try:
@@ -287,7 +311,7 @@ def main() -> None:
     for method, compute in cases:
       case = f"{method}/{compute}"
       path = scratch / f"{method}_{compute}.yaml"
-      path.write_text(json.dumps(mergekit_yaml(method, scratch, args.models, compute)))
+      path.write_text(json.dumps(mergekit_yaml(method, scratch, args.models, compute, args.layers)))
       for r in range(args.rounds):
         order = modes[r % len(modes):] + modes[: r % len(modes)]
         for mode in order:
