@@ -184,6 +184,13 @@ CASES = [
                      {"model": "l8_b", "layer_range": [5, 8], "parameters": {"weight": 0.3}}]},
         {"sources": [{"model": "l8_c", "layer_range": [6, 8], "parameters": {"weight": 1.0}},
                      {"model": "l8_a", "layer_range": [2, 4], "parameters": {"weight": 1.0}}]}]}, None),
+    # a layer gradient runs over each slice's own layers (t = index in the slice / (slice length - 1))
+    ("slices_gradient", {"merge_method": "task_arithmetic", "base_model": "l8_base", "dtype": "bfloat16",
+                         "parameters": {"weight": [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": [1.0, 0.2, 0.6]}]},
+                         "slices": [{"sources": [{"model": "l8_base", "layer_range": [0, 5]},
+                                                 {"model": "l8_a", "layer_range": [0, 5]}]},
+                                    {"sources": [{"model": "l8_base", "layer_range": [5, 8]},
+                                                 {"model": "l8_b", "layer_range": [2, 5]}]}]}, None),
     ("slices_task_arithmetic", {"merge_method": "task_arithmetic", "base_model": "l8_base", "dtype": "float32",
                                 "slices": [{"sources": [{"model": "l8_base", "layer_range": [0, 4]},
                                                         {"model": "l8_a", "layer_range": [0, 4],
@@ -200,7 +207,7 @@ CASES = [
 # What the default run covers (each I/O feature once, and a few methods); the rest is slow.
 DEFAULT = {"gpt2_stack", "linear", "template_chatml_f32", "tok_source_union", "tok_force_token",
            "tok_model_token_id", "tok_pad_to_multiple_of", "ex_orcamini_platy_44layer", "slices_merged_ranges",
-           "della_invalid_epsilon", "nuslerp-base-row0-flat0"}
+           "della_invalid_epsilon", "nuslerp-base-row0-flat0", "slices_gradient", "karcher", "model_stock"}
 
 _BUILD = {
     "model_a": lambda p: M.picollama(p, seed=1), "model_b": lambda p: M.picollama(p, seed=2),
