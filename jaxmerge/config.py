@@ -475,7 +475,7 @@ def _float32_transform(method: str, first: int, glob: Mapping[str, Any], scopes:
   """jaxmerge's own transform for a mergekit config that it computes as mergekit does when mergekit computes in
   float32: ``task_arithmetic`` with plain numbers as settings, ``base + sum_i c_i (m_i - base)`` with mergekit's
   coefficients (the same operations; float32 rounding aside). ``None`` for anything else (``linear`` too:
-  mergekit sums ``w_i m_i``, which cancels to exactly 0 where the task-vector form leaves a rounding residue).
+  mergekit sums ``w_i m_i`` with fused multiply-adds, whose residues near 0 the task-vector form does not have).
   ``jaxmerge merge`` runs it on its fast (XLA) engine when every tensor's compute dtype is float32
   (:func:`jaxmerge.commands.merge.run`).
   """

@@ -175,8 +175,8 @@ def test_schema_detection_defaults_and_overrides():
 
 def test_float32_transform_only_for_plain_task_arithmetic():
   """task_arithmetic with plain numbers carries jaxmerge's float32 transform (the fast route); it computes what
-  the plan computes in float32. Gradients, filters, other methods and linear (whose sum of ``w_i m_i`` cancels to
-  exactly 0 where the task-vector form leaves a residue) carry none."""
+  the plan computes in float32. Gradients, filters, other methods and linear (mergekit's fused multiply-adds of
+  ``w_i m_i`` leave residues near 0 that the task-vector form does not) carry none."""
   import jaxmerge as jm  # noqa: PLC0415
 
   arrays = _arrays()
