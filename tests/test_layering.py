@@ -8,8 +8,10 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "jaxmerge"
 CORE_ALLOWED = {"jax", "jaxlib", "numpy", "jaxtyping", "jaxmerge", "__future__"}
 STDLIB = set(sys.stdlib_module_names)
+# Not core: the layers above the merge methods. `mk` is the mergekit-YAML engine (NumPy, mergekit's dtypes),
+# used only by config.py and commands/.
 NOT_CORE = ("models", "io", "eval", "data", "bench", "tta", "nn", "commands", "cli.py", "config.py", "stream.py",
-            "ri.py", "analysis.py", "moe", "sharding.py", "interference.py")
+            "ri.py", "analysis.py", "moe", "sharding.py", "interference.py", "mk")
 
 
 def _core_files():
