@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import numpy as np
@@ -38,13 +37,10 @@ def main(argv=None) -> None:
   p.add_argument("--cache", default=None)
   p.add_argument("--jobs", type=int, default=2)
   args = p.parse_args(argv)
-  fields = {f.name for f in dataclasses.fields(S.OfflineConfig)}
-  overrides = {}
-  for item in args.set:
-    k, _, v = item.partition("=")
-    if k not in fields:
-      raise SystemExit(f"--set {k}: not an OfflineConfig field")
-    overrides[k] = tuple(json.loads(v)) if k in ("sizes", "tasks") else json.loads(v)
+  try:
+    overrides = S.config_overrides(args.set)
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   seeds = [int(s) for s in args.seeds.split(",")]
   t0 = time.perf_counter()
   suites = [S.build_offline_suite(dataclasses.replace(S.OfflineConfig(seed=s), **overrides), args.cache,

@@ -36,7 +36,7 @@ from jaxmerge.bench.text import WordTokenizer
 from jaxmerge.data import synthetic
 
 __all__ = ["BACKBONE_FIELDS", "DEFAULT_BACKBONE", "DEFAULT_SEEDS", "OfflineConfig", "OfflineSuite", "build_offline_suite",
-           "finetune_missing"]
+           "config_overrides", "finetune_missing"]
 
 # Bump when generators or training change in a way the config fields do not capture.
 SUITE_VERSION = 4
@@ -130,6 +130,28 @@ class OfflineConfig:
   def backbone_fields(self) -> dict:
     """The fields a shipped backbone fixes: architecture, pretraining recipe and the pretraining seed."""
     return {f: getattr(self, f) for f in BACKBONE_FIELDS}
+
+
+def config_overrides(items: Sequence[str]) -> dict:
+  """Parses ``FIELD=JSON`` strings (the experiments' ``--set``) into :class:`OfflineConfig` overrides.
+
+  Args:
+    items: strings such as ``"finetune_lr=5e-5"`` or ``'sizes=[768, 64, 200]'``.
+
+  Returns:
+    ``{field: value}`` for :func:`dataclasses.replace` (``sizes`` and ``tasks`` as tuples).
+
+  Raises:
+    ValueError: a name that is not an :class:`OfflineConfig` field.
+  """
+  fields = {f.name for f in dataclasses.fields(OfflineConfig)}
+  out = {}
+  for item in items:
+    k, _, v = item.partition("=")
+    if k not in fields:
+      raise ValueError(f"--set {k}: not an OfflineConfig field (fields: {', '.join(sorted(fields))})")
+    out[k] = tuple(json.loads(v)) if k in ("sizes", "tasks") else json.loads(v)
+  return out
 
 
 # Fields that describe the pretrained model (architecture and recipe): a shipped backbone records them.

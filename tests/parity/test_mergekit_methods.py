@@ -109,8 +109,13 @@ def _kernel_case(method, t, shared, per, with_base, dtype, shape=(24, 40), seed=
   # Trimming methods get a zero base, so that the task vectors keep distinct 16-bit magnitudes (no ties).
   base = np.zeros(shape, np.float32) if method in TRIM else _distinct(shape, rng, 1.0)
   models = [base + _distinct(shape, rng, 0.125) for _ in range(t)]  # a power of two keeps magnitudes distinct
+  return _merge_both(method, base, models, shared, per, with_base, dtype)
+
+
+def _merge_both(method, base, models, shared, per, with_base, dtype):
+  """``(jaxmerge's tensor, mergekit's tensor)`` for one tensor merged from ``models`` (and ``base``)."""
   arrays = [a.astype(dtype) for a in ([base] if with_base else []) + models]
-  ids = (["base"] if with_base else []) + [f"m{i}" for i in range(t)]
+  ids = (["base"] if with_base else []) + [f"m{i}" for i in range(len(models))]
   params = dict(shared)
   off = 1 if with_base else 0
   for k in {k for p in per for k in p}:
@@ -161,17 +166,7 @@ def test_kernel_matches_mergekit_on_benchmark_data(method, t, shared, per, with_
   try:
     for shape in ((2048,), (512, 448)):
       base, models = _bench_like(shape, t, seed=len(shape))
-      arrays = [a.astype(dtype) for a in ([base] if with_base else []) + models]
-      ids = (["base"] if with_base else []) + [f"m{i}" for i in range(t)]
-      params = dict(shared)
-      off = 1 if with_base else 0
-      for k in {k for p in per for k in p}:
-        params[k] = {ids[off + i]: p[k] for i, p in enumerate(per)}
-      want = _to_numpy(merge_tensors([_to_torch(a) for a in arrays], method, ids=ids,
-                                     base_index=0 if with_base else None, parameters=params))
-      resolver = P.Resolver(method, [shared], ([{}] if with_base else []) + list(per), 0 if with_base else None)
-      plan = E.Plan(method, tuple(ids), 0 if with_base else None, resolver)
-      got = plan.merge_tensor("model.layers.0.mlp.up_proj.weight", arrays, 0.0)
+      got, want = _merge_both(method, base, models, shared, per, with_base, dtype)
       assert_parity(got, want, f"{method} {shape}")
       if dtype == BF16:
         assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), f"{method} {shape}: not bit for bit"
