@@ -13,10 +13,11 @@ experts, the suites ``jaxmerge bench --seeds 0,1,2`` builds; from ``--cache``) a
 - ``main``: the merges without RI (baseline: accuracy, shifted accuracy, CTI, merge-scale curve, merge cost),
   RI in independent mode and RI in joint mode on the ``fractal`` source, each followed by every merge of
   :data:`METHODS` (registry defaults) with the same measurements;
-- ``sources``: RI (independent) on every other source of ``jaxmerge.data.synthetic.AUX_SOURCES``: accuracy,
-  shifted accuracy and CTI;
-- ``sensitivity``: RI (independent, fractal) with one of its own hyperparameters moved around the default
-  (:data:`SENSITIVITY`: beta, steps, learning rate, number of auxiliary images): accuracy only.
+- ``sources``: RI (each of ``--modes``, default independent and joint) on every other source of
+  ``jaxmerge.data.synthetic.AUX_SOURCES``: accuracy, shifted accuracy and CTI;
+- ``sensitivity``: RI (each of ``--modes``, fractal) with one of its own hyperparameters moved around the
+  default (:data:`SENSITIVITY`: beta, steps, learning rate, number of auxiliary images; joint mode
+  :data:`SENSITIVITY_JOINT`, without beta, which its loss does not have): accuracy only.
 
 Every RI run uses the library's defaults (``jaxmerge.tta.methods.RIConfig``, via
 ``jaxmerge.bench.ri_runner.RI_DEFAULTS``) except the field the run names, and the benchmark's seeding: the
@@ -67,6 +68,9 @@ SCALES = {"task_arithmetic": (0.1, 0.2, 0.3, 0.5, 0.7, 1.0), "ties": (0.1, 0.2, 
 CTI_IMAGES = 200
 # RI's own hyperparameters around the default (RIConfig): beta as a multiple of auto_beta (the default, x1).
 SENSITIVITY = {"beta": ("0.25x", "4x"), "steps": (100, 400), "learning_rate": (3e-6, 3e-5), "num_aux": (256, 4096)}
+# Joint mode: RI.md's joint loss has no preserve term, so beta plays no role there (three beta values gave the
+# same adapted experts, to the digit); its gain grew with how far it moves the experts, so the grid goes further.
+SENSITIVITY_JOINT = {"steps": (100, 400, 800), "learning_rate": (3e-6, 3e-5, 1e-4), "num_aux": (256, 4096)}
 SMOKE: dict = {}  # --smoke: the reduced suite and 5 RI steps, results under a temporary directory
 
 
@@ -320,39 +324,47 @@ def evaluate_experts(suite, experts, shifted, original_acc: dict, *, level: str,
   return {"methods": out, "adapted_experts_accuracy": adapted_acc}
 
 
-def study_runs(study: str) -> list:
-  """The ``(mode, source, override)`` RI runs of a study (``main`` also has the baseline, ``None``)."""
+MODES = ("independent", "joint")
+
+
+def study_runs(study: str, modes=MODES) -> list:
+  """The ``(mode, source, override)`` RI runs of a study (``main`` also has the baseline, ``None``); ``sources``
+  and ``sensitivity`` for each of ``modes``."""
   from jaxmerge.data import synthetic
 
   if study == "main":
     return [None, ("independent", "fractal", None), ("joint", "fractal", None)]
   if study == "sources":
-    return [("independent", s, None) for s in synthetic.AUX_SOURCES if s != "fractal"]
+    return [(mode, s, None) for mode in modes for s in synthetic.AUX_SOURCES if s != "fractal"]
   if study == "sensitivity":
-    return [("independent", "fractal", (f, v)) for f, vs in SENSITIVITY.items() for v in vs]
+    return [(mode, "fractal", (f, v)) for mode in modes
+            for f, vs in (SENSITIVITY_JOINT if mode == "joint" else SENSITIVITY).items() for v in vs]
   raise ValueError(f"unknown study {study!r}; valid: main, sources, sensitivity")
 
 
-def run(seeds, studies, cache, work: pathlib.Path, *, only: list | None = None) -> None:
-  """Runs the ``studies`` for every suite seed; ``only``: just these run names, in this order."""
+def run(seeds, studies, cache, work: pathlib.Path, *, only: list | None = None, modes=MODES) -> None:
+  """Runs the ``studies`` for every suite seed; ``only``: just these run names, in this order.
+
+  Run-major: each run goes over every seed before the next run starts, so a run that is interrupted leaves
+  complete rows behind (the suites stay loaded, one per seed)."""
   level_of = {"main": "full", "sources": "medium", "sensitivity": "light"}
   (OUT / "runs").mkdir(parents=True, exist_ok=True)
-  for seed in seeds:
-    suite = None
-    for study in studies:
-      specs = study_runs(study)
-      if only is not None:
-        by_name = {("baseline" if s is None else run_name(*s)): s for s in specs}
-        specs = [by_name[n] for n in only if n in by_name]
-      for spec in specs:
+  loaded: dict = {}
+  for study in studies:
+    specs = study_runs(study, modes)
+    if only is not None:
+      by_name = {("baseline" if s is None else run_name(*s)): s for s in specs}
+      specs = [by_name[n] for n in only if n in by_name]
+    for spec in specs:
+      for seed in seeds:
         name = "baseline" if spec is None else run_name(*spec)
         path = OUT / "runs" / f"s{seed}-{name}.json"
         if path.exists():
           continue
-        if suite is None:
-          suite = load_suite(seed, cache)
-          shifted = shifted_test(suite)
-          original_acc = expert_accuracy(suite, suite.experts)
+        if seed not in loaded:
+          s_ = load_suite(seed, cache)
+          loaded[seed] = (s_, shifted_test(s_), expert_accuracy(s_, s_.experts))
+        suite, shifted, original_acc = loaded[seed]
         print(f"suite seed {seed}: {name}", flush=True)
         t0 = time.perf_counter()
         if spec is None:
@@ -461,26 +473,29 @@ def report() -> None:
       L += ["", f"Adapted experts ({name}) on their own task: {_ms(ad)} (original {_ms(exp)})."]
 
   # (b) auxiliary sources.
-  L += ["", "#### (b) Auxiliary sources: gain of RI (independent) per source, points", "",
-        "| source | seeds | " + " | ".join(NAMES[m] for m in METHODS) + " | mean over methods |",
-        "|---|---|" + "---|" * len(METHODS) + "---|"]
-  for src in synthetic.AUX_SOURCES:
-    name = f"independent-{src}"
-    if name not in runs:
-      continue
-    cells, means = [], []
-    for m in METHODS:
-      ss, b, w = gains(runs, name, m)
-      cells.append(_signed(w - b))
-      means.append(w - b)
-      summary["sources"].setdefault(src, {})[m] = (w - b).tolist()
-      if src != "fractal":
-        csv += [f"{name},{m},{s},{bb:.4f},{ww:.4f},{ww - bb:.4f}" for s, bb, ww in zip(ss, b, w)]
-    L.append(f"| {src} | {' '.join(map(str, ss))} | " + " | ".join(cells) + f" | {_signed(np.mean(means, 0))} |")
+  L += ["", "#### (b) Auxiliary sources: gain of RI per source and mode, points", "",
+        "| mode | source | seeds | " + " | ".join(NAMES[m] for m in METHODS) + " | mean over methods |",
+        "|---|---|---|" + "---|" * len(METHODS) + "---|"]
+  for mode in MODES:
+    for src in synthetic.AUX_SOURCES:
+      name = f"{mode}-{src}"
+      if name not in runs:
+        continue
+      cells, means = [], []
+      for m in METHODS:
+        ss, b, w = gains(runs, name, m)
+        cells.append(_signed(w - b))
+        means.append(w - b)
+        # summary["sources"][src]: independent mode (as before); joint mode under "joint-<src>".
+        summary["sources"].setdefault(src if mode == "independent" else name, {})[m] = (w - b).tolist()
+        if src != "fractal":
+          csv += [f"{name},{m},{s},{bb:.4f},{ww:.4f},{ww - bb:.4f}" for s, bb, ww in zip(ss, b, w)]
+      L.append(f"| {mode} | {src} | {' '.join(map(str, ss))} | " + " | ".join(cells)
+               + f" | {_signed(np.mean(means, 0))} |")
 
   # (c) unseen domains.
   shift_runs = [n for n in ("independent-fractal", "joint-fractal") + tuple(
-    f"independent-{s}" for s in synthetic.AUX_SOURCES if s != "fractal") if n in runs]
+    f"{mode}-{s}" for mode in MODES for s in synthetic.AUX_SOURCES if s != "fractal") if n in runs]
   pre_s = [_mean_pct(base[s]["pretrained_shifted"]) for s in seeds]
   exp_s = [_mean_pct(base[s]["experts_shifted"]) for s in seeds]
   L += ["", "#### (c) Unseen domains: average accuracy on the held-out shifted test sets", "",
@@ -548,37 +563,42 @@ def report() -> None:
     plt.close(fig)
 
   # (e) RI's own hyperparameters.
-  sens = [(f, v) for f, vs in SENSITIVITY.items() for v in vs]
-  if any(run_name("independent", "fractal", o) in runs for o in sens):
+  grids = {"independent": SENSITIVITY, "joint": SENSITIVITY_JOINT}
+  if any(run_name(mode, "fractal", (f, v)) in runs for mode, grid in grids.items() for f, vs in grid.items()
+         for v in vs):
     from jaxmerge.tta.methods import RIConfig
 
     d = RIConfig()
     defaults = {"beta": "1x (auto_beta)", "steps": d.steps, "learning_rate": d.learning_rate, "num_aux": d.num_aux}
     L += ["", "#### (e) Sensitivity to RI's own hyperparameters: gain over the plain merge (points)", "",
-          "One field moved from the library default, the others at their defaults (independent, fractal). "
-          "beta as a multiple of `auto_beta` (the default).", "",
-          "| field | value | seeds | " + " | ".join(NAMES[m] for m in METHODS) + " | mean | RI seconds |",
-          "|---|---|---|" + "---|" * len(METHODS) + "---|---|"]
-    for field in SENSITIVITY:
-      values = [(defaults[field], "independent-fractal")] + [
-        (v, run_name("independent", "fractal", (field, v))) for v in SENSITIVITY[field]]
-      # The default on the seeds the moved values ran on, so that every row of a field compares the same suites.
-      field_seeds = set().union(*[set(runs.get(n, {})) for _, n in values[1:]])
-      for v, n in sorted(values, key=lambda x: float(str(x[0]).split("x")[0])):
-        if n not in runs or not field_seeds:
-          continue
-        cells, g_all = [], []
-        for m in METHODS:
-          ss, b, w = gains(runs, n, m, seeds=field_seeds)
-          cells.append(_signed(w - b))
-          g_all.append(w - b)
-          summary["sensitivity"].setdefault(field, {}).setdefault(str(v), {})[m] = (w - b).tolist()
-          if n != "independent-fractal":
-            csv += [f"{n},{m},{s},{bb:.4f},{ww:.4f},{ww - bb:.4f}" for s, bb, ww in zip(ss, b, w)]
-        secs = [runs[n][s]["ri"]["seconds"] for s in ss]
-        L.append(f"| {field} | {v}{' (default)' if n == 'independent-fractal' else ''} | "
-                 f"{' '.join(map(str, ss))} | " + " | ".join(cells) + f" | {_signed(np.mean(g_all, 0))} | "
-                 f"{_ms(secs, 0)} |")
+          "One field moved from the library default, the others at their defaults (fractal source), in each mode. "
+          "beta as a multiple of `auto_beta` (the default); joint mode has no beta (its loss has no preserve "
+          "term).", "",
+          "| mode | field | value | seeds | " + " | ".join(NAMES[m] for m in METHODS) + " | mean | RI seconds |",
+          "|---|---|---|---|" + "---|" * len(METHODS) + "---|---|"]
+    for mode in MODES:
+      default_run = f"{mode}-fractal"
+      for field, grid in grids[mode].items():
+        values = [(defaults[field], default_run)] + [(v, run_name(mode, "fractal", (field, v))) for v in grid]
+        # The default on the seeds the moved values ran on, so that every row of a field compares the same suites.
+        field_seeds = set().union(*[set(runs.get(n, {})) for _, n in values[1:]])
+        for v, n in sorted(values, key=lambda x: float(str(x[0]).split("x")[0])):
+          if n not in runs or not field_seeds:
+            continue
+          cells, g_all = [], []
+          for m in METHODS:
+            ss, b, w = gains(runs, n, m, seeds=field_seeds)
+            cells.append(_signed(w - b))
+            g_all.append(w - b)
+            # summary["sensitivity"][field]: independent mode (as before); joint mode under "joint <field>".
+            key = field if mode == "independent" else f"joint {field}"
+            summary["sensitivity"].setdefault(key, {}).setdefault(str(v), {})[m] = (w - b).tolist()
+            if n != default_run:
+              csv += [f"{n},{m},{s},{bb:.4f},{ww:.4f},{ww - bb:.4f}" for s, bb, ww in zip(ss, b, w)]
+          secs = [runs[n][s]["ri"]["seconds"] for s in ss]
+          L.append(f"| {mode} | {field} | {v}{' (default)' if n == default_run else ''} | "
+                   f"{' '.join(map(str, ss))} | " + " | ".join(cells) + f" | {_signed(np.mean(g_all, 0))} | "
+                   f"{_ms(secs, 0)} |")
 
   # (f) cost.
   ri_runs = [r for n, rs in runs.items() if n != "baseline" for r in rs.values()]
@@ -674,6 +694,8 @@ def main(argv=None) -> int:
   r = sub.add_parser("run")
   r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="suite seeds")
   r.add_argument("--study", nargs="+", default=["main"], choices=["main", "sources", "sensitivity"])
+  r.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                 help="RI modes of the sources and sensitivity studies")
   r.add_argument("--only", nargs="+", default=None,
                  help="run only these run names, in this order (e.g. independent-fractal-steps=400)")
   r.add_argument("--cache", default=None, help="the suite cache (jaxmerge bench's --cache)")
@@ -687,7 +709,7 @@ def main(argv=None) -> int:
     SMOKE["steps"] = 5
     OUT = pathlib.Path(tempfile.gettempdir()) / "ri_offline_smoke"
   if args.cmd == "run":
-    run(args.seeds, args.study, args.cache, pathlib.Path(args.work), only=args.only)
+    run(args.seeds, args.study, args.cache, pathlib.Path(args.work), only=args.only, modes=tuple(args.modes))
   else:
     report()
   return 0

@@ -2,7 +2,7 @@
 
 ::
 
-    python experiments/run_notebooks.py                  # every notebook, at its default suite size ("smoke")
+    python experiments/run_notebooks.py                  # every notebook, at its default suite size
     python experiments/run_notebooks.py 02_clip_vit_b32  # one notebook
 
 Each notebook runs top to bottom in a fresh kernel (cwd: a temporary directory) with the offline suite cached
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import sys
 import tempfile
 import time
@@ -26,6 +27,15 @@ import nbclient
 import nbformat
 
 COLABS = Path(__file__).resolve().parents[1] / "colabs"
+
+
+def default_suite_size(nb) -> str:
+  """The suite size a notebook runs at by default: its settings cell's ``SUITE_SIZE = ... else "<size>"``."""
+  for cell in nb.cells:
+    m = re.search(r'^SUITE_SIZE = .* else "(\w+)"', cell.source, re.M) if cell.cell_type == "code" else None
+    if m:
+      return m.group(1)
+  return "none"
 
 
 def run(path: Path, timeout: int) -> float:
@@ -39,7 +49,7 @@ def run(path: Path, timeout: int) -> float:
   seconds = time.perf_counter() - start
   nb.metadata["jaxmerge"] = {
     "executed_with": f"python experiments/run_notebooks.py {path.stem}",
-    "suite_size": "tiny" if os.environ.get("JAXMERGE_NOTEBOOK_SMOKE") == "1" else "smoke",
+    "suite_size": "tiny" if os.environ.get("JAXMERGE_NOTEBOOK_SMOKE") == "1" else default_suite_size(nb),
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     "seconds": round(seconds, 1),
     "versions": check_versions()["installed"],

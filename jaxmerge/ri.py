@@ -51,6 +51,7 @@ from jaxmerge.tta.fit import fit
 from jaxmerge.tta.losses import kl_divergence, mse
 from jaxmerge.tta.methods import RIConfig, ri_config
 from jaxmerge.tta.methods import check_ri as _check
+from jaxmerge.tta.methods import check_ri_beta as _check_beta
 
 __all__ = ["RIConfig", "auto_beta", "disentangle", "ri_adapter", "ri_config"]
 
@@ -249,7 +250,8 @@ def disentangle(
       logit scale ``s`` (100 for OpenAI CLIP, 16.6 for the offline suite's tiny CLIP), and a fixed
       ``beta = 1`` would let the disentangle term dominate by ``s^2``. ``beta = s^2`` measures the disentangle
       term in unit-norm-head (cosine) units instead, so one default serves every logit scale; it is 1 for
-      unit-norm heads. Pass a number to set it directly.
+      unit-norm heads. Pass a number to set it directly. Joint mode has no preserve term: a ``beta`` given
+      there raises ``ValueError`` (it would be ignored).
     steps: optimizer steps (a few hundred).
     optimizer: optax optimizer over ``tau'``; default ``optax.adamw(learning_rate, weight_decay=
       weight_decay)``. Independent experts share one optimizer over the summed loss, which equals separate
@@ -279,7 +281,7 @@ def disentangle(
     (``"preserve_tasks"``, ``"disentangle_tasks"``: ``[steps, T]``), evaluated before each update.
 
   Raises:
-    ValueError: bad choices, zero experts, a head count or feature size that does not match the experts, an
+    ValueError: bad choices (a ``beta`` in joint mode among them), zero experts, a head count or feature size that does not match the experts, an
       empty auxiliary source (or batch), or incompatible models.
 
   References:
@@ -287,6 +289,7 @@ def disentangle(
     https://arxiv.org/abs/2603.13467
   """
   _check(mode, preserve, task_loop, beta, temperature)
+  _check_beta(mode, beta)
   as_list = isinstance(finetuned, (list, tuple))
   if as_list and not finetuned:
     raise ValueError("RI needs at least one expert: the task list is empty (0 tasks)")

@@ -143,6 +143,12 @@ def test_registry_and_bad_input():
     run(pre, fts, heads[:2], steps=1)
   with pytest.raises(ValueError, match="preserve"):
     run(pre, fts, heads, steps=1, preserve="l1")
+  # Joint mode's loss has no preserve term: a beta there would be ignored, so it is refused.
+  with pytest.raises(ValueError, match="beta=4.0 has no effect in joint mode"):
+    jm.get_method("ri")(mode="joint", beta=4.0)
+  with pytest.raises(ValueError, match="joint mode"):
+    run(pre, fts, heads, steps=1, mode="joint", beta=4.0)
+  assert jm.get_method("ri")(mode="joint").beta is None
 
 
 def test_cti_hand_checked():

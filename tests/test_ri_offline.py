@@ -78,6 +78,7 @@ def driver(monkeypatch, tmp_path):
   monkeypatch.setattr(mod, "OUT", tmp_path / "out")
   monkeypatch.setattr(mod, "METHODS", ("task_arithmetic", "tsv_m"))
   monkeypatch.setattr(mod, "SENSITIVITY", {"beta": ("4x",)})
+  monkeypatch.setattr(mod, "SENSITIVITY_JOINT", {"steps": (3,)})
   monkeypatch.setattr(mod, "load_suite", lambda seed, cache: _ImageSuite(seed))
   for k, v in {"steps": 6, "learning_rate": 1e-2, "num_aux": 64, "batch_size": 16}.items():
     monkeypatch.setitem(ri_runner.RI_DEFAULTS, k, v)
@@ -92,7 +93,8 @@ def test_driver_runs_every_study_and_matches_the_benchmark(driver, tmp_path):
   driver.run([1], ["main", "sensitivity"], None, work)
   driver.run([2], ["main"], None, work, only=["baseline", "independent-fractal"])
   runs = driver.load_runs()
-  assert set(runs) == {"baseline", "independent-fractal", "joint-fractal", "independent-fractal-beta=4x"}
+  assert set(runs) == {"baseline", "independent-fractal", "joint-fractal", "independent-fractal-beta=4x",
+                       "joint-fractal-steps=3"}
   assert set(runs["independent-fractal"]) == {1, 2} and set(runs["joint-fractal"]) == {1}
 
   suite = _ImageSuite(1)
@@ -109,6 +111,9 @@ def test_driver_runs_every_study_and_matches_the_benchmark(driver, tmp_path):
   cfg = runs["independent-fractal-beta=4x"][1]["ri"]["config"]
   assert cfg["beta"] == pytest.approx(4 * auto_beta([suite.heads[t] for t in TASKS]), rel=1e-6)
   assert runs["joint-fractal"][1]["ri"]["config"]["mode"] == "joint"
+  # The sensitivity study runs in both modes.
+  joint = runs["joint-fractal-steps=3"][1]["ri"]["config"]
+  assert joint["mode"] == "joint" and joint["steps"] == 3
   # The scale curve passes through the default merge; the baseline checked linearity in the scale.
   for name in ("baseline", "independent-fractal"):
     m = runs[name][2]["methods"]["task_arithmetic"]
@@ -125,6 +130,8 @@ def test_driver_runs_every_study_and_matches_the_benchmark(driver, tmp_path):
           for s in (1, 2)]
   assert g["seeds"] == [1, 2] and g["gain_mean"] == pytest.approx(np.mean(want))
   md = (out / "tables.md").read_text()
-  assert "CTI vs original experts" in md and "CTI vs adapted experts" in md and "| beta | 4x |" in md
+  assert "CTI vs original experts" in md and "CTI vs adapted experts" in md
+  assert "| independent | beta | 4x |" in md and "| joint | steps | 3 |" in md
+  assert summary["sensitivity"]["beta"]["4x"] and summary["sensitivity"]["joint steps"]["3"]
   assert (out / "scale_curves.png").exists() and (out / "cti_vs_drop.png").exists()
   assert len((out / "gains.csv").read_text().splitlines()) > 1

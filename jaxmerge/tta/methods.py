@@ -551,6 +551,14 @@ def check_ri(mode: str, preserve: str, task_loop: str, beta: float | None, tempe
     raise ValueError(f"temperature must be positive, got {temperature}")
 
 
+def check_ri_beta(mode: str, beta: float | None) -> None:
+  """Raises ``ValueError`` for a ``beta`` given in joint mode: beta weights independent mode's preserve term, and
+  joint mode's loss (``sum_i D(h_i(merged), h_i(expert_i))``) has no such term, so the value would be ignored."""
+  if mode == "joint" and beta is not None:
+    raise ValueError(f"beta={beta} has no effect in joint mode (its loss has no preserve term to weight); leave "
+                     "beta=None, or use mode='independent'")
+
+
 _RI = RIConfig()  # RI's defaults, read by the signature below (and by jaxmerge.ri.disentangle's)
 
 
@@ -569,7 +577,7 @@ def ri_config(mode: str = _RI.mode, beta: float | None = _RI.beta, steps: int = 
   Args:
     mode: ``"independent"`` or ``"joint"``.
     beta: weight of the preserve term (``None``: :func:`jaxmerge.ri.auto_beta`, the heads' mean squared row
-      norm).
+      norm); independent mode only.
     steps: optimizer steps.
     learning_rate: the default AdamW's learning rate.
     weight_decay: the default AdamW's decoupled weight decay on ``tau'``.
@@ -584,14 +592,16 @@ def ri_config(mode: str = _RI.mode, beta: float | None = _RI.beta, steps: int = 
     The :class:`RIConfig`.
 
   Raises:
-    ValueError: an unknown ``mode``, ``preserve`` or ``task_loop``, a negative ``beta``, a non-positive
-      ``temperature``, a negative ``steps`` or a non-positive ``num_aux`` or ``batch_size``.
+    ValueError: an unknown ``mode``, ``preserve`` or ``task_loop``, a negative ``beta`` (or any ``beta`` in
+      joint mode), a non-positive ``temperature``, a negative ``steps`` or a non-positive ``num_aux`` or
+      ``batch_size``.
 
   References:
     Ramesh et al., "Resolving Interference: Disentangling Models for Improved Model Merging", 2026.
     https://arxiv.org/abs/2603.13467
   """
   check_ri(mode, preserve, task_loop, beta, temperature)
+  check_ri_beta(mode, beta)
   if int(steps) != steps or steps < 0:
     raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
   _positive_int("num_aux", num_aux)
