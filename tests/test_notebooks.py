@@ -54,6 +54,15 @@ def test_committed_notebook_was_executed(path):
   nbformat.validate(nbformat.reads(path.read_text(), as_version=4))
 
 
+def test_ri_notebook_ran_on_the_benchmark_suite():
+  """The RI notebook's committed outputs come from the faithful suite (what ``jaxmerge bench --ri`` adapts) and
+  its RI step is the benchmark's call, not a hand-written one with other settings."""
+  nb = json.loads((COLABS / "04_resolving_interference.ipynb").read_text())
+  assert nb["metadata"]["jaxmerge"]["suite_size"] == "full"
+  code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+  assert "ri_experts(suite, jax.random.fold_in(jax.random.key(0), 1)" in code and "disentangle(" not in code
+
+
 @pytest.fixture(scope="module")
 def shared_env(tmp_path_factory):
   """Environment of every kernel: the tiny suite, one suite cache, a headless matplotlib, and the test run's
