@@ -207,7 +207,12 @@ def main(argv=None) -> int:
     return l2_normalize(embed({"vision_model": vision, "visual_projection": proj}, images))
 
   aux = aux_images(args.aux, args.n_aux, preprocess, workers=int(cfg.get("workers", 8)))
+  # auto_beta, written out so the report can print it; joint mode has no preserve term, hence no beta.
   beta = args.beta if args.beta is not None else float(np.mean([np.mean(np.sum(h**2, -1)) for h in heads]))
+  if args.mode == "joint":
+    if args.beta is not None:
+      raise SystemExit("--beta has no effect in joint mode (its loss has no preserve term)")
+    beta = None
   t1 = time.perf_counter()
   adapted, hist = disentangle(pparams["vision_model"], experts, heads,
                               aux_batches(aux, args.aux_batch_size, seed=args.seed), forward_fn=forward,
@@ -221,7 +226,8 @@ def main(argv=None) -> int:
   without = cs.run(cfg, out / "without-ri")
   with_ri = cs.run({**cfg, "experts": str(ri_dir / "{task}")}, out / "with-ri")
   lines, summary = ri_report(without, with_ri, shifts)
-  head = (f"RI on {cfg.get('name')} {suite} (aux {args.aux}, {args.n_aux} images, {args.steps} steps, beta {beta:.4g},"
+  head = (f"RI on {cfg.get('name')} {suite} (aux {args.aux}, {args.n_aux} images, {args.steps} steps, beta "
+          f"{'none (joint)' if beta is None else f'{beta:.4g}'},"
           f" RI {ri_seconds:.0f} s)")
   lines = [head, ""] + lines
   (out / "ri.md").write_text("\n".join(lines) + "\n")
