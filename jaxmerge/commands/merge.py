@@ -393,14 +393,15 @@ def _open_groups(spec, clip_vision: bool):
   (:class:`jaxmerge.io.tokenizer.VocabularyGroup`)."""
   from jaxmerge.io import hf  # noqa: PLC0415
   from jaxmerge.io import layers  # noqa: PLC0415
-  from jaxmerge.io import safetensors_io as S  # noqa: PLC0415
+  from jaxmerge.io import layouts  # noqa: PLC0415
   from jaxmerge.io import tokenizer as jtok  # noqa: PLC0415
 
   raw: dict[str, object] = {}
+  names = spec.tensor_names  # mergekit's schema: the transformers 5 model's tensor names (jaxmerge.io.layouts)
 
   def opened(p):
     if p not in raw:
-      raw[p] = S.open_checkpoint(p)
+      raw[p] = layouts.open_checkpoint(p, names)
     return raw[p]
 
   try:
@@ -426,7 +427,7 @@ def _open_groups(spec, clip_vision: bool):
       base_r, model_rs = vg.view(spec.base), [vg.view(m) for m in spec.models]
     else:
       base_r = opened(spec.base)
-      model_rs = [S.open_checkpoint(p) for p in spec.models]
+      model_rs = [layouts.open_checkpoint(p, names) for p in spec.models]
       raw.update({f"{i}:{p}": r for i, (p, r) in enumerate(zip(spec.models, model_rs))})
     if clip_vision:  # CLIPModel base + CLIPVisionModel experts: merge the vision towers, keys "vision_model.*"
       base_r = hf.VisionTowerReader(base_r, str(spec.base))
@@ -512,6 +513,13 @@ def run(args: argparse.Namespace) -> int:
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
   key = jax.random.key(int(spec.seed))
   notes = list(spec.notes)
+  if spec.tensor_names == "transformers":
+    from jaxmerge.io import layouts  # noqa: PLC0415
+
+    mtype = layouts.model_type(spec.base)
+    if layouts.renames_for(spec.base):
+      notes.append(f"tensors written under transformers 5's {mtype} model names, as mergekit writes them "
+                   "(jaxmerge: {tensor_names: checkpoint} keeps the checkpoints' names)")
   if any(g.plan is not None and r is None and g.plan.tie_rule == "exact" for (g, _, _), r in zip(aligned, routes)):
     notes.append("mergekit computes this merge in float32: jaxmerge's own engine gives its result")
   wide = [k for (_, bv, _), r in zip(aligned, routes) if r is None for k in bv.keys()
@@ -597,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
     info = {"method": spec.method, "hparams": spec.hparams, "base": spec.base, "models": list(spec.models),
             "slices": [[list(r) for r in sl.ranges] for sl in spec.slices] or None, "num_layers": num_layers,
             "tokenizer": dataclasses.asdict(spec.tokenizer) if spec.tokenizer is not None else None,
-            "chat_template": spec.chat_template,
+            "chat_template": spec.chat_template, "tensor_names": spec.tensor_names,
             "layout": "clip_vision" if clip_vision else None,
             "dtype": spec.dtype, "seed": spec.seed, "vocab_policy": spec.vocab_policy, "source": spec.source,
             "stream": bool(use_stream), "mesh": dict(mesh.shape) if mesh is not None else None, "format": fmt,
