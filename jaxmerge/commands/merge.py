@@ -385,13 +385,18 @@ def _finish_dir(d: pathlib.Path, spec, base_v, tok_info=None, num_layers=None) -
   return notes
 
 
+def _hf():
+  from jaxmerge.io import hf  # noqa: PLC0415
+
+  return hf
+
+
 def _open_groups(spec, clip_vision: bool):
   """The groups of tensors to merge: ``(groups, readers to close, tokenizer info, output layer count)``.
 
   One group (the whole model) without ``slices``; one per slice with them (:mod:`jaxmerge.io.layers`). With a
   tokenizer setting, each group's readers show the output vocabulary's embedding rows
   (:class:`jaxmerge.io.tokenizer.VocabularyGroup`)."""
-  from jaxmerge.io import hf  # noqa: PLC0415
   from jaxmerge.io import layers  # noqa: PLC0415
   from jaxmerge.io import layouts  # noqa: PLC0415
   from jaxmerge.io import tokenizer as jtok  # noqa: PLC0415
@@ -430,6 +435,7 @@ def _open_groups(spec, clip_vision: bool):
       model_rs = [layouts.open_checkpoint(p, names) for p in spec.models]
       raw.update({f"{i}:{p}": r for i, (p, r) in enumerate(zip(spec.models, model_rs))})
     if clip_vision:  # CLIPModel base + CLIPVisionModel experts: merge the vision towers, keys "vision_model.*"
+      hf = _hf()
       base_r = hf.VisionTowerReader(base_r, str(spec.base))
       model_rs = [hf.VisionTowerReader(r, str(n)) for r, n in zip(model_rs, spec.names)]
     return [layers.Group(spec=spec, base=base_r, models=model_rs)], list(raw.values()), info, None
@@ -467,9 +473,11 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"output {out} already exists; choose a new --out")
   max_shard = S.parse_size(args.max_shard_size)
   fmt = getattr(args, "format", "safetensors") or "safetensors"
-  from jaxmerge.io import hf  # noqa: PLC0415
+  from jaxmerge.io import layouts  # noqa: PLC0415
 
-  clip_vision = not spec.slices and hf.clip_vision_layout(spec.base, list(spec.models))
+  # jaxmerge.io.hf (CLIP: flax, transformers; seconds to import) only for a CLIP base
+  clip_vision = not spec.slices and layouts.model_type(spec.base) == "clip" and _hf().clip_vision_layout(
+      spec.base, list(spec.models))
   if not clip_vision:
     llm.check_architectures(spec.base, [p for p in dict.fromkeys([*spec.models, *spec.order]) if p != spec.base],
                             names=None)
@@ -511,7 +519,8 @@ def run(args: argparse.Namespace) -> int:
   if fmt == "orbax" and any(r is not None for r in routes):
     raise ValueError("mergekit-schema configs write safetensors; use --format safetensors")
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
-  key = jax.random.key(int(spec.seed))
+  # the PRNG key of jaxmerge's transforms (creating it compiles a program: not for mergekit-plan-only merges)
+  key = jax.random.key(int(spec.seed)) if any(r is None for r in routes) else None
   notes = list(spec.notes)
   if spec.tensor_names == "transformers":
     from jaxmerge.io import layouts  # noqa: PLC0415

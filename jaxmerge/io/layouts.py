@@ -19,13 +19,13 @@ checkpoints' names); jaxmerge's own schema keeps the checkpoints' names.
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from jaxmerge.io import paths
 
 __all__ = ["RENAMES", "TENSOR_NAMES", "RenamedReader", "model_type", "open_checkpoint", "rename", "renames_for"]
 
@@ -47,13 +47,8 @@ def model_type(path: str | os.PathLike) -> str | None:
   Returns:
     The model type, or ``None`` without a readable config.
   """
-  p = pathlib.Path(path)
-  cfg = (p if p.is_dir() else p.parent) / "config.json"
-  try:
-    data = json.loads(cfg.read_text())
-  except (OSError, ValueError):
-    return None
-  return data.get("model_type") if isinstance(data, dict) else None
+  cfg = paths.model_config(path)
+  return cfg.get("model_type") if cfg is not None else None
 
 
 def renames_for(path: str | os.PathLike) -> tuple[tuple[str, str], ...]:
