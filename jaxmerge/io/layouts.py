@@ -52,8 +52,14 @@ def model_type(path: str | os.PathLike) -> str | None:
 
 
 def renames_for(path: str | os.PathLike) -> tuple[tuple[str, str], ...]:
-  """The prefix renames (``(old, new)``, first match wins) of a checkpoint's architecture; empty when its names
-  are already its model's."""
+  """The prefix renames of a checkpoint's architecture (by its ``config.json`` ``model_type``).
+
+  Args:
+    path: a checkpoint directory or file.
+
+  Returns:
+    ``(old prefix, new prefix)`` pairs, first match wins; empty when the checkpoint's names are its model's.
+  """
   return RENAMES.get(model_type(path) or "", ())
 
 
@@ -112,7 +118,14 @@ class RenamedReader:
     return len(self._src)
 
   def source(self, name: str) -> str:
-    """The checkpoint's own name of tensor ``name``."""
+    """The checkpoint's own name of a tensor.
+
+    Args:
+      name: the tensor's renamed name.
+
+    Returns:
+      Its name in the checkpoint.
+    """
     return self._src[name]
 
   def shape(self, name: str) -> tuple[int, ...]:
