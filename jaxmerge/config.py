@@ -30,6 +30,8 @@ agree in distribution (keep rate, L1 rescale) only. ``arcee_fusion`` uses exact 
 mergekit (the compute dtype; float32 for ``ramplus_tl`` and ``arcee_fusion``). ``jaxmerge: {compute_dtype: float32}``
 in the YAML, or ``jaxmerge merge --compute-dtype float32``, computes in float32 instead; ``jaxmerge: {tie_rule:
 keep_all}`` runs ``ties`` on jaxmerge's fast engine (float32, every magnitude tied at the threshold kept).
+Tensors are read and written under the names of the checkpoints' transformers 5 model, as mergekit writes them
+(Llava: :mod:`jaxmerge.io.layouts`); ``jaxmerge: {tensor_names: checkpoint}`` keeps the checkpoints' names.
 
 Parameters that do not apply to the method (``weight`` on slerp, ``density`` on linear, ``lambda`` set on one
 model) are ignored with a warning naming them, as mergekit ignores them. A model without ``weight`` is an error
