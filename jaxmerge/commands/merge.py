@@ -522,13 +522,9 @@ def run(args: argparse.Namespace) -> int:
   # the PRNG key of jaxmerge's transforms (creating it compiles a program: not for mergekit-plan-only merges)
   key = jax.random.key(int(spec.seed)) if any(r is None for r in routes) else None
   notes = list(spec.notes)
-  if spec.tensor_names == "transformers":
-    from jaxmerge.io import layouts  # noqa: PLC0415
-
-    mtype = layouts.model_type(spec.base)
-    if layouts.renames_for(spec.base):
-      notes.append(f"tensors written under transformers 5's {mtype} model names, as mergekit writes them "
-                   "(jaxmerge: {tensor_names: checkpoint} keeps the checkpoints' names)")
+  if spec.tensor_names == "transformers" and layouts.renames_for(spec.base):
+    notes.append(f"tensors written under transformers 5's {layouts.model_type(spec.base)} model names, as mergekit "
+                 "writes them (jaxmerge: {tensor_names: checkpoint} keeps the checkpoints' names)")
   if any(g.plan is not None and r is None and g.plan.tie_rule == "exact" for (g, _, _), r in zip(aligned, routes)):
     notes.append("mergekit computes this merge in float32: jaxmerge's own engine gives its result")
   wide = [k for (_, bv, _), r in zip(aligned, routes) if r is None for k in bv.keys()
