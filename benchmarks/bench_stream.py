@@ -18,8 +18,9 @@ Every case runs in a fresh subprocess; time = wall time of the merge call (readi
 output, and for jaxmerge the XLA compilation: the persistent compilation cache is disabled); peak = that
 process's peak resident memory (``VmHWM``) minus its resident memory just before the call (libraries
 imported). Cases run in a rotating order over ``--rounds`` rounds, and the table reports medians. The merged
-tensors of the tools are compared (max difference in bf16 ulps; DARE and DELLA draw other random masks than
-mergekit, so their outputs differ by design). ``--baseline DIR`` also runs ``jaxmerge`` imported from another
+tensors of the tools are compared (the share of entries that differ, and the largest distance in units in the
+last place: the number of representable bf16/fp16 values between the two entries; DARE and DELLA draw other
+random masks than mergekit, so their outputs differ by design). ``--baseline DIR`` also runs ``jaxmerge`` imported from another
 tree (e.g. a checkout of main) on every case, interleaved with the others (rows ``@base``): a before/after
 comparison under the same machine load.
 
@@ -254,8 +255,18 @@ def run_case(mode: str, cfg_path: pathlib.Path, out: pathlib.Path, baseline: str
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _ordered(x):
+  """16-bit floats as integers ordered like their values: adjacent representable values differ by 1."""
+  import numpy as np
+
+  bits = np.asarray(x).view(np.uint16).astype(np.int64)
+  return np.where(bits & 0x8000, -(bits & 0x7FFF), bits)
+
+
 def compare(a: pathlib.Path, b: pathlib.Path) -> dict:
-  """Max |a - b| over all tensors, in bf16 ulps of b, and the share of differing entries."""
+  """The largest distance between a's and b's entries in units in the last place of their 16-bit dtype (the
+  number of representable values between them; float32 outputs: relative to b's bf16 ulp), and the share of
+  differing entries."""
   import numpy as np
 
   sys.path.insert(0, str(ROOT))
@@ -266,9 +277,13 @@ def compare(a: pathlib.Path, b: pathlib.Path) -> dict:
     return {"same_names": False}
   worst, differ, total = 0.0, 0, 0
   for k in rb.keys():
-    x, y = np.asarray(ra.get(k), np.float32), np.asarray(rb.get(k), np.float32)
-    ulp = np.abs(y) * 2.0**-7 + 1e-30
-    worst = max(worst, float((np.abs(x - y) / ulp).max()))
+    x, y = np.asarray(ra.get(k)), np.asarray(rb.get(k))
+    if x.dtype == y.dtype and x.dtype.itemsize == 2:
+      dist = np.abs(_ordered(x) - _ordered(y))
+    else:
+      x, y = x.astype(np.float32), y.astype(np.float32)
+      dist = np.abs(x - y) / (np.abs(y) * 2.0**-7 + 1e-30)
+    worst = max(worst, float(dist.max(initial=0)))
     differ += int((x != y).sum())
     total += x.size
   return {"same_names": True, "max_ulps": worst, "differ": differ / total}
@@ -382,7 +397,7 @@ def main() -> None:
       d = results.get((method, "diff"), {}).get(mode)
       dtext = "-" if mode == "mergekit" else (
           "names differ" if d and not d["same_names"] else
-          f"max {d['max_ulps']:.1f} bf16 ulp, {100 * d['differ']:.3f}% entries differ" if d else "-")
+          f"max {d['max_ulps']:g} ulp, {100 * d['differ']:.3f}% entries differ" if d else "-")
       lines.append(f"| {method} | {name} | {t:.1f} | {p / 1e9:.2f} | {speed} | {memr} | "
                    f"{med(ok, 'load'):.1f} | {dtext} |")
   if scaling and "rows" in scaling:

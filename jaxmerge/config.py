@@ -30,6 +30,8 @@ agree in distribution (keep rate, L1 rescale) only. ``arcee_fusion`` uses exact 
 mergekit (the compute dtype; float32 for ``ramplus_tl`` and ``arcee_fusion``). ``jaxmerge: {compute_dtype: float32}``
 in the YAML, or ``jaxmerge merge --compute-dtype float32``, computes in float32 instead; ``jaxmerge: {tie_rule:
 keep_all}`` runs ``ties`` on jaxmerge's fast engine (float32, every magnitude tied at the threshold kept).
+Tensors are read and written under the names of the checkpoints' transformers 5 model, as mergekit writes them
+(Llava: :mod:`jaxmerge.io.layouts`); ``jaxmerge: {tensor_names: checkpoint}`` keeps the checkpoints' names.
 
 Parameters that do not apply to the method (``weight`` on slerp, ``density`` on linear, ``lambda`` set on one
 model) are ignored with a warning naming them, as mergekit ignores them. A model without ``weight`` is an error
@@ -99,6 +101,8 @@ class MergeSpec:
     chat_template: mergekit's ``chat_template`` as given (a template name, ``"auto"`` or a Jinja string).
     order: the models in mergekit's order for vocabulary alignment (the listed models, then the base model
       when it is not listed); empty for jaxmerge's schema.
+    tensor_names: ``"checkpoint"`` (the checkpoints' names, jaxmerge's schema) or ``"transformers"`` (mergekit's
+      schema: the names of the checkpoints' transformers 5 models, :mod:`jaxmerge.io.layouts`).
   """
 
   method: str
@@ -120,6 +124,7 @@ class MergeSpec:
   tokenizer: TokenizerSpec | None = None
   chat_template: str | None = None
   order: tuple[str, ...] = ()
+  tensor_names: str = "checkpoint"
 
 
 def canonical_dtype(value: Any, what: str = "dtype") -> str | None:
@@ -321,8 +326,9 @@ def _from_jaxmerge(cfg: Mapping[str, Any], where: str) -> MergeSpec:
 # mergekit schema.
 
 # jaxmerge's own key in a mergekit-schema YAML: {compute_dtype: float32} computes in float32 instead of the
-# config's dtype (the same as `jaxmerge merge --compute-dtype float32`).
-JAXMERGE_OPTIONS = ("compute_dtype", "tie_rule")
+# config's dtype (the same as `jaxmerge merge --compute-dtype float32`); {tie_rule: keep_all} runs jaxmerge's
+# float32 TIES; {tensor_names: checkpoint} keeps the checkpoints' tensor names (jaxmerge.io.layouts).
+JAXMERGE_OPTIONS = ("compute_dtype", "tie_rule", "tensor_names")
 TIE_RULES = ("exact", "keep_all")
 
 
@@ -408,6 +414,10 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
     raise ValueError(f"{where}: jaxmerge.tie_rule must be one of {', '.join(TIE_RULES)}, got {tie_rule!r}")
   if tie_rule == "keep_all" and method != "ties":
     raise ValueError(f"{where}: jaxmerge.tie_rule applies to merge_method ties, not {method!r}")
+  tensor_names = opts.get("tensor_names", "transformers")
+  if tensor_names not in ("checkpoint", "transformers"):
+    raise ValueError(f"{where}: jaxmerge.tensor_names must be 'transformers' (mergekit's names) or 'checkpoint' "
+                     f"(the checkpoints' own), got {tensor_names!r}")
   base = _model_ref(cfg["base_model"], where) if cfg.get("base_model") else None
   entries = cfg.get("models") or []
   if not isinstance(entries, Sequence) or isinstance(entries, (str, bytes)) or not entries:
@@ -468,7 +478,8 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
                  "are all kept (mergekit keeps exactly k of them)")
   return MergeSpec(method=f"mergekit:{method}", tx=fast, base=inputs[first], models=models, names=models,
                    hparams=hp, dtype=out or cdtype, seed=seed, per_task=False, layout=layout, vocab_policy=policy,
-                   registry_method=None, source="mergekit", notes=tuple(notes), plan=plan)
+                   registry_method=None, source="mergekit", notes=tuple(notes), plan=plan,
+                   tensor_names=tensor_names)
 
 
 def _float32_transform(method: str, first: int, glob: Mapping[str, Any], scopes: Sequence[Mapping[str, Any]]):

@@ -52,8 +52,12 @@ def gpt2_like(path, seed: int = 0) -> str:
   return _save(GPT2LMHeadModel(cfg), pathlib.Path(path))
 
 
-def picollava(path, seed: int = 0) -> str:
-  """A Llava with 2-layer vision and text towers (mergekit's ``make_picoLlaVa``)."""
+def picollava(path, seed: int = 0, model_layout: bool = False) -> str:
+  """A Llava with 2-layer vision and text towers (mergekit's ``make_picoLlaVa``).
+
+  ``save_pretrained`` writes transformers' checkpoint names (``language_model.model.*``, ``vision_tower.*``);
+  ``model_layout`` rewrites the weights under the model's own parameter names (its ``state_dict``:
+  ``model.language_model.*``, ``lm_head.*``, ...), which transformers 5 loads alike."""
   from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
   _seed(seed)
@@ -61,7 +65,14 @@ def picollava(path, seed: int = 0) -> str:
                             intermediate_size=128)
   text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2)
   cfg = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)
-  return _save(LlavaForConditionalGeneration(config=cfg), pathlib.Path(path))
+  model = LlavaForConditionalGeneration(config=cfg)
+  out = _save(model, pathlib.Path(path))
+  if model_layout:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(pathlib.Path(out) / "model.safetensors"),
+              metadata={"format": "pt"})
+  return out
 
 
 def tokenizer(vocab_size: int = 64, added=()):

@@ -229,3 +229,74 @@ def test_union_tokenizer_streams_like_in_memory(tmp_path):
   tok_cfg = json.loads((tmp_path / "st" / "tokenizer_config.json").read_text())
   template = tok_cfg.get("chat_template") or (tmp_path / "st" / "chat_template.jinja").read_text()
   assert "<|im_start|>" in template
+
+
+def _llava(path: pathlib.Path, seed: int) -> dict:
+  """A Llava-named checkpoint in transformers' checkpoint names (``language_model.model.*``, ...)."""
+  r = np.random.default_rng(seed)
+  names = ["language_model.model.embed_tokens.weight", "language_model.model.layers.0.mlp.up_proj.weight",
+           "language_model.model.norm.weight", "language_model.lm_head.weight",
+           "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "multi_modal_projector.linear_1.bias"]
+  sd = {k: r.standard_normal((4, 4) if k.endswith("weight") else (4,)).astype(np.float32) for k in names}
+  path.mkdir(parents=True)
+  S.save(path / "model.safetensors", sd, metadata={"format": "pt"})
+  (path / "config.json").write_text(json.dumps({"architectures": ["LlavaForConditionalGeneration"],
+                                                "model_type": "llava", "dtype": "float32"}))
+  return sd
+
+
+def test_llava_names_follow_transformers_renames():
+  from jaxmerge.io import layouts
+
+  rules = layouts.RENAMES["llava"]
+  got = {k: layouts.rename(k, rules) for k in (
+      "language_model.lm_head.weight", "language_model.model.layers.3.mlp.up_proj.weight",
+      "language_model.extra.weight", "vision_tower.vision_model.post_layernorm.bias",
+      "multi_modal_projector.linear_2.weight", "model.language_model.norm.weight", "lm_head.weight")}
+  assert got == {
+      "language_model.lm_head.weight": "lm_head.weight",
+      "language_model.model.layers.3.mlp.up_proj.weight": "model.language_model.layers.3.mlp.up_proj.weight",
+      "language_model.extra.weight": "model.language_model.extra.weight",
+      "vision_tower.vision_model.post_layernorm.bias": "model.vision_tower.vision_model.post_layernorm.bias",
+      "multi_modal_projector.linear_2.weight": "model.multi_modal_projector.linear_2.weight",
+      "model.language_model.norm.weight": "model.language_model.norm.weight",  # already the model's: kept
+      "lm_head.weight": "lm_head.weight"}
+
+
+def test_checkpoint_in_both_layouts_is_an_error(tmp_path):
+  from jaxmerge.io import layouts
+
+  p = tmp_path / "both"
+  _llava(p, 1)
+  sd = S.load(p)
+  sd["model.language_model.norm.weight"] = sd["language_model.model.norm.weight"]
+  S.save(p / "model.safetensors", sd)
+  with pytest.raises(ValueError, match="model.language_model.norm.weight' twice"):
+    layouts.open_checkpoint(p, "transformers")
+  assert "language_model.model.norm.weight" in layouts.open_checkpoint(p, "checkpoint")
+
+
+def test_mergekit_schema_writes_llava_under_the_model_names(tmp_path, capsys):
+  a, b = _llava(tmp_path / "a", 1), _llava(tmp_path / "b", 2)
+  cfg = {"merge_method": "linear", "dtype": "float32",
+         "models": [{"model": "a", "parameters": {"weight": 0.6}}, {"model": "b", "parameters": {"weight": 0.4}}]}
+  assert _merge(cfg, tmp_path, "mem", "--no-stream") == 0
+  assert "transformers 5's llava model names" in capsys.readouterr().out
+  assert _merge(cfg, tmp_path, "st", "--stream") == 0
+  mem, st = S.load(tmp_path / "mem"), S.load(tmp_path / "st")
+  from jaxmerge.io import layouts
+
+  rules = layouts.RENAMES["llava"]
+  assert set(mem) == {layouts.rename(k, rules) for k in a} and "lm_head.weight" in mem
+  for k in a:
+    out = mem[layouts.rename(k, rules)]
+    np.testing.assert_allclose(out, 0.6 * a[k] + 0.4 * b[k], rtol=1e-6, atol=1e-6)
+    assert out.tobytes() == st[layouts.rename(k, rules)].tobytes()
+  # jaxmerge: {tensor_names: checkpoint} keeps the checkpoints' names; jaxmerge's own schema always does
+  assert _merge({**cfg, "jaxmerge": {"tensor_names": "checkpoint"}}, tmp_path, "keep") == 0
+  assert set(S.load(tmp_path / "keep")) == set(a)
+  own = {"method": "task_arithmetic", "base": "a", "models": ["b"], "hparams": {"scale": 1.0}}
+  assert _merge(own, tmp_path, "own") == 0
+  assert set(S.load(tmp_path / "own")) == set(a)
+  with pytest.raises(ValueError, match="tensor_names must be"):
+    C.from_dict({**cfg, "jaxmerge": {"tensor_names": "hf"}})

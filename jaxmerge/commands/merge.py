@@ -385,22 +385,28 @@ def _finish_dir(d: pathlib.Path, spec, base_v, tok_info=None, num_layers=None) -
   return notes
 
 
+def _hf():
+  from jaxmerge.io import hf  # noqa: PLC0415
+
+  return hf
+
+
 def _open_groups(spec, clip_vision: bool):
   """The groups of tensors to merge: ``(groups, readers to close, tokenizer info, output layer count)``.
 
   One group (the whole model) without ``slices``; one per slice with them (:mod:`jaxmerge.io.layers`). With a
   tokenizer setting, each group's readers show the output vocabulary's embedding rows
   (:class:`jaxmerge.io.tokenizer.VocabularyGroup`)."""
-  from jaxmerge.io import hf  # noqa: PLC0415
   from jaxmerge.io import layers  # noqa: PLC0415
-  from jaxmerge.io import safetensors_io as S  # noqa: PLC0415
+  from jaxmerge.io import layouts  # noqa: PLC0415
   from jaxmerge.io import tokenizer as jtok  # noqa: PLC0415
 
   raw: dict[str, object] = {}
+  names = spec.tensor_names  # mergekit's schema: the transformers 5 model's tensor names (jaxmerge.io.layouts)
 
   def opened(p):
     if p not in raw:
-      raw[p] = S.open_checkpoint(p)
+      raw[p] = layouts.open_checkpoint(p, names)
     return raw[p]
 
   try:
@@ -426,9 +432,10 @@ def _open_groups(spec, clip_vision: bool):
       base_r, model_rs = vg.view(spec.base), [vg.view(m) for m in spec.models]
     else:
       base_r = opened(spec.base)
-      model_rs = [S.open_checkpoint(p) for p in spec.models]
+      model_rs = [layouts.open_checkpoint(p, names) for p in spec.models]
       raw.update({f"{i}:{p}": r for i, (p, r) in enumerate(zip(spec.models, model_rs))})
     if clip_vision:  # CLIPModel base + CLIPVisionModel experts: merge the vision towers, keys "vision_model.*"
+      hf = _hf()
       base_r = hf.VisionTowerReader(base_r, str(spec.base))
       model_rs = [hf.VisionTowerReader(r, str(n)) for r, n in zip(model_rs, spec.names)]
     return [layers.Group(spec=spec, base=base_r, models=model_rs)], list(raw.values()), info, None
@@ -466,9 +473,11 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"output {out} already exists; choose a new --out")
   max_shard = S.parse_size(args.max_shard_size)
   fmt = getattr(args, "format", "safetensors") or "safetensors"
-  from jaxmerge.io import hf  # noqa: PLC0415
+  from jaxmerge.io import layouts  # noqa: PLC0415
 
-  clip_vision = not spec.slices and hf.clip_vision_layout(spec.base, list(spec.models))
+  # jaxmerge.io.hf (CLIP: flax, transformers; seconds to import) only for a CLIP base
+  clip_vision = not spec.slices and layouts.model_type(spec.base) == "clip" and _hf().clip_vision_layout(
+      spec.base, list(spec.models))
   if not clip_vision:
     llm.check_architectures(spec.base, [p for p in dict.fromkeys([*spec.models, *spec.order]) if p != spec.base],
                             names=None)
@@ -510,8 +519,12 @@ def run(args: argparse.Namespace) -> int:
   if fmt == "orbax" and any(r is not None for r in routes):
     raise ValueError("mergekit-schema configs write safetensors; use --format safetensors")
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
-  key = jax.random.key(int(spec.seed))
+  # the PRNG key of jaxmerge's transforms (creating it compiles a program: not for mergekit-plan-only merges)
+  key = jax.random.key(int(spec.seed)) if any(r is None for r in routes) else None
   notes = list(spec.notes)
+  if spec.tensor_names == "transformers" and layouts.renames_for(spec.base):
+    notes.append(f"tensors written under transformers 5's {layouts.model_type(spec.base)} model names, as mergekit "
+                 "writes them (jaxmerge: {tensor_names: checkpoint} keeps the checkpoints' names)")
   if any(g.plan is not None and r is None and g.plan.tie_rule == "exact" for (g, _, _), r in zip(aligned, routes)):
     notes.append("mergekit computes this merge in float32: jaxmerge's own engine gives its result")
   wide = [k for (_, bv, _), r in zip(aligned, routes) if r is None for k in bv.keys()
@@ -597,7 +610,7 @@ def run(args: argparse.Namespace) -> int:
     info = {"method": spec.method, "hparams": spec.hparams, "base": spec.base, "models": list(spec.models),
             "slices": [[list(r) for r in sl.ranges] for sl in spec.slices] or None, "num_layers": num_layers,
             "tokenizer": dataclasses.asdict(spec.tokenizer) if spec.tokenizer is not None else None,
-            "chat_template": spec.chat_template,
+            "chat_template": spec.chat_template, "tensor_names": spec.tensor_names,
             "layout": "clip_vision" if clip_vision else None,
             "dtype": spec.dtype, "seed": spec.seed, "vocab_policy": spec.vocab_policy, "source": spec.source,
             "stream": bool(use_stream), "mesh": dict(mesh.shape) if mesh is not None else None, "format": fmt,

@@ -13,8 +13,17 @@ its default options) and ``jaxmerge merge``; the test passes when both refuse it
 - the same tokenizer (``tokenizer.json`` and ``tokenizer_config.json``, the chat template included).
 
 Every method of mergekit's registry, parameter gradients and filters, per-model values and mergekit's compute
-dtype run (:mod:`jaxmerge.mk`); the Llava configs are ``xfail(strict=True)`` (tensor names, see ``LLAVA``). A few
-representative configs run by default; the whole set is ``slow``.
+dtype run (:mod:`jaxmerge.mk`). A few representative configs run by default; the whole set is ``slow``.
+
+Llava (``vlm_*``): mergekit 0.1.5 under transformers 5 reads the checkpoints through transformers' renames
+(``conversion_mapping``: ``vision_tower.*`` -> ``model.vision_tower.*``, ...) and writes the model's names, as
+``jaxmerge merge`` does for a mergekit-schema config (:mod:`jaxmerge.io.layouts`). mergekit's renames lack
+transformers' second step for the text tower (``language_model.model.*`` becomes ``model.language_model.model.*``,
+not the model's ``model.language_model.*``), so it finds no language-model tensor, marks them all optional and
+skips them: its Llava output holds the vision tower and the projector only (43 of 64 tensors). The reference for
+every tensor is therefore mergekit run on the same checkpoints saved under the model's names (``vlm_*_t5``),
+where it finds them all; the run on the original checkpoints must write exactly those tensors less the language
+model's (``MK_LLAVA_DROPS``), bit for bit.
 """
 
 from __future__ import annotations
@@ -33,9 +42,8 @@ from tests import mk_models as M  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
-# mergekit writes Llava checkpoints under transformers 5's tensor names (model.language_model.*, its
-# architecture conversion); jaxmerge keeps the input's names (transformers loads both).
-LLAVA = "Llava tensor names (mergekit's architecture conversion)"
+# The tensors mergekit 0.1.5 drops from a Llava merge under transformers 5 (module docstring): the text tower's.
+MK_LLAVA_DROPS = ("model.language_model.", "lm_head.")
 
 
 def _two(a, b, method, base=None, params=None, dtype="bfloat16", **extra):
@@ -123,15 +131,15 @@ CASES = [
     ("della_invalid_epsilon", _two("model_a", "model_b", "della", "model_c",
                                    {"density": 0.66, "epsilon": 1.35, "lambda": 0.5}), None),
     ("karcher", _two("model_a", "model_b", "karcher", "model_c", {"max_iter": 5, "tol": 1e-5}), None),
-    ("vlm_linear", _two("vlm_a", "vlm_b", "linear"), LLAVA),
-    ("vlm_slerp", {**_two("vlm_a", "vlm_b", "slerp", "vlm_a"), "parameters": {"t": 0.35}}, LLAVA),
-    *_nuslerp_cases("vlm_", "vlm_a", "vlm_b", "vlm_c", LLAVA),
-    ("vlm_task_arithmetic", _two("vlm_a", "vlm_b", "task_arithmetic", "vlm_c"), LLAVA),
-    ("vlm_breadcrumbs", _two("vlm_a", "vlm_b", "breadcrumbs", "vlm_c"), LLAVA),
-    ("vlm_ties", _two("vlm_a", "vlm_b", "ties", "vlm_c", {"density": 0.3}), LLAVA),
-    ("vlm_dare_ties", _two("vlm_a", "vlm_b", "dare_ties", "vlm_c", {"density": 0.66}), LLAVA),
-    ("vlm_model_stock", _two("vlm_b", "vlm_c", "model_stock", "vlm_a"), LLAVA),
-    ("vlm_model_stock_filterwise", _two("vlm_b", "vlm_c", "model_stock", "vlm_a", {"filter_wise": True}), LLAVA),
+    ("vlm_linear", _two("vlm_a", "vlm_b", "linear"), None),
+    ("vlm_slerp", {**_two("vlm_a", "vlm_b", "slerp", "vlm_a"), "parameters": {"t": 0.35}}, None),
+    *_nuslerp_cases("vlm_", "vlm_a", "vlm_b", "vlm_c", None),
+    ("vlm_task_arithmetic", _two("vlm_a", "vlm_b", "task_arithmetic", "vlm_c"), None),
+    ("vlm_breadcrumbs", _two("vlm_a", "vlm_b", "breadcrumbs", "vlm_c"), None),
+    ("vlm_ties", _two("vlm_a", "vlm_b", "ties", "vlm_c", {"density": 0.3}), None),
+    ("vlm_dare_ties", _two("vlm_a", "vlm_b", "dare_ties", "vlm_c", {"density": 0.66}), None),
+    ("vlm_model_stock", _two("vlm_b", "vlm_c", "model_stock", "vlm_a"), None),
+    ("vlm_model_stock_filterwise", _two("vlm_b", "vlm_c", "model_stock", "vlm_a", {"filter_wise": True}), None),
     # tests/test_chat_template.py
     ("template_chatml", _template("chatml"), None),
     ("template_literal_jinja", _template("{{messages[0]['content']}}"), None),
@@ -207,7 +215,8 @@ CASES = [
 # What the default run covers (each I/O feature once, and a few methods); the rest is slow.
 DEFAULT = {"gpt2_stack", "linear", "template_chatml_f32", "tok_source_union", "tok_force_token",
            "tok_model_token_id", "tok_pad_to_multiple_of", "ex_orcamini_platy_44layer", "slices_merged_ranges",
-           "della_invalid_epsilon", "nuslerp-base-row0-flat0", "slices_gradient", "karcher", "model_stock"}
+           "della_invalid_epsilon", "nuslerp-base-row0-flat0", "slices_gradient", "karcher", "model_stock",
+           "vlm_task_arithmetic"}
 
 _BUILD = {
     "model_a": lambda p: M.picollama(p, seed=1), "model_b": lambda p: M.picollama(p, seed=2),
@@ -216,6 +225,10 @@ _BUILD = {
     "gpt2_like": lambda p: M.gpt2_like(p, seed=6),
     "vlm_a": lambda p: M.picollava(p, seed=7), "vlm_b": lambda p: M.picollava(p, seed=8),
     "vlm_c": lambda p: M.picollava(p, seed=9),
+    # the same Llavas saved under the model's parameter names (mergekit's reference for Llava, module docstring)
+    "vlm_a_t5": lambda p: M.picollava(p, seed=7, model_layout=True),
+    "vlm_b_t5": lambda p: M.picollava(p, seed=8, model_layout=True),
+    "vlm_c_t5": lambda p: M.picollava(p, seed=9, model_layout=True),
     "tok_base": lambda p: M.llama_with_tokenizer(p, 64, seed=10),
     "tok_chatml": lambda p: M.llama_with_tokenizer(p, 66, ["<|im_start|>", "<|im_end|>"], seed=11),
     "tok_padded": lambda p: M.llama_with_tokenizer(p, 64, [f"<UNUSED_{i}>" for i in range(4)], seed=12),
@@ -238,13 +251,14 @@ def zoo(tmp_path_factory):
   return get
 
 
-def _substitute(value, zoo):
+def _substitute(value, zoo, twin: str = ""):
+  """``value`` with the model names replaced by their paths (a name's ``twin`` version where there is one)."""
   if isinstance(value, dict):
-    return {k: _substitute(v, zoo) for k, v in value.items()}
+    return {k: _substitute(v, zoo, twin) for k, v in value.items()}
   if isinstance(value, list):
-    return [_substitute(v, zoo) for v in value]
+    return [_substitute(v, zoo, twin) for v in value]
   if isinstance(value, str) and value in _BUILD:
-    return zoo(value)
+    return zoo(value + twin if value + twin in _BUILD else value)
   return value
 
 
@@ -440,20 +454,44 @@ def _donor(cfg) -> pathlib.Path:
   return pathlib.Path(first["model"])
 
 
+def _check_llava_drops(mk_ckpt: pathlib.Path, mk_ref: pathlib.Path, random: bool):
+  """mergekit on Llava checkpoints in transformers' checkpoint names writes exactly the tensors of its run on the
+  model-layout twins less the language model's (``MK_LLAVA_DROPS``), bit for bit unless its masks are random
+  (module docstring)."""
+  from jaxmerge.io import safetensors_io as S
+
+  got, ref = S.load(mk_ckpt), S.load(mk_ref)
+  assert set(got) == {k for k in ref if not k.startswith(MK_LLAVA_DROPS)}, sorted(set(got) ^ set(ref))[:8]
+  assert any(k.startswith(MK_LLAVA_DROPS) for k in ref)
+  for k in [] if random else got:
+    assert np.asarray(got[k]).tobytes() == np.asarray(ref[k]).tobytes(), k
+
+
 @pytest.mark.parametrize("cfg", _params(CASES))
 def test_same_result_as_mergekit(cfg, zoo, tmp_path):
-  cfg = _substitute(cfg, zoo)
-  mk_err = _run_mergekit(cfg, tmp_path / "mk")
+  from jaxmerge.io import safetensors_io as S
+
+  raw, cfg = cfg, _substitute(cfg, zoo)
+  ref = _substitute(raw, zoo, "_t5")  # Llava: mergekit's reference runs on the model-layout twins
+  mk_err = _run_mergekit(ref, tmp_path / "mk")
   jm_err = _run_jaxmerge(cfg, tmp_path, tmp_path / "jm")
   if mk_err and jm_err:
     assert not jm_err.startswith("crash"), jm_err
     return  # both refuse
   assert not mk_err and not jm_err, f"mergekit: {mk_err or 'ran'}; jaxmerge: {jm_err or 'ran'}"
-  _compare_files(tmp_path / "mk", tmp_path / "jm", _donor(cfg))
   random = cfg["merge_method"].startswith(("dare", "della"))  # masks drawn from different generators
-  ours, theirs = _compare_tensors(tmp_path / "mk", tmp_path / "jm", random, cfg)
+  if ref != cfg:
+    assert _run_mergekit(cfg, tmp_path / "mk_ckpt") is None
+    _check_llava_drops(tmp_path / "mk_ckpt", tmp_path / "mk", random)
+    # the twins (already in the model's names) give jaxmerge the same output
+    assert _run_jaxmerge(ref, tmp_path, tmp_path / "jm_t5") is None
+    ours, twins = S.load(tmp_path / "jm"), S.load(tmp_path / "jm_t5")
+    assert set(ours) == set(twins) and all(np.asarray(ours[k]).tobytes() == np.asarray(twins[k]).tobytes()
+                                           for k in ours)
+  _compare_files(tmp_path / "mk", tmp_path / "jm", _donor(ref))
+  ours, theirs = _compare_tensors(tmp_path / "mk", tmp_path / "jm", random, ref)
   if random:
-    _compare_random(ours, theirs, cfg["base_model"])
+    _compare_random(ours, theirs, ref["base_model"])
 
 
 def _stream_params(cases):
