@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import jaxmerge as jm
-from jaxmerge import native
+from jaxmerge.engine import native
 from jaxmerge.transforms import _sparsify
 from tests.clip_shapes import make_models
 
@@ -200,7 +200,7 @@ def test_switched_off_or_no_compiler_falls_back(monkeypatch, caplog, tmp_path):
     native._state.clear()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("JAXMERGE_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+    with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
       assert not native.available()
     assert "unavailable" in caplog.text
     with pytest.raises(RuntimeError, match="unavailable"):
@@ -479,26 +479,26 @@ def test_cache_loads_only_a_hash_checked_library_of_the_users(monkeypatch, caplo
   assert out.with_name(out.name + ".sha256").read_text().strip() == native._digest(out)
   # Truncated (a crash mid-copy, a full disk): rebuilt, not loaded.
   out.write_bytes(good[:100])
-  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
     assert native.build() == out
   assert "does not match the hash" in caplog.text and out.read_bytes() == good
   # A file planted under the library's name (with a hash file of its own that does not match it): rebuilt.
   out.write_bytes(b"\x7fELF planted")
   caplog.clear()
-  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
     native.build()
   assert "rebuilding" in caplog.text and out.read_bytes() == good
   # A symbolic link in its place: rebuilt.
   out.unlink()
   out.symlink_to(tmp_path / "elsewhere.so")
   caplog.clear()
-  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
     native.build()
   assert "symbolic link" in caplog.text and not out.is_symlink()
   # A group- or world-writable cache directory: a private temporary build, the shared one untouched.
   (tmp_path / "native").chmod(0o777)
   caplog.clear()
-  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
     private = native.build()
   assert "writable by group or others" in caplog.text
   assert private.parent != out.parent and private.parent.stat().st_mode & 0o077 == 0
@@ -507,7 +507,7 @@ def test_cache_loads_only_a_hash_checked_library_of_the_users(monkeypatch, caplo
   uid = os.getuid()
   monkeypatch.setattr(native.os, "getuid", lambda: uid + 1)
   caplog.clear()
-  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
     assert native.build().parent != out.parent
   assert "owned by uid" in caplog.text
 
@@ -519,7 +519,7 @@ def test_cache_survives_a_group_writable_umask(monkeypatch, caplog, tmp_path):
   old = os.umask(0o002)
   try:
     out = native.build()
-    with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+    with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
       assert native.build() == out
   finally:
     os.umask(old)

@@ -4,20 +4,18 @@ backend gives the whole-model program's result, and random chains of built-in st
 accepts them."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxmerge as jm
-from jaxmerge import native
 from jaxmerge import reductions as R
 from jaxmerge import transforms as T
 from jaxmerge.base import MergeTransform
+from jaxmerge.engine import native
+from jaxmerge.engine.planner import BACKENDS
 from jaxmerge.stream import DictWriter, merge_leafwise, merge_streaming
-
-_merge_module = __import__("importlib").import_module("jaxmerge.merge")
 
 
 def _two_leaves():
@@ -104,7 +102,7 @@ def test_spellings_of_one_chain_get_one_backend_and_result(name, native_on, monk
   txs = SPELLINGS[name]
   routes = {jm.route(tx, pre, fts, key=key) for tx in txs}
   assert len(routes) == 1 and "xla_whole" not in routes, routes
-  if native_on and native.available.__module__ == "jaxmerge.native":
+  if native_on and native.available.__module__ == "jaxmerge.engine.native":
     assert routes == {"native"}
   want = jm.merge(txs[0], pre, fts, key=key)
   for tx in txs[1:]:
@@ -170,7 +168,7 @@ def test_every_backend_that_accepts_a_chain_gives_the_whole_model_result(tx):
   pre, fts = _DATA
   key = jax.random.key(6)
   want = jm.merge(tx, pre, fts, key=key, backend="xla_whole")
-  for b in _merge_module.BACKENDS:
+  for b in BACKENDS:
     if b in ("xla_whole", "mesh"):
       continue
     try:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import filters as jfilters
-from jaxmerge import native
+from jaxmerge.engine import native
 from jaxmerge import stats
 from jaxmerge import tree as jtree
 from jaxmerge.base import TASK, EmptyCoeffs, MergeTransform, context_of, require_key

@@ -24,6 +24,7 @@ same results, slower on CPU). Only the CPU platform is served; accelerators alwa
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -41,7 +42,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
+
+from jaxmerge import tree as jtree
+from jaxmerge.engine.host import aligned_empty, umask
 
 __all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "threshold_rank", "ties", "ties_thresholds",
            "ties_rows", "ties_xla"]
@@ -136,8 +141,6 @@ def build(force: bool = False) -> Path:
   cc = _compiler()
   if cc is None:
     raise RuntimeError("no C compiler found (set $CC, or install cc/gcc/clang)")
-  import jaxlib  # noqa: PLC0415
-
   flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", f"-I{jax.ffi.include_dir()}"]
   # Keyed by everything that shapes the library, so a cache shared across machines or environments never
   # serves a stale or foreign build.
@@ -154,8 +157,6 @@ def build(force: bool = False) -> Path:
   if why:
     log.warning("not using the native kernel cache %s (%s); building in a private temporary directory", cache, why)
     cache = Path(tempfile.mkdtemp(prefix="jaxmerge-native-"))
-    import atexit  # noqa: PLC0415
-
     atexit.register(shutil.rmtree, cache, True)
   out = cache / name
   if not force and (out.exists() or out.is_symlink()):
@@ -177,8 +178,6 @@ def build(force: bool = False) -> Path:
         res = plain
     if res.returncode != 0:
       raise RuntimeError(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{res.stderr.strip()}")
-    from jaxmerge.io.atomic import umask  # noqa: PLC0415  (stdlib only; lazy: the engine does not import io)
-
     os.chmod(tmp, 0o755 & ~umask())
     side = work / (name + ".sha256")
     side.write_text(_digest(Path(tmp)) + "\n")
@@ -396,8 +395,6 @@ def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[An
   """
   if not available():
     raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
-  from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
-
   tasks = int(np.shape(fts[0])[0]) if stacked else len(fts)
   dtype = np.dtype(np.asarray(pre[0]).dtype) if len(pre) else np.dtype(np.float32)
   if dtype not in DTYPES:
@@ -481,8 +478,6 @@ def dare_keys(key: Any, paths: Sequence[str]) -> np.ndarray:
   Returns:
     ``(len(paths), 3)`` uint32 keys.
   """
-  from jaxmerge import tree as jtree  # noqa: PLC0415
-
   ids = np.asarray([jtree.leaf_id(p) for p in paths], np.uint32)
   return np.asarray(_keys_program()(key, ids))
 
@@ -509,8 +504,6 @@ def ties_rows(deltas: np.ndarray, base: np.ndarray, sp: Spec) -> tuple[np.ndarra
     raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
   if sp.op != "ties" or sp.drop is not None:
     raise ValueError(f"ties_rows runs TIES without a drop, got {sp}")
-  from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
-
   deltas = np.ascontiguousarray(deltas, np.float32)
   base = np.ascontiguousarray(base, np.float32).reshape(-1)
   if deltas.ndim != 2 or deltas.shape[1] != base.size:

@@ -53,15 +53,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import filters as jfilters
+from jaxmerge import transforms as T
 from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, MergeTransform
-from jaxmerge.io import llm
-from jaxmerge.io.safetensors_io import TensorReader
-from jaxmerge.merge import leaf_apply, merge_leaf
-from jaxmerge.stats_stream import KthSmallest, high_histogram, low_histogram
+from jaxmerge.engine import host, native
+from jaxmerge.engine.stats_stream import KthSmallest, high_histogram, low_histogram
+from jaxmerge.engine.xla import leaf_apply, merge_leaf
+from jaxmerge.reductions._mean import _disjoint_rows, _elect
+from jaxmerge.registry import list_methods, method_info
+from jaxmerge.transforms._masks import _emr_parts, _emr_terms
 
-__all__ = ["DictReader", "DictWriter", "StreamResult", "merge_leafwise", "merge_streaming", "streamable_methods",
-           "two_pass_methods"]
+__all__ = ["DictReader", "DictWriter", "StreamResult", "is_reader", "merge_leafwise", "merge_streaming",
+           "streamable_methods", "two_pass_methods"]
 
 Layout = Callable[[str, jax.ShapeDtypeStruct], Any]
 
@@ -131,20 +134,6 @@ def _path_id(path: str) -> np.ndarray:
   return np.uint32(jtree.leaf_id(path))
 
 
-_POOLS: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool(name: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
-  """A process-wide thread pool (prefetch, read, write, compile), created once and reused by every streaming
-  merge: no threads (and thread stacks) are started per merge or per pass."""
-  with _POOLS_LOCK:
-    pool = _POOLS.get(name)
-    if pool is None:
-      pool = _POOLS[name] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"jaxmerge-{name}")
-    return pool
-
-
 _PROGRAMS: "collections.OrderedDict[bytes, Any]" = collections.OrderedDict()
 _MAX_PROGRAMS = 512
 
@@ -195,7 +184,7 @@ class _Compiler:
     with self._lock:
       if key in self._known or key in self._warming:
         return
-      self._warming[key] = _pool("compile", 2).submit(self._build, fn, args, key[1])
+      self._warming[key] = host.pool("compile", 2).submit(self._build, fn, args, key[1])
 
   def close(self) -> None:
     """Drops the background compilations that have not started and waits for the running ones."""
@@ -237,13 +226,15 @@ class _Inputs:
   """Aligned readers, the parameter order, and a prefetching iterator over ``(name, pre, [ft...])``."""
 
   def __init__(self, pretrained: Any, models: Sequence[Any], names: Sequence[str] | None, prefetch: bool):
-    pre = pretrained if _is_reader(pretrained) else DictReader(pretrained)
-    fts = [m if _is_reader(m) else DictReader(m, f"model {i}") for i, m in enumerate(models)]
-    if isinstance(pre, llm.AlignedReader) and all(isinstance(m, llm.AlignedReader) for m in fts):
-      self.pre, self.models = pre, list(fts)
-    else:
-      self.pre, self.models = llm.align(pre, fts, policy="error", names=names)
+    pre = pretrained if is_reader(pretrained) else DictReader(pretrained)
+    fts = [m if is_reader(m) else DictReader(m, f"model {i}") for i, m in enumerate(models)]
+    self.pre, self.models = pre, fts
     self.names = list(names) if names is not None else [str(m.path) for m in fts]
+    keys = list(pre.keys())
+    for label, m in zip(self.names, fts):  # (checkpoints are aligned by jaxmerge.stream, with jaxmerge.io.llm)
+      bad = set(m.keys()) ^ set(keys) or [k for k in keys if tuple(m.shape(k)) != tuple(pre.shape(k))]
+      if bad:
+        raise ValueError(f"{label} does not match the pretrained model's parameters or shapes: {sorted(bad)[:10]}")
     self.order = list(self.pre.keys())
     self.floats = [k for k in self.order if _is_float_dtype(self.pre.dtype(k))]
     self.prefetch = prefetch
@@ -295,7 +286,7 @@ class _Inputs:
       for n in names:
         yield (n, *self.read(n))
       return
-    pool, readers = _pool("prefetch", 1), _pool("read", 4)
+    pool, readers = host.pool("prefetch", 1), host.pool("read", 4)
     nxt = pool.submit(self.read, names[0], readers)
     try:
       for i, n in enumerate(names):
@@ -311,7 +302,8 @@ class _Inputs:
     return sum(int(np.prod(self.pre.shape(k), dtype=np.int64)) for k in self.floats)
 
 
-def _is_reader(x: Any) -> bool:
+def is_reader(x: Any) -> bool:
+  """Whether ``x`` is a lazy reader (``shape``, ``dtype`` and ``get``) rather than an in-memory pytree."""
   return callable(getattr(x, "shape", None)) and callable(getattr(x, "dtype", None)) and hasattr(x, "get")
 
 
@@ -385,7 +377,7 @@ class _WriteBehind:
 
   def __init__(self, ws: list[Any], depth: int = 2):
     self.ws, self.depth = ws, depth
-    self.pool = _pool("write", 1)
+    self.pool = host.pool("write", 1)
     self.pending: collections.deque[concurrent.futures.Future] = collections.deque()
 
   def write(self, name: str, out: Any, per_task: bool) -> None:
@@ -441,8 +433,8 @@ def _copy_non_float(inp: _Inputs, ws: list[Any]) -> None:
 
 def merge_leafwise(
     tx: MergeTransform,
-    pretrained: TensorReader | Any,
-    models: Sequence[TensorReader | Any],
+    pretrained: Any,
+    models: Sequence[Any],
     writer: Any,
     *,
     key: jax.Array | None = None,
@@ -537,8 +529,6 @@ class _Plan(NamedTuple):
 
 
 def _hp(name: str, hparams: Mapping[str, Any]) -> dict:
-  from jaxmerge.registry import method_info  # noqa: PLC0415
-
   info = method_info(name)
   unknown = sorted(set(hparams) - set(info.hparams))
   if unknown:
@@ -620,8 +610,6 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
                scale: float) -> Callable[..., None]:
   """Exact streaming of ``chain(prefix, ties_merge(...), scale(scale))`` (global TIES and the DARE / Consensus
   variants built on it)."""
-  from jaxmerge.reductions._mean import _disjoint_rows, _elect  # noqa: PLC0415 (the same rules as in memory)
-
   def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
     n = inp.total()
     t = len(inp.models)
@@ -766,8 +754,6 @@ def _byom_plan(density: float, scale: float) -> Callable[..., None]:
 
 def _emr_plan(rescaler: str) -> Callable[..., None]:
   """Exact streaming of EMR-Merging: the rescalers' sums over leaves first, then each task's model."""
-  from jaxmerge.transforms._masks import _emr_parts, _emr_terms  # noqa: PLC0415 (the in-memory rules)
-
   def parts(pre, fts):
     pre32, x = jtree.leaf_task_vectors(pre, fts)
     uni, masks = _emr_parts({"x": x})
@@ -809,8 +795,6 @@ def _emr_plan(rescaler: str) -> Callable[..., None]:
 
 def _plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
   """The two-pass plan of a registered method with these hyperparameters, or ``None``."""
-  from jaxmerge import transforms as T  # noqa: PLC0415
-
   hp = _hp(name, hparams)
   if name == "ties" and hp["scope"] == "global":
     return _Plan(_ties_plan(None, hp["density"], hp["disjoint"], hp["count"], hp["zero_sign"], hp["scale"]), False)
@@ -833,8 +817,6 @@ def _plan_of(tx: MergeTransform) -> _Plan | None:
   """The multi-pass plan of a transform recognized by its steps' identities (:func:`jaxmerge.native.normalized`):
   global TIES, optionally after DARE's drop and before a scale, however it is spelled (the registry's ``ties``,
   a nested chain, or ``trim`` and ``disjoint_merge`` composed by hand). ``None`` otherwise."""
-  from jaxmerge import native  # noqa: PLC0415
-
   sp = native.spec(tx)
   if sp is None or sp.op != "ties":
     return None
@@ -858,8 +840,6 @@ def streamable_methods() -> list[str]:
   Returns:
     The registry names, in :func:`jaxmerge.registry.list_methods` order.
   """
-  from jaxmerge.registry import list_methods, method_info  # noqa: PLC0415
-
   out = []
   for name in list_methods():
     info = method_info(name)
@@ -876,8 +856,8 @@ def streamable_methods() -> list[str]:
 
 def merge_streaming(
     tx: MergeTransform,
-    pretrained: TensorReader | Any,
-    models: Sequence[TensorReader | Any],
+    pretrained: Any,
+    models: Sequence[Any],
     writer: Any,
     *,
     method: tuple[str, Mapping[str, Any]] | None = None,
