@@ -19,7 +19,7 @@ import pytest
 
 import jaxmerge as jm
 from jaxmerge.engine import native
-from jaxmerge.transforms import _sparsify
+from jaxmerge import stats
 from tests.clip_shapes import make_models
 
 needs_native = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
@@ -99,14 +99,13 @@ def test_thresholds_and_xla_op_equal_the_host_call(monkeypatch):
   assert not bad.any()
   # The exact thresholds: a sort of each task's magnitudes.
   n = sum(x.size for x in p)
-  k = native.threshold_rank(n, 0.2)
+  k = stats.threshold_rank(n, 0.2)
   for t in range(4):
     mags = np.sort(np.concatenate([np.abs(f - q).ravel() for f, q in zip(m[t], p)]))
     assert thr[t] == mags[k - 1]
-  # The same kernel as an XLA op inside jit, with a traced scale.
-  run = jax.jit(lambda s, a, b: native.ties_xla(a, b, density=0.2, scale=s)[0])
-  for x, y in zip(run(jnp.float32(0.3), p, m), out):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The same select as an XLA op inside jit (the CPU path of jaxmerge.stats' per-task thresholds).
+  deltas = [jnp.stack([f[i] - p[i] for f in m]) for i in range(len(p))]
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda d: native.ties_thresholds(d, k))(deltas)), thr)
 
 
 @needs_native
@@ -149,13 +148,12 @@ def test_task_thresholds_use_the_custom_call_on_cpu(monkeypatch):
   leaves = [jnp.asarray(np.round(rng.standard_normal((3,) + s) * 32) / 32, jnp.float32) for s in [(40, 30), (7,), (2, 3, 4, 5)]]
   for count in ("reference", "exact"):
     for density in (0.0, 0.1, 0.5, 0.99):
-      f = jax.jit(lambda xs, d=density, c=count: _sparsify.task_thresholds(xs, d, c, use_native=True))
+      f = jax.jit(lambda xs, d=density, c=count: stats.task_thresholds(xs, d, c, use_native=True))
       got = f(leaves)
-      want = jax.jit(lambda xs, d=density, c=count: _sparsify._xla_thresholds(
-          xs, native.threshold_rank(sum(x[0].size for x in xs), d, c)))(leaves)
+      want = jax.jit(lambda xs, d=density, c=count: stats.task_thresholds(xs, d, c))(leaves)  # the XLA select
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{count} {density}")
-  assert "jaxmerge_ties" in jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2, use_native=True)).lower(leaves).as_text()
-  assert "jaxmerge_ties" not in jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2)).lower(leaves).as_text()
+  assert "jaxmerge_ties" in jax.jit(lambda xs: stats.task_thresholds(xs, 0.2, use_native=True)).lower(leaves).as_text()
+  assert "jaxmerge_ties" not in jax.jit(lambda xs: stats.task_thresholds(xs, 0.2)).lower(leaves).as_text()
   trim = jm.transforms.trim(0.3)
   tree = {"a": leaves[0], "b": leaves[2]}
 
@@ -167,7 +165,7 @@ def test_task_thresholds_use_the_custom_call_on_cpu(monkeypatch):
   _equal(g, g_xla, "grad through trim")
   # Under vmap (one call per mapped element).
   batch = jnp.stack([leaves[0], -leaves[0]])
-  v = jax.vmap(lambda x: _sparsify.task_thresholds([x], 0.2, use_native=True))(batch)
+  v = jax.vmap(lambda x: stats.task_thresholds([x], 0.2, use_native=True))(batch)
   np.testing.assert_array_equal(np.asarray(v[0]), np.asarray(v[1]))
 
 
@@ -253,7 +251,7 @@ def test_thresholds_equal_a_sort_over_many_work_items(density):
   fts[1][0][:2, :100] += 100.0
   _, thr, bad = native.ties(pre, fts, density=density, scale=0.3)
   assert not bad.any()
-  k = native.threshold_rank(sum(x.size for x in pre), density)
+  k = stats.threshold_rank(sum(x.size for x in pre), density)
   for t in range(3):
     mags = np.sort(np.concatenate([np.abs(f - p).ravel() for f, p in zip(fts[t], pre)]))
     assert thr[t] == mags[k - 1], (t, density)
@@ -443,7 +441,7 @@ def test_accelerator_programs_keep_the_xla_select():
   """Lowered for a GPU (no GPU needed: cross-platform lowering), a program with TIES's thresholds holds no call
   of the CPU kernel; lowered for the CPU, it does."""
   leaves = [jnp.ones((3, 100, 10)), jnp.ones((3, 7))]
-  f = jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2, use_native=True))
+  f = jax.jit(lambda xs: stats.task_thresholds(xs, 0.2, use_native=True))
   ok = [jax.export.DisabledSafetyCheck.custom_call("jaxmerge_ties")]
   assert "jaxmerge_ties" not in jax.export.export(f, platforms=["cuda"], disabled_checks=ok)(leaves).mlir_module()
   assert "jaxmerge_ties" in jax.export.export(f, platforms=["cpu"], disabled_checks=ok)(leaves).mlir_module()

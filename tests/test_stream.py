@@ -334,7 +334,7 @@ def test_streaming_merge_stays_under_a_memory_cap(tmp_path):
 def test_histograms_take_task_slices_and_select_exactly():
   """The streaming histograms accept a ``(T, ...)`` stack or its ``T`` slices (what the plans pass) with the
   same counts, and the two-pass select over several tensors equals a sort of their concatenation."""
-  from jaxmerge.engine import stats_stream as ss
+  from jaxmerge import stats as ss
 
   r = np.random.default_rng(3)
   xs = [(r.standard_normal((3,) + s) * 10.0 ** r.integers(-3, 2)).astype(np.float32) for s in [(40, 7), (5,), (9, 3, 2)]]

@@ -204,7 +204,20 @@ def resolve_methods(spec: str | Sequence[str] | None, *, tta: bool = False) -> l
   return list(dict.fromkeys(names))
 
 
-def _row(method: str, acc: dict, expert_acc: dict | None, tasks, seconds: float, **extra) -> dict:
+def result_row(method: str, acc: dict, expert_acc: dict | None, tasks, seconds: float, **extra) -> dict:
+  """One row of ``results.json``.
+
+  Args:
+    method: the row's name.
+    acc: ``{task: accuracy}``.
+    expert_acc: the experts' accuracies (for normalized accuracy), or ``None``.
+    tasks: the task order.
+    seconds: the time the method took.
+    extra: further fields of the row.
+
+  Returns:
+    The row (accuracy, average, normalized accuracy, seconds and ``extra``).
+  """
   avg = float(np.mean([acc[t] for t in tasks]))
   norm = {t: (acc[t] / expert_acc[t] if expert_acc and expert_acc[t] > 0 else float("nan")) for t in tasks}
   return {"method": method, "accuracy": {t: float(acc[t]) for t in tasks}, "average": avg,
@@ -327,8 +340,8 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
   pre_acc, cross = base["pretrained"], base["cross"]
   expert_acc = {t: cross[i][t] for i, t in enumerate(tasks)}
   timings["evaluate_baselines"] = time.perf_counter() - t0
-  rows = [_row("pretrained", pre_acc, expert_acc, tasks, 0.0, kind="baseline", data="none"),
-          _row("experts", expert_acc, expert_acc, tasks, 0.0, kind="baseline", data="labels (fine-tuning)",
+  rows = [result_row("pretrained", pre_acc, expert_acc, tasks, 0.0, kind="baseline", data="none"),
+          result_row("experts", expert_acc, expert_acc, tasks, 0.0, kind="baseline", data="labels (fine-tuning)",
                per_task_model=True)]
   skipped = []
 
@@ -379,7 +392,7 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
       eval_seconds = time.perf_counter() - start
       extra.update(_diagnose(suite, merged, per_task, acc, expert_acc, adapter, adapted, adapted_acc,
                              adapters if adapter is None and info.data == "none" else (), strict))
-      rows.append(_row(row_name, acc, expert_acc, tasks, seconds, compile_seconds=compile_seconds,
+      rows.append(result_row(row_name, acc, expert_acc, tasks, seconds, compile_seconds=compile_seconds,
                        eval_seconds=eval_seconds, kind="merge", data=info.data,
                        family=info.family, per_task_model=per_task, hparams=dict(info.hparams), **extra))
       if row_cache is not None:

@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     model_rs = [hf.VisionTowerReader(r, str(n)) for r, n in zip(model_rs, spec.names)]
   base_v, model_vs = llm.align(base_r, model_rs, policy=spec.vocab_policy, names=list(spec.names),
                                out_dtype=spec.dtype)
-  floats = [k for k in base_v.keys() if jstream._is_float_dtype(base_v.dtype(k))]
+  floats = [k for k in base_v.keys() if jstream.is_float_dtype(base_v.dtype(k))]
   t = len(model_vs)
   need = (t + 3) * _float_bytes(base_v, floats)
   use_stream = args.stream if args.stream is not None else need > _available_bytes() // 2

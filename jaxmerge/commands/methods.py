@@ -55,7 +55,7 @@ def _streams(name: str) -> str:
     return "?"
   if tx.leafwise:
     return "yes"
-  return "passes" if stream._plan(name, {}) is not None else "no"
+  return "passes" if stream.method_plan(name, {}) is not None else "no"
 
 
 def run(args: argparse.Namespace) -> int:

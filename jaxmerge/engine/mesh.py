@@ -17,16 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 
+from jaxmerge import stats
 from jaxmerge import tree as jtree
 from jaxmerge.base import MergeContext, MergeTransform
-from jaxmerge.engine import native, stats_stream
+from jaxmerge.engine import native
 from jaxmerge.engine.xla import (
   leaf_program,
   nonfinite_flags,
   raise_nonfinite,
   whole_program,
 )
-from jaxmerge.reductions._mean import _disjoint_rows, _elect
+from jaxmerge.reductions import disjoint_rows, elect
 
 __all__ = ["auto_axes", "by_leaf", "mesh_of", "on_mesh", "run_on_mesh"]
 
@@ -118,20 +119,12 @@ def _ties_rows(pre: jax.Array, ft: jax.Array, thr: jax.Array | None) -> tuple[ja
 
 @jax.jit
 def _high_hist(pre: jax.Array, ft: jax.Array) -> jax.Array:
-  d = jnp.abs(_ties_rows(pre, ft, None)[1]).reshape(ft.shape[0], -1)
-  return jax.vmap(lambda r: jnp.bincount((stats_stream.float_keys(r) >> 16).astype(jnp.int32), length=1 << 16))(d)
+  return stats.high_histogram(jnp.abs(_ties_rows(pre, ft, None)[1]))
 
 
 @jax.jit
 def _low_hist(pre: jax.Array, ft: jax.Array, hi: jax.Array) -> jax.Array:
-  d = jnp.abs(_ties_rows(pre, ft, None)[1]).reshape(ft.shape[0], -1)
-
-  def row(r, h):
-    q = stats_stream.float_keys(r)
-    low = jnp.where((q >> 16).astype(jnp.int32) == h[0], (q & jnp.uint32(0xFFFF)).astype(jnp.int32), 1 << 16)
-    return jnp.bincount(low, length=(1 << 16) + 1)[None, : 1 << 16]
-
-  return jax.vmap(row)(d, hi)
+  return stats.low_histogram(jnp.abs(_ties_rows(pre, ft, None)[1]), hi)
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -144,24 +137,24 @@ def _ties_leaf(merge_func: str, zero_sign: str, trim: bool, out: NamedSharding |
                donate: bool) -> Callable[..., Any]:
   def run(pre, ft, thr, majority, scale):
     pre32, d = _ties_rows(pre, ft, thr if trim else None)
-    s = _elect(jnp.sum(d, axis=0), zero_sign, majority)
-    return (pre32 + _disjoint_rows(d, s, merge_func) * scale).astype(pre.dtype)
+    s = elect(jnp.sum(d, axis=0), zero_sign, majority)
+    return (pre32 + disjoint_rows(d, s, merge_func) * scale).astype(pre.dtype)
 
   return jax.jit(run, out_shardings=out, donate_argnums=(0,) if donate else ())
 
 
 def _ties_by_leaf(sp: Any, pre: dict, ft: dict, outs: dict, donate: bool) -> dict:
   """Global TIES (:func:`jaxmerge.native.spec`'s ``"ties"``, no drop) leaf by leaf on the mesh: the per-task
-  thresholds by two histogram passes (:class:`jaxmerge.stats_stream.KthSmallest`, exact), the majority sign by a
+  thresholds by two histogram passes (:class:`jaxmerge.stats.KthSmallest`, exact), the majority sign by a
   third, then each leaf merged into its declared sharding. The temporaries are one leaf's, not the model's."""
   density, merge_func, count, zero_sign = sp.ties
   t = int(next(iter(ft.values())).shape[0])
   sizes = {p: int(np.prod(x.shape, dtype=np.int64)) for p, x in pre.items()}
   n = sum(sizes.values())
-  k = native.threshold_rank(n, density, count) if density < 1 else 0
+  k = stats.threshold_rank(n, density, count) if density < 1 else 0
   thr = jnp.zeros((t,), jnp.float32)
   if k > 0:
-    sel = stats_stream.KthSmallest(np.full((t,), k), n)
+    sel = stats.KthSmallest(np.full((t,), k), n)
 
     # One leaf at a time, each histogram fetched before the next leaf's program runs: programs with collectives
     # queued without bound on the in-process CPU devices can wait on each other past XLA's rendezvous timeout.

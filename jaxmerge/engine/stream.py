@@ -32,7 +32,7 @@ while the current one is merged).
 - **Global methods in two passes.** Transforms that are not leafwise need statistics over the whole model
   (TIES's per-task magnitude threshold, Localize-and-Stitch's, BYOM's, EMR's rescalers). :func:`merge_streaming`
   runs them exactly: first passes accumulate the statistics tensor by tensor (exact order statistics with
-  :class:`jaxmerge.stats_stream.KthSmallest`), the last pass applies them. :func:`streamable_methods` lists
+  :class:`jaxmerge.stats.KthSmallest`), the last pass applies them. :func:`streamable_methods` lists
   what can stream; anything else raises ``ValueError`` naming it.
 """
 
@@ -57,14 +57,13 @@ from jaxmerge import transforms as T
 from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, MergeTransform
 from jaxmerge.engine import host, native
-from jaxmerge.engine.stats_stream import KthSmallest, high_histogram, low_histogram
 from jaxmerge.engine.xla import leaf_apply, merge_leaf
-from jaxmerge.reductions._mean import _disjoint_rows, _elect
+from jaxmerge.reductions import disjoint_rows, elect
 from jaxmerge.registry import list_methods, method_info
-from jaxmerge.transforms._masks import _emr_parts, _emr_terms
+from jaxmerge.stats import KthSmallest, high_histogram, low_histogram
 
-__all__ = ["DictReader", "DictWriter", "StreamResult", "is_reader", "merge_leafwise", "merge_streaming",
-           "streamable_methods", "two_pass_methods"]
+__all__ = ["DictReader", "DictWriter", "StreamResult", "is_float_dtype", "is_reader", "merge_leafwise",
+           "merge_streaming", "method_plan", "streamable_methods", "two_pass_methods"]
 
 Layout = Callable[[str, jax.ShapeDtypeStruct], Any]
 
@@ -218,7 +217,15 @@ class _Compiler:
     return exe(*args)
 
 
-def _is_float_dtype(dt: Any) -> bool:
+def is_float_dtype(dt: Any) -> bool:
+  """Whether ``dt`` is a floating dtype (bfloat16 included): the tensors that are merged; others are copied.
+
+  Args:
+    dt: a dtype.
+
+  Returns:
+    ``True`` for floating dtypes.
+  """
   return jnp.issubdtype(jnp.dtype(dt), jnp.floating)
 
 
@@ -236,7 +243,7 @@ class _Inputs:
       if bad:
         raise ValueError(f"{label} does not match the pretrained model's parameters or shapes: {sorted(bad)[:10]}")
     self.order = list(self.pre.keys())
-    self.floats = [k for k in self.order if _is_float_dtype(self.pre.dtype(k))]
+    self.floats = [k for k in self.order if is_float_dtype(self.pre.dtype(k))]
     self.prefetch = prefetch
     self.passes = 0
     self._lock = threading.Lock()
@@ -312,7 +319,7 @@ def _out_dtype_fn(out_dtype: Any, pre: Any) -> Callable[[str], np.dtype]:
     return out_dtype
   if out_dtype is not None:
     dt = jnp.dtype(out_dtype)
-    return lambda name: dt if _is_float_dtype(pre.dtype(name)) else pre.dtype(name)
+    return lambda name: dt if is_float_dtype(pre.dtype(name)) else pre.dtype(name)
   if hasattr(pre, "out_dtype"):
     return pre.out_dtype
   return pre.dtype
@@ -557,7 +564,7 @@ def _distinct_specs(inp: _Inputs) -> dict[str, tuple[jax.ShapeDtypeStruct, tuple
 def _thresholds(inp: _Inputs, comp: _Compiler, values: Callable[[str], Callable[..., jax.Array]],
                 ranks: np.ndarray, args: Callable[[str], tuple], path_free: bool = True) -> np.ndarray:
   """Exact per-task ``ranks``-th smallest of ``values(name)(pre, fts, *args(name))`` over every tensor: two
-  passes, each tensor's histogram computed inside its leaf program (:mod:`jaxmerge.stats_stream`).
+  passes, each tensor's histogram computed inside its leaf program (:mod:`jaxmerge.stats`).
   ``path_free``: ``values(name)``'s program does not depend on ``name`` (one trace per argument type)."""
   sel = KthSmallest(ranks, inp.total())
   token = object() if path_free else None
@@ -646,8 +653,8 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
         pre32, rows = trimmed(path, pre, fts, key, pid, thr)
         tot = functools.reduce(jnp.add, rows)
         sg = jnp.sign(tot)
-        s = _elect(tot, zero_sign, maj.astype(tot.dtype))
-        out = _disjoint_rows(rows, s, disjoint) * jnp.asarray(scale, jnp.float32)
+        s = elect(tot, zero_sign, maj.astype(tot.dtype))
+        out = disjoint_rows(rows, s, disjoint) * jnp.asarray(scale, jnp.float32)
         flags = _finite_flags(pre, fts) if check_finite else _no_flags()
         ambiguous = jnp.any((sg == 0) & functools.reduce(jnp.logical_or, [r != 0 for r in rows]))
         return (pre32 + out).astype(dt), flags, jnp.sum(sg.astype(jnp.int32)), ambiguous
@@ -756,12 +763,12 @@ def _emr_plan(rescaler: str) -> Callable[..., None]:
   """Exact streaming of EMR-Merging: the rescalers' sums over leaves first, then each task's model."""
   def parts(pre, fts):
     pre32, x = jtree.leaf_task_vectors(pre, fts)
-    uni, masks = _emr_parts({"x": x})
+    uni, masks = T.emr_parts({"x": x})
     return pre32, x, uni["x"], masks["x"]
 
   def stats(pre, fts):
     _, x, uni, m = parts(pre, fts)
-    return _emr_terms(x, uni, m, rescaler)
+    return T.emr_terms(x, uni, m, rescaler)
 
   def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
     per_leaf = {}
@@ -793,8 +800,16 @@ def _emr_plan(rescaler: str) -> Callable[..., None]:
   return run
 
 
-def _plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
-  """The two-pass plan of a registered method with these hyperparameters, or ``None``."""
+def method_plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
+  """The multi-pass plan of a registered method with these hyperparameters.
+
+  Args:
+    name: the registry name.
+    hparams: its hyperparameters (missing ones take the defaults).
+
+  Returns:
+    The plan, or ``None`` when the method has none.
+  """
   hp = _hp(name, hparams)
   if name == "ties" and hp["scope"] == "global":
     return _Plan(_ties_plan(None, hp["density"], hp["disjoint"], hp["count"], hp["zero_sign"], hp["scale"]), False)
@@ -849,7 +864,7 @@ def streamable_methods() -> list[str]:
       tx = info.factory()
     except Exception:  # noqa: BLE001 (a method that needs hyperparameters cannot be judged here)
       continue
-    if tx.leafwise or _plan(name, {}) is not None:
+    if tx.leafwise or method_plan(name, {}) is not None:
       out.append(name)
   return out
 
@@ -890,7 +905,7 @@ def merge_streaming(
                           per_task=per_task, out_dtype=out_dtype, check_finite=check_finite, prefetch=prefetch)
   plan = _plan_of(tx)
   if plan is None and method is not None:
-    plan = _plan(method[0], method[1])
+    plan = method_plan(method[0], method[1])
   if plan is None:
     what = f"method {method[0]!r} with {dict(method[1])}" if method is not None else "this transform"
     raise ValueError(f"{what} cannot be streamed: it is not leafwise and has no multi-pass plan. Streamable "

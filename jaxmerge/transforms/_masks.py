@@ -15,13 +15,15 @@ import jax.numpy as jnp
 
 from jaxmerge import stats
 from jaxmerge.base import REDUCE, TASK, EmptyCoeffs, MergeTransform
-from jaxmerge.transforms._sparsify import task_thresholds
 from jaxmerge.tree import concat_tasks, task_max, task_sum
 
 __all__ = [
     "byom_residuals",
     "consensus_mask",
     "emr_modulate",
+    "emr_parts",
+    "emr_rescaled",
+    "emr_terms",
     "emr_unified",
     "pcb_reduce",
     "stitch",
@@ -116,16 +118,33 @@ def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, stric
   return MergeTransform(_empty, apply, TASK, path_free=True)
 
 
-def _emr_parts(tree):
+def emr_parts(tree):
+  """EMR's unified task vector and per-task sign masks (the rule of the in-memory and streamed merges).
+
+  Args:
+    tree: a stack of task vectors ``(T, ...)``.
+
+  Returns:
+    ``(unified tree (...), masks tree (T, ...) of booleans)``.
+  """
   flags = jax.tree.map(lambda x: jnp.where(task_sum(x) > 0, 1.0, -1.0).astype(x.dtype), tree)
   masks = jax.tree.map(lambda x, f: x * f[None] > 0, tree, flags)
   uni = jax.tree.map(lambda x, m, f: task_max(jnp.where(m, jnp.abs(x), 0)) * f, tree, masks, flags)
   return uni, masks
 
 
-def _emr_terms(x, uni, mask, rescaler: str):
-  """One leaf's contributions ``(A_t, B_t)`` to EMR's rescalers: the per-task mean (``"reference"``) or sum
-  (``"global"``) of ``|tau_t|`` and of ``|M_t * tau_uni|``; ``lambda_t = sum A_t / sum B_t`` over leaves."""
+def emr_terms(x, uni, mask, rescaler: str):
+  """One leaf's contributions ``(A_t, B_t)`` to EMR's rescalers; ``lambda_t = sum A_t / sum B_t`` over leaves.
+
+  Args:
+    x: the leaf's task vectors ``(T, ...)``.
+    uni: its unified vector (:func:`emr_parts`).
+    mask: its masks ``(T, ...)``.
+    rescaler: ``"reference"`` (per-task means of ``|tau_t|`` and ``|M_t * tau_uni|``) or ``"global"`` (sums).
+
+  Returns:
+    ``(A, B)``, each ``(T,)``.
+  """
   def red(v):
     a = jnp.abs(v.reshape(v.shape[0], -1))
     return jnp.mean(a, axis=1) if rescaler == "reference" else jnp.sum(a, axis=1)
@@ -133,10 +152,18 @@ def _emr_terms(x, uni, mask, rescaler: str):
   return red(x), red(jnp.where(mask, uni[None], 0))
 
 
-def _emr_rescaled(tree, rescaler: str):
-  """EMR's unified vector, masks and per-task rescalers ``lambda (T,)`` (0 where ``B_t = 0``)."""
-  uni, masks = _emr_parts(tree)
-  terms = [_emr_terms(x, u, m, rescaler)
+def emr_rescaled(tree, rescaler: str):
+  """EMR's unified vector, masks and per-task rescalers.
+
+  Args:
+    tree: a stack of task vectors ``(T, ...)``.
+    rescaler: as :func:`emr_terms`.
+
+  Returns:
+    ``(unified, masks, lambda (T,))``, ``lambda`` 0 where ``B_t = 0``.
+  """
+  uni, masks = emr_parts(tree)
+  terms = [emr_terms(x, u, m, rescaler)
            for x, u, m in zip(jax.tree.leaves(tree), jax.tree.leaves(uni), jax.tree.leaves(masks))]
   a = sum(t[0] for t in terms)
   b = sum(t[1] for t in terms)
@@ -157,7 +184,7 @@ def emr_unified() -> MergeTransform:
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    return _emr_parts(tree)[0]
+    return emr_parts(tree)[0]
 
   return MergeTransform(_empty, apply, REDUCE)
 
@@ -184,7 +211,7 @@ def emr_modulate(rescaler: str = "reference") -> MergeTransform:
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    uni, masks, lam = _emr_rescaled(tree, rescaler)
+    uni, masks, lam = emr_rescaled(tree, rescaler)
     return jax.tree.map(lambda m, u: jnp.where(m, u[None], 0) * _bcast(lam, m), masks, uni)
 
   return MergeTransform(_empty, apply, TASK, leafwise=False)
@@ -257,7 +284,7 @@ def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
     def resid(x):
       return x - scale * task_sum(x)[None]
 
-    thr = task_thresholds([concat_tasks(jax.tree.map(resid, tree))], density)
+    thr = stats.task_thresholds([concat_tasks(jax.tree.map(resid, tree))], density)
 
     def leaf(x):
       shared = scale * task_sum(x)

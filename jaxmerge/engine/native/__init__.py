@@ -45,11 +45,12 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from jaxmerge import stats
 from jaxmerge import tree as jtree
 from jaxmerge.engine.host import aligned_empty, umask
 
-__all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "threshold_rank", "ties", "ties_thresholds",
-           "ties_rows", "ties_xla"]
+
+__all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "ties", "ties_thresholds", "ties_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -295,37 +296,6 @@ def _threads() -> int:
     return max(1, min(64, os.cpu_count() or 1))
 
 
-def threshold_rank(n: int, density: float, count: str = "reference") -> int:
-  """The rank of TIES's magnitude threshold: the one rule of :func:`jaxmerge.transforms.task_thresholds` and the
-  native kernel.
-
-  Args:
-    n: entries per task.
-    density: fraction kept.
-    count: ``"reference"`` (FusionBench: the ``(N - int(N d))``-th smallest, so ``int(N d) + 1`` entries survive
-      without ties) or ``"exact"`` (mergekit: ``max(1, int(N d))`` entries survive).
-
-  Returns:
-    ``k`` (1-indexed, ascending): the threshold is the ``k``-th smallest magnitude and entries ``>=`` it are
-    kept; ``0`` keeps everything.
-  """
-  if count == "reference":
-    return max(0, n - int(n * density))
-  if count == "exact":
-    return max(0, n - max(1, int(density * n)) + 1)
-  raise ValueError(f"count must be 'reference' or 'exact', got {count!r}")
-
-
-def _call(scale: jax.Array | None, args: list[jax.Array], out_shapes: Sequence[tuple[int, ...]], *, tasks: int,
-          has_pre: bool, stacked: bool, k: int, merge: int, zero_sign: int) -> Any:
-  outs = [jax.ShapeDtypeStruct((tasks,), jnp.float32), jax.ShapeDtypeStruct((tasks + 1,), jnp.int32)]
-  outs += [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes]
-  operands = ([scale] if scale is not None else []) + args
-  return jax.ffi.ffi_call(_TARGET, outs, vmap_method="sequential")(
-      *operands, tasks=np.int64(tasks), has_pre=np.int64(has_pre), stacked=np.int64(stacked), k=np.int64(k),
-      merge=np.int64(merge), zero_sign=np.int64(zero_sign), threads=np.int64(_threads()))
-
-
 def fits(tasks: int, n: int, sp: Spec | None = None, sizes: Sequence[int] = ()) -> bool:
   """Whether the kernels take this merge: 1 to 1024 task vectors of fewer than 2**32 entries each for TIES (its
   per-thread histogram counters are 32-bit); at most 64 for task arithmetic and averaging (the XLA programs' sum
@@ -447,7 +417,7 @@ def _host_call(sp: Spec, pre: list[np.ndarray] | None, base: list[np.ndarray] | 
   thr = np.zeros((tasks,), np.float32)
   bad = np.zeros((tasks + 1,), np.int32)
   density, merge_func, count, zero_sign = sp.ties or (1.0, "sum", "reference", "majority")
-  k = threshold_rank(sum(lens), density, count) if sp.op == "ties" else 0
+  k = stats.threshold_rank(sum(lens), density, count) if sp.op == "ties" else 0
   p, mul = 0.0, 0.0
   if sp.drop is not None:
     # As the XLA programs: u >= float32(p); survivors times float32(1 / float32(1 - p)) (XLA's simplifier turns
@@ -516,46 +486,6 @@ def ties_rows(deltas: np.ndarray, base: np.ndarray, sp: Spec) -> tuple[np.ndarra
   return out, thr, bad
 
 
-@functools.lru_cache(maxsize=64)
-def _ties_program(tasks: int, stacked: bool, k: int, merge: int, zero_sign: int) -> Any:
-  def run(scale, pre, fts):
-    args = []
-    for i, x in enumerate(pre):
-      args.append(x)
-      args.extend([fts[i]] if stacked else [m[i] for m in fts])
-    out = _call(scale.reshape(1), args, [x.shape for x in pre], tasks=tasks, has_pre=True, stacked=stacked, k=k,
-                merge=merge, zero_sign=zero_sign)
-    return out[0], out[1], tuple(out[2:])
-
-  return jax.jit(run)
-
-
-def ties_xla(pre: Sequence[jax.Array], fts: Sequence[Sequence[jax.Array]] | Sequence[jax.Array], *,
-             density: float, scale: float | jax.Array, merge_func: str = "sum", count: str = "reference",
-             zero_sign: str = "majority", stacked: bool = False) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-  """:func:`ties` as an XLA operation (an FFI custom call on the CPU platform), usable inside ``jax.jit``.
-
-  Args:
-    pre: the pretrained leaves (float32 JAX arrays or tracers on the CPU).
-    fts: the fine-tuned models (or stacked leaves with ``stacked=True``), as in :func:`ties`.
-    density, merge_func, count, zero_sign: as :func:`jaxmerge.reductions.ties_merge`.
-    scale: the factor applied to the merged task vector (may be traced).
-    stacked: the layout of ``fts``.
-
-  Returns:
-    ``(merged leaves, thresholds (T,), non-finite flags (T + 1,))`` as JAX arrays.
-  """
-  if not available():
-    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
-  tasks = int(fts[0].shape[0]) if stacked else len(fts)
-  n = sum(int(np.prod(x.shape, dtype=np.int64)) for x in pre)
-  _check(tasks, n)
-  run = _ties_program(tasks, stacked, threshold_rank(n, density, count), _MERGE[merge_func], _ZERO_SIGN[zero_sign])
-  thr, bad, out = run(jnp.asarray(scale, jnp.float32), tuple(pre), tuple(fts) if stacked else
-                      tuple(tuple(m) for m in fts))
-  return list(out), thr, bad
-
-
 def ties_thresholds(leaves: Sequence[jax.Array], k: int) -> jax.Array:
   """Per-task ``k``-th smallest magnitude over ``(T, ...)`` leaves as one XLA custom call (CPU only; callers
   choose it with :func:`jax.lax.platform_dependent`). Carries no gradient.
@@ -571,6 +501,11 @@ def ties_thresholds(leaves: Sequence[jax.Array], k: int) -> jax.Array:
   _check(tasks, sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves))
   # Thresholds carry no gradient (the XLA radix select's bit manipulations have none either).
   leaves = [jax.lax.stop_gradient(x.astype(jnp.float32)) for x in leaves]
-  out = _call(None, leaves, [], tasks=tasks, has_pre=False, stacked=True, k=k,
-              merge=-1, zero_sign=0)
-  return out[0]
+  outs = [jax.ShapeDtypeStruct((tasks,), jnp.float32), jax.ShapeDtypeStruct((tasks + 1,), jnp.int32)]
+  return jax.ffi.ffi_call(_TARGET, outs, vmap_method="sequential")(
+      *leaves, tasks=np.int64(tasks), has_pre=np.int64(0), stacked=np.int64(1), k=np.int64(k), merge=np.int64(-1),
+      zero_sign=np.int64(0), threads=np.int64(_threads()))[0]
+
+
+# The per-task thresholds inside XLA programs (jaxmerge.stats.task_thresholds) use this kernel on the CPU.
+stats.use_cpu_kernel(ties_thresholds, lambda tasks, n: fits(tasks, n) and available())
