@@ -22,9 +22,8 @@ import numpy as np
 
 from jaxmerge import tree as jtree
 
-__all__ = ["KthSmallest", "from_keys", "global_thresholds", "high_histogram", "kth_smallest", "kth_smallest_rows", "low_histogram",
-           "order_keys", "order_statistic", "task_thresholds", "threshold_rank", "top_fraction_threshold",
-           "use_cpu_kernel"]
+__all__ = ["KthSmallest", "from_keys", "global_thresholds", "high_histogram", "kth_smallest", "kth_smallest_rows",
+           "low_histogram", "order_keys", "order_statistic", "task_thresholds", "threshold_rank", "use_cpu_kernel"]
 
 _B = 1 << 16
 
@@ -233,27 +232,6 @@ def _xla_thresholds(leaves: list[jax.Array], k: int) -> jax.Array:
     after = thrs[i - 2] * 0 if i >= 2 else None
     thrs.append(kth_smallest([jnp.abs(x[i]) if after is None else jnp.abs(x[i]) + after for x in leaves], k))
   return jtree.fence(jnp.stack(thrs))
-
-
-def top_fraction_threshold(magnitudes: Sequence[jax.Array], density: float) -> jax.Array:
-  """The magnitude threshold that keeps the top ``density`` fraction (FusionBench/TIES rule).
-
-  With ``N`` entries, the threshold is the ``(N - int(N * density))``-th smallest value and entries
-  ``>= threshold`` are kept (ties at the threshold are all kept, so slightly more than ``density`` may
-  survive). ``density >= 1`` keeps everything (threshold 0).
-
-  Args:
-    magnitudes: arrays of nonnegative values (concatenated flat).
-    density: fraction kept.
-
-  Returns:
-    The scalar threshold.
-  """
-  n = sum(int(m.size) for m in magnitudes)
-  k = n - int(n * density)
-  if k <= 0:
-    return jnp.zeros((), jnp.float32)
-  return kth_smallest(magnitudes, k)
 
 
 def order_statistic(values: Sequence[jax.Array], index: int) -> jax.Array:

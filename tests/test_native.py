@@ -89,13 +89,19 @@ def test_merge_equals_xla_programs(monkeypatch, num_tasks, hp):
   _equal(jm.merge(tx, jpre, stacked), want, f"ties {hp} stacked", pre)
 
 
+
+def _ties(pre, fts, *, density, scale, merge_func="sum", count="reference", zero_sign="majority"):
+  """Global TIES as one native call (jaxmerge.engine.native.run)."""
+  return native.run(native.Spec("ties", scale, None, (density, merge_func, count, zero_sign)), pre, fts)
+
+
 @needs_native
 def test_thresholds_and_xla_op_equal_the_host_call(monkeypatch):
   pre, fts = _quantized(4, seed=1)
   keys = sorted(pre)
   p = [pre[k] for k in keys]
   m = [[f[k] for k in keys] for f in fts]
-  out, thr, bad = native.ties(p, m, density=0.2, scale=0.3)
+  out, thr, bad = _ties(p, m, density=0.2, scale=0.3)
   assert not bad.any()
   # The exact thresholds: a sort of each task's magnitudes.
   n = sum(x.size for x in p)
@@ -202,7 +208,7 @@ def test_switched_off_or_no_compiler_falls_back(monkeypatch, caplog, tmp_path):
       assert not native.available()
     assert "unavailable" in caplog.text
     with pytest.raises(RuntimeError, match="unavailable"):
-      native.ties([pre[k] for k in pre], [[f[k] for k in pre] for f in fts], density=0.2, scale=0.3)
+      _ties([pre[k] for k in pre], [[f[k] for k in pre] for f in fts], density=0.2, scale=0.3)
     _equal(jm.merge(tx, pre, fts), want, "fallback")
   finally:
     native._state.clear()
@@ -249,7 +255,7 @@ def test_thresholds_equal_a_sort_over_many_work_items(density):
   pre = [rng.standard_normal(s).astype(np.float32) for s in [(300, 400), (3000,), (50, 40, 3)]]
   fts = [[p + (rng.standard_normal(p.shape) * 0.01 * (t + 1)).astype(np.float32) for p in pre] for t in range(3)]
   fts[1][0][:2, :100] += 100.0
-  _, thr, bad = native.ties(pre, fts, density=density, scale=0.3)
+  _, thr, bad = _ties(pre, fts, density=density, scale=0.3)
   assert not bad.any()
   k = stats.threshold_rank(sum(x.size for x in pre), density)
   for t in range(3):
@@ -459,7 +465,7 @@ def test_many_tasks_match_the_numpy_reference(num_tasks):
   fts = [{k: (v + rng.standard_normal(v.shape) * 0.1).astype(np.float32) for k, v in pre.items()}
          for _ in range(num_tasks)]
   keys = sorted(pre)
-  out, _, bad = native.ties([pre[k] for k in keys], [[f[k] for k in keys] for f in fts], density=0.3, scale=0.4)
+  out, _, bad = _ties([pre[k] for k in keys], [[f[k] for k in keys] for f in fts], density=0.3, scale=0.4)
   assert not bad.any()
   want = ref.ties(pre, fts, density=0.3, scale=0.4)
   for k, o in zip(keys, out):

@@ -127,6 +127,10 @@ def disjoint_rows(rows: list[jax.Array] | jax.Array, s: jax.Array, merge_func: s
 
   Returns:
     The merged leaf.
+
+  References:
+    Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+    https://arxiv.org/abs/2306.01708
   """
   if not isinstance(rows, list):  # a stacked (T, ...) leaf under a device mesh: reductions along the task axis
     sel = jnp.where(jnp.where(s > 0, rows > 0, rows < 0), rows, 0)
@@ -224,6 +228,10 @@ def elect(total: jax.Array, zero_sign: str, majority: jax.Array | None = None) -
 
   Returns:
     The elected signs, ``total``'s shape.
+
+  References:
+    Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+    https://arxiv.org/abs/2306.01708
   """
   if zero_sign == "positive":
     return jnp.where(total >= 0, 1.0, -1.0).astype(total.dtype)

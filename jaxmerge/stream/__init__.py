@@ -53,17 +53,10 @@ def aligned(pretrained: Any, models: Sequence[Any], names: Sequence[str] | None 
 
 def merge_leafwise(tx: MergeTransform, pretrained: Any, models: Sequence[Any], writer: Any, *,
                    names: Sequence[str] | None = None, **options: Any) -> StreamResult:
-  """Merges checkpoints tensor by tensor with a *leafwise* transform (:func:`jaxmerge.engine.stream.merge_leafwise`
-  on the :func:`aligned` checkpoints).
+  """:func:`jaxmerge.engine.stream.merge_leafwise` (same arguments) on the :func:`aligned` checkpoints.
 
   Args:
-    tx: a transform with ``tx.leafwise``.
-    pretrained: a lazy reader or an in-memory pytree.
-    models: one reader or pytree per task.
-    writer: ``writer.write(name, array)`` (a sequence of ``T`` writers for per-task transforms).
-    names: model names for error messages.
-    options: ``key``, ``coeffs``, ``layout``, ``per_task``, ``out_dtype``, ``check_finite``, ``prefetch``, as
-      :func:`jaxmerge.engine.stream.merge_leafwise`.
+    tx, pretrained, models, writer, names, options: as :func:`jaxmerge.engine.stream.merge_leafwise`.
 
   Returns:
     A :class:`StreamResult`.
@@ -74,18 +67,11 @@ def merge_leafwise(tx: MergeTransform, pretrained: Any, models: Sequence[Any], w
 
 def merge_streaming(tx: MergeTransform, pretrained: Any, models: Sequence[Any], writer: Any, *,
                     names: Sequence[str] | None = None, **options: Any) -> StreamResult:
-  """Streams any merge that can be streamed (:func:`jaxmerge.engine.stream.merge_streaming` on the
-  :func:`aligned` checkpoints): leafwise transforms in one pass, global TIES (however it is spelled) and the
-  registry's two-pass methods (``method=(name, hparams)``) in exact passes.
+  """:func:`jaxmerge.engine.stream.merge_streaming` (same arguments) on the :func:`aligned` checkpoints: leafwise
+  transforms in one pass, global TIES (however it is spelled) and the registry's multi-pass methods in exact passes.
 
   Args:
-    tx: the transform.
-    pretrained: a lazy reader or an in-memory pytree.
-    models: one reader or pytree per task.
-    writer: ``writer.write(name, array)`` (a sequence of ``T`` writers for per-task transforms).
-    names: model names for error messages.
-    options: ``method``, ``key``, ``coeffs``, ``layout``, ``per_task``, ``out_dtype``, ``check_finite``,
-      ``prefetch``, as :func:`jaxmerge.engine.stream.merge_streaming`.
+    tx, pretrained, models, writer, names, options: as :func:`jaxmerge.engine.stream.merge_streaming`.
 
   Returns:
     A :class:`StreamResult`.

@@ -48,7 +48,21 @@ def _lambdas(tall_lambda: float | Sequence[float], t: int) -> jax.Array:
 
 
 def tall_mask_of(x: jax.Array, mtv: jax.Array, lam: jax.Array, strict: bool) -> jax.Array:
-  """TALL mask ``|tau_t| > lambda_t |tau_MTL - tau_t|`` (``>=`` with ``strict=False``) for a stacked leaf."""
+  """TALL mask ``|tau_t| > lambda_t |tau_MTL - tau_t|`` (``>=`` with ``strict=False``) for a stacked leaf.
+
+  Args:
+    x: the leaf's task vectors ``(T, ...)``.
+    mtv: the multi-task vector (their sum), the leaf's shape.
+    lam: ``lambda_t``, ``(T,)``.
+    strict: ``>`` (else ``>=``).
+
+  Returns:
+    The boolean masks ``(T, ...)``.
+
+  References:
+    Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024.
+    https://arxiv.org/abs/2405.07813
+  """
   lhs, rhs = jnp.abs(x), _bcast(lam, x) * jnp.abs(mtv[None] - x)
   return lhs > rhs if strict else lhs >= rhs
 
@@ -126,6 +140,10 @@ def emr_parts(tree):
 
   Returns:
     ``(unified tree (...), masks tree (T, ...) of booleans)``.
+
+  References:
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2405.17461
   """
   flags = jax.tree.map(lambda x: jnp.where(task_sum(x) > 0, 1.0, -1.0).astype(x.dtype), tree)
   masks = jax.tree.map(lambda x, f: x * f[None] > 0, tree, flags)
@@ -144,6 +162,10 @@ def emr_terms(x, uni, mask, rescaler: str):
 
   Returns:
     ``(A, B)``, each ``(T,)``.
+
+  References:
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2405.17461
   """
   def red(v):
     a = jnp.abs(v.reshape(v.shape[0], -1))
@@ -161,6 +183,10 @@ def emr_rescaled(tree, rescaler: str):
 
   Returns:
     ``(unified, masks, lambda (T,))``, ``lambda`` 0 where ``B_t = 0``.
+
+  References:
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2405.17461
   """
   uni, masks = emr_parts(tree)
   terms = [emr_terms(x, u, m, rescaler)

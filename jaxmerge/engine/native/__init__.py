@@ -2,10 +2,10 @@
 
 XLA:CPU runs TIES's exact per-task threshold (two radix-histogram passes, a scatter per entry) near 4-5 ns per
 entry on one core, and jaxmerge's whole-model programs need one concatenated ``(T, N)`` copy of the task vectors.
-:func:`ties` instead runs the whole global TIES merge in one call of a small C kernel (``kernels.c``) that reads
+:func:`run` instead runs the whole global TIES merge in one call of a small C kernel (``kernels.c``) that reads
 each model's leaves where they lie, on every core: the same exact thresholds, the XLA programs' float32 operation
 order (equal results up to the rounding of the final multiply-add, which XLA fuses in some programs and not in
-others), and no copy of the task vectors. :func:`run` does the same for task arithmetic and simple averaging, and
+others), and no copy of the task vectors. It does the same for task arithmetic and simple averaging, and
 for DARE's drop in front of any of the three (the counter-based draws of :func:`jaxmerge.tree.leaf_uniform`,
 hashed in the kernel under the keys of :func:`dare_keys`): no compilation, one pass over the inputs. The leaves
 may be float32 or bfloat16 (read as they are, float32 math, results rounded to bfloat16 as XLA's convert).
@@ -50,7 +50,7 @@ from jaxmerge import tree as jtree
 from jaxmerge.engine.host import aligned_empty, umask
 
 
-__all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "ties", "ties_thresholds", "ties_rows"]
+__all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "ties_thresholds", "ties_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -388,26 +388,6 @@ def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[An
   thr, bad = _host_call(sp, pre_np, None, row_ptrs, outs, tasks, keys)
   device = jax.devices("cpu")[0]
   return [jax.device_put(o, device) for o in outs], thr, bad
-
-
-def ties(pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[Any], *, density: float,
-         scale: float, merge_func: str = "sum", count: str = "reference", zero_sign: str = "majority",
-         stacked: bool = False) -> tuple[list[jax.Array], np.ndarray, np.ndarray]:
-  """Global TIES on the CPU in one native call, ``pre + scale * disjoint_merge(trim(ft - pre))`` (:func:`run`).
-
-  Args:
-    pre: the pretrained leaves (float32).
-    fts: the fine-tuned models, each a sequence of leaves in ``pre``'s order; or, with ``stacked=True``, one
-      ``(T, *shape)`` leaf per pretrained leaf.
-    density, merge_func, count, zero_sign: as :func:`jaxmerge.reductions.ties_merge`.
-    scale: the factor applied to the merged task vector.
-    stacked: the layout of ``fts``.
-
-  Returns:
-    ``(merged leaves as CPU JAX arrays, thresholds (T,), non-finite flags (T + 1,))``: a flag marks a model (the
-    pretrained one last) holding NaN/Inf, in which case the merged values are meaningless.
-  """
-  return run(Spec("ties", scale, None, (density, merge_func, count, zero_sign)), pre, fts, stacked=stacked)
 
 
 def _host_call(sp: Spec, pre: list[np.ndarray] | None, base: list[np.ndarray] | None, row_ptrs: list[int],
