@@ -355,3 +355,19 @@ def test_histograms_take_task_slices_and_select_exactly():
   got = sel.finish_low()
   flat = np.sort(np.concatenate([np.abs(x).reshape(3, -1) for x in xs], axis=1), axis=1)
   np.testing.assert_array_equal(got, np.take_along_axis(flat, ranks - 1, axis=1))
+
+
+def test_engine_streams_aligned_readers_and_names_a_mismatch():
+  """The engine streams readers that agree on names and shapes (jaxmerge.stream aligns them first, with
+  jaxmerge.io.llm); given mismatched ones directly it refuses them, naming the model and the parameter."""
+  from jaxmerge.engine import stream as engine_stream
+
+  pre = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+  good = {"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.float32)}
+  bad = {"a": np.ones((3, 2), np.float32), "b": np.ones(4, np.float32)}
+  tx = jm.get_method("task_arithmetic")(scale=0.5)
+  out = stream.DictWriter()
+  engine_stream.merge_leafwise(tx, pre, [good, good], out)
+  np.testing.assert_array_equal(out["a"], np.full((2, 3), 1.0, np.float32))
+  with pytest.raises(ValueError, match=r"model 1 .*'a'"):
+    engine_stream.merge_leafwise(tx, pre, [good, bad], stream.DictWriter())
