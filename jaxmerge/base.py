@@ -83,9 +83,9 @@ class MergeTransform(NamedTuple):
     steps: a chain's steps (:func:`jaxmerge.chain`), ``()`` otherwise. :func:`jaxmerge.merge` runs a chain of
       leafwise by-shape steps followed by ``flat`` ones (DARE on TIES) as per-leaf programs, then one program on
       the ``(T, N)`` view.
-    kernel: a hashable description of the step for :mod:`jaxmerge.native` (``("ties", density, merge_func, count,
+    kernel: a hashable description of the step for :mod:`jaxmerge.engine.native` (``("ties", density, merge_func, count,
       zero_sign)``, ``("sum",)``, ``("mean",)``, ``("drop", p, rescale)``, ``("scale", value)``), ``()`` otherwise:
-      :func:`jaxmerge.merge` runs a chain it recognizes (:func:`jaxmerge.native.spec`) as one native CPU call
+      :func:`jaxmerge.merge` runs a chain it recognizes (:func:`jaxmerge.engine.native.spec`) as one native CPU call
       (same results).
   """
 

@@ -1,4 +1,4 @@
-"""The native CPU kernels (jaxmerge.native): global TIES, task arithmetic, simple averaging and DARE on either in
+"""The native CPU kernels (jaxmerge.engine.native): global TIES, task arithmetic, simple averaging and DARE on either in
 one C call, and TIES's thresholds as an XLA custom call.
 
 Every result is compared with jaxmerge's XLA programs (``JAXMERGE_NATIVE=0``), which the parity suite checks

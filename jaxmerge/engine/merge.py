@@ -176,7 +176,7 @@ def route(tx: MergeTransform, pretrained: Params, finetuned: Sequence[Params] | 
 
 def _run_native(sp: Any, pre: dict, ft: Any, names: Sequence[str] | None, check_finite: bool, key: Any) -> dict:
   """Global TIES, task arithmetic, simple averaging and DARE on either as one call of the native CPU kernels
-  (:mod:`jaxmerge.native`): the same result as the XLA programs, without a flat copy of the task vectors or a
+  (:mod:`jaxmerge.engine.native`): the same result as the XLA programs, without a flat copy of the task vectors or a
   compilation."""
   paths = tuple(pre)
   stacked = not isinstance(ft, tuple)

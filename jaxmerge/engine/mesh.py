@@ -144,7 +144,7 @@ def _ties_leaf(merge_func: str, zero_sign: str, trim: bool, out: NamedSharding |
 
 
 def _ties_by_leaf(sp: Any, pre: dict, ft: dict, outs: dict, donate: bool) -> dict:
-  """Global TIES (:func:`jaxmerge.native.spec`'s ``"ties"``, no drop) leaf by leaf on the mesh: the per-task
+  """Global TIES (:func:`jaxmerge.engine.native.spec`'s ``"ties"``, no drop) leaf by leaf on the mesh: the per-task
   thresholds by two histogram passes (:class:`jaxmerge.stats.KthSmallest`, exact), the majority sign by a
   third, then each leaf merged into its declared sharding. The temporaries are one leaf's, not the model's."""
   density, merge_func, count, zero_sign = sp.ties
@@ -188,7 +188,7 @@ def by_leaf(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: d
             donate: bool = False) -> dict | None:
   """A merge of stacked leaves leaf by leaf on the mesh (call it under the mesh), or ``None`` when ``tx`` has no
   per-leaf plan: leafwise ``by_shape`` transforms one leaf program at a time, global TIES (recognized by
-  :func:`jaxmerge.native.spec`, no drop) in exact histogram passes leaf by leaf. The temporaries are one leaf's.
+  :func:`jaxmerge.engine.native.spec`, no drop) in exact histogram passes leaf by leaf. The temporaries are one leaf's.
 
   Args:
     tx: the transform.

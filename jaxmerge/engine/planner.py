@@ -61,7 +61,7 @@ def leaf_then_flat(tx: MergeTransform) -> tuple[MergeTransform, MergeTransform] 
 
 
 def _native_spec(tx: MergeTransform, pre: dict, ft: Any, key: Any) -> Any:
-  """The native kernels' spec for this merge (:func:`jaxmerge.native.spec`), or ``None`` when the transform, the
+  """The native kernels' spec for this merge (:func:`jaxmerge.engine.native.spec`), or ``None`` when the transform, the
   leaves (all float32 or all bfloat16, each on one CPU device or in NumPy) or the machine (no C compiler,
   ``JAXMERGE_NATIVE=0``) do not allow it."""
   sp = native.spec(tx)
@@ -87,7 +87,7 @@ def plan(tx: MergeTransform, per_task: bool, pre: dict, ft: Any, coeffs: Any, ke
   """The planner: ``(backend, detail)`` for this merge, the fastest backend that can prove it runs it exactly.
 
   ``"mesh"`` (inputs sharded over a device mesh, detail: the mesh); ``"native"`` (global TIES, task arithmetic,
-  simple averaging and DARE on them, recognized by their steps' identities, :func:`jaxmerge.native.spec`, as one
+  simple averaging and DARE on them, recognized by their steps' identities, :func:`jaxmerge.engine.native.spec`, as one
   call of the CPU kernels; detail: the spec); ``"leaf"`` (leafwise ``by_shape`` transforms leaf by leaf, one
   compiled program per leaf shape); ``"leaf_then_flat"`` (a leafwise by-shape prefix, then ``flat`` steps on the
   ``(T, N)`` view; detail: ``(prefix, rest)``); ``"flat"`` (``flat`` transforms on one ``(T, N)`` view);

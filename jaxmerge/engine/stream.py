@@ -829,7 +829,7 @@ def method_plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
 
 
 def _plan_of(tx: MergeTransform) -> _Plan | None:
-  """The multi-pass plan of a transform recognized by its steps' identities (:func:`jaxmerge.native.normalized`):
+  """The multi-pass plan of a transform recognized by its steps' identities (:func:`jaxmerge.engine.native.normalized`):
   global TIES, optionally after DARE's drop and before a scale, however it is spelled (the registry's ``ties``,
   a nested chain, or ``trim`` and ``disjoint_merge`` composed by hand). ``None`` otherwise."""
   sp = native.spec(tx)

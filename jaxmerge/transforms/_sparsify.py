@@ -116,7 +116,7 @@ def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
 
   # The path is read only through the leaf's key (jaxmerge.tree.leaf_key): engines pass the leaf id as an
   # argument, and every leaf of a shape shares one program.
-  # Native CPU kernels (jaxmerge.native) recognize the drop with a 1 / (1 - p) rescale or none.
+  # Native CPU kernels (jaxmerge.engine.native) recognize the drop with a 1 / (1 - p) rescale or none.
   kernel = ("drop", float(p), bool(rescale)) if rescale in (True, False) and p < 1 else ()
   return MergeTransform(_empty, apply, TASK, needs_key=True, path_free=True, kernel=kernel)
 

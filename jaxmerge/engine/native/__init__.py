@@ -364,7 +364,7 @@ def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[An
     ValueError: the merge does not fit the kernels (see :func:`fits`), or a drop without its keys.
   """
   if not available():
-    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
+    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.engine.native.available)")
   tasks = int(np.shape(fts[0])[0]) if stacked else len(fts)
   dtype = np.dtype(np.asarray(pre[0]).dtype) if len(pre) else np.dtype(np.float32)
   if dtype not in DTYPES:
@@ -373,7 +373,7 @@ def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[An
   _check(tasks, sum(x.size for x in pre_np), sp, [x.size for x in pre_np])
   if sp.drop is not None:
     if keys is None:
-      raise ValueError("DARE's drop needs its keys (jaxmerge.native.dare_keys)")
+      raise ValueError("DARE's drop needs its keys (jaxmerge.engine.native.dare_keys)")
     keys = np.ascontiguousarray(keys, np.uint32)
     if keys.shape != (len(pre_np), 3):
       raise ValueError(f"keys must be ({len(pre_np)}, 3) uint32, got {keys.shape}")
@@ -451,7 +451,7 @@ def ties_rows(deltas: np.ndarray, base: np.ndarray, sp: Spec) -> tuple[np.ndarra
     ``(merged (N,), thresholds (T,), non-finite flags (T + 1,))`` as NumPy arrays (the last flag is unused).
   """
   if not available():
-    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
+    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.engine.native.available)")
   if sp.op != "ties" or sp.drop is not None:
     raise ValueError(f"ties_rows runs TIES without a drop, got {sp}")
   deltas = np.ascontiguousarray(deltas, np.float32)
