@@ -197,7 +197,7 @@ def ties_merge(
         return [x[i] for i in range(x.shape[0])]
       return [jnp.where(jnp.abs(x[i]) >= v[i], x[i], 0) for i in range(x.shape[0])]
 
-    def elect(r, majority=None):
+    def elect_rows(r, majority=None):
       return elect(functools.reduce(jnp.add, r) if isinstance(r, list) else jnp.sum(r, axis=0), zero_sign, majority)
 
     # Two passes read the task vectors: the first elects signs for the majority sign (a whole-model scalar),
@@ -205,11 +205,11 @@ def ties_merge(
     # trimmed stack would, without its T x N scratch memory.
     majority = None
     if zero_sign == "majority":
-      majority = _majority(jax.tree.map(lambda x: elect(rows(x, thr)), tree))
+      majority = _majority(jax.tree.map(lambda x: elect_rows(rows(x, thr)), tree))
 
     def merge_leaf(x):
       r = rows(x, thr2)
-      return disjoint_rows(r, elect(r, majority), merge_func)
+      return disjoint_rows(r, elect_rows(r, majority), merge_func)
 
     return jax.tree.map(merge_leaf, tree)
 
