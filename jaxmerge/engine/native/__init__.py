@@ -49,7 +49,6 @@ from jaxmerge import stats
 from jaxmerge import tree as jtree
 from jaxmerge.engine.host import aligned_empty, umask
 
-
 __all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "ties_thresholds", "ties_rows"]
 
 log = logging.getLogger(__name__)
