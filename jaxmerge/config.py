@@ -37,7 +37,11 @@ model_stock        mean pairwise cosine per tensor (``filter_wise: false``)
 mergekit computes in the config's ``dtype``; jaxmerge computes in float32 and writes ``out_dtype`` (else
 ``dtype``, else the base's dtype). Per-model ``weight`` defaults to 1 (mergekit requires it). Settings jaxmerge
 cannot reproduce exactly (layer gradients, per-model densities that differ, weighted ``normalize`` for TIES,
-LoRA references, slices) raise ``ValueError`` naming the setting.
+LoRA references, ``modules``) raise ``ValueError`` naming the setting.
+
+mergekit's I/O settings are resolved at the end of this module: ``slices`` (layer stacking, each slice merged
+with the method above; :mod:`jaxmerge.io.layers`), ``tokenizer_source`` / ``tokenizer`` and ``chat_template``
+(:mod:`jaxmerge.io.tokenizer`), and model references by hub id (:func:`locate_models`, :mod:`jaxmerge.io.hub`).
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ from typing import Any
 
 from jaxmerge import registry as _registry
 
-__all__ = ["MergeSpec", "from_dict", "is_mergekit", "load_yaml", "resolve", "DTYPES", "canonical_dtype"]
+__all__ = ["MergeSpec", "SliceSpec", "TokenSpec", "TokenizerSpec", "from_dict", "is_mergekit", "load_yaml",
+           "locate_models", "resolve", "DTYPES", "canonical_dtype"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
@@ -84,6 +89,13 @@ class MergeSpec:
       streaming merge find an exact two-pass plan for a non-leafwise method), else ``None``.
     source: ``"jaxmerge"`` or ``"mergekit"``.
     notes: semantic notes worth printing (approximations, defaults filled in).
+    slices: mergekit's ``slices`` (layer stacking): one :class:`SliceSpec` per output slice, in order; empty
+      when whole models are merged.
+    tokenizer: the output tokenizer to build (mergekit's ``tokenizer_source`` or ``tokenizer:`` block), or
+      ``None`` to copy the base model's tokenizer files.
+    chat_template: mergekit's ``chat_template`` as given (a template name, ``"auto"`` or a Jinja string).
+    order: the models in mergekit's order for vocabulary alignment (the listed models, then the base model
+      when it is not listed); empty for jaxmerge's schema.
   """
 
   method: str
@@ -100,6 +112,10 @@ class MergeSpec:
   registry_method: tuple[str, dict] | None = None
   source: str = "jaxmerge"
   notes: tuple[str, ...] = ()
+  slices: tuple[SliceSpec, ...] = ()
+  tokenizer: TokenizerSpec | None = None
+  chat_template: str | None = None
+  order: tuple[str, ...] = ()
 
 
 def canonical_dtype(value: Any, what: str = "dtype") -> str | None:
@@ -175,7 +191,7 @@ def from_dict(cfg: Mapping[str, Any], *, where: str = "config", relative_to: str
   Returns:
     The :class:`MergeSpec`.
   """
-  spec = _from_mergekit(cfg, where) if is_mergekit(cfg) else _from_jaxmerge(cfg, where)
+  spec = _from_mergekit_io(cfg, where) if is_mergekit(cfg) else _from_jaxmerge(cfg, where)
   if relative_to is not None:
     fix = lambda p: p if os.path.isabs(p) else str(pathlib.Path(relative_to) / p)  # noqa: E731
     if not os.path.exists(spec.base) and os.path.exists(fix(spec.base)):
@@ -546,3 +562,405 @@ def _mk_spec(method, tx, base, models, hp, dtype, seed, layout, policy, notes, r
   return MergeSpec(method=f"mergekit:{method}", tx=tx, base=base, models=tuple(models), names=tuple(models),
                    hparams=hp, dtype=dtype, seed=seed, per_task=False, layout=layout, vocab_policy=policy,
                    registry_method=registry, source="mergekit", notes=tuple(notes))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mergekit schema: slices, tokenizer, chat template, model locations (kept apart from method semantics above).
+
+_IO_KEYS = ("slices", "tokenizer", "tokenizer_source", "chat_template")
+_NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceSpec:
+  """One output slice of mergekit's ``slices``: layers ``[start, end)`` of each source model, merged.
+
+  Attributes:
+    spec: the merge of the slice's sources (its ``base``, ``models``, ``tx``); a ``passthrough`` slice copies
+      its one source.
+    ranges: ``((model path, start, end), ...)``, the sources in the config's order.
+  """
+
+  spec: MergeSpec
+  ranges: tuple[tuple[str, int, int], ...]
+
+  @property
+  def num_layers(self) -> int:
+    """The number of layers this slice contributes."""
+    return self.ranges[0][2] - self.ranges[0][1]
+
+  def range_of(self, path: str) -> tuple[int, int]:
+    """The layer range of the source ``path``."""
+    for p, a, b in self.ranges:
+      if p == path:
+        return a, b
+    raise KeyError(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSpec:
+  """Where one token's embedding comes from (an entry of the ``tokenizer.tokens`` block).
+
+  Attributes:
+    token: the token text (added to the output vocabulary when missing).
+    kind: ``"model"`` (the token's row in ``model``), ``"model_token"`` (row ``token_id``, or the row of
+      ``source_token``, in ``model``), ``"zero"`` or ``"default"`` (mergekit's rule: the one model that has it,
+      the base model's row, or the mean of the models that have it).
+    model: the source model path for ``model`` and ``model_token``.
+    token_id: the source row for ``model_token``.
+    source_token: the source token text for ``model_token``.
+    force: use this source even for models that have the token.
+  """
+
+  token: str
+  kind: str = "default"
+  model: str | None = None
+  token_id: int | None = None
+  source_token: str | None = None
+  force: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+  """The output tokenizer (mergekit's ``tokenizer_source`` or ``tokenizer:`` block).
+
+  Attributes:
+    source: ``"base"``, ``"union"`` or a model path.
+    tokens: the configured tokens, in order.
+    pad_to_multiple_of: pad the embedding rows to a multiple of this (``None``: no padding).
+    base_model: the config's ``base_model`` (``None`` without one): its rows win for tokens some models lack.
+  """
+
+  source: str
+  tokens: tuple[TokenSpec, ...] = ()
+  pad_to_multiple_of: int | None = None
+  base_model: str | None = None
+
+
+def _named_templates() -> dict[str, str]:
+  """The chat templates mergekit ships, by name (read from an installed mergekit; empty without one)."""
+  try:
+    import importlib.resources  # noqa: PLC0415
+
+    root = importlib.resources.files("mergekit._data.chat_templates")
+    return {f.name[:-len(".jinja")]: f.read_text() for f in root.iterdir() if f.name.endswith(".jinja")}
+  except (ImportError, ModuleNotFoundError, OSError, TypeError):
+    return {}
+
+
+def chat_template_text(value: str, where: str = "config") -> str | None:
+  """The Jinja text of a ``chat_template`` setting, mergekit's rules: a short name without braces is a named
+  template (``chatml``, ``llama3``, ...: the files mergekit ships), ``"auto"`` is resolved later (``None``
+  here), anything else must be a Jinja template (at least 20 characters with a ``{``).
+
+  Args:
+    value: the setting.
+    where: how to name the config in errors.
+
+  Returns:
+    The template text, or ``None`` for ``"auto"``.
+
+  Raises:
+    ValueError: not a string, an unknown name, or text that is not a template.
+  """
+  if not isinstance(value, str) or not value:
+    raise ValueError(f"{where}: chat_template must be a template name or a Jinja string, got {value!r}")
+  if value == "auto":
+    return None
+  if len(value) < 256 and "\n" not in value and "{" not in value:
+    named = _named_templates()
+    if value in named:
+      return named[value]
+    if not named:
+      raise ValueError(f"{where}: chat_template {value!r} names one of mergekit's templates, which are read from "
+                       "an installed mergekit (pip install mergekit); none is installed: give the Jinja text")
+  if len(value) < 20 or "{" not in value:
+    raise ValueError(f"{where}: chat_template {value!r} is neither a known template name "
+                     f"({', '.join(sorted(_named_templates())) or 'none installed'}) nor a Jinja template")
+  return value
+
+
+def _int(value: Any, what: str, where: str, low: int = 0) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"{where}: {what} must be an integer >= {low}, got {value!r}")
+  return value
+
+
+def _token_spec(token: Any, value: Any, where: str) -> TokenSpec:
+  what = f"tokenizer.tokens[{token!r}]"
+  if not isinstance(token, str) or not token:
+    raise ValueError(f"{where}: tokenizer.tokens keys must be token strings, got {token!r}")
+  value = {} if value is None else value
+  if not isinstance(value, Mapping):
+    raise ValueError(f"{where}: {what} must be a mapping {{source: ..., force: ...}}, got {value!r}")
+  bad = sorted(set(value) - {"source", "force"})
+  if bad:
+    raise ValueError(f"{where}: {what} has unknown keys {bad} (valid: source, force)")
+  force = value.get("force", False)
+  if not isinstance(force, bool):
+    raise ValueError(f"{where}: {what}.force must be true or false, got {force!r}")
+  src = value.get("source")
+  if src is None:
+    return TokenSpec(token, "default", force=force)
+  if isinstance(src, (str, os.PathLike)):
+    return TokenSpec(token, "model", model=_model_ref(src, where), force=force)
+  if not isinstance(src, Mapping) or src.get("kind") not in ("model_token", "zero"):
+    raise ValueError(f"{where}: {what}.source must be a model, {{kind: zero}} or {{kind: model_token, model: M, "
+                     f"token_id: N | token: T}}, got {src!r}")
+  if src["kind"] == "zero":
+    return TokenSpec(token, "zero", force=force)
+  bad = sorted(set(src) - {"kind", "model", "token_id", "token"})
+  if bad:
+    raise ValueError(f"{where}: {what}.source has unknown keys {bad}")
+  if ("token_id" in src) == ("token" in src):
+    raise ValueError(f"{where}: {what}.source needs exactly one of token_id and token, got {dict(src)}")
+  tid = _int(src["token_id"], f"{what}.source.token_id", where) if "token_id" in src else None
+  stok = src.get("token")
+  if tid is None and not isinstance(stok, str):
+    raise ValueError(f"{where}: {what}.source.token must be a string, got {stok!r}")
+  return TokenSpec(token, "model_token", model=_model_ref(src.get("model"), where), token_id=tid,
+                   source_token=stok, force=force)
+
+
+def _tokenizer_spec(cfg: Mapping[str, Any], where: str) -> TokenizerSpec | None:
+  source, block = cfg.get("tokenizer_source"), cfg.get("tokenizer")
+  if source is not None and block is not None:
+    raise ValueError(f"{where}: give either tokenizer_source or a tokenizer block, not both (as mergekit)")
+  if block is not None:
+    if not isinstance(block, Mapping):
+      raise ValueError(f"{where}: tokenizer must be a mapping {{source, tokens, pad_to_multiple_of}}, got {block!r}")
+    bad = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
+    if bad:
+      raise ValueError(f"{where}: tokenizer has unknown keys {bad} (valid: source, tokens, pad_to_multiple_of)")
+    source = block.get("source", "union")
+    tokens = block.get("tokens") or {}
+    if not isinstance(tokens, Mapping):
+      raise ValueError(f"{where}: tokenizer.tokens must map token strings to {{source, force}}, got {tokens!r}")
+    pad = block.get("pad_to_multiple_of")
+    pad = None if pad is None else _int(pad, "tokenizer.pad_to_multiple_of", where, 1)
+    toks = tuple(_token_spec(k, v, where) for k, v in tokens.items())
+  elif source is not None:
+    toks, pad = (), None
+  else:
+    return None
+  if source not in ("union", "base"):
+    source = _model_ref(source, where)
+  return TokenizerSpec(source=str(source), tokens=toks, pad_to_multiple_of=pad)
+
+
+def _mk_order(models: Sequence[str], base: str | None) -> tuple[str, ...]:
+  order = list(dict.fromkeys(models))
+  if base is not None and base not in order:
+    order.append(base)
+  return tuple(order)
+
+
+def _copy_spec(path: str, dtype: str | None, seed: int, layout: str, notes: list) -> MergeSpec:
+  """A passthrough slice: its one source copied (the identity merge ``x + 1 * (x - x)`` is exact)."""
+  from jaxmerge import reductions as R  # noqa: PLC0415
+
+  return MergeSpec(method="mergekit:passthrough", tx=R.weighted_sum([1.0]), base=path, models=(path,),
+                   names=(path,), hparams={}, dtype=dtype, seed=seed, layout=layout, source="mergekit",
+                   notes=tuple(notes))
+
+
+def _slice_specs(cfg: Mapping[str, Any], where: str) -> tuple[SliceSpec, ...]:
+  slices = cfg.get("slices")
+  if not isinstance(slices, Sequence) or isinstance(slices, (str, bytes)) or not slices:
+    raise ValueError(f"{where}: slices must be a non-empty list of {{sources: [{{model, layer_range}}]}}")
+  method = cfg["merge_method"]
+  out = []
+  for i, s in enumerate(slices):
+    sw = f"{where}: slices[{i}]"
+    if not isinstance(s, Mapping) or not isinstance(s.get("sources"), Sequence) or not s["sources"]:
+      raise ValueError(f"{sw} must be a mapping with a non-empty 'sources' list, got {s!r}")
+    bad = sorted(set(s) - {"sources", "base_model", "parameters"})
+    if bad:
+      raise ValueError(f"{sw} has unknown or unsupported keys {bad} (supported: sources, base_model, parameters)")
+    ranges, entries = [], []
+    for j, src in enumerate(s["sources"]):
+      if not isinstance(src, Mapping):
+        raise ValueError(f"{sw}.sources[{j}] must be a mapping {{model, layer_range}}, got {src!r}")
+      bad = sorted(set(src) - {"model", "layer_range", "parameters"})
+      if bad:
+        raise ValueError(f"{sw}.sources[{j}] has unknown keys {bad} (valid: model, layer_range, parameters)")
+      ref = _model_ref(src, where)
+      lr = src.get("layer_range")
+      if (not isinstance(lr, Sequence) or isinstance(lr, str) or len(lr) != 2
+          or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr) or not 0 <= lr[0] < lr[1]):
+        raise ValueError(f"{sw}.sources[{j}] ({ref}): layer_range must be [start, end) with 0 <= start < end, "
+                         f"got {lr!r}")
+      if any(r[0] == ref for r in ranges):
+        raise ValueError(f"{sw} lists model {ref} twice; each source of a slice must be a different model")
+      ranges.append((ref, int(lr[0]), int(lr[1])))
+      entries.append({"model": ref, "parameters": src.get("parameters")})
+    lengths = {b - a for _, a, b in ranges}
+    if len(lengths) > 1:
+      raise ValueError(f"{sw}: every source of a slice must have the same number of layers, got layer ranges "
+                       f"{[(p, [a, b]) for p, a, b in ranges]}")
+    params = {**_mapping(cfg.get("parameters"), "parameters", where),
+              **_mapping(s.get("parameters"), f"slices[{i}].parameters", where)}
+    base = s.get("base_model") or cfg.get("base_model")
+    base = _model_ref(base, where) if base else None
+    seed, layout, _ = _check_common(cfg, where)
+    dtype = canonical_dtype(cfg.get("out_dtype") or cfg.get("dtype"), f"{where}: dtype")
+    if method == "passthrough" and method not in MERGEKIT_METHODS:
+      if len(ranges) != 1:
+        raise ValueError(f"{sw}: passthrough copies one model per slice, got {len(ranges)} sources")
+      if params or entries[0]["parameters"]:
+        raise ValueError(f"{sw}: passthrough parameters ({sorted({**params, **(entries[0]['parameters'] or {})})}) "
+                         "are not supported in slices; passthrough copies the layers unchanged")
+      spec = _copy_spec(ranges[0][0], dtype, seed, layout, [])
+    else:
+      sub = {"merge_method": method, "models": entries, "parameters": params, "seed": seed, "layout": layout}
+      for k in ("dtype", "out_dtype", "vocab_policy"):
+        if cfg.get(k) is not None:
+          sub[k] = cfg[k]
+      if base is not None and base in [r[0] for r in ranges]:
+        sub["base_model"] = base
+      elif base is not None and method not in ("linear",):
+        raise ValueError(f"{sw}: the base model {base} is not one of the slice's sources "
+                         f"{[r[0] for r in ranges]}; mergekit needs it there to take its layers")
+      try:
+        spec = _from_mergekit(sub, where)
+      except ValueError as e:
+        raise ValueError(f"{sw}: {e}") from e
+    out.append(SliceSpec(spec=dataclasses.replace(spec, order=tuple(r[0] for r in ranges)), ranges=tuple(ranges)))
+  return tuple(out)
+
+
+def _from_mergekit_io(cfg: Mapping[str, Any], where: str) -> MergeSpec:
+  """mergekit's schema with its I/O features: ``slices``, ``tokenizer_source``/``tokenizer``, ``chat_template``
+  around the method semantics of :func:`_from_mergekit` (which resolves each slice, or the ``models`` list)."""
+  unknown = sorted(set(cfg) - set(MERGEKIT_KEYS))
+  if unknown:
+    raise ValueError(f"{where} (mergekit schema) has unknown keys {unknown}; supported: "
+                     f"{', '.join(k for k in MERGEKIT_KEYS if k != 'modules')}")
+  if cfg.get("modules"):
+    raise ValueError(f"{where}: mergekit's 'modules' (per-module slices of multimodal models) is not supported; "
+                     "use 'models' or 'slices'")
+  if cfg.get("slices") and cfg.get("models"):
+    raise ValueError(f"{where}: give exactly one of 'models' and 'slices' (as mergekit)")
+  tokenizer = _tokenizer_spec(cfg, where)
+  if tokenizer is not None and cfg.get("base_model"):
+    tokenizer = dataclasses.replace(tokenizer, base_model=_model_ref(cfg["base_model"], where))
+  template = cfg.get("chat_template")
+  if template is not None:
+    chat_template_text(template, where)
+  core = {k: v for k, v in cfg.items() if k not in _IO_KEYS}
+  if not cfg.get("slices"):
+    spec = _from_mergekit(core, where)
+    order = _mk_order([_model_ref(e, where) for e in cfg.get("models") or []],
+                      _model_ref(cfg["base_model"], where) if cfg.get("base_model") else None)
+    return dataclasses.replace(spec, tokenizer=tokenizer, chat_template=template, order=order)
+  slices = _slice_specs(cfg, where)
+  first = slices[0].spec
+  order = tuple(dict.fromkeys(p for s in slices for p, _, _ in s.ranges))
+  base = _model_ref(cfg["base_model"], where) if cfg.get("base_model") else None
+  if len(slices[-1].ranges) > len(slices[0].ranges):
+    raise ValueError(f"{where}: the last slice has more sources ({len(slices[-1].ranges)}) than the first "
+                     f"({len(slices[0].ranges)}); mergekit would silently drop the extra models from the weights "
+                     "after the last layer (norm, head)")
+  notes = [n for s in slices for n in s.spec.notes]
+  return dataclasses.replace(
+      first, method=first.method, base=base or order[0], models=tuple(p for p in order if p != (base or order[0]))
+      or (order[0],), names=order, hparams={"slices": [dict(s.spec.hparams) for s in slices]},
+      registry_method=None, notes=tuple(dict.fromkeys(notes)), slices=slices, tokenizer=tokenizer,
+      chat_template=template, order=order)
+
+
+def _map_refs(cfg: Mapping[str, Any], fn) -> dict:
+  """A copy of a config (either schema) with every model reference replaced by ``fn(ref, what)``."""
+  cfg = json_copy(cfg)
+
+  def ref(value, what):
+    if isinstance(value, Mapping):
+      value = dict(value)
+      if isinstance(value.get("model"), (str, os.PathLike)):
+        value["model"] = fn(str(value["model"]), what)
+      elif isinstance(value.get("model"), Mapping) and isinstance(value["model"].get("path"), str):
+        value["model"] = {**value["model"], "path": fn(value["model"]["path"], what)}
+      elif isinstance(value.get("path"), str):
+        value["path"] = fn(value["path"], what)
+      return value
+    return fn(str(value), what) if isinstance(value, (str, os.PathLike)) and value else value
+
+  if is_mergekit(cfg):
+    if cfg.get("base_model"):
+      cfg["base_model"] = ref(cfg["base_model"], "base_model")
+    if isinstance(cfg.get("models"), list):
+      cfg["models"] = [ref(e, "model") for e in cfg["models"]]
+    for s in cfg.get("slices") or []:
+      if isinstance(s, dict):
+        if s.get("base_model"):
+          s["base_model"] = ref(s["base_model"], "slice base_model")
+        if isinstance(s.get("sources"), list):
+          s["sources"] = [ref(e, "slice source") for e in s["sources"]]
+    if cfg.get("tokenizer_source") not in (None, "union", "base"):
+      cfg["tokenizer_source"] = ref(cfg["tokenizer_source"], "tokenizer_source")
+    tok = cfg.get("tokenizer")
+    if isinstance(tok, dict):
+      if tok.get("source") not in (None, "union", "base"):
+        tok["source"] = ref(tok["source"], "tokenizer.source")
+      for t in (tok.get("tokens") or {}).values():
+        if isinstance(t, dict) and isinstance(t.get("source"), str):
+          t["source"] = ref(t["source"], "token source")
+        elif isinstance(t, dict) and isinstance(t.get("source"), dict) and t["source"].get("model"):
+          t["source"] = ref(t["source"], "token source")
+  else:
+    if cfg.get("base"):
+      cfg["base"] = ref(cfg["base"], "base")
+    models = cfg.get("models")
+    if isinstance(models, (str, os.PathLike)):
+      cfg["models"] = ref(models, "model")
+    elif isinstance(models, list):
+      cfg["models"] = [ref(m, "model") for m in models]
+  return cfg
+
+
+def json_copy(value: Any) -> Any:
+  """A deep copy of nested mappings and lists (mappings become dicts, tuples lists)."""
+  if isinstance(value, Mapping):
+    return {k: json_copy(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_copy(v) for v in value]
+  return value
+
+
+def locate_models(cfg: Mapping[str, Any], relative_to: str | os.PathLike | None = None, *,
+                  download: bool = True) -> dict:
+  """Replaces every model reference of a config (either schema) by a local path: an existing path as given, a
+  path relative to ``relative_to``, or a Hugging Face hub id ``org/name[@revision]`` resolved (downloaded when
+  online, from the cache with ``HF_HUB_OFFLINE=1``) by :func:`jaxmerge.io.hub.locate`.
+
+  Args:
+    cfg: the parsed YAML.
+    relative_to: the directory relative paths are also looked up in (the YAML's directory).
+    download: resolve hub ids (``False`` leaves references that are not local paths unchanged).
+
+  Returns:
+    A copy of the config with local paths.
+
+  Raises:
+    ValueError: a reference that is neither a local path nor a hub id that can be fetched, naming it.
+  """
+  from jaxmerge.io import hub  # noqa: PLC0415
+
+  seen: dict[str, str] = {}
+
+  def fn(r: str, what: str) -> str:
+    if r in seen:
+      return seen[r]
+    p = pathlib.Path(r).expanduser()
+    if p.exists():
+      out = r
+    elif relative_to is not None and not p.is_absolute() and (pathlib.Path(relative_to) / p).exists():
+      out = str(pathlib.Path(relative_to) / p)
+    elif download and hub.is_hub_id(r):
+      out = str(hub.locate(r, what=what))
+    else:
+      out = r
+    seen[r] = out
+    return out
+
+  return _map_refs(cfg, fn)

@@ -235,3 +235,42 @@ def test_row_cache_reads_what_it_stored(micro, tmp_path, monkeypatch):
   assert strip(json.loads(json.dumps(first, default=float))) == strip(second)
   # Another seed is another entry.
   assert runner.RowCache(tmp_path, seed=1).get("ties") is None
+
+
+def test_concurrent_jobs_give_the_sequential_results(micro, tmp_path):
+  """Two seeds' experts fine-tuned two at a time and their rows computed two at a time (threads) equal the
+  sequential build and run, bit for bit: ``--jobs`` changes wall times only."""
+  from jaxmerge.bench.suite import finetune_missing
+
+  _, suite0 = micro
+  cfg1 = dataclasses.replace(MICRO, seed=1)
+  seq1 = build_offline_suite(cfg1, tmp_path / "seq", progress=False)
+  par = [build_offline_suite(c, tmp_path / "par", progress=False, experts=False) for c in (MICRO, cfg1)]
+  assert all(e is None for e in par[1].experts)
+  finetune_missing(par, jobs=2, progress=False)
+  for a, b in zip(jax.tree.leaves(seq1.experts), jax.tree.leaves(par[1].experts)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  methods = ["task_arithmetic", "ties", "dare"]
+  seq = [runner.run_suite(s, methods, seed=k, progress=False, strict=True) for k, s in enumerate((suite0, seq1))]
+  both = runner.run_suites(par, methods, seeds=[0, 1], progress=False, strict=True, jobs=2,
+                           cross_eval=[True, False])
+  assert [_table(r) for r in both] == [_table(r) for r in seq]
+  assert "cross_eval" in both[0] and "cross_eval" not in both[1]
+
+
+def test_linearity_probe_reuses_known_accuracies(micro, monkeypatch):
+  """The regime's linearity probe reads alpha 0 and 1 from the baselines instead of evaluating again, and the
+  values it reads are the ones it would have measured."""
+  from jaxmerge.bench.regime import regime_stats
+
+  _, suite = micro
+  full = regime_stats(suite, alphas=(0.0, 0.5, 1.0))
+  pre = suite.evaluate(suite.pretrained)
+  own = {t: suite.evaluate(e, [t])[t] for t, e in zip(suite.tasks, suite.experts)}
+  calls = []
+  real = type(suite).evaluate
+  monkeypatch.setattr(type(suite), "evaluate", lambda self, p, tasks=None, split="test": (
+    calls.append(tasks), real(self, p, tasks, split))[1])
+  reused = regime_stats(suite, alphas=(0.0, 0.5, 1.0), known={0.0: pre, 1.0: own})
+  assert len(calls) == len(suite.tasks)  # only alpha 0.5
+  assert reused["linearity"] == full["linearity"]

@@ -160,7 +160,7 @@ def test_schema_detection_defaults_and_overrides():
   assert C.resolve({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "dtype": "float32",
                     "out_dtype": "float16"}).dtype == "float16"
   spec = C.resolve({"merge_method": "linear", "models": [{"model": "x"}], "tokenizer_source": "base"})
-  assert spec.vocab_policy == "pad_base" and spec.base == "x"
+  assert spec.tokenizer == C.TokenizerSpec(source="base") and spec.base == "x" and spec.vocab_policy == "error"
   with pytest.raises(ValueError, match=r"flags only override dtype, seed"):
     C.resolve({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}]}, {"method": "ties"})
   jspec = C.resolve({"method": "ties", "base": "b", "models": ["x", "y"], "hparams": {"density": 0.5}},
@@ -172,7 +172,8 @@ def test_schema_detection_defaults_and_overrides():
     ({"merge_method": "nuslerp", "base_model": "b", "models": [{"model": "x"}]}, "merge_method 'nuslerp' is not "
                                                                                   "supported; supported mergekit"),
     ({"merge_method": "ties", "models": [{"model": "x"}]}, "needs base_model"),
-    ({"merge_method": "ties", "base_model": "b", "slices": [{}], "models": [{"model": "x"}]}, "'slices' is not"),
+    ({"merge_method": "ties", "base_model": "b", "slices": [{}], "models": [{"model": "x"}]},
+     "exactly one of 'models' and 'slices'"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"density": [0.1, 0.5]}}]},
      "parameter 'density' of model x is \\[0.1, 0.5\\]; jaxmerge supports one number"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"density": 0.2}},
@@ -192,8 +193,8 @@ def test_schema_detection_defaults_and_overrides():
     ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "x"}, {"model": "y"}],
       "parameters": {"filter_wise": True}}, "filter_wise"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x+lora"}]}, "'model\\+lora' form"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "tokenizer_source": "union"},
-     "tokenizer_source 'union' is not supported"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "tokenizer_source": "union",
+      "tokenizer": {"source": "base"}}, "either tokenizer_source or a tokenizer block"),
     ({"merge_method": "breadcrumbs", "base_model": "b", "models": [{"model": "x", "parameters": {"density": 0.9,
                                                                                               "gamma": 0.2}}]},
      "density \\+ gamma > 1"),

@@ -57,7 +57,7 @@ def _matrix_leaves(flat: dict) -> list:
 
 
 def regime_stats(suite, *, energy: float = 0.9, alphas: Sequence[float] = LINEARITY_ALPHAS,
-                 linearity: bool = True) -> dict:
+                 linearity: bool = True, known: dict[float, dict[str, float]] | None = None) -> dict:
   """Task-vector statistics of a built suite.
 
   Args:
@@ -65,6 +65,8 @@ def regime_stats(suite, *, energy: float = 0.9, alphas: Sequence[float] = LINEAR
     energy: the energy fraction that defines a matrix's effective rank.
     alphas: scales of the single-task linearity probe.
     linearity: run the probe (``len(alphas) x T`` single-task evaluations).
+    known: accuracies already measured, ``{alpha: {task: accuracy}}`` (alpha 0 is the pretrained model, 1 the
+      expert): the probe reads them instead of evaluating again.
 
   Returns:
     ``{"relative_norm": {task: ||tau_t|| / ||theta_0||}, "cosine": [[...]] (T x T), "mean_abs_cosine": float,
@@ -108,6 +110,9 @@ def regime_stats(suite, *, energy: float = 0.9, alphas: Sequence[float] = LINEAR
     acc: dict[str, list[float]] = {t: [] for t in suite.tasks}
     for i, t in enumerate(suite.tasks):
       for a in alphas:
+        if known and float(a) in known and t in known[float(a)]:
+          acc[t].append(float(known[float(a)][t]))
+          continue
         model = jtree.unflatten_paths(suite.pretrained, {
           p: (np.asarray(pre[p]) + a * taus[i][p]).astype(np.asarray(pre[p]).dtype) if p in taus[i] else pre[p]
           for p in pre})
@@ -169,6 +174,7 @@ def regime_markdown(stats: dict | Sequence[dict], low_rank_retention: float | No
     mean_curve = np.mean([[np.mean([acc[t][j] for t in acc]) for j in range(len(alphas))]
                           for acc in (x["accuracy"] for x in lin)], axis=0)
     curve = ", ".join(f"α={a:g}: {100 * v:.1f}" for a, v in zip(alphas, mean_curve))
-    out.append(f"| single-task linearity: accuracy (%) of θ_0 + α τ_t on task t, mean over tasks | {curve} | "
+    which = "" if len(lin) == len(runs) else f" (first {len(lin)} of {len(runs)} seeds)"
+    out.append(f"| single-task linearity{which}: accuracy (%) of θ_0 + α τ_t on task t, mean over tasks | {curve} | "
                f"{cite('linearity')} |")
   return out

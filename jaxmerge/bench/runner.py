@@ -19,8 +19,10 @@ import hashlib
 import importlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +32,7 @@ import numpy as np
 import jaxmerge as jm
 
 __all__ = ["MethodRunner", "PLUGIN_MODULES", "RowCache", "Suite", "aggregate_seeds", "check_adapters", "dispatch_by_name", "register_adapter", "register_runner",
-           "resolve_methods", "run_suite"]
+           "release_memory", "resolve_methods", "run_suite", "run_suites"]
 
 
 class Suite(Protocol):
@@ -230,13 +232,25 @@ def _block(tree):
   return tree
 
 
-def _timed_data_free(suite: Suite, method: str, key: jax.Array, experts) -> tuple[Any, float, float]:
-  """Merges twice with one transform: the first call compiles, the second measures the merge itself.
+_WARM: set = set()  # (method, program signature) pairs this process has compiled
+_WARM_LOCK = threading.Lock()
+
+
+def _signature(suite: Suite, method: str, experts) -> tuple:
+  leaves = jax.tree.leaves(suite.pretrained)
+  return (method, len(experts), str(jax.tree.structure(suite.pretrained)),
+          tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+
+
+def _timed_data_free(suite: Suite, method: str, key: jax.Array, experts) -> tuple[Any, float, float | None]:
+  """Merges with one transform and times it. The first merge of a program this process has not compiled runs
+  twice: the first call compiles, the second measures the merge itself; a program compiled before (another
+  seed's suite of the same shapes) runs once.
 
   Returns:
     ``(merged, seconds, compile_seconds)``: the merge's steady-state wall time, and what the first call
     spent on top of it (tracing and XLA compilation; near zero when the persistent compilation cache holds
-    the program).
+    the program; ``None`` when the program was already compiled).
   """
   info = jm.method_info(method)
   tx = jm.get_method(method)()
@@ -248,8 +262,15 @@ def _timed_data_free(suite: Suite, method: str, key: jax.Array, experts) -> tupl
     out = _block(fn(tx, suite.pretrained, experts, key=key, layout=suite.layout, names=list(suite.tasks)))
     return out, time.perf_counter() - start
 
-  _, first = call()
+  sig = _signature(suite, method, experts)
+  with _WARM_LOCK:
+    warm = sig in _WARM
+  merged, first = call()
+  if warm:
+    return merged, first, None
   merged, second = call()
+  with _WARM_LOCK:
+    _WARM.add(sig)
   return merged, second, max(first - second, 0.0)
 
 
@@ -308,7 +329,8 @@ class RowCache:
 
 
 def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: Sequence[str] = (),
-              progress: bool = True, strict: bool = False, row_cache: RowCache | None = None) -> dict:
+              progress: bool = True, strict: bool = False, row_cache: RowCache | None = None,
+              cross_eval: bool = True, jobs: int = 1) -> dict:
   """Evaluates the baselines and every method on ``suite``.
 
   Args:
@@ -321,6 +343,9 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
     strict: re-raise a method's error instead of recording it under ``"skipped"``.
     row_cache: a :class:`RowCache`: rows found there are read instead of computed (their ``cached`` field is
       true), computed rows are stored; only used for runs without adapters.
+    cross_eval: evaluate every expert on every task (``cross_eval`` in the results); otherwise each expert
+      on its own task only.
+    jobs: rows computed at once (threads; see :func:`run_suites`).
 
   Returns:
     The results dict of :mod:`jaxmerge.bench.report` (without the reference comparison); with adapters, also
@@ -328,86 +353,189 @@ def run_suite(suite: Suite, methods: Sequence[str], *, seed: int = 0, adapters: 
     the fields of the adapters' diagnostics (for RI: cross-task interference against the original and the
     adapted experts).
   """
-  tasks = list(suite.tasks)
-  timings = dict(getattr(suite, "timings", {}))
-  t0 = time.perf_counter()
-  row_cache = row_cache if not adapters else None
-  base = row_cache.get("_baselines") if row_cache is not None else None
-  if base is None:
-    base = {"pretrained": suite.evaluate(suite.pretrained), "cross": [suite.evaluate(e) for e in suite.experts]}
-    if row_cache is not None:
-      row_cache.put("_baselines", base)
-  pre_acc, cross = base["pretrained"], base["cross"]
-  expert_acc = {t: cross[i][t] for i, t in enumerate(tasks)}
-  timings["evaluate_baselines"] = time.perf_counter() - t0
-  rows = [result_row("pretrained", pre_acc, expert_acc, tasks, 0.0, kind="baseline", data="none"),
-          result_row("experts", expert_acc, expert_acc, tasks, 0.0, kind="baseline", data="labels (fine-tuning)",
-               per_task_model=True)]
-  skipped = []
+  return run_suites([suite], methods, seeds=[seed], adapters=adapters, progress=progress, strict=strict,
+                    row_caches=[row_cache], cross_eval=[cross_eval], jobs=jobs)[0]
 
+
+def release_memory() -> None:
+  """Frees what finished merges leave behind: JAX's compiled programs (``jax.clear_caches``), unreachable
+  Python objects, and the C heap's free pages (glibc's ``malloc_trim``, where available)."""
+  import ctypes
+  import gc
+
+  jax.clear_caches()
+  with _WARM_LOCK:
+    _WARM.clear()
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def _baselines(suite: Suite, row_cache: RowCache | None, cross_eval: bool) -> dict:
+  """The pretrained model on every task and the experts on theirs (``cross_eval``: on every task)."""
+  base = row_cache.get("_baselines") if row_cache is not None else None
+  if base is not None and (base.get("full_cross", True) or not cross_eval):
+    return base
+  tasks = list(suite.tasks)
+  cross = ([suite.evaluate(e) for e in suite.experts] if cross_eval
+           else [suite.evaluate(e, [t]) for t, e in zip(tasks, suite.experts)])
+  base = {"pretrained": suite.evaluate(suite.pretrained), "cross": cross, "full_cross": bool(cross_eval)}
+  if row_cache is not None:
+    row_cache.put("_baselines", base)
+  return base
+
+
+def run_suites(suites: Sequence[Suite], methods: Sequence[str], *, seeds: Sequence[int],
+               adapters: Sequence[str] = (), progress: bool = True, strict: bool = False,
+               row_caches: Sequence[RowCache | None] | None = None, cross_eval: Sequence[bool] | None = None,
+               jobs: int = 1, group_methods: int = 4, free_memory: bool = True) -> list[dict]:
+  """:func:`run_suite` on several suites (one per seed), their rows computed ``jobs`` at a time.
+
+  Every row is a deterministic function of its suite, method and seed, so ``jobs`` changes wall times, not
+  results. Jobs are threads sharing one process (its compiled programs and the suites' data): on a small
+  model one job leaves cores idle between XLA's operations, and a second fills them. Methods that need data
+  (the longest rows) start first. With ``jobs > 1`` the rows' ``seconds`` are measured while other rows run.
+
+  Args:
+    suites: the built suites.
+    methods: registry names.
+    seeds: one PRNG seed per suite.
+    adapters, progress, strict: as in :func:`run_suite`.
+    row_caches: one :class:`RowCache` (or ``None``) per suite.
+    cross_eval: per suite, whether to cross-evaluate the experts (default: all).
+    jobs: rows computed at once.
+    group_methods: methods whose rows (all suites) run between two releases of compiled programs.
+    free_memory: release the compiled programs (:func:`release_memory`) after each group, which bounds the
+      memory of a run over many methods (each method's programs would otherwise stay; the persistent
+      compilation cache makes a later recompilation cheap).
+
+  Returns:
+    One results dict per suite, in :func:`run_suite`'s format.
+  """
+  n = len(suites)
+  if len(seeds) != n:
+    raise ValueError(f"run_suites got {n} suites and {len(seeds)} seeds")
+  row_caches = list(row_caches) if row_caches is not None else [None] * n
+  cross_eval = list(cross_eval) if cross_eval is not None else [True] * n
   for kind in {jm.method_info(m).data for m in methods} - set(_RUNNERS):
     _load_plugins(kind)
   check_adapters(adapters)
+  row_caches = [rc if not adapters else None for rc in row_caches]
+  pool = ThreadPoolExecutor(max(1, jobs))
+  try:
+    # Phase 1: each suite's baselines and adapted experts.
+    t0 = time.perf_counter()
+    bases = list(pool.map(lambda i: _baselines(suites[i], row_caches[i], cross_eval[i]), range(n)))
+    base_seconds = (time.perf_counter() - t0) / n
+    adapted: list[dict[str, list]] = [{} for _ in range(n)]
+    adapted_acc: list[dict[str, dict]] = [{} for _ in range(n)]
+    adapt_seconds: list[dict[str, float]] = [{} for _ in range(n)]
+    keys = [jax.random.key(s) for s in seeds]
 
-  jobs = [(m, m, None) for m in methods]
-  for a in adapters:
-    jobs += [(f"{a}+{m}", m, a) for m in methods if jm.method_info(m).data == "none"]
-  adapted: dict[str, list] = {}
-  adapted_acc: dict[str, dict] = {}
-  key = jax.random.key(seed)
-  t0 = time.perf_counter()
-  bar = jobs
-  if progress:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(jobs, desc="merging and evaluating", leave=False)
-  for row_name, method, adapter in bar:
-    info = jm.method_info(method)
-    cached = row_cache.get(row_name) if row_cache is not None else None
-    if cached is not None:
-      rows.append({**cached, "cached": True})
-      continue
-    runner = _RUNNERS.get(info.data)
-    if runner is None:
-      skipped.append({"method": row_name, "reason": f"needs {info.data!r} data and no runner for it is registered"})
-      continue
-    try:
-      extra = {}
-      if adapter is not None:
-        start = time.perf_counter()
-        if adapter not in adapted:
-          adapted[adapter] = _block(_ADAPTERS[adapter](suite, jax.random.fold_in(key, 1)))
-        extra["adapt_seconds"] = time.perf_counter() - start
-        if adapter not in adapted_acc:
-          adapted_acc[adapter] = {t: suite.evaluate(e, [t])[t] for t, e in zip(tasks, adapted[adapter])}
-        merged, seconds, compile_seconds = _timed_data_free(suite, method, key, adapted[adapter])
-      elif info.data == "none" and runner is _merge_data_free:
-        merged, seconds, compile_seconds = _timed_data_free(suite, method, key, None)
-      else:
-        start = time.perf_counter()
-        merged = _block(runner(suite, method, {}, key))
-        seconds, compile_seconds = time.perf_counter() - start, None
+    def adapt(i, a):
       start = time.perf_counter()
-      acc, per_task = _evaluate_merged(suite, merged)
-      eval_seconds = time.perf_counter() - start
-      extra.update(_diagnose(suite, merged, per_task, acc, expert_acc, adapter, adapted, adapted_acc,
-                             adapters if adapter is None and info.data == "none" else (), strict))
-      rows.append(result_row(row_name, acc, expert_acc, tasks, seconds, compile_seconds=compile_seconds,
-                       eval_seconds=eval_seconds, kind="merge", data=info.data,
-                       family=info.family, per_task_model=per_task, hparams=dict(info.hparams), **extra))
-      if row_cache is not None:
-        row_cache.put(row_name, rows[-1])
-    except Exception as e:  # one method's failure must not lose the whole benchmark
-      if strict:
-        raise
-      skipped.append({"method": row_name, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-  timings["merge_and_evaluate"] = time.perf_counter() - t0
-  out = {"suite": suite.name, "tasks": tasks, "seed": seed, "rows": rows,
-         "cross_eval": {"experts": tasks, "tasks": tasks, "accuracy": [[c[t] for t in tasks] for c in cross]},
-         "skipped": skipped, "timings": timings}
-  if adapted_acc:
-    out["adapted_experts"] = adapted_acc
-  return out
+      adapted[i][a] = _block(_ADAPTERS[a](suites[i], jax.random.fold_in(keys[i], 1)))
+      adapt_seconds[i][a] = time.perf_counter() - start
+      adapted_acc[i][a] = {t: suites[i].evaluate(e, [t])[t] for t, e in zip(suites[i].tasks, adapted[i][a])}
+
+    list(pool.map(lambda ia: adapt(*ia), [(i, a) for i in range(n) for a in adapters]))
+
+    # Phase 2: the rows, method by method (every seed's row of a method shares its compiled programs), methods
+    # that need data first (the longest rows); after each group of methods their programs are freed.
+    jobs_list = [(i, m, m, None) for m in methods for i in range(n)]
+    for a in adapters:
+      jobs_list += [(i, f"{a}+{m}", m, a) for m in methods if jm.method_info(m).data == "none" for i in range(n)]
+    order = sorted(range(len(jobs_list)), key=lambda j: (jm.method_info(jobs_list[j][2]).data == "none", j))
+    per_group = max(1, group_methods) * n
+    groups = [order[k:k + per_group] for k in range(0, len(order), per_group)]
+    t0 = time.perf_counter()
+    outs = [None] * len(jobs_list)
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+
+      bar = tqdm(total=len(jobs_list), desc="merging and evaluating", leave=False)
+    for g, group in enumerate(groups):
+      futures = {pool.submit(_one_row, suites[i], row, method, adapter, keys[i], bases[i], adapted[i],
+                             adapted_acc[i], adapt_seconds[i], adapters, strict, row_caches[i]): j
+                 for j in group for i, row, method, adapter in [jobs_list[j]]}
+      for f in as_completed(futures):
+        outs[futures[f]] = f.result()
+        if bar is not None:
+          bar.update()
+      if free_memory and g < len(groups) - 1:
+        release_memory()
+    if bar is not None:
+      bar.close()
+    row_seconds = (time.perf_counter() - t0) / n
+  finally:
+    pool.shutdown(wait=True)
+  results = []
+  for i, suite in enumerate(suites):
+    tasks = list(suite.tasks)
+    pre_acc, cross = bases[i]["pretrained"], bases[i]["cross"]
+    expert_acc = {t: cross[k][t] for k, t in enumerate(tasks)}
+    rows = [result_row("pretrained", pre_acc, expert_acc, tasks, 0.0, kind="baseline", data="none"),
+            result_row("experts", expert_acc, expert_acc, tasks, 0.0, kind="baseline", data="labels (fine-tuning)",
+                       per_task_model=True)]
+    skipped = []
+    for j, (k, _, _, _) in enumerate(jobs_list):
+      if k != i:
+        continue
+      kind, value = outs[j]
+      (rows if kind == "row" else skipped).append(value)
+    timings = {**dict(getattr(suite, "timings", {})), "evaluate_baselines": base_seconds,
+               "merge_and_evaluate": row_seconds}
+    out = {"suite": suite.name, "tasks": tasks, "seed": seeds[i], "rows": rows, "skipped": skipped,
+           "timings": timings, "jobs": max(1, jobs)}
+    if bases[i].get("full_cross", True):
+      out["cross_eval"] = {"experts": tasks, "tasks": tasks, "accuracy": [[c[t] for t in tasks] for c in cross]}
+    if adapted_acc[i]:
+      out["adapted_experts"] = adapted_acc[i]
+    results.append(out)
+  return results
+
+
+def _one_row(suite, row_name, method, adapter, key, base, adapted, adapted_acc, adapt_seconds, adapters, strict,
+             row_cache) -> tuple[str, dict]:
+  """One row of :func:`run_suites`: ``("row", row)`` or ``("skipped", {"method", "reason"})``."""
+  tasks = list(suite.tasks)
+  expert_acc = {t: base["cross"][k][t] for k, t in enumerate(tasks)}
+  info = jm.method_info(method)
+  cached = row_cache.get(row_name) if row_cache is not None else None
+  if cached is not None:
+    return "row", {**cached, "cached": True}
+  runner = _RUNNERS.get(info.data)
+  if runner is None:
+    return "skipped", {"method": row_name, "reason": f"needs {info.data!r} data and no runner for it is registered"}
+  try:
+    extra = {}
+    if adapter is not None:
+      extra["adapt_seconds"] = adapt_seconds[adapter]
+      merged, seconds, compile_seconds = _timed_data_free(suite, method, key, adapted[adapter])
+    elif info.data == "none" and runner is _merge_data_free:
+      merged, seconds, compile_seconds = _timed_data_free(suite, method, key, None)
+    else:
+      start = time.perf_counter()
+      merged = _block(runner(suite, method, {}, key))
+      seconds, compile_seconds = time.perf_counter() - start, None
+    start = time.perf_counter()
+    acc, per_task = _evaluate_merged(suite, merged)
+    eval_seconds = time.perf_counter() - start
+    extra.update(_diagnose(suite, merged, per_task, acc, expert_acc, adapter, adapted, adapted_acc,
+                           adapters if adapter is None and info.data == "none" else (), strict))
+    row = result_row(row_name, acc, expert_acc, tasks, seconds, compile_seconds=compile_seconds,
+                     eval_seconds=eval_seconds, kind="merge", data=info.data, family=info.family,
+                     per_task_model=per_task, hparams=dict(info.hparams), **extra)
+    if row_cache is not None:
+      row_cache.put(row_name, row)
+    return "row", row
+  except Exception as e:  # one method's failure must not lose the whole benchmark
+    if strict:
+      raise
+    return "skipped", {"method": row_name, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
 
 def _diagnose(suite, merged, per_task: bool, acc: dict, expert_acc: dict, adapter: str | None, adapted: dict,
@@ -474,8 +602,8 @@ def aggregate_seeds(per_seed: Sequence[dict]) -> dict:
     out["average_per_seed"] = avgs
     out["normalized_average"] = float(np.mean([g["normalized_average"] for g in group]))
     for k in ("seconds", "eval_seconds", "adapt_seconds", "compile_seconds", "peak_rss_gb"):
-      vals = [g.get(k) for g in group]
-      if all(v is not None for v in vals):
+      vals = [g.get(k) for g in group if g.get(k) is not None]
+      if vals:  # compile_seconds: only the seeds that compiled the program have one
         out[k] = float(np.mean(vals))
     rows.append(out)
   seen = {s["method"] for s in skipped}

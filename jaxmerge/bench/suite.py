@@ -21,6 +21,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ from jaxmerge.bench.cache import Cache
 from jaxmerge.bench.text import WordTokenizer
 from jaxmerge.data import synthetic
 
-__all__ = ["BACKBONE_FIELDS", "DEFAULT_BACKBONE", "DEFAULT_SEEDS", "OfflineConfig", "OfflineSuite", "build_offline_suite"]
+__all__ = ["BACKBONE_FIELDS", "DEFAULT_BACKBONE", "DEFAULT_SEEDS", "OfflineConfig", "OfflineSuite", "build_offline_suite",
+           "finetune_missing"]
 
 # Bump when generators or training change in a way the config fields do not capture.
 SUITE_VERSION = 3
@@ -175,6 +177,7 @@ class OfflineSuite:
     self.experts = experts
     self.layout = layout
     self.timings = timings
+    self._cache = None  # the suite's cache entry (set by build_offline_suite)
     self._max_classes = max(h.shape[0] for h in heads.values())
     # Heads padded to a common class count so that one compiled function serves every task.
     stacked = np.zeros((len(self.tasks), self._max_classes, heads[self.tasks[0]].shape[1]), np.float32)
@@ -225,8 +228,8 @@ class OfflineSuite:
       if pad:
         x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
         t = np.concatenate([t, np.zeros(pad, t.dtype)])
-      out.append(np.asarray(self._predict(vision_params, x, t))[: bs - pad])
-    return np.concatenate(out) == labels if out else np.zeros(0, bool)
+      out.append((self._predict(vision_params, x, t), bs - pad))  # dispatched, not awaited
+    return np.concatenate([np.asarray(o)[:k] for o, k in out]) == labels if out else np.zeros(0, bool)
 
   def evaluate(self, vision_params, tasks: Sequence[str] | None = None, split: str = "test") -> dict[str, float]:
     """Accuracy of one vision tower on each task's ``split`` (all tasks by default).
@@ -335,7 +338,7 @@ def _shipped_backbone(config: OfflineConfig):
 
 
 def build_offline_suite(config: OfflineConfig | None = None, cache_dir: str | Path | None = None, *,
-                        progress: bool = True, name: str = "offline") -> OfflineSuite:
+                        progress: bool = True, name: str = "offline", experts: bool = True) -> OfflineSuite:
   """Builds (or loads from the cache) the offline suite.
 
   Args:
@@ -344,6 +347,8 @@ def build_offline_suite(config: OfflineConfig | None = None, cache_dir: str | Pa
       ``<cache_dir>/offline-<config.hash>/``; corrupt entries are detected by checksum and rebuilt.
     progress: show tqdm progress bars on the long steps.
     name: the suite's display name.
+    experts: fine-tune the experts the cache lacks; with ``False`` they are ``None`` in ``suite.experts``,
+      for :func:`finetune_missing` to train several suites' experts together.
 
   Returns:
     The :class:`OfflineSuite`.
@@ -396,23 +401,55 @@ def build_offline_suite(config: OfflineConfig | None = None, cache_dir: str | Pa
 
   t0 = time.perf_counter()
   like = jax.tree.map(np.asarray, suite.pretrained)
-  experts = [cache.load_tree(f"expert-{t}", like) for t in config.tasks]
-  todo = [t for t, e in zip(config.tasks, experts) if e is None]
-  if todo:
-    step = btrain.make_finetune_step(suite, config)
-    bar = _progress(todo, "fine-tuning experts", progress)
-    for t in bar:
-      i = config.tasks.index(t)
-      experts[i] = jax.tree.map(np.asarray, btrain.finetune(suite, config, t, step))
-      cache.save_tree(f"expert-{t}", experts[i], meta={"task": t})
-  suite.experts = experts
+  suite.experts = [cache.load_tree(f"expert-{t}", like) for t in config.tasks]
+  suite._cache = cache
   timings["experts"] = time.perf_counter() - t0
+  if experts:
+    finetune_missing([suite], progress=progress)
   return suite
 
 
-def _progress(items, desc: str, enabled: bool):
+def finetune_missing(suites: Sequence[OfflineSuite], *, jobs: int = 1, progress: bool = True) -> None:
+  """Fine-tunes the experts that ``suites`` lack (built with ``experts=False``) and stores them in each suite's
+  cache, ``jobs`` at a time.
+
+  Each expert is a deterministic function of its suite's config and task, so the order and the number of
+  concurrent jobs do not change the result: concurrent jobs only fill the cores that one small model's
+  training leaves idle (two jobs on two cores: about 1.25x the throughput of one).
+
+  Args:
+    suites: suites from :func:`build_offline_suite`; experts missing from ``suite.experts`` are ``None``.
+    jobs: fine-tuning jobs run at once (threads sharing the compiled step).
+    progress: show a progress bar over the experts.
+  """
+  todo = [(s, t) for s in suites if isinstance(s, OfflineSuite) for t, e in zip(s.config.tasks, s.experts)
+          if e is None]
+  if not todo:
+    return
+  steps = {id(s): btrain.make_finetune_step(s, s.config) for s, _ in todo}
+
+  def one(item):
+    s, t = item
+    e = jax.tree.map(np.asarray, btrain.finetune(s, s.config, t, steps[id(s)]))
+    s._cache.save_tree(f"expert-{t}", e, meta={"task": t})
+    s.experts[s.config.tasks.index(t)] = e
+
+  bar = _bar(len(todo), "fine-tuning experts", progress)
+  start = time.perf_counter()
+  with ThreadPoolExecutor(max(1, jobs)) as pool:
+    for _ in pool.map(one, todo):
+      if bar is not None:
+        bar.update()
+  if bar is not None:
+    bar.close()
+  trained = {id(s): s for s, _ in todo}.values()
+  for s in trained:  # the wall time, shared by the suites trained together
+    s.timings["experts"] = s.timings.get("experts", 0.0) + (time.perf_counter() - start) / len(trained)
+
+
+def _bar(total: int, desc: str, enabled: bool):
   if not enabled:
-    return items
+    return None
   from tqdm.auto import tqdm
 
-  return tqdm(items, desc=desc, leave=False)
+  return tqdm(total=total, desc=desc, leave=False)

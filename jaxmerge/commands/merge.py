@@ -6,9 +6,11 @@
 
 CONFIG is jaxmerge's schema ``{method: NAME, base: PATH, models: [PATH, ...], hparams: {...},
 dtype: float32|bfloat16|float16, seed: N, vocab_policy: error|truncate|pad_base}`` or mergekit's
-(``merge_method``, ``base_model``, ``models: [{model, parameters}]``, ``parameters``, ``dtype``); see
-:mod:`jaxmerge.config`. Flags override the YAML and work without it. PATH is a safetensors file, a directory
-holding one or a sharded checkpoint with an index (a Hugging Face directory), or an orbax directory.
+(``merge_method``, ``base_model``, ``models: [{model, parameters}]`` or ``slices``, ``parameters``, ``dtype``,
+``tokenizer_source``/``tokenizer``, ``chat_template``); see :mod:`jaxmerge.config`. Flags override the YAML and
+work without it. PATH is a safetensors file, a directory holding one or a sharded checkpoint with an index (a
+Hugging Face directory), an orbax directory, or a hub id ``org/name[@revision]`` (downloaded, or read from the
+cache with ``HF_HUB_OFFLINE=1``: :mod:`jaxmerge.io.hub`).
 
 Math runs in float32; each output tensor has the pretrained checkpoint's dtype unless ``--dtype`` says
 otherwise. ``DIR`` receives ``model.safetensors`` (shards and ``model.safetensors.index.json`` above
@@ -40,6 +42,7 @@ automatically when an in-memory merge would need more than half of the available
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -120,6 +123,11 @@ def load_config(args: argparse.Namespace):
     hp[k.strip()] = _value(v)
   overrides = {"method": args.method, "base": args.base, "models": args.model, "hparams": hp, "dtype": args.dtype,
                "seed": args.seed, "layout": args.layout, "vocab_policy": getattr(args, "vocab_policy", None)}
+  cfg = config.locate_models(cfg, rel)
+  if not args.config or not config.is_mergekit(cfg):
+    for k in ("base", "models"):
+      if overrides.get(k):
+        overrides[k] = config.locate_models({"method": "x", k: overrides[k]})[k]
   return config.resolve(cfg, overrides, where=where, relative_to=rel)
 
 
@@ -262,12 +270,84 @@ class _CheckedWriter:
     return getattr(self._w, attr)
 
 
-def _finish_dir(d: pathlib.Path, spec, base_v) -> None:
+def _finish_dir(d: pathlib.Path, spec, base_v, tok_info=None, num_layers=None) -> list[str]:
+  """Writes ``config.json`` and the tokenizer files next to the merged weights; returns notes."""
   from jaxmerge.io import llm  # noqa: PLC0415
+  from jaxmerge.io import tokenizer as jtok  # noqa: PLC0415
 
+  notes = []
   base_path = pathlib.Path(spec.base)
+  rebuild = tok_info is not None or spec.chat_template is not None
   if base_path.is_dir():
-    llm.copy_model_files(base_path, d, vocab_size=llm.vocab_size_of(base_v), dtype=spec.dtype)
+    llm.copy_model_files(base_path, d, vocab_size=llm.vocab_size_of(base_v), dtype=spec.dtype,
+                         num_layers=num_layers, tokenizer_files=not rebuild)
+  if rebuild:
+    models = list(dict.fromkeys([*spec.order, spec.base]))
+    template = jtok.template_for(spec.chat_template, models)
+    if tok_info is not None:
+      jtok.save(tok_info.tokenizer, d, template)
+    else:  # mergekit: the base model's tokenizer re-saved with the template
+      try:
+        tok = jtok.load_tokenizer(spec.base)
+      except ValueError as e:
+        notes.append(f"chat_template not written: {e}")
+      else:
+        jtok.save(tok, d, template)
+  return notes
+
+
+def _open_groups(spec, clip_vision: bool):
+  """The groups of tensors to merge: ``(groups, readers to close, tokenizer info, output layer count)``.
+
+  One group (the whole model) without ``slices``; one per slice with them (:mod:`jaxmerge.io.layers`). With a
+  tokenizer setting, each group's readers show the output vocabulary's embedding rows
+  (:class:`jaxmerge.io.tokenizer.VocabularyGroup`)."""
+  from jaxmerge.io import hf  # noqa: PLC0415
+  from jaxmerge.io import layers  # noqa: PLC0415
+  from jaxmerge.io import safetensors_io as S  # noqa: PLC0415
+  from jaxmerge.io import tokenizer as jtok  # noqa: PLC0415
+
+  raw: dict[str, object] = {}
+
+  def opened(p):
+    if p not in raw:
+      raw[p] = S.open_checkpoint(p)
+    return raw[p]
+
+  try:
+    info = None
+    if spec.tokenizer is not None:
+      referenced = list(dict.fromkeys([*spec.order, *([spec.tokenizer.base_model] if spec.tokenizer.base_model
+                                                        else [])]))
+      info = jtok.build(spec.tokenizer, referenced, spec.tokenizer.base_model)
+    if spec.slices:
+      vgroups = {}
+
+      def open_reader(p, si):
+        if info is None:
+          return opened(p)
+        if si not in vgroups:
+          vgroups[si] = jtok.VocabularyGroup(info, {q: opened(q) for q, _, _ in spec.slices[si].ranges})
+        return vgroups[si].view(p)
+
+      groups, total = layers.plan(spec, open_reader)
+      return groups, list(raw.values()), info, total
+    if info is not None:
+      vg = jtok.VocabularyGroup(info, {p: opened(p) for p in dict.fromkeys([*spec.order, spec.base, *spec.models])})
+      base_r, model_rs = vg.view(spec.base), [vg.view(m) for m in spec.models]
+    else:
+      base_r = opened(spec.base)
+      model_rs = [S.open_checkpoint(p) for p in spec.models]
+      raw.update({f"{i}:{p}": r for i, (p, r) in enumerate(zip(spec.models, model_rs))})
+    if clip_vision:  # CLIPModel base + CLIPVisionModel experts: merge the vision towers, keys "vision_model.*"
+      base_r = hf.VisionTowerReader(base_r, str(spec.base))
+      model_rs = [hf.VisionTowerReader(r, str(n)) for r, n in zip(model_rs, spec.names)]
+    return [layers.Group(spec=spec, base=base_r, models=model_rs)], list(raw.values()), info, None
+  except BaseException:
+    for r in raw.values():
+      if hasattr(r, "close"):
+        r.close()
+    raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -299,19 +379,27 @@ def run(args: argparse.Namespace) -> int:
   fmt = getattr(args, "format", "safetensors") or "safetensors"
   from jaxmerge.io import hf  # noqa: PLC0415
 
-  clip_vision = hf.clip_vision_layout(spec.base, list(spec.models))
+  clip_vision = not spec.slices and hf.clip_vision_layout(spec.base, list(spec.models))
   if not clip_vision:
-    llm.check_architectures(spec.base, spec.models, names=list(spec.names))
-  base_r = S.open_checkpoint(spec.base)
-  model_rs = [S.open_checkpoint(p) for p in spec.models]
-  if clip_vision:  # CLIPModel base + CLIPVisionModel experts: merge the vision towers, keys "vision_model.*"
-    base_r = hf.VisionTowerReader(base_r, str(spec.base))
-    model_rs = [hf.VisionTowerReader(r, str(n)) for r, n in zip(model_rs, spec.names)]
-  base_v, model_vs = llm.align(base_r, model_rs, policy=spec.vocab_policy, names=list(spec.names),
-                               out_dtype=spec.dtype)
-  floats = [k for k in base_v.keys() if jstream.is_float_dtype(base_v.dtype(k))]
+    llm.check_architectures(spec.base, [p for p in dict.fromkeys([*spec.models, *spec.order]) if p != spec.base],
+                            names=None)
+  groups, readers, tok_info, num_layers = _open_groups(spec, clip_vision)
+  base_r, model_rs = groups[0].base, groups[0].models
+  aligned = []
+  try:
+    for g in groups:
+      aligned.append((g.spec, *llm.align(g.base, g.models, policy=g.spec.vocab_policy, names=list(g.spec.names),
+                                         out_dtype=g.spec.dtype)))
+  except BaseException:
+    for r in readers:
+      if hasattr(r, "close"):
+        r.close()
+    raise
+  base_v, model_vs = aligned[0][1], aligned[0][2]
+  floats = [k for _, bv, _ in aligned for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))]
   t = len(model_vs)
-  need = (t + 3) * _float_bytes(base_v, floats)
+  need = sum((len(mv) + 3) * _float_bytes(bv, [k for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))])
+             for _, bv, mv in aligned)
   use_stream = args.stream if args.stream is not None else need > _available_bytes() // 2
   if use_stream and fmt == "orbax":
     raise ValueError("--stream writes safetensors; use --format safetensors (or --no-stream for orbax output)")
@@ -319,11 +407,14 @@ def run(args: argparse.Namespace) -> int:
   if getattr(args, "mesh", None):
     if use_stream:
       raise ValueError("--mesh shards an in-memory merge; it cannot be combined with --stream (pass --no-stream)")
+    if len(aligned) > 1:
+      raise ValueError("--mesh merges whole models; it cannot be combined with slices")
     mesh = parse_mesh(args.mesh, t)
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
   key = jax.random.key(int(spec.seed))
   notes = list(spec.notes)
-  wide = [k for k in floats if base_v.out_dtype(k) == "float64"]
+  wide = [k for _, bv, _ in aligned for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))
+          and bv.out_dtype(k) == "float64"]
   if wide:
     notes.append(f"{len(wide)} float64 tensors (e.g. {wide[0]!r}) are merged in float32 and written as float64")
   for note in notes:
@@ -341,22 +432,30 @@ def run(args: argparse.Namespace) -> int:
     dirs = [tmp / f"task_{i}" for i in range(t)] if spec.per_task else [tmp]
     meta = {"jaxmerge_method": spec.method}
     if use_stream:
-      specs = {k: (base_v.shape(k), base_v.out_dtype(k)) for k in base_v.keys()}
+      specs = {k: (bv.shape(k), bv.out_dtype(k)) for _, bv, _ in aligned for k in bv.keys()}
+      out_dtypes = {k: bv.out_dtype(k) for _, bv, _ in aligned for k in bv.keys()}
       writers = [S.ShardedWriter(d, specs, max_shard_bytes=max_shard, metadata=meta, atomic=False) for d in dirs]
-      checked = [_CheckedWriter(w, base_v.out_dtype) for w in writers]
+      checked = [_CheckedWriter(w, out_dtypes.__getitem__) for w in writers]
       try:
-        result = jstream.merge_streaming(
-            spec.tx, base_v, model_vs, checked if spec.per_task else checked[0], method=spec.registry_method,
-            key=key, layout=layout, names=list(spec.names), per_task=spec.per_task)
+        passes = compiles = 0
+        for gspec, bv, mv in aligned:
+          result = jstream.merge_streaming(
+              gspec.tx, bv, mv, checked if gspec.per_task else checked[0], method=gspec.registry_method,
+              key=key, layout=layout, names=list(gspec.names), per_task=gspec.per_task)
+          passes, compiles = max(passes, result.passes), compiles + result.compiles
         for w in writers:
           w.close()
       except BaseException:
         for w in writers:
           w.abort()
         raise
-      detail = f"streamed in {result.passes} pass(es), {result.compiles} compile(s)"
+      detail = f"streamed in {passes} pass(es), {compiles} compile(s)"
     else:
-      merged = _merge_in_memory(spec, base_v, model_vs, floats, key, layout, mesh)
+      merged = None
+      for gspec, bv, mv in aligned:
+        gfloats = [k for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))]
+        part = _merge_in_memory(gspec, bv, mv, gfloats, key, layout, mesh)
+        merged = part if merged is None else [{**a, **b} for a, b in zip(merged, part)]
       for d, m in zip(dirs, merged):
         if fmt == "orbax":
           from jaxmerge.io import orbax_io  # noqa: PLC0415
@@ -378,9 +477,12 @@ def run(args: argparse.Namespace) -> int:
         first = pathlib.Path(spec.models[0])
         shutil.copyfile((first if first.is_dir() else first.parent) / "config.json", d / "config.json")
       else:
-        _finish_dir(d, spec, base_v)
+        notes.extend(_finish_dir(d, spec, base_v, tok_info, num_layers))
     seconds = time.perf_counter() - t0
     info = {"method": spec.method, "hparams": spec.hparams, "base": spec.base, "models": list(spec.models),
+            "slices": [[list(r) for r in sl.ranges] for sl in spec.slices] or None, "num_layers": num_layers,
+            "tokenizer": dataclasses.asdict(spec.tokenizer) if spec.tokenizer is not None else None,
+            "chat_template": spec.chat_template,
             "layout": "clip_vision" if clip_vision else None,
             "dtype": spec.dtype, "seed": spec.seed, "vocab_policy": spec.vocab_policy, "source": spec.source,
             "stream": bool(use_stream), "mesh": dict(mesh.shape) if mesh is not None else None, "format": fmt,
@@ -400,7 +502,7 @@ def run(args: argparse.Namespace) -> int:
                        "behind") from e
     raise
   finally:
-    for r in (base_r, *model_rs):
+    for r in (*readers, base_r, *model_rs):
       if hasattr(r, "close"):
         r.close()
   print(f"merged {t} models with {spec.method} ({detail}) in {seconds:.2f} s -> {out}")

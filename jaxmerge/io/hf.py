@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxmerge.io import paths
 from jaxmerge.models import clip as mclip
 from jaxmerge.models.clip import check_compatible as check_compatible
 
@@ -463,13 +464,8 @@ _BARE_VISION = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
 
 
 def _model_type(path: str | os.PathLike) -> str | None:
-  p = pathlib.Path(path)
-  cfg = (p if p.is_dir() else p.parent) / "config.json"
-  try:
-    raw = json.loads(cfg.read_text())
-  except (OSError, json.JSONDecodeError):
-    return None
-  return raw.get("model_type") if isinstance(raw, dict) else None
+  cfg = paths.model_config(path)
+  return cfg.get("model_type") if cfg is not None else None
 
 
 def clip_vision_layout(base: str | os.PathLike, models: list[str | os.PathLike] | tuple) -> bool:

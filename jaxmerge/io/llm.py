@@ -344,24 +344,36 @@ def check_architectures(base: str | os.PathLike, models: Sequence[str | os.PathL
                          "of different architectures cannot be merged")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
 def copy_model_files(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, vocab_size: int | None = None,
-                     dtype: str | None = None) -> list[str]:
+                     dtype: str | None = None, num_layers: int | None = None,
+                     tokenizer_files: bool = True) -> list[str]:
   """Copies a Hugging Face directory's config and tokenizer files next to merged weights.
 
-  ``config.json`` gets ``vocab_size`` (when the vocabulary policy changed it) and ``torch_dtype`` (when the
-  output dtype differs). Returns the copied file names. Nothing happens when ``base_dir`` is not a directory.
+  ``config.json`` gets ``vocab_size`` (when the vocabulary policy or tokenizer changed it), the layer count
+  (``num_layers``, after layer stacking: ``num_hidden_layers``, or ``n_layer``/``num_layers``/``n_layers``,
+  whichever the config has) and ``dtype`` (the output dtype, the key transformers 5 reads and writes; a
+  ``torch_dtype`` key, its older spelling, is dropped as ``save_pretrained`` does). Returns the copied file names.
+  Nothing happens when ``base_dir`` is not a directory.
 
   Args:
     base_dir: the base model's Hugging Face directory.
     out_dir: the merged model's directory.
     vocab_size: the merged vocabulary size, written to ``config.json``.
-    dtype: the output dtype name, written as ``torch_dtype``.
+    dtype: the output dtype name, written as ``dtype``.
+    num_layers: the merged model's number of layers, written to ``config.json``.
+    tokenizer_files: copy the tokenizer files too (``False`` when the tokenizer is written separately).
 
   Returns:
     The copied file names.
 
   Raises:
-    ValueError: one of these files is a symbolic link out of ``base_dir`` (see :mod:`jaxmerge.io.paths`).
+    ValueError: one of these files is a symbolic link out of ``base_dir`` (see :mod:`jaxmerge.io.paths`), or
+      ``num_layers`` is given and ``config.json`` has no layer-count key.
   """
   base_dir, out_dir = pathlib.Path(base_dir), pathlib.Path(out_dir)
   if not base_dir.is_dir():
@@ -369,7 +381,7 @@ def copy_model_files(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
   copied = []
   for f in _MODEL_FILES:
     src = base_dir / f
-    if not src.is_file():
+    if not src.is_file() or (not tokenizer_files and f in _TOKENIZER_FILES):
       continue
     inside(base_dir, f, "model file")
     if f == "config.json":
@@ -381,8 +393,14 @@ def copy_model_files(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         continue
       if vocab_size is not None and "vocab_size" in cfg:
         cfg["vocab_size"] = int(vocab_size)
+      if num_layers is not None:
+        keys = [k for k in NUM_LAYER_KEYS if isinstance(cfg.get(k), int)]
+        if not keys:
+          raise ValueError(f"{src}: no layer-count key ({', '.join(NUM_LAYER_KEYS)}) to set to {num_layers}")
+        cfg[keys[0]] = int(num_layers)
       if dtype is not None:
-        cfg["torch_dtype"] = dtype
+        cfg.pop("torch_dtype", None)
+        cfg["dtype"] = dtype
       (out_dir / f).write_text(json.dumps(cfg, indent=2))
     else:
       shutil.copyfile(src, out_dir / f)

@@ -10,10 +10,11 @@ are never restricted.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
-__all__ = ["allowed_roots", "inside"]
+__all__ = ["allowed_roots", "inside", "model_config"]
 
 
 def allowed_roots(directory: str | os.PathLike) -> list[pathlib.Path]:
@@ -60,3 +61,20 @@ def inside(directory: str | os.PathLike, name: str | os.PathLike, what: str = "f
     raise ValueError(f"{what} {path} resolves to {real}, outside the model directory {directory}; jaxmerge reads "
                      "no file outside a model's directory (pass that file's path yourself to use it)")
   return path
+
+
+def model_config(path: str | os.PathLike) -> dict | None:
+  """The ``config.json`` of a checkpoint: inside ``path`` when it is a directory, beside it when it is a file.
+
+  Args:
+    path: a checkpoint directory or file.
+
+  Returns:
+    The parsed JSON object, or ``None`` when there is none, it cannot be read or it is not an object.
+  """
+  p = pathlib.Path(path)
+  try:
+    cfg = json.loads(((p if p.is_dir() else p.parent) / "config.json").read_text())
+  except (OSError, ValueError):
+    return None
+  return cfg if isinstance(cfg, dict) else None
