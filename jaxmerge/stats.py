@@ -179,6 +179,15 @@ def task_thresholds(leaves: list[jax.Array], density: float, count: str = "refer
   leaves that are program inputs or exactly rounded expressions of them (``ft - pre``): the custom call needs
   its operand stored, and XLA may fuse an expression such as ``x - c * y`` into an FMA in one place and not in
   another, so the thresholds and the masks compared against them would see different roundings.
+
+  Args:
+    leaves: ``(T, ...)`` arrays (the same ``T``), one task's entries over all of them ranked together.
+    density: the fraction of each task's entries kept, in ``[0, 1]``.
+    count: ``"reference"`` or ``"exact"`` (above).
+    use_native: use the registered CPU kernel where it runs (above).
+
+  Returns:
+    The ``(T,)`` float32 thresholds (zeros when everything is kept).
   """
   t = leaves[0].shape[0]
   n = sum(int(x[0].size) for x in leaves)

@@ -74,8 +74,15 @@ def umask() -> int:
 
 
 def host_backed(leaves: Sequence[Any]) -> bool:
-  """Whether a merge of these leaves may gather them in host buffers for the CPU backend: every JAX array lives
-  on a CPU device, and NumPy inputs only when the CPU is the default backend."""
+  """Whether a merge of these leaves may gather them in host buffers for the CPU backend.
+
+  Args:
+    leaves: the merge's input arrays (JAX or NumPy).
+
+  Returns:
+    ``True`` when every JAX array lives on a CPU device, and NumPy inputs only when the CPU is the default
+    backend (elsewhere they would be moved to the accelerator).
+  """
   if any(isinstance(x, jax.Array) and any(d.platform != "cpu" for d in x.devices()) for x in leaves):
     return False
   return jax.default_backend() == "cpu" or all(isinstance(x, jax.Array) for x in leaves)

@@ -190,6 +190,21 @@ def _run_native(sp: Any, pre: dict, ft: Any, names: Sequence[str] | None, check_
 
 
 def check_tx(tx: MergeTransform, key: PRNGKey | None, per_task: bool) -> None:
+  """Checks that ``tx`` is a merge step that this entry point can run with this key.
+
+  Args:
+    tx: the merge step.
+    key: the PRNG key passed by the caller (or ``None``).
+    per_task: ``True`` for :func:`jaxmerge.merge_per_task` (which needs a task-preserving step), ``False`` for
+      :func:`jaxmerge.merge` (which needs a reduction).
+
+  Returns:
+    ``None``.
+
+  Raises:
+    ValueError: ``tx`` is not a :class:`~jaxmerge.base.MergeTransform`, is stochastic and got no key, or its
+      kind does not match the entry point.
+  """
   if not isinstance(tx, MergeTransform):
     raise ValueError(f"expected a MergeTransform (e.g. jm.get_method('ties')()), got {type(tx).__name__}")
   if tx.needs_key and key is None:

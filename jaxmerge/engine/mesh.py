@@ -217,7 +217,23 @@ def run_on_mesh(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, f
   """The sharded placement: inputs sharded over a mesh run under that mesh with automatic axis types (the same
   buffers, retyped: :func:`auto_axes`), leafwise ``by_shape`` transforms leaf by leaf and
   everything else as the whole-model program, whose task-axis reductions then reduce along the axis
-  (:func:`jaxmerge.tree.on_mesh`). Outputs come back on the inputs' mesh."""
+  (:func:`jaxmerge.tree.on_mesh`). Outputs come back on the inputs' mesh.
+
+  Args:
+    tx: the merge step.
+    layout: the merge's matrix layout (:attr:`jaxmerge.base.MergeContext.layout`).
+    per_task: one merged model per task (``True``) or one model (``False``).
+    pre: ``{path: leaf}`` of the pretrained model.
+    ft: the fine-tuned models: a tuple of ``{path: leaf}`` dicts, or one ``{path: (T, ...)}`` stack.
+    coeffs: the step's coefficients, or ``None`` for ``tx.init``'s.
+    key: the PRNG key (or ``None``).
+    names: the models' names for error messages (or ``None``).
+    check_finite: raise on NaN/Inf inputs, naming the model and the parameter.
+    mesh: the inputs' mesh.
+
+  Returns:
+    ``{path: merged leaf}`` (``(T, ...)`` leaves when ``per_task``), sharded over ``mesh``.
+  """
   auto = auto_axes(mesh)
   pre = {p: on_mesh(x, auto) for p, x in pre.items()}
   ft = (tuple({p: on_mesh(x, auto) for p, x in m.items()} for m in ft) if isinstance(ft, tuple)

@@ -22,13 +22,13 @@ from jaxmerge.engine import native
 from jaxmerge.engine.host import host_backed
 from jaxmerge.engine.mesh import mesh_of
 
-__all__ = ["BACKENDS", "flat_dtype", "forced", "leaf_then_flat", "plan"]
+__all__ = ["BACKENDS", "forced", "leaf_then_flat", "plan"]
 
 
 BACKENDS = ("native", "leaf", "leaf_then_flat", "flat", "xla_whole", "mesh")
 
 
-def flat_dtype(pre: dict, ft: Any) -> Any:
+def _flat_dtype(pre: dict, ft: Any) -> Any:
   """The one float dtype of every leaf (pretrained and fine-tuned), or ``None`` when they differ."""
   dtypes = {x.dtype for x in pre.values()}
   models = ft if isinstance(ft, tuple) else (ft,)
@@ -37,7 +37,7 @@ def flat_dtype(pre: dict, ft: Any) -> Any:
 
 
 def _flat_ok(tx: MergeTransform, coeffs: Any, pre: dict, ft: Any) -> bool:
-  return tx.runs_flat and coeffs is None and len(pre) > 1 and flat_dtype(pre, ft) is not None
+  return tx.runs_flat and coeffs is None and len(pre) > 1 and _flat_dtype(pre, ft) is not None
 
 
 @functools.lru_cache(maxsize=128)
@@ -45,8 +45,15 @@ def leaf_then_flat(tx: MergeTransform) -> tuple[MergeTransform, MergeTransform] 
   """``(prefix, rest)`` for a chain whose first steps are leafwise, by-shape and task-preserving (DARE's drop)
   and whose other steps are ``flat`` and need no key (global TIES, a scale): the prefix then runs leaf by leaf,
   one program per leaf shape, and the rest on the ``(T, N)`` view, instead of one whole-model program whose
-  compilation grows with the number of leaves (71 s for DARE on TIES over a ViT-B/32 at 4 tasks). ``None``
-  otherwise."""
+  compilation grows with the number of leaves (71 s for DARE on TIES over a ViT-B/32 at 4 tasks).
+
+  Args:
+    tx: the merge step (a chain, for a split to exist).
+
+  Returns:
+    ``(prefix, rest)``, two chains that keep the original chain's keys, or ``None`` when ``tx`` is not such a
+    chain.
+  """
   steps = tx.steps
   if tx.leafwise or tx.runs_flat:  # leaf by leaf, or wholly on the flat view
     return None
@@ -91,7 +98,19 @@ def plan(tx: MergeTransform, per_task: bool, pre: dict, ft: Any, coeffs: Any, ke
   call of the CPU kernels; detail: the spec); ``"leaf"`` (leafwise ``by_shape`` transforms leaf by leaf, one
   compiled program per leaf shape); ``"leaf_then_flat"`` (a leafwise by-shape prefix, then ``flat`` steps on the
   ``(T, N)`` view; detail: ``(prefix, rest)``); ``"flat"`` (``flat`` transforms on one ``(T, N)`` view);
-  ``"xla_whole"`` (everything else: the whole-model program, slower, never wrong)."""
+  ``"xla_whole"`` (everything else: the whole-model program, slower, never wrong).
+
+  Args:
+    tx: the merge step.
+    per_task: one merged model per task (``True``) or one model (``False``).
+    pre: ``{path: leaf}`` of the pretrained model.
+    ft: the fine-tuned models: a tuple of ``{path: leaf}`` dicts, or one ``{path: (T, ...)}`` stack.
+    coeffs: the step's coefficients, or ``None`` for ``tx.init``'s.
+    key: the PRNG key (or ``None``).
+
+  Returns:
+    ``(backend, detail)``: one of :data:`BACKENDS` and what that backend needs (see above; ``None`` if nothing).
+  """
   models = ft if isinstance(ft, tuple) else (ft,)
   mesh = mesh_of([*pre.values(), *(x for m in models for x in m.values())])
   if mesh is not None:
@@ -102,7 +121,7 @@ def plan(tx: MergeTransform, per_task: bool, pre: dict, ft: Any, coeffs: Any, ke
   if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
     return "leaf", None
   split = leaf_then_flat(tx) if coeffs is None and len(pre) > 1 and isinstance(ft, tuple) else None
-  if split is not None and flat_dtype(pre, ft) is not None:
+  if split is not None and _flat_dtype(pre, ft) is not None:
     return "leaf_then_flat", split
   if _flat_ok(tx, coeffs, pre, ft):
     return "flat", None
@@ -111,7 +130,18 @@ def plan(tx: MergeTransform, per_task: bool, pre: dict, ft: Any, coeffs: Any, ke
 
 def forced(backend: str, tx: MergeTransform, per_task: bool, pre: dict, ft: Any, coeffs: Any,
             key: Any) -> tuple[str, Any]:
-  """``(backend, detail)`` for a backend the caller names; ``ValueError`` when it cannot run this merge."""
+  """``(backend, detail)`` for a backend the caller names (tests, benchmarks, users who want one).
+
+  Args:
+    backend: one of :data:`BACKENDS`.
+    tx, per_task, pre, ft, coeffs, key: as in :func:`plan`.
+
+  Returns:
+    ``(backend, detail)`` as :func:`plan` returns it.
+
+  Raises:
+    ValueError: ``backend`` is unknown, or cannot run this merge exactly.
+  """
   if backend not in BACKENDS:
     raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)} (or None: the planner's choice)")
   if backend == "xla_whole":
@@ -125,7 +155,7 @@ def forced(backend: str, tx: MergeTransform, per_task: bool, pre: dict, ft: Any,
     return backend, None
   if backend == "leaf_then_flat" and auto[0] != "mesh" and coeffs is None and isinstance(ft, tuple):
     split = leaf_then_flat(tx)
-    if split is not None and flat_dtype(pre, ft) is not None:
+    if split is not None and _flat_dtype(pre, ft) is not None:
       return backend, split
   raise ValueError(f"backend {backend!r} cannot run this merge (the planner chose {auto[0]!r}): see "
                    "jaxmerge.merge.route for what each backend accepts")

@@ -310,7 +310,14 @@ class _Inputs:
 
 
 def is_reader(x: Any) -> bool:
-  """Whether ``x`` is a lazy reader (``shape``, ``dtype`` and ``get``) rather than an in-memory pytree."""
+  """Whether ``x`` is a lazy reader rather than an in-memory pytree.
+
+  Args:
+    x: a model: a pytree, or a reader.
+
+  Returns:
+    ``True`` when ``x`` has callable ``shape`` and ``dtype`` methods and a ``get`` method.
+  """
   return callable(getattr(x, "shape", None)) and callable(getattr(x, "dtype", None)) and hasattr(x, "get")
 
 

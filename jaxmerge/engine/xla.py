@@ -57,8 +57,16 @@ def _nonfinite_rows(tree: dict) -> dict:
 
 
 def nonfinite_flags(pre: dict, ft: Any) -> dict:
-  """Flags for the pretrained leaves and, per fine-tuned model, ``(T,)`` flags per leaf. One compiled check is
-  shared by every model of the same structure."""
+  """NaN/Inf flags of a merge's inputs, computed on the device (read them with :func:`raise_nonfinite`). One
+  compiled check is shared by every model of the same structure.
+
+  Args:
+    pre: ``{path: leaf}`` of the pretrained model.
+    ft: the fine-tuned models: a tuple of ``{path: leaf}`` dicts, or one ``{path: (T, ...)}`` stack.
+
+  Returns:
+    ``{"pre": {path: flag}, "ft": {path: (T,) flags}}`` (boolean arrays).
+  """
   if isinstance(ft, tuple):
     per_model = [_nonfinite(m) for m in ft]
     ft_flags = {p: jnp.stack([f[p] for f in per_model]) for p in pre}
@@ -68,6 +76,20 @@ def nonfinite_flags(pre: dict, ft: Any) -> dict:
 
 
 def raise_nonfinite(pre: dict, ft: Any, flags: dict, names: Sequence[str] | None) -> None:
+  """Raises on the first NaN/Inf that :func:`nonfinite_flags` found, naming the model and the parameter.
+
+  Args:
+    pre: ``{path: leaf}`` of the pretrained model.
+    ft: the fine-tuned models (unused; kept so that the call mirrors :func:`nonfinite_flags`).
+    flags: what :func:`nonfinite_flags` returned.
+    names: the fine-tuned models' names (default ``"model i"``).
+
+  Returns:
+    ``None`` when every input is finite.
+
+  Raises:
+    ValueError: a model holds a NaN or Inf.
+  """
   flags = jax.device_get(flags)
   for p, f in flags["pre"].items():
     if f:
@@ -81,6 +103,17 @@ def raise_nonfinite(pre: dict, ft: Any, flags: dict, names: Sequence[str] | None
 
 @functools.lru_cache(maxsize=128)
 def whole_program(tx: MergeTransform, layout: Layout, per_task: bool) -> Callable[..., Any]:
+  """The ``xla_whole`` backend: one jitted program over every leaf, which runs any step exactly as written.
+
+  Args:
+    tx: the merge step.
+    layout: the matrix layout passed to the step (:attr:`jaxmerge.base.MergeContext.layout`).
+    per_task: one merged model per task (``True``) or one model (``False``).
+
+  Returns:
+    ``run(pre, ft, coeffs, key) -> {path: merged leaf}`` (the pretrained dtype), ``pre`` a ``{path: leaf}`` dict,
+    ``ft`` a tuple of such dicts or one ``{path: (T, ...)}`` stack, ``coeffs=None`` for ``tx.init``'s.
+  """
   def run(pre, ft, coeffs, key):
     deltas = {p: _task_vectors(pre[p], ft, p) for p in pre}
     pre32 = {p: x.astype(jnp.float32) for p, x in pre.items()}
@@ -120,6 +153,16 @@ def flat_merge(tx: MergeTransform, layout: Layout, per_task: bool, paths: tuple[
   reuse it. Fusing a 200-way concatenation into every pass of the transform instead recomputes it in each
   (several times slower on CPU). Splitting the result back into leaves is left to :func:`split_flat`: inside
   XLA each leaf would be a slice with its own offset, hence its own compiled kernel.
+
+  Args:
+    tx: a ``flat`` merge step.
+    layout: the matrix layout passed to the step.
+    per_task: one merged model per task (``True``) or one model (``False``).
+    paths: the leaves' order in the flat view.
+
+  Returns:
+    ``merged(pre, ft, coeffs, key) -> (y, bad)``: ``y`` the ``(N,)`` (or ``(T, N)``) merged vector in the
+    pretrained dtype, ``bad`` the ``(T + 1,)`` NaN/Inf flags (one per model, the pretrained model last).
   """
 
   @jax.jit
@@ -198,6 +241,13 @@ def split_flat(y: jax.Array, shapes: dict[str, tuple[int, ...]]) -> dict[str, ja
 
   On the CPU the leaves are views of ``y``'s buffer (no copy where a leaf's offset is 64-byte aligned, a copy
   otherwise); on accelerators, one jitted split program per structure.
+
+  Args:
+    y: the flat result.
+    shapes: ``{path: shape}`` in the flat view's order.
+
+  Returns:
+    ``{path: leaf}`` with shape ``y.shape[:-1] + shape``.
   """
   lead = y.shape[:-1]
   if all(d.platform == "cpu" for d in y.devices()):
@@ -231,7 +281,21 @@ def leaf_apply(tx: MergeTransform, layout: Layout, path: str, pre: jax.Array, ft
 
   ``pid`` is the leaf's id (:func:`jaxmerge.tree.leaf_id` of ``path``), usually a traced argument: the leaf's
   random key then folds it in as a value (:func:`jaxmerge.tree.traced_leaf_ids`), so a ``by_shape`` transform's
-  program serves every leaf of the same shape."""
+  program serves every leaf of the same shape.
+
+  Args:
+    tx: the merge step.
+    layout: the matrix layout passed to the step.
+    path: the leaf's path (a placeholder in by-shape programs).
+    pre: the pretrained leaf.
+    fts: the leaf's ``T`` fine-tuned values.
+    coeffs: the step's coefficients, or ``None`` for ``tx.init``'s.
+    key: the merge's PRNG key (or ``None``).
+    pid: the leaf's id.
+
+  Returns:
+    ``(pre32, out)``: the float32 pretrained leaf and the step's output for this leaf.
+  """
   with jtree.traced_leaf_ids({path: pid}):
     pre32, d = jtree.leaf_task_vectors(pre, fts)
     tree = {path: d}
@@ -241,7 +305,15 @@ def leaf_apply(tx: MergeTransform, layout: Layout, path: str, pre: jax.Array, ft
 
 def merge_leaf(tx: MergeTransform, layout: Layout, per_task: bool, path: str, pre: jax.Array,
                fts: Sequence[jax.Array], coeffs: Any, key: Any, pid: Any) -> jax.Array:
-  """One leaf's merge inside a leaf program: :func:`leaf_apply` plus the pretrained leaf; float32."""
+  """One leaf's merge inside a leaf program: :func:`leaf_apply` plus the pretrained leaf.
+
+  Args:
+    tx, layout, path, pre, fts, coeffs, key, pid: as in :func:`leaf_apply`.
+    per_task: one merged leaf per task (``True``) or one leaf (``False``).
+
+  Returns:
+    The merged leaf in float32 (``(T, ...)`` when ``per_task``).
+  """
   pre32, out = leaf_apply(tx, layout, path, pre, fts, coeffs, key, pid)
   return (pre32[None] if per_task else pre32) + out
 
@@ -255,7 +327,17 @@ def leaf_program(tx: MergeTransform, layout: Layout, per_task: bool, check_finit
   The leaf's id is an argument and the path a placeholder (a ``by_shape`` step reads the path only through its
   key), so every leaf of a shape and dtype shares one compiled program: a whole-model program grows with the
   number of leaves (DARE's random draws made it a 26 s compilation for a ViT-B/32), this one with the number of
-  distinct shapes."""
+  distinct shapes.
+
+  Args:
+    tx: a leafwise by-shape merge step.
+    layout: the matrix layout passed to the step.
+    per_task: one merged leaf per task (``True``) or one leaf (``False``).
+    check_finite: also compute the NaN/Inf probe.
+
+  Returns:
+    The jitted ``run(pre, fts, key, leaf_id) -> (leaf, bad)`` (the leaf in the pretrained dtype).
+  """
 
   def run(pre, fts, key, pid):
     y = merge_leaf(tx, layout, per_task, "leaf", pre, fts, None, key, pid).astype(pre.dtype)
@@ -266,7 +348,17 @@ def leaf_program(tx: MergeTransform, layout: Layout, per_task: bool, check_finit
 
 @functools.lru_cache(maxsize=128)
 def prefix_program(prefix: MergeTransform, layout: Layout, check_finite: bool) -> Callable[..., Any]:
-  """One leaf's task vectors after the leafwise prefix: ``(pre, fts, key, leaf_id) -> ((T, n) float32, bad)``."""
+  """One leaf's task vectors after a chain's leafwise prefix (the first half of ``leaf_then_flat``).
+
+  Args:
+    prefix: the leafwise by-shape, task-preserving steps (:func:`jaxmerge.engine.planner.leaf_then_flat`).
+    layout: the matrix layout passed to the steps.
+    check_finite: also compute the NaN/Inf probe.
+
+  Returns:
+    The jitted ``run(pre, fts, key, leaf_id) -> (d, bad)``, ``d`` the ``(T, n)`` float32 task vectors of the leaf
+    (``n`` its size).
+  """
 
   def run(pre, fts, key, pid):
     d = leaf_apply(prefix, layout, "leaf", pre, fts, None, key, pid)[1]
@@ -284,8 +376,23 @@ def _jitted_concat() -> Callable[..., Any]:
 
 def run_leaf_then_flat(prefix: MergeTransform, rest: MergeTransform, layout: Layout, per_task: bool, pre: dict,
                         ft: tuple, key: Any, check_finite: bool) -> tuple[jax.Array, jax.Array]:
-  """The prefix leaf by leaf into one ``(T, N)`` buffer (on the CPU a host buffer written leaf by leaf, as
-  :func:`_host_flat`), then ``rest`` on it. Returns the flat merged vector and the per-leaf NaN/Inf flags."""
+  """The ``leaf_then_flat`` backend: the prefix leaf by leaf into one ``(T, N)`` buffer (on the CPU a host buffer
+  written leaf by leaf, as :func:`_host_flat`), then ``rest`` on it (global TIES as one native call where it can).
+
+  Args:
+    prefix: the leafwise by-shape, task-preserving steps.
+    rest: the ``flat`` steps that follow them.
+    layout: the matrix layout passed to the steps.
+    per_task: one merged model per task (``True``) or one model (``False``).
+    pre: ``{path: leaf}`` of the pretrained model.
+    ft: the fine-tuned models, a tuple of ``{path: leaf}`` dicts.
+    key: the merge's PRNG key (or ``None``).
+    check_finite: also compute the NaN/Inf probes.
+
+  Returns:
+    ``(y, bad)``: the flat merged vector in the pretrained dtype (split it with :func:`split_flat`) and one NaN/Inf
+    flag per leaf.
+  """
   paths = tuple(pre)
   prog = prefix_program(prefix, layout, check_finite)
   sizes = [int(np.prod(pre[p].shape, dtype=np.int64)) for p in paths]
