@@ -41,9 +41,10 @@ from jax.sharding import PartitionSpec as P
 from jaxmerge import filters as jfilters
 from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, MergeTransform
+from jaxmerge.engine.host import trim_heap
 from jaxmerge.engine.merge import check_tx, prepare
 from jaxmerge.engine.mesh import auto_axes, by_leaf, mesh_of, on_mesh
-from jaxmerge.engine.xla import whole_program
+from jaxmerge.engine.xla import nonfinite_flags, raise_nonfinite, whole_program
 from jaxmerge.typing import Coeffs, Params, PRNGKey, Stacked
 
 __all__ = [
@@ -343,6 +344,24 @@ def make_sharded_merger(
   return merger
 
 
+def _check_finite(pre: dict, ft: Any, names: Sequence[str] | None) -> None:
+  """The NaN/Inf check of the inputs; inputs already on a mesh are checked under it with automatic axis types (the
+  per-model reductions of the check raise ``ShardingTypeError`` on explicit axes)."""
+  models = ft if isinstance(ft, tuple) else (ft,)
+  src = mesh_of([*pre.values(), *(x for m in models for x in m.values())])
+  if src is None:
+    raise_nonfinite(pre, ft, nonfinite_flags(pre, ft), names)
+    return
+  auto = auto_axes(src)
+
+  def retype(d: dict) -> dict:
+    return {p: on_mesh(x, auto) for p, x in d.items()}
+
+  with jax.set_mesh(auto):
+    pre_a, ft_a = retype(pre), (tuple(retype(m) for m in ft) if isinstance(ft, tuple) else retype(ft))
+    raise_nonfinite(pre_a, ft_a, nonfinite_flags(pre_a, ft_a), names)
+
+
 def merge_sharded(
     tx: MergeTransform,
     pretrained: Params,
@@ -379,27 +398,36 @@ def merge_sharded(
   """
   per_task = tx.kind != REDUCE if per_task is None else per_task
   check_tx(tx, key, per_task)
-  pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=check_finite)
+  pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=False)
+  if check_finite:
+    _check_finite(pre, ft, names)
   t = len(ft) if isinstance(ft, tuple) else jtree.num_tasks(ft)
   m = mesh if mesh is not None else task_mesh(t)
-  pre_s = shard_params(pre, m, rules)
   if isinstance(ft, tuple):
     ft_s = stack_sharded(list(ft), m, rules)
+    jax.block_until_ready(ft_s)
+    trim_heap()  # the host slices the stack was built from
   else:
     ft_s = shard_stack(ft, m, rules)
   merged = None
   if coeffs is None:  # leaf by leaf where a plan exists: one leaf's temporaries at a time, not the model's
     auto = auto_axes(m)
-    outs = shardings_from_rules(auto, rules, ft_s if per_task else pre_s, stacked=per_task)
+    outs = shardings_from_rules(auto, rules, ft_s if per_task else pre, stacked=per_task)
     retype = functools.partial(jax.tree.map, lambda x: on_mesh(x, auto))
     with jax.set_mesh(auto):
-      merged = by_leaf(tx, layout or jfilters.hf_layout, per_task, retype(pre_s), retype(ft_s), outs, key, donate=True)
+      # The pretrained leaves are placed one at a time (replicated over the task axis, the placed model would be
+      # one copy per task device), and the stacked copies made above are freed as the result is built.
+      merged = by_leaf(tx, layout or jfilters.hf_layout, per_task, pre, retype(ft_s), outs, key,
+                       pre_shardings=shardings_from_rules(auto, rules, pre, stacked=False),
+                       consume=isinstance(ft, tuple))
     if merged is not None and auto is not m:
       merged = {p: on_mesh(x, m) for p, x in merged.items()}
   if merged is None:
+    pre_s = shard_params(pre, m, rules)
     merger = make_sharded_merger(tx, m, pre_s, ft_s, rules=rules, layout=layout, per_task=per_task)
     merged = merger(pre_s, ft_s, coeffs, key, donate=True)  # the copies are ours: the output may reuse them
-  del pre_s, ft_s
+    del pre_s
+  del ft_s
   if per_task:
     return [jtree.unflatten_paths(pretrained, {**{p: x[i] for p, x in merged.items()}, **passthrough})
             for i in range(t)]

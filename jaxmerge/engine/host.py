@@ -4,6 +4,8 @@ a copy, process-wide thread pools, and the process's umask (for files the engine
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -12,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["aligned_empty", "host_backed", "pool", "umask"]
+__all__ = ["aligned_empty", "host_backed", "pool", "trim_heap", "umask"]
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
@@ -86,3 +88,27 @@ def host_backed(leaves: Sequence[Any]) -> bool:
   if any(isinstance(x, jax.Array) and any(d.platform != "cpu" for d in x.devices()) for x in leaves):
     return False
   return jax.default_backend() == "cpu" or all(isinstance(x, jax.Array) for x in leaves)
+
+
+@functools.cache
+def _libc_trim() -> Any:
+  try:
+    return ctypes.CDLL("libc.so.6").malloc_trim
+  except (OSError, AttributeError):
+    return None
+
+
+def trim_heap() -> None:
+  """Returns the C heap's free pages to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+  JAX's CPU devices allocate from several threads, hence several glibc arenas: a buffer freed in one arena is not
+  reused by an allocation in another, and the process's resident memory keeps the freed pages. A merge that frees
+  its inputs as it builds its result (:func:`jaxmerge.engine.mesh.by_leaf`) calls this so that the result's pages
+  replace the inputs' instead of adding to them.
+
+  Returns:
+    ``None``.
+  """
+  trim = _libc_trim()
+  if trim is not None:
+    trim(0)

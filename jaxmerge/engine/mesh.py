@@ -21,6 +21,7 @@ from jaxmerge import stats
 from jaxmerge import tree as jtree
 from jaxmerge.base import MergeContext, MergeTransform
 from jaxmerge.engine import native
+from jaxmerge.engine.host import trim_heap
 from jaxmerge.engine.xla import (
   leaf_program,
   nonfinite_flags,
@@ -143,13 +144,16 @@ def _ties_leaf(merge_func: str, zero_sign: str, trim: bool, out: NamedSharding |
   return jax.jit(run, out_shardings=out, donate_argnums=(0,) if donate else ())
 
 
-def _ties_by_leaf(sp: Any, pre: dict, ft: dict, outs: dict, donate: bool) -> dict:
+def _ties_by_leaf(sp: Any, place: Callable[[str], jax.Array], ft: dict, outs: dict, donate: bool,
+                  release: Callable[[str], None] | None) -> dict:
   """Global TIES (:func:`jaxmerge.engine.native.spec`'s ``"ties"``, no drop) leaf by leaf on the mesh: the per-task
   thresholds by two histogram passes (:class:`jaxmerge.stats.KthSmallest`, exact), the majority sign by a
-  third, then each leaf merged into its declared sharding. The temporaries are one leaf's, not the model's."""
+  third, then each leaf merged into its declared sharding. The temporaries are one leaf's, not the model's.
+  ``place(path)`` is the pretrained leaf on the mesh; ``release(path)`` (or ``None``) frees a used-up stacked leaf."""
   density, merge_func, count, zero_sign = sp.ties
   t = int(next(iter(ft.values())).shape[0])
-  sizes = {p: int(np.prod(x.shape, dtype=np.int64)) for p, x in pre.items()}
+  sizes = {p: int(np.prod(x.shape[1:], dtype=np.int64)) for p, x in ft.items()}
+  paths = list(ft)
   n = sum(sizes.values())
   k = stats.threshold_rank(n, density, count) if density < 1 else 0
   thr = jnp.zeros((t,), jnp.float32)
@@ -158,37 +162,52 @@ def _ties_by_leaf(sp: Any, pre: dict, ft: dict, outs: dict, donate: bool) -> dic
 
     # One leaf at a time, each histogram fetched before the next leaf's program runs: programs with collectives
     # queued without bound on the in-process CPU devices can wait on each other past XLA's rendezvous timeout.
-    for p in pre:
-      sel.add_high(_high_hist(pre[p], ft[p]), sizes[p])
+    for p in paths:
+      sel.add_high(_high_hist(place(p), ft[p]), sizes[p])
     sel.finish_high()
     hi = jnp.asarray(sel.buckets)
-    for p in pre:
-      sel.add_low(_low_hist(pre[p], ft[p], hi), sizes[p])
+    for p in paths:
+      sel.add_low(_low_hist(place(p), ft[p], hi), sizes[p])
     thr = jnp.asarray(sel.finish_low()[:, 0], jnp.float32)
   majority = jnp.float32(1.0)
   if zero_sign == "majority":
-    majority = jnp.float32(np.sign(sum(int(_sign_count(pre[p], ft[p], thr, k > 0)) for p in pre)))
-  return _in_turn({p: functools.partial(_ties_leaf(merge_func, zero_sign, k > 0, outs.get(p), donate), pre[p], ft[p],
-                                       thr, majority, jnp.float32(sp.scale)) for p in pre})
+    majority = jnp.float32(np.sign(sum(int(_sign_count(place(p), ft[p], thr, k > 0)) for p in paths)))
+  scale = jnp.float32(sp.scale)
+
+  def leaf(p: str) -> jax.Array:
+    return _ties_leaf(merge_func, zero_sign, k > 0, outs.get(p), donate)(place(p), ft[p], thr, majority, scale)
+
+  return _in_turn({p: functools.partial(leaf, p) for p in paths}, release)
 
 
-def _in_turn(calls: dict) -> dict:
+def _in_turn(calls: dict, release: Callable[[str], None] | None = None) -> dict:
   """``{path: call()}``, each call dispatched once the one before the previous has finished: at most two leaf
-  programs in flight (bounded memory, and no unbounded queue of programs with collectives, see above)."""
+  programs in flight (bounded memory, and no unbounded queue of programs with collectives, see above). With
+  ``release``, ``release(path)`` runs once that path's result is ready (its inputs are then used up)."""
   out, prev = {}, None
   for p, call in calls.items():
     out[p] = call()
     if prev is not None:
       jax.block_until_ready(out[prev])
+      if release is not None:
+        release(prev)
     prev = p
+  if prev is not None and release is not None:
+    jax.block_until_ready(out[prev])
+    release(prev)
   return out
 
 
 def by_leaf(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: dict, outs: dict, key: Any,
-            donate: bool = False) -> dict | None:
+            donate: bool = False, pre_shardings: dict | None = None, consume: bool = False) -> dict | None:
   """A merge of stacked leaves leaf by leaf on the mesh (call it under the mesh), or ``None`` when ``tx`` has no
   per-leaf plan: leafwise ``by_shape`` transforms one leaf program at a time, global TIES (recognized by
   :func:`jaxmerge.engine.native.spec`, no drop) in exact histogram passes leaf by leaf. The temporaries are one leaf's.
+
+  With ``pre_shardings`` the pretrained leaves stay where they are (host arrays) and each is placed on the mesh
+  just before a program reads it, so the placed model (replicated over the task axis: one copy per task device)
+  never exists whole; with ``consume`` each stacked leaf is deleted once its merged leaf is ready, so the stack's
+  memory goes as the result's comes.
 
   Args:
     tx: the transform.
@@ -198,17 +217,34 @@ def by_leaf(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: d
     ft: ``{path: stacked (T, ...) leaf}``.
     outs: ``{path: NamedSharding}`` of the outputs (missing paths: XLA's choice).
     key: PRNG key or ``None``.
-    donate: the pretrained leaves may be donated to the outputs (only for copies the caller owns).
+    donate: the pretrained leaves may be donated to the outputs (only for copies the caller owns; always true of
+      the copies placed from ``pre_shardings``).
+    pre_shardings: ``{path: NamedSharding}`` to place each pretrained leaf with, one leaf at a time (above), or
+      ``None`` when ``pre``'s leaves are already on the mesh.
+    consume: ``ft``'s leaves are the caller's own copies, deleted as they are used up (above).
 
   Returns:
     ``{path: merged leaf}`` or ``None``.
   """
+  if pre_shardings is not None:
+    def place(p: str) -> jax.Array:
+      return jax.device_put(pre[p], pre_shardings[p], may_alias=False)
+    donate = True
+  else:
+    place = pre.__getitem__
+  release = None
+  if consume:
+    def release(p: str) -> None:
+      ft[p].delete()
+      trim_heap()
   if tx.leafwise and tx.by_shape:
-    return _in_turn({p: functools.partial(_leaf_program(tx, layout, per_task, outs.get(p), donate), x, ft[p], key,
-                                          np.uint32(jtree.leaf_id(p))) for p, x in pre.items()})
+    def leaf(p: str) -> jax.Array:
+      return _leaf_program(tx, layout, per_task, outs.get(p), donate)(place(p), ft[p], key, np.uint32(jtree.leaf_id(p)))
+
+    return _in_turn({p: functools.partial(leaf, p) for p in pre}, release)
   sp = native.spec(tx) if not per_task else None
   if sp is not None and sp.op == "ties" and sp.drop is None:
-    return _ties_by_leaf(sp, pre, ft, outs, donate)
+    return _ties_by_leaf(sp, place, ft, outs, donate, release)
   return None
 
 
