@@ -4,8 +4,10 @@ scaling of the sharded in-memory merge over 1 to 8 (fake) CPU devices.
 Inputs: a random Llama-style causal LM (``LlamaForCausalLM`` names and ``config.json``, bf16, untied
 embeddings; default hidden 1024, 16 layers, vocabulary 32000: 253 M parameters, 0.5 GB per model) written as a
 "pretrained" model and ``--models`` (default 3) "fine-tuned" copies (pretrained + small random task vectors),
-each sharded safetensors with an index. One mergekit YAML per method is run by both tools on the same
-directories (jaxmerge reads mergekit's schema; ``dtype: float32`` so both compute in float32 and write bf16):
+each sharded safetensors with an index. One mergekit YAML per method (``--methods``, ``all`` for every mergekit
+method) and compute setting (``--compute``: ``float32`` sets ``dtype: float32, out_dtype: bfloat16`` so both
+compute in float32 and write bf16; ``native`` sets no dtype, so both compute in the checkpoints' bf16) is run by
+both tools on the same directories:
 
 - ``mergekit``: ``mergekit.merge.run_merge`` (what ``mergekit-yaml`` runs) with its defaults (lazy loading,
   no GPU);
@@ -16,7 +18,10 @@ Every case runs in a fresh subprocess; time = wall time of the merge call (readi
 output, and for jaxmerge the XLA compilation: the persistent compilation cache is disabled); peak = that
 process's peak resident memory (``VmHWM``) minus its resident memory just before the call (libraries
 imported). Cases run in a rotating order over ``--rounds`` rounds, and the table reports medians. The merged
-tensors of the tools are compared (max difference in bf16 ulps).
+tensors of the tools are compared (max difference in bf16 ulps; DARE and DELLA draw other random masks than
+mergekit, so their outputs differ by design). ``--baseline DIR`` also runs ``jaxmerge`` imported from another
+tree (e.g. a checkout of main) on every case, interleaved with the others (rows ``@base``): a before/after
+comparison under the same machine load.
 
 The scaling part times ``jaxmerge.sharding.merge_sharded`` (TIES and Task Arithmetic) on ``8`` task vectors of
 ``--scaling-mparams`` million parameters each, on task meshes of 1, 2, 4 and 8 fake CPU devices
@@ -25,6 +30,7 @@ the sharded program's overhead and partitioning, not a speed-up from more hardwa
 
     python benchmarks/bench_stream.py                           # 253 M params, 3 models, ties + task_arithmetic
     python benchmarks/bench_stream.py --layers 4 --rounds 1     # quick
+    python benchmarks/bench_stream.py --methods all --compute float32,native --skip-scaling --baseline ../main
 
 Writes benchmarks/results/stream.md.
 """
@@ -59,7 +65,9 @@ if mode == "mergekit":
   from mergekit.config import MergeConfiguration
   from mergekit.merge import run_merge
   from mergekit.options import MergeOptions
-  conf = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
+  d = yaml.safe_load(open(cfg))
+  d.pop("jaxmerge", None)  # jaxmerge's own options
+  conf = MergeConfiguration.model_validate(d)
   opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
   run = lambda: run_merge(conf, out, options=opts)
 else:
@@ -166,24 +174,81 @@ def make_checkpoints(root: pathlib.Path, cfg: dict, models: int, shard_mb: int) 
   return sum(int(np.prod(s)) for s in shapes.values())
 
 
-def mergekit_yaml(method: str, root: pathlib.Path, models: int) -> dict:
-  per = {"task_arithmetic": {"weight": 1.0}, "ties": {"weight": 1.0, "density": 0.5},
-         "linear": {"weight": 1.0}}[method]
-  cfg = {"merge_method": method, "dtype": "float32", "out_dtype": "bfloat16",
-         "models": [{"model": str(root / f"ft{i}"), "parameters": dict(per)} for i in range(models)]}
-  if method != "linear":
+# Each method's per-model parameters, global parameters, whether it takes base_model, and how many fine-tuned
+# models it merges (None: all of them).
+METHODS = {
+    "task_arithmetic": ({"weight": 1.0}, {"lambda": 0.5}, True, None),
+    "linear": ({"weight": 1.0}, {}, False, None),
+    "ties": ({"weight": 1.0, "density": 0.5}, {}, True, None),
+    "dare_ties": ({"weight": 1.0, "density": 0.5}, {}, True, None),
+    "dare_linear": ({"weight": 1.0, "density": 0.5}, {}, True, None),
+    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}, True, None),
+    "della": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}, True, None),
+    "slerp": ({}, {"t": 0.3}, True, 1),
+    "nuslerp": ({"weight": 1.0}, {}, True, 2),
+    "multislerp": ({"weight": 1.0}, {}, True, None),
+    "karcher": ({}, {}, False, None),
+    "sce": ({}, {"select_topk": 0.5}, True, None),
+    "ram": ({}, {}, True, None),
+    "ramplus_tl": ({}, {}, True, None),
+    "nearswap": ({}, {"t": 0.001}, True, 1),
+    "arcee_fusion": ({}, {}, True, 1),
+    "model_stock": ({}, {}, True, None),
+    "passthrough": ({"scale": 0.5}, {}, False, 1),
+}
+
+
+# Layer stacking (mergekit's ``slices``) over the checkpoints' ``layers``: a passthrough "frankenmerge" (all of
+# ft0's layers, then the second half of ft1's: 1.5 x layers) and a linear merge of ft0 and ft1 slice by slice with
+# other weights per slice.
+SLICES = ("slices_passthrough", "slices_linear")
+
+
+def _slices_yaml(method: str, root: pathlib.Path, layers: int) -> dict:
+  half = max(1, layers // 2)
+  if method == "slices_passthrough":
+    return {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(root / "ft0"), "layer_range": [0, layers]}]},
+        {"sources": [{"model": str(root / "ft1"), "layer_range": [layers - half, layers]}]}]}
+  return {"merge_method": "linear", "slices": [
+      {"sources": [{"model": str(root / f"ft{i}"), "layer_range": [a, b], "parameters": {"weight": w}}
+                   for i, w in ((0, wa), (1, 1 - wa))]}
+      for (a, b), wa in (((0, half), 0.7), ((half, layers), 0.3)) if a < b]}
+
+
+def mergekit_yaml(method: str, root: pathlib.Path, models: int, compute: str, layers: int = 2) -> dict:
+  """The mergekit YAML of one case; ``compute="float32"``: ``dtype: float32, out_dtype: bfloat16`` (both tools
+  compute in float32), ``"native"``: no dtype (mergekit computes in the checkpoints' bf16). ``layers``: the
+  checkpoints' layer count (for the ``slices_*`` cases)."""
+  if method in SLICES:
+    cfg = _slices_yaml(method, root, layers)
+    if compute == "float32":
+      cfg.update({"dtype": "float32", "out_dtype": "bfloat16"})
+    return cfg
+  per, glob, with_base, count = METHODS[method]
+  n = models if count is None else count
+  cfg = {"merge_method": method,
+         "models": [{"model": str(root / f"ft{i}"), **({"parameters": dict(per)} if per else {})} for i in range(n)]}
+  if compute in ("float32", "keep_all"):
+    cfg.update({"dtype": "float32", "out_dtype": "bfloat16"})
+  if compute == "keep_all":  # ties only: jaxmerge's fast TIES (every magnitude tied at the threshold kept)
+    cfg["jaxmerge"] = {"tie_rule": "keep_all"}
+  if with_base:
     cfg["base_model"] = str(root / "base")
-  if method == "task_arithmetic":
-    cfg["parameters"] = {"lambda": 0.5}
+  if glob:
+    cfg["parameters"] = dict(glob)
   return cfg
 
 
-def run_case(mode: str, cfg_path: pathlib.Path, out: pathlib.Path) -> dict:
+def run_case(mode: str, cfg_path: pathlib.Path, out: pathlib.Path, baseline: str | None = None) -> dict:
+  """Runs one case in a fresh process; modes ending in ``@base`` import jaxmerge from ``baseline``."""
   shutil.rmtree(out, ignore_errors=True)
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAXMERGE_NO_XLA_CACHE": "1",
+  tree = baseline if mode.endswith("@base") else str(ROOT)
+  env = {**os.environ, "PYTHONPATH": tree, "JAX_PLATFORMS": "cpu", "JAXMERGE_NO_XLA_CACHE": "1",
          "XLA_FLAGS": ""}
-  proc = subprocess.run([sys.executable, "-c", _CHILD, mode, str(cfg_path), str(out)], env=env, capture_output=True,
-                        text=True)
+  # cwd: ``python -c`` puts the working directory first on sys.path, ahead of PYTHONPATH
+  proc = subprocess.run([sys.executable, "-c", _CHILD, mode.split("@")[0], str(cfg_path), str(out)], env=env,
+                        capture_output=True, text=True, cwd=tree)
   if proc.returncode != 0:
     return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:300], "rc": proc.returncode}
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -215,7 +280,14 @@ def main() -> None:
   ap.add_argument("--layers", type=int, default=16)
   ap.add_argument("--vocab", type=int, default=32000)
   ap.add_argument("--models", type=int, default=3, help="fine-tuned models")
-  ap.add_argument("--methods", default="task_arithmetic,ties")
+  ap.add_argument("--methods", default="task_arithmetic,ties",
+                  help=f"comma-separated, or 'all': {','.join((*METHODS, *SLICES))}")
+  ap.add_argument("--compute", default="float32",
+                  help="comma-separated: float32 (dtype: float32, out_dtype: bfloat16 in the YAML), native "
+                       "(no dtype: mergekit computes in bf16), keep_all (ties only: float32 plus jaxmerge's "
+                       "tie_rule: keep_all, which mergekit's run does not see)")
+  ap.add_argument("--baseline", default=None,
+                  help="another jaxmerge tree (e.g. a checkout of main) also run on every case, interleaved")
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--shard-mb", type=int, default=200)
   ap.add_argument("--scaling-mparams", type=float, default=16.0, help="M params per model in the scaling part")
@@ -227,30 +299,32 @@ def main() -> None:
 
   scratch = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="jaxmerge-bench-stream-"))
   cfg = llama_config(args.hidden, args.layers, args.vocab)
-  modes = ["mergekit", "stream", "memory"]
+  modes = ["mergekit", "stream", "memory"] + (["stream@base", "memory@base"] if args.baseline else [])
+  methods = [*METHODS, *SLICES] if args.methods == "all" else args.methods.split(",")
+  cases = [(m, c) for c in args.compute.split(",") for m in methods if c != "keep_all" or m == "ties"]
   results = {}
   try:
     t0 = time.perf_counter()
     nparams = make_checkpoints(scratch, cfg, args.models, args.shard_mb)
     print(f"wrote {args.models + 1} x {nparams / 1e6:.0f} M params (bf16, {2 * nparams / 1e9:.2f} GB each) in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
-    for method in args.methods.split(","):
-      path = scratch / f"{method}.yaml"
-      path.write_text(json.dumps(mergekit_yaml(method, scratch, args.models)))
+    for method, compute in cases:
+      case = f"{method}/{compute}"
+      path = scratch / f"{method}_{compute}.yaml"
+      path.write_text(json.dumps(mergekit_yaml(method, scratch, args.models, compute, args.layers)))
       for r in range(args.rounds):
         order = modes[r % len(modes):] + modes[: r % len(modes)]
         for mode in order:
-          res = run_case(mode, path, scratch / f"out_{method}_{mode}")
+          res = run_case(mode, path, scratch / f"out_{mode}", args.baseline)
           res["load"] = os.getloadavg()[0]
-          print(method, mode, json.dumps(res), flush=True)
-          results.setdefault((method, mode), []).append(res)
-      diffs = {m: compare(scratch / f"out_{method}_{m}", scratch / f"out_{method}_mergekit")
-               for m in ("stream", "memory") if (scratch / f"out_{method}_{m}").exists()
-               and (scratch / f"out_{method}_mergekit").exists()}
-      results[(method, "diff")] = diffs
-      print(method, "diff", json.dumps(diffs), flush=True)
+          print(case, mode, json.dumps(res), flush=True)
+          results.setdefault((case, mode), []).append(res)
+      diffs = {m: compare(scratch / f"out_{m}", scratch / "out_mergekit")
+               for m in modes[1:] if (scratch / f"out_{m}").exists() and (scratch / "out_mergekit").exists()}
+      results[(case, "diff")] = diffs
+      print(case, "diff", json.dumps(diffs), flush=True)
       for mode in modes:
-        shutil.rmtree(scratch / f"out_{method}_{mode}", ignore_errors=True)
+        shutil.rmtree(scratch / f"out_{mode}", ignore_errors=True)
   finally:
     if not args.dir:
       shutil.rmtree(scratch, ignore_errors=True)
@@ -271,7 +345,8 @@ def main() -> None:
       "# Merging from disk: jaxmerge vs mergekit, and sharded scaling",
       "",
       f"`python benchmarks/bench_stream.py --hidden {args.hidden} --layers {args.layers} --vocab {args.vocab} "
-      f"--models {args.models} --methods {args.methods} --rounds {args.rounds}` on {platform.machine()}, "
+      f"--models {args.models} --methods {args.methods} --compute {args.compute} --rounds {args.rounds}"
+      f"{' --baseline ' + args.baseline if args.baseline else ''}` on {platform.machine()}, "
       f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. **The machine was shared "
       "with other jobs** (load average during the cases below), so absolute times are noisy; every case ran "
       f"{args.rounds} times in a rotating order and the table shows medians.",
@@ -279,21 +354,25 @@ def main() -> None:
       f"Model: random Llama-style causal LM, hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
       f"{cfg['num_hidden_layers']} layers, vocabulary {cfg['vocab_size']}, untied: **{nparams / 1e6:.0f} M "
       f"parameters**, bf16 ({2 * nparams / 1e9:.2f} GB per model), a pretrained model and {args.models} fine-tuned "
-      f"ones, sharded safetensors ({args.shard_mb} MiB shards). The same mergekit YAML (`dtype: float32`, "
-      "`out_dtype: bfloat16`) for both tools. Time: the merge call, including reading, writing and (jaxmerge) XLA "
-      "compilation without a persistent cache. Peak: increase of the process's peak RSS during the call.",
+      f"ones, sharded safetensors ({args.shard_mb} MiB shards). The same mergekit YAML for both tools: compute "
+      "`float32` sets `dtype: float32, out_dtype: bfloat16` (both compute in float32), `native` sets no dtype "
+      "(mergekit computes in bf16, and so does jaxmerge by default). Time: the merge call, including reading, "
+      "writing and (jaxmerge) XLA compilation without a persistent cache. Peak: increase of the process's peak RSS "
+      "during the call." + (f" `@base` rows: the same commands with jaxmerge imported from `{args.baseline}`."
+                            if args.baseline else ""),
       "",
-      "| method | tool | time (s) | peak RSS (GB) | speed vs mergekit | memory vs mergekit | load avg | output vs mergekit |",
+      "| method / compute | tool | time (s) | peak RSS (GB) | speed vs mergekit | memory vs mergekit | load avg | output vs mergekit |",
       "|---|---|---|---|---|---|---|---|",
   ]
-  for method in args.methods.split(","):
+  for method in [f"{m}/{c}" for m, c in cases]:
     ref = results.get((method, "mergekit"), [])
     ok_ref = [x for x in ref if "error" not in x]
     for mode in modes:
       xs = results.get((method, mode), [])
       ok = [x for x in xs if "error" not in x]
       name = {"mergekit": "mergekit 0.1.5 `run_merge`", "stream": "`jaxmerge merge --stream`",
-              "memory": "`jaxmerge merge --no-stream`"}[mode]
+              "memory": "`jaxmerge merge --no-stream`", "stream@base": "`jaxmerge merge --stream` @base",
+              "memory@base": "`jaxmerge merge --no-stream` @base"}[mode]
       if not ok:
         lines.append(f"| {method} | {name} | failed: {xs[0].get('error') if xs else 'not run'} | | | | | |")
         continue

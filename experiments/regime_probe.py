@@ -74,13 +74,10 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cache", default=None, help="expert cache (default: $JAXMERGE_CACHE/probes)")
   args = p.parse_args(argv)
-  fields = {f.name for f in dataclasses.fields(S.OfflineConfig)}
-  overrides = {}
-  for item in args.set:
-    k, _, v = item.partition("=")
-    if k not in fields:
-      raise SystemExit(f"--set {k}: not an OfflineConfig field")
-    overrides[k] = tuple(json.loads(v)) if k in ("sizes", "tasks") else json.loads(v)
+  try:
+    overrides = S.config_overrides(args.set)
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   config = dataclasses.replace(S.OfflineConfig(seed=args.seed), **overrides)
   cache = Path(args.cache) if args.cache else Path(os.environ.get("JAXMERGE_CACHE") or default_cache_dir()) / "probes"
   suite = build(config, args.backbone, Path(args.backbone_dir), cache)

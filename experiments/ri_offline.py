@@ -1,10 +1,10 @@
-"""Resolving Interference (RI) on the offline suite, version 3: the RI.md experiments of issue 20 (acceptance 3).
+"""Resolving Interference (RI) on the offline suite (version 4): the RI.md experiments of issue 20 (acceptance 3).
 
 ::
 
-    python experiments/ri_offline.py run --cache /tmp/s11/cache1 --work /tmp/ri-work --study main
-    python experiments/ri_offline.py run --cache /tmp/s11/cache1 --work /tmp/ri-work --study sources
-    python experiments/ri_offline.py run --cache /tmp/s11/cache1 --work /tmp/ri-work --study sensitivity
+    python experiments/ri_offline.py run --cache ~/.cache/jaxmerge --work /tmp/ri-work --study main
+    python experiments/ri_offline.py run --cache ~/.cache/jaxmerge --work /tmp/ri-work --study sources
+    python experiments/ri_offline.py run --cache ~/.cache/jaxmerge --work /tmp/ri-work --study sensitivity
     python experiments/ri_offline.py report                                     # tables + PNG plots
 
 ``run`` loads the suite of each suite seed (``--seeds``, default 0 1 2: each seed its own data, heads and
@@ -35,8 +35,8 @@ so its curve scales the merged task vector, multiplier 1 = the WUDI merge); the 
 with the accuracy drop against the same experts and its Spearman correlation; RI's wall time and peak resident
 memory added, next to each merge's (baseline: first call, with compilation, and a second, steady-state call).
 
-Results go to ``experiments/results/ri_v3/runs/s<seed>-<run>.json``; ``report`` aggregates them (mean and
-sample standard deviation over the suite seeds, per-seed values) into ``experiments/results/ri_v3/tables.md``,
+Results go to ``experiments/results/ri_v4/runs/s<seed>-<run>.json``; ``report`` aggregates them (mean and
+sample standard deviation over the suite seeds, per-seed values) into ``experiments/results/ri_v4/tables.md``,
 ``summary.json``, ``gains.csv`` and PNG plots. Times are wall times on the machine that ran them.
 """
 
@@ -56,7 +56,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-OUT = ROOT / "experiments" / "results" / "ri_v3"
+OUT = ROOT / "experiments" / "results" / "ri_v4"
 METHODS = ("task_arithmetic", "ties", "tsv_m", "iso_cts", "wudi")
 NAMES = {"task_arithmetic": "task arithmetic", "ties": "TIES", "tsv_m": "TSV-M", "iso_cts": "Iso-CTS",
          "wudi": "WUDI"}
@@ -423,6 +423,8 @@ def report() -> None:
   from jaxmerge.data import synthetic
   from jaxmerge.interference import spearman
 
+  from jaxmerge.bench.suite import SUITE_VERSION
+
   runs = load_runs()
   base = runs["baseline"]
   seeds = sorted(base)
@@ -430,7 +432,7 @@ def report() -> None:
   summary: dict = {"seeds": seeds, "gain": {}, "shifted_gain": {}, "sources": {}, "curves": {}, "sensitivity": {},
                    "cost": {}, "cti": {}}
   csv = ["run,method,suite_seed,plain,with_ri,gain"]
-  L = [f"Suite seeds: {', '.join(map(str, seeds))} (suite version 3; each seed its own data, heads and experts). "
+  L = [f"Suite seeds: {', '.join(map(str, seeds))} (suite version {SUITE_VERSION}; each seed its own data, heads and experts). "
        "Values: mean ± sample std over the suite seeds, per-seed values in parentheses. Accuracy in %.", ""]
   pre = [_mean_pct(base[s]["pretrained"]) for s in seeds]
   exp = [_mean_pct(base[s]["experts"]) for s in seeds]

@@ -12,32 +12,31 @@ jaxmerge's schema names a registry method and its hyperparameters::
     vocab_policy: error          # error | truncate | pad_base (jaxmerge.io.llm)
 
 mergekit's schema (``merge_method``, ``base_model``, ``models: [{model, parameters}]``, ``parameters``,
-``dtype``/``out_dtype``) is recognized by its ``merge_method`` key and reproduces mergekit's semantics, which
-differ from the papers' and FusionBench's (METHODS.md section 7 item 11):
+``dtype``/``out_dtype``) is recognized by its ``merge_method`` key and resolves to a :class:`jaxmerge.mk.engine.Plan`
+that reproduces mergekit 0.1.5 tensor by tensor (:mod:`jaxmerge.mk`): every method of mergekit's registry
+(``MERGEKIT_METHODS``: task_arithmetic, linear, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
+della, della_linear, slerp, nuslerp, multislerp, karcher, sce, ram, ramplus_tl, nearswap, arcee_fusion,
+passthrough, model_stock), per-model values that differ, filtered values (``[{filter: self_attn, value: ...}]``)
+and layer gradients (lists interpolated over the layers), resolved per tensor by :mod:`jaxmerge.mk.params`.
 
-=================  ==========================================================================================
-mergekit           jaxmerge
-=================  ==========================================================================================
-task_arithmetic    ``base + lambda * sum_t w_t tau_t`` (divided by ``sum_t w_t`` with ``normalize``)
-linear             ``sum_i w_i theta_i / sum_i w_i`` over the listed models (the base counts only if listed)
-ties               per tensor: keep exactly ``max(1, int(density n))`` magnitudes, weight, elect the sign of the
-                   weighted sum (a zero sum elects ``+``), disjoint sum, or weighted disjoint mean with
-                   ``normalize`` (default), times ``lambda``; ``ties(scope="leaf", count="exact",
-                   zero_sign="positive")``
-dare_ties          per-tensor random keep with probability ``density``, L1 rescale per tensor (``rescale``,
-                   default), then ties' election without a magnitude trim, disjoint sum (``normalize``: mean)
-dare_linear        random keep, L1 rescale, weighted sum (``normalize``: divided by the sum of the weights)
-breadcrumbs(_ties) per tensor: drop the top ``gamma``, keep the next ``density`` (``density >= 1``: no mask)
-della(_linear)     MAGPRUNE with ``epsilon`` as the half-width; mergekit's default L1 rescale needs
-                   ``della(rescale="l1")``, which jaxmerge lacks (``rescale: false`` works)
-slerp              per tensor, the base is ``t = 0``; ``t`` must be one number (no layer gradients)
-model_stock        mean pairwise cosine per tensor (``filter_wise: false``)
-=================  ==========================================================================================
+Numerics: like mergekit, each tensor is loaded in the config's ``dtype`` (else the checkpoints' common dtype) and
+merged in it, each 16-bit operation rounded as PyTorch rounds it; ``linear`` and ``slerp`` compute in float32 as
+mergekit does. TIES and breadcrumbs keep exactly ``max(1, int(density n))`` (TIES) or ``int(density n)``
+(breadcrumbs) magnitudes per tensor; magnitudes tied at the threshold are taken in index order (mergekit's
+unstable sort takes an arbitrary subset of them, so such entries may differ). DARE and DELLA draw their masks
+from NumPy's generator seeded by ``seed`` and the tensor name (mergekit: PyTorch's global generator), so they
+agree in distribution (keep rate, L1 rescale) only. ``arcee_fusion`` uses exact quantiles (mergekit samples
+1,000,000 entries of larger tensors). The output dtype is ``out_dtype``, else the kernel's result dtype, as in
+mergekit (the compute dtype; float32 for ``ramplus_tl`` and ``arcee_fusion``). ``jaxmerge: {compute_dtype: float32}``
+in the YAML, or ``jaxmerge merge --compute-dtype float32``, computes in float32 instead; ``jaxmerge: {tie_rule:
+keep_all}`` runs ``ties`` on jaxmerge's fast engine (float32, every magnitude tied at the threshold kept).
 
-mergekit computes in the config's ``dtype``; jaxmerge computes in float32 and writes ``out_dtype`` (else
-``dtype``, else the base's dtype). Per-model ``weight`` defaults to 1 (mergekit requires it). Settings jaxmerge
-cannot reproduce exactly (layer gradients, per-model densities that differ, weighted ``normalize`` for TIES,
-LoRA references, ``modules``) raise ``ValueError`` naming the setting.
+Parameters that do not apply to the method (``weight`` on slerp, ``density`` on linear, ``lambda`` set on one
+model) are ignored with a warning naming them, as mergekit ignores them. A model without ``weight`` is an error
+naming it for the methods that need one (as in mergekit). ``task_arithmetic`` with plain-number settings also
+carries jaxmerge's float32 transform (``tx``), which ``jaxmerge merge`` runs on its fast engine when the merge
+computes in float32 (same result to float32 rounding). ``modules`` and LoRA references raise ``ValueError``
+naming the setting.
 
 mergekit's I/O settings are resolved at the end of this module: ``slices`` (layer stacking, each slice merged
 with the method above; :mod:`jaxmerge.io.layers`), ``tokenizer_source`` / ``tokenizer`` and ``chat_template``
@@ -52,7 +51,6 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxmerge import registry as _registry
 
 __all__ = ["MergeSpec", "SliceSpec", "TokenSpec", "TokenizerSpec", "from_dict", "is_mergekit", "load_yaml",
            "locate_models", "resolve", "DTYPES", "canonical_dtype"]
@@ -65,7 +63,8 @@ JAXMERGE_KEYS = ("method", "base", "models", "hparams", "dtype", "seed", "layout
 MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
                  "chat_template", "tokenizer", "slices", "modules", "seed", "vocab_policy", "layout")
 MERGEKIT_METHODS = ("task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                    "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock")
+                    "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher", "sce",
+                    "ram", "ramplus_tl", "nearswap", "arcee_fusion", "passthrough", "model_stock")
 VOCAB_POLICIES = ("error", "truncate", "pad_base")
 
 
@@ -75,7 +74,9 @@ class MergeSpec:
 
   Attributes:
     method: what is run, for messages and ``merge_info.json`` (a registry name, or ``mergekit:<name>``).
-    tx: the :class:`~jaxmerge.base.MergeTransform`.
+    tx: the :class:`~jaxmerge.base.MergeTransform`. For mergekit's schema, ``None``, or the float32 equivalent of
+      ``plan`` that ``jaxmerge merge`` runs on its fast engine when the merge computes in float32
+      (``task_arithmetic`` with plain-number settings).
     base: the pretrained checkpoint's path.
     models: the fine-tuned checkpoints' paths (the task order).
     names: model names for error messages.
@@ -88,7 +89,9 @@ class MergeSpec:
     registry_method: the registry name and hyperparameters when ``tx`` came from the registry (lets the
       streaming merge find an exact two-pass plan for a non-leafwise method), else ``None``.
     source: ``"jaxmerge"`` or ``"mergekit"``.
-    notes: semantic notes worth printing (approximations, defaults filled in).
+    notes: semantic notes worth printing (approximations, defaults filled in, ignored parameters).
+    plan: for mergekit's schema, the :class:`jaxmerge.mk.engine.Plan` that merges tensor by tensor with
+      mergekit's arithmetic; ``None`` for jaxmerge's schema.
     slices: mergekit's ``slices`` (layer stacking): one :class:`SliceSpec` per output slice, in order; empty
       when whole models are merged.
     tokenizer: the output tokenizer to build (mergekit's ``tokenizer_source`` or ``tokenizer:`` block), or
@@ -112,6 +115,7 @@ class MergeSpec:
   registry_method: tuple[str, dict] | None = None
   source: str = "jaxmerge"
   notes: tuple[str, ...] = ()
+  plan: Any = None
   slices: tuple[SliceSpec, ...] = ()
   tokenizer: TokenizerSpec | None = None
   chat_template: str | None = None
@@ -316,44 +320,10 @@ def _from_jaxmerge(cfg: Mapping[str, Any], where: str) -> MergeSpec:
 # ----------------------------------------------------------------------------------------------------------
 # mergekit schema.
 
-_SHARED = {"normalize", "lambda", "rescale", "int8_mask", "t", "filter_wise"}
-_PER_MODEL = {"weight", "density", "gamma", "epsilon"}
-_ALLOWED_PARAMS = {
-    "task_arithmetic": {"weight", "normalize", "lambda", "int8_mask"},
-    "linear": {"weight", "normalize"},
-    "ties": {"weight", "density", "normalize", "lambda", "rescale", "int8_mask"},
-    "dare_ties": {"weight", "density", "normalize", "lambda", "rescale", "int8_mask"},
-    "dare_linear": {"weight", "density", "normalize", "lambda", "rescale", "int8_mask"},
-    "breadcrumbs": {"weight", "density", "gamma", "normalize", "lambda", "rescale", "int8_mask"},
-    "breadcrumbs_ties": {"weight", "density", "gamma", "normalize", "lambda", "rescale", "int8_mask"},
-    "della": {"weight", "density", "epsilon", "normalize", "lambda", "rescale", "int8_mask"},
-    "della_linear": {"weight", "density", "epsilon", "normalize", "lambda", "rescale", "int8_mask"},
-    "slerp": {"t"},
-    "model_stock": {"filter_wise"},
-}
-# The declared type and range of each mergekit parameter (jaxmerge.registry's descriptions): a NaN weight or a
-# density of 1.5 is an error naming the parameter, not a NaN model.
-MERGEKIT_PARAMS = {
-    "weight": _registry.real(), "density": _registry.real(0, 1), "gamma": _registry.real(0, 1),
-    "epsilon": _registry.real(0, 1), "lambda": _registry.real(), "t": _registry.real(0, 1),
-    "normalize": _registry.flag(), "rescale": _registry.flag(), "int8_mask": _registry.flag(),
-    "filter_wise": _registry.flag(),
-}
-_DEFAULTS = {  # (normalize, rescale) defaults of mergekit 0.1.5's generalized task arithmetic methods
-    "task_arithmetic": (False, False), "ties": (True, False), "dare_ties": (False, True),
-    "dare_linear": (False, True), "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False),
-    "della": (True, True), "della_linear": (False, True), "linear": (True, False),
-}
-
-
-def _scalar(value: Any, name: str, owner: str, where: str) -> Any:
-  if isinstance(value, (bool, int, float)):
-    decl = MERGEKIT_PARAMS.get(name)
-    if decl is not None and not decl._ok(value):
-      raise ValueError(f"{where}: parameter {name!r} of {owner} must be {decl.describe()}, got {value!r}")
-    return value
-  raise ValueError(f"{where}: parameter {name!r} of {owner} is {value!r}; jaxmerge supports one number per "
-                   "parameter (mergekit's layer gradients and tensor filters are not supported)")
+# jaxmerge's own key in a mergekit-schema YAML: {compute_dtype: float32} computes in float32 instead of the
+# config's dtype (the same as `jaxmerge merge --compute-dtype float32`).
+JAXMERGE_OPTIONS = ("compute_dtype", "tie_rule")
+TIE_RULES = ("exact", "keep_all")
 
 
 def _model_ref(value: Any, where: str) -> str:
@@ -370,16 +340,41 @@ def _model_ref(value: Any, where: str) -> str:
   return ref
 
 
-def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
-  from jaxmerge import reductions as R  # noqa: PLC0415
-  from jaxmerge import transforms as T  # noqa: PLC0415
-  from jaxmerge.combine import chain  # noqa: PLC0415
-  from jaxmerge.registry import get_method  # noqa: PLC0415
+def _check_params(method: str, scope: Mapping[str, Any], owner: str, per_input: bool, where: str,
+                  notes: list[str]) -> dict:
+  """Validates the settings of one scope (each value's structure, type and range) and drops, with a warning
+  naming them, the ones mergekit ignores for ``method``."""
+  import warnings  # noqa: PLC0415
 
-  unknown = sorted(set(cfg) - set(MERGEKIT_KEYS))
+  from jaxmerge.mk import params as P  # noqa: PLC0415
+
+  spec = P.METHODS[method]
+  ignored = P.unused_names(method, scope, per_input)
+  if ignored:
+    why = ("shared parameters, read from the global 'parameters' only" if per_input and
+           all(spec.param(k) is not None for k in ignored) else f"not parameters of {method}")
+    msg = (f"{where}: ignoring {', '.join(repr(k) for k in ignored)} of {owner} ({why}; mergekit ignores them "
+           "too)")
+    warnings.warn(msg, stacklevel=3)
+    notes.append(msg)
+  out = {}
+  for k, v in scope.items():
+    if k in ignored:
+      continue
+    P.check_setting(spec.param(k), v, f"{where}: parameter {k!r} of {owner}")
+    out[k] = v
+  return out
+
+
+def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
+  from jaxmerge.mk import engine as E  # noqa: PLC0415
+  from jaxmerge.mk import params as P  # noqa: PLC0415
+
+  unknown = sorted(set(cfg) - set(MERGEKIT_KEYS) - {"jaxmerge"})
   if unknown:
     raise ValueError(f"{where} (mergekit schema) has unknown keys {unknown}; supported: "
-                     f"{', '.join(k for k in MERGEKIT_KEYS if k not in ('slices', 'modules', 'tokenizer'))}")
+                     f"{', '.join(k for k in MERGEKIT_KEYS if k not in ('slices', 'modules', 'tokenizer'))}, "
+                     "jaxmerge")
   for k in ("slices", "modules", "tokenizer"):
     if cfg.get(k):
       raise ValueError(f"{where}: mergekit's {k!r} is not supported (jaxmerge merges whole models listed under "
@@ -390,9 +385,10 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
   if not isinstance(cfg["merge_method"], str):
     raise ValueError(f"{where}: merge_method must be a name, got {cfg['merge_method']!r}")
   method = cfg["merge_method"]
-  if method not in MERGEKIT_METHODS:
+  if method not in P.METHODS:
     raise ValueError(f"{where}: merge_method {method!r} is not supported; supported mergekit methods: "
                      f"{', '.join(MERGEKIT_METHODS)}")
+  spec_m = P.METHODS[method]
   notes: list[str] = []
   tok = cfg.get("tokenizer_source")
   seed, layout, policy = _check_common(cfg, where)
@@ -402,166 +398,156 @@ def _from_mergekit(cfg: Mapping[str, Any], where: str) -> MergeSpec:
   if tok == "base" and "vocab_policy" not in cfg:
     policy = "pad_base"
     notes.append("tokenizer_source: base -> vocab_policy pad_base (embedding rows aligned by token id)")
+  opts = _mapping(cfg.get("jaxmerge"), "jaxmerge", where)
+  bad = sorted(set(opts) - set(JAXMERGE_OPTIONS))
+  if bad:
+    raise ValueError(f"{where}: unknown 'jaxmerge' options {bad}; valid: {', '.join(JAXMERGE_OPTIONS)}")
+  compute = canonical_dtype(opts.get("compute_dtype"), f"{where}: jaxmerge.compute_dtype")
+  tie_rule = opts.get("tie_rule", "exact")
+  if tie_rule not in TIE_RULES:
+    raise ValueError(f"{where}: jaxmerge.tie_rule must be one of {', '.join(TIE_RULES)}, got {tie_rule!r}")
+  if tie_rule == "keep_all" and method != "ties":
+    raise ValueError(f"{where}: jaxmerge.tie_rule applies to merge_method ties, not {method!r}")
   base = _model_ref(cfg["base_model"], where) if cfg.get("base_model") else None
   entries = cfg.get("models") or []
-  if not isinstance(entries, Sequence) or isinstance(entries, (str, bytes)):
-    raise ValueError(f"{where}: models must be a list of {{model: PATH, parameters: {{...}}}}")
-  allowed = _ALLOWED_PARAMS[method]
-  glob = _mapping(cfg.get("parameters"), "parameters", where)
-  for k, v in glob.items():
-    if k not in allowed:
-      raise ValueError(f"{where}: parameter {k!r} does not apply to merge_method {method!r}; valid: {sorted(allowed)}")
-    _scalar(v, k, "parameters", where)
-  models, params = [], []
+  if not isinstance(entries, Sequence) or isinstance(entries, (str, bytes)) or not entries:
+    raise ValueError(f"{where}: models must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+  glob = _check_params(method, _mapping(cfg.get("parameters"), "parameters", where), "the global parameters",
+                       False, where, notes)
+  inputs, scopes = [], []
   for e in entries:
     ref = _model_ref(e, where)
     own = _mapping(e.get("parameters"), f"the parameters of model {ref}", where) if isinstance(e, Mapping) else {}
-    for k, v in own.items():
-      if k not in allowed:
-        raise ValueError(f"{where}: parameter {k!r} of model {ref} does not apply to merge_method {method!r}; "
-                         f"valid: {sorted(allowed)}")
-      if k in _SHARED:
-        raise ValueError(f"{where}: {k!r} is a global parameter in mergekit; set it under 'parameters', not on "
-                         f"model {ref}")
-      _scalar(v, k, f"model {ref}", where)
-    models.append(ref)
-    params.append({**{k: v for k, v in glob.items() if k in _PER_MODEL}, **own})
-  shared = {k: v for k, v in glob.items() if k in _SHARED}
-  dtype = canonical_dtype(cfg.get("out_dtype") or cfg.get("dtype"), f"{where}: dtype")
-  if cfg.get("dtype") and canonical_dtype(cfg["dtype"]) != "float32":
-    notes.append(f"mergekit computes in {cfg['dtype']}; jaxmerge computes in float32 and writes {dtype}")
-
-  if method == "linear":
-    if not models:
-      raise ValueError(f"{where}: linear needs at least one model")
-    pre = base or models[0]
-    weights = [float(p.get("weight", 1.0)) for p in params]
-    normalize = bool(shared.get("normalize", True))
-    total = sum(weights)
-    if normalize:
-      if abs(total) < 1e-12:
-        raise ValueError(f"{where}: linear with normalize needs weights with a nonzero sum, got {weights}")
-      coeffs = [w / total for w in weights]
-    else:
-      if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"{where}: linear with normalize: false and weights summing to {total} scales the model "
-                         "itself, which jaxmerge's task-vector form does not express; use weights summing to 1")
-      coeffs = weights
-    tx = R.weighted_sum(coeffs)
-    hp = {"weights": coeffs}
-    return _mk_spec(method, tx, pre, models, hp, dtype, seed, layout, policy, notes, None)
-
-  if base is None:
+    inputs.append(ref)
+    scopes.append(_check_params(method, own, f"model {ref}", True, where, notes))
+  if base is not None and base not in inputs:  # mergekit adds the base as the last input, without parameters
+    inputs.append(base)
+    scopes.append({})
+  if spec_m.base == "required" and base is None:
     raise ValueError(f"{where}: merge_method {method!r} needs base_model")
-  tasks = [(m, p) for m, p in zip(models, params) if m != base]
-  if not tasks:
-    raise ValueError(f"{where}: no models to merge besides the base model {base}")
-  models = [m for m, _ in tasks]
-  params = [p for _, p in tasks]
+  base_index = inputs.index(base) if base is not None and spec_m.base != "ignored" else None
+  n_in, n_other = len(inputs), len(inputs) - (base_index is not None)
+  if n_in < spec_m.min_inputs or (spec_m.max_inputs is not None and n_in > spec_m.max_inputs):
+    want = (f"exactly {spec_m.min_inputs}" if spec_m.min_inputs == spec_m.max_inputs else
+            f"at most {spec_m.max_inputs}" if spec_m.max_inputs is not None else f"at least {spec_m.min_inputs}")
+    raise ValueError(f"{where}: {method} merges {want} models (the base included), got {n_in}: {inputs}")
+  if spec_m.non_base is not None:
+    lo, hi = spec_m.non_base
+    if n_other < lo or (hi is not None and n_other > hi):
+      want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+      raise ValueError(f"{where}: {method} merges {want} models besides the base, got {n_other}")
+  if spec_m.param("weight") is not None and "weight" not in glob:
+    idx = [i for i in range(n_in) if i != base_index or spec_m.param("weight").scope == "input"]
+    missing = [inputs[i] for i in idx if "weight" not in scopes[i]]
+    if missing:  # mergekit: "Missing weight for input(s)"
+      raise ValueError(f"{where}: {method} needs a 'weight' for every model; missing for {missing} (set it under "
+                       "the model's 'parameters', or one for all under the global 'parameters')")
+  for name in [p.name for p in spec_m.params if p.default is P.REQUIRED and p.name != "weight"]:
+    if name not in glob:
+      raise ValueError(f"{where}: {method} needs the parameter {name!r} (under 'parameters')")
+  resolver = P.Resolver(method, [glob], scopes, base_index, default_weight=None)
+  cdtype = canonical_dtype(cfg.get("dtype"), f"{where}: dtype")
+  out = canonical_dtype(cfg.get("out_dtype"), f"{where}: out_dtype")
+  plan = E.Plan(method=method, inputs=tuple(inputs), base_index=base_index, resolver=resolver, dtype=cdtype,
+                compute_dtype=compute, out_dtype=out, seed=seed, tie_rule=tie_rule)
+  if compute:
+    notes.append(f"jaxmerge.compute_dtype: computing in {compute} (mergekit computes in "
+                 f"{cdtype or 'the checkpoints dtype'})")
+  # The readers: the base (or the first input) and every other input, in the plan's order.
+  first = base_index if base_index is not None else 0
+  models = tuple(m for i, m in enumerate(inputs) if i != first)
+  if not models:  # one input (passthrough): the readers need a model besides the base; the engine reads only one
+    models = (inputs[first],)
+  hp = {"parameters": glob, "models": {m: s for m, s in zip(inputs, scopes) if s}}
+  fast = _float32_transform(method, first, glob, scopes)
+  if tie_rule == "keep_all":
+    fast, why = _keep_ties_transform(glob, [sc for i, sc in enumerate(scopes) if i != first])
+    if fast is None:
+      raise ValueError(f"{where}: jaxmerge.tie_rule keep_all (jaxmerge's fast TIES) needs {why}")
+    notes.append("jaxmerge.tie_rule keep_all: jaxmerge's fast TIES in float32; magnitudes tied at the trim threshold "
+                 "are all kept (mergekit keeps exactly k of them)")
+  return MergeSpec(method=f"mergekit:{method}", tx=fast, base=inputs[first], models=models, names=models,
+                   hparams=hp, dtype=out or cdtype, seed=seed, per_task=False, layout=layout, vocab_policy=policy,
+                   registry_method=None, source="mergekit", notes=tuple(notes), plan=plan)
 
-  if method == "slerp":
-    if len(models) != 1:
-      raise ValueError(f"{where}: slerp merges the base model with exactly one other model, got {models}")
-    if "t" not in shared:
-      raise ValueError(f"{where}: slerp needs the parameter 't'")
-    t = float(shared["t"])
-    tx = get_method("slerp")(t=t)
-    return _mk_spec(method, tx, base, [base, models[0]], {"t": t}, dtype, seed, layout, policy, notes,
-                    ("slerp", {"t": t}))
 
-  if method == "model_stock":
-    if shared.get("filter_wise"):
-      raise ValueError(f"{where}: model_stock with filter_wise: true is not supported (needs a per-row option)")
-    if len(models) < 2:
-      raise ValueError(f"{where}: model_stock needs at least two models besides the base")
-    hp = {"average": "cosine"}
-    return _mk_spec(method, get_method("model_stock")(**hp), base, models, hp, dtype, seed, layout, policy, notes,
-                    ("model_stock", hp))
+def _float32_transform(method: str, first: int, glob: Mapping[str, Any], scopes: Sequence[Mapping[str, Any]]):
+  """jaxmerge's own transform for a mergekit config that it computes as mergekit does when mergekit computes in
+  float32: ``task_arithmetic`` with plain numbers as settings, ``base + sum_i c_i (m_i - base)`` with mergekit's
+  coefficients (the same operations; float32 rounding aside). ``None`` for anything else (``linear`` too:
+  mergekit sums ``w_i m_i`` with fused multiply-adds, whose residues near 0 the task-vector form does not have).
+  ``jaxmerge merge`` runs it on its fast (XLA) engine when every tensor's compute dtype is float32
+  (:func:`jaxmerge.commands.merge.run`).
+  """
+  from jaxmerge import reductions as R  # noqa: PLC0415
 
-  normalize_default, rescale_default = _DEFAULTS[method]
-  normalize = bool(shared.get("normalize", normalize_default))
-  rescale = bool(shared.get("rescale", rescale_default))
-  lam = float(shared.get("lambda", 1.0))
-  weights = [float(p.get("weight", 1.0)) for p in params]
-  if any("weight" not in p for p in params):
-    notes.append("models without a 'weight' get weight 1 (mergekit requires it)")
+  def plain(scope):
+    return all(isinstance(v, (bool, int, float)) for v in scope.values())
 
-  def same(name: str, default: float) -> float:
-    values = {float(p.get(name, default)) for p in params}
-    if len(values) > 1:
-      raise ValueError(f"{where}: per-model {name!r} values differ ({sorted(values)}); jaxmerge applies one {name} "
-                       "to every model")
-    return values.pop()
+  if method != "task_arithmetic" or not plain(glob) or not all(plain(s) for s in scopes):
+    return None
+  others = [float(s.get("weight", glob.get("weight", 1.0))) for i, s in enumerate(scopes) if i != first]
+  if not others:
+    return None
+  lam = float(glob.get("lambda", 1.0))
+  total = sum(others)
+  div = (total if abs(total) >= 1e-8 else 1.0) if glob.get("normalize", False) else 1.0
+  return R.weighted_sum([w * lam / div for w in others])
 
+
+def _keep_ties_transform(glob: Mapping[str, Any], models: Sequence[Mapping[str, Any]]):
+  """jaxmerge's own TIES for a mergekit ``ties`` config (``jaxmerge: {tie_rule: keep_all}``): mergekit's
+  per-tensor trim of ``max(1, int(density n))`` magnitudes, except that every magnitude tied at the threshold is
+  kept, the sign election and the (weighted) disjoint sum or mean, times ``lambda``. Returns ``(transform,
+  None)``, or ``(None, why)`` for settings it does not express."""
+  from jaxmerge import reductions as R  # noqa: PLC0415
+  from jaxmerge import transforms as T  # noqa: PLC0415
+  from jaxmerge.combine import chain  # noqa: PLC0415
+
+  scopes = [glob, *models]
+  if not all(isinstance(v, (bool, int, float)) for sc in scopes for v in sc.values()):
+    return None, "plain numbers as settings (no gradients or filters)"
+  if glob.get("rescale", False):
+    return None, "rescale: false"
+  weights = [float(m.get("weight", glob.get("weight", 1.0))) for m in models]
+  densities = {float(m.get("density", glob.get("density", 1.0))) for m in models}
+  if len(densities) != 1:
+    return None, "one density for every model"
+  density = densities.pop()
+  lam = float(glob.get("lambda", 1.0))
+  normalize = bool(glob.get("normalize", True))
   uniform = len(set(weights)) == 1
-  w0 = weights[0]
-  consensus = method in ("ties", "dare_ties", "breadcrumbs_ties", "della")
-
-  def tail() -> list:
-    """Weighting, consensus and reduction steps, mergekit's order: deltas *= w, elect, mix, normalize, lambda."""
-    if consensus:
-      if not uniform and normalize:
-        raise ValueError(f"{where}: {method} with normalize and unequal weights {weights} divides by the sum of "
-                         "the weights that survive the sign mask; jaxmerge's disjoint mean counts entries instead "
-                         "(needs a weighted disjoint mean); use equal weights or normalize: false")
-      if not uniform:
-        return [T.scale_tasks(weights), R.disjoint_merge("sum", "leaf", "positive"), T.scale(lam)]
-      if w0 <= 0:
-        raise ValueError(f"{where}: {method} needs positive weights, got {weights}")
-      if normalize:
-        return [R.disjoint_merge("mean", "leaf", "positive"), T.scale(lam)]
-      return [R.disjoint_merge("sum", "leaf", "positive"), T.scale(lam * w0)]
-    total = sum(weights)
-    div = (total if abs(total) >= 1e-8 else 1.0) if normalize else 1.0
-    coeffs = [w * lam / div for w in weights]
-    return [R.weighted_sum(coeffs)]
-
-  if method == "task_arithmetic":
-    steps = tail()
-    hp = {"weights": weights, "normalize": normalize, "lambda": lam}
-    return _mk_spec(method, chain(*steps), base, models, hp, dtype, seed, layout, policy, notes, None)
-
-  density = same("density", 1.0)
-  hp = {"weights": weights, "density": density, "normalize": normalize, "rescale": rescale, "lambda": lam}
-  if not 0 <= density <= 1:
-    raise ValueError(f"{where}: density must be in [0, 1], got {density}")
-
-  if method == "ties":
-    if rescale and density < 1:
-      raise ValueError(f"{where}: ties with rescale: true (L1 rescale after the magnitude trim) is not supported")
-    first = [T.trim(density, "leaf", "exact")] if density < 1 else []
-    return _mk_spec(method, chain(*first, *tail()), base, models, hp, dtype, seed, layout, policy, notes, None)
-
-  if method in ("dare_ties", "dare_linear"):
-    first = [T.drop(1.0 - density, "l1" if rescale else False)] if density < 1 else []
-    return _mk_spec(method, chain(*first, *tail()), base, models, hp, dtype, seed, layout, policy, notes, None)
-
-  if method in ("breadcrumbs", "breadcrumbs_ties"):
-    gamma = same("gamma", 0.01)
-    hp["gamma"] = gamma
-    if rescale and density < 1:
-      raise ValueError(f"{where}: {method} with rescale: true is not supported")
-    if density < 1 and density + gamma > 1:
-      raise ValueError(f"{where}: {method} with density + gamma > 1 keeps mergekit's 'smallest values' fallback, "
-                       "which jaxmerge's outlier mask does not reproduce; use density + gamma <= 1")
-    first = [T.outlier_mask(density, gamma, "tensor")] if density < 1 else []
-    return _mk_spec(method, chain(*first, *tail()), base, models, hp, dtype, seed, layout, policy, notes, None)
-
-  # della, della_linear
-  eps = same("epsilon", 0.15)
-  hp["epsilon"] = eps
-  if density < 1 and rescale:
-    raise ValueError(f"{where}: {method} rescales each tensor's L1 norm after MAGPRUNE (rescale: true, mergekit's "
-                     "default); jaxmerge's MAGPRUNE rescales by 1/q per entry. Set rescale: false, or use "
-                     "jaxmerge's own della method")
-  first = [T.magprune(1.0 - density, eps, rescale=False)] if density < 1 else []
-  return _mk_spec(method, chain(*first, *tail()), base, models, hp, dtype, seed, layout, policy, notes, None)
+  if normalize and not uniform:
+    return None, "equal weights with normalize (the weighted disjoint mean is mergekit's engine only)"
+  if uniform and weights[0] <= 0:
+    return None, "positive weights"
+  first = [T.trim(density, "leaf", "exact")] if density < 1 else []
+  if not uniform:
+    tail = [T.scale_tasks(weights), R.disjoint_merge("sum", "leaf", "positive"), T.scale(lam)]
+  elif normalize:
+    tail = [R.disjoint_merge("mean", "leaf", "positive"), T.scale(lam)]
+  else:
+    tail = [R.disjoint_merge("sum", "leaf", "positive"), T.scale(lam * weights[0])]
+  return chain(*first, *tail), None
 
 
-def _mk_spec(method, tx, base, models, hp, dtype, seed, layout, policy, notes, registry) -> MergeSpec:
-  return MergeSpec(method=f"mergekit:{method}", tx=tx, base=base, models=tuple(models), names=tuple(models),
-                   hparams=hp, dtype=dtype, seed=seed, per_task=False, layout=layout, vocab_policy=policy,
-                   registry_method=registry, source="mergekit", notes=tuple(notes))
+def with_compute_dtype(spec: MergeSpec, compute: str | None) -> MergeSpec:
+  """``spec`` with a mergekit plan computing in ``compute`` (``--compute-dtype``); jaxmerge-schema specs
+  (always float32) and ``None`` return ``spec`` unchanged.
+
+  Args:
+    spec: a resolved spec.
+    compute: ``"float32"`` etc., or ``None``.
+
+  Returns:
+    The spec.
+  """
+  if compute is None or spec.plan is None:
+    return spec
+  c = canonical_dtype(compute, "--compute-dtype")
+  slices = tuple(dataclasses.replace(s, spec=with_compute_dtype(s.spec, c)) for s in spec.slices)
+  return dataclasses.replace(spec, plan=dataclasses.replace(spec.plan, compute_dtype=c), slices=slices,
+                             notes=(*spec.notes, f"--compute-dtype: computing in {c}"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -755,15 +741,6 @@ def _mk_order(models: Sequence[str], base: str | None) -> tuple[str, ...]:
   return tuple(order)
 
 
-def _copy_spec(path: str, dtype: str | None, seed: int, layout: str, notes: list) -> MergeSpec:
-  """A passthrough slice: its one source copied (the identity merge ``x + 1 * (x - x)`` is exact)."""
-  from jaxmerge import reductions as R  # noqa: PLC0415
-
-  return MergeSpec(method="mergekit:passthrough", tx=R.weighted_sum([1.0]), base=path, models=(path,),
-                   names=(path,), hparams={}, dtype=dtype, seed=seed, layout=layout, source="mergekit",
-                   notes=tuple(notes))
-
-
 def _slice_specs(cfg: Mapping[str, Any], where: str) -> tuple[SliceSpec, ...]:
   slices = cfg.get("slices")
   if not isinstance(slices, Sequence) or isinstance(slices, (str, bytes)) or not slices:
@@ -803,28 +780,19 @@ def _slice_specs(cfg: Mapping[str, Any], where: str) -> tuple[SliceSpec, ...]:
     base = s.get("base_model") or cfg.get("base_model")
     base = _model_ref(base, where) if base else None
     seed, layout, _ = _check_common(cfg, where)
-    dtype = canonical_dtype(cfg.get("out_dtype") or cfg.get("dtype"), f"{where}: dtype")
-    if method == "passthrough" and method not in MERGEKIT_METHODS:
-      if len(ranges) != 1:
-        raise ValueError(f"{sw}: passthrough copies one model per slice, got {len(ranges)} sources")
-      if params or entries[0]["parameters"]:
-        raise ValueError(f"{sw}: passthrough parameters ({sorted({**params, **(entries[0]['parameters'] or {})})}) "
-                         "are not supported in slices; passthrough copies the layers unchanged")
-      spec = _copy_spec(ranges[0][0], dtype, seed, layout, [])
-    else:
-      sub = {"merge_method": method, "models": entries, "parameters": params, "seed": seed, "layout": layout}
-      for k in ("dtype", "out_dtype", "vocab_policy"):
-        if cfg.get(k) is not None:
-          sub[k] = cfg[k]
-      if base is not None and base in [r[0] for r in ranges]:
-        sub["base_model"] = base
-      elif base is not None and method not in ("linear",):
-        raise ValueError(f"{sw}: the base model {base} is not one of the slice's sources "
-                         f"{[r[0] for r in ranges]}; mergekit needs it there to take its layers")
-      try:
-        spec = _from_mergekit(sub, where)
-      except ValueError as e:
-        raise ValueError(f"{sw}: {e}") from e
+    sub = {"merge_method": method, "models": entries, "parameters": params, "seed": seed, "layout": layout}
+    for k in ("dtype", "out_dtype", "vocab_policy", "jaxmerge"):
+      if cfg.get(k) is not None:
+        sub[k] = cfg[k]
+    if base is not None and base in [r[0] for r in ranges]:
+      sub["base_model"] = base
+    elif base is not None and method not in ("linear",):
+      raise ValueError(f"{sw}: the base model {base} is not one of the slice's sources "
+                       f"{[r[0] for r in ranges]}; mergekit needs it there to take its layers")
+    try:
+      spec = _from_mergekit(sub, where)
+    except ValueError as e:
+      raise ValueError(f"{sw}: {e}") from e
     out.append(SliceSpec(spec=dataclasses.replace(spec, order=tuple(r[0] for r in ranges)), ranges=tuple(ranges)))
   return tuple(out)
 
@@ -832,10 +800,10 @@ def _slice_specs(cfg: Mapping[str, Any], where: str) -> tuple[SliceSpec, ...]:
 def _from_mergekit_io(cfg: Mapping[str, Any], where: str) -> MergeSpec:
   """mergekit's schema with its I/O features: ``slices``, ``tokenizer_source``/``tokenizer``, ``chat_template``
   around the method semantics of :func:`_from_mergekit` (which resolves each slice, or the ``models`` list)."""
-  unknown = sorted(set(cfg) - set(MERGEKIT_KEYS))
+  unknown = sorted(set(cfg) - set(MERGEKIT_KEYS) - {"jaxmerge"})
   if unknown:
     raise ValueError(f"{where} (mergekit schema) has unknown keys {unknown}; supported: "
-                     f"{', '.join(k for k in MERGEKIT_KEYS if k != 'modules')}")
+                     f"{', '.join(k for k in MERGEKIT_KEYS if k != 'modules')}, jaxmerge")
   if cfg.get("modules"):
     raise ValueError(f"{where}: mergekit's 'modules' (per-module slices of multimodal models) is not supported; "
                      "use 'models' or 'slices'")

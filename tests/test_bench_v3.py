@@ -122,6 +122,29 @@ def test_conclusions_and_reference():
   assert ref["kendall_tau"] == pytest.approx(1.0) and len(ref["methods"]) == len(report.FUSIONBENCH_VIT_B32)
 
 
+def test_config_overrides_parse_json_values_and_reject_unknown_fields():
+  from jaxmerge.bench.suite import OfflineConfig, config_overrides
+
+  got = config_overrides(["finetune_lr=5e-5", "sizes=[768, 64, 200]", 'finetune_optimizer="sgd"'])
+  assert got == {"finetune_lr": 5e-5, "sizes": (768, 64, 200), "finetune_optimizer": "sgd"}
+  assert dataclasses.replace(OfflineConfig(), **got).sizes == (768, 64, 200)
+  with pytest.raises(ValueError, match="finetune_rate: not an OfflineConfig field"):
+    config_overrides(["finetune_rate=1e-4"])
+
+
+def test_stability_flags_a_data_free_row_over_two_points():
+  rows = [{"method": "wudi", "data": "none", "average_per_seed": [0.735, 0.714, 0.761]},
+          {"method": "tsv_m", "data": "none", "average_per_seed": [0.734, 0.725, 0.736]},
+          {"method": "adamerging", "data": "tta", "average_per_seed": [0.70, 0.67, 0.72]},
+          {"method": "one_seed", "data": "none", "average_per_seed": [0.5]}]
+  got = report.check_stability(rows)
+  assert [c["method"] for c in got] == ["adamerging", "wudi", "tsv_m"]  # largest range first; one seed left out
+  assert got[1]["range"] == pytest.approx(0.047) and got[1]["holds"] is False
+  assert got[2]["range"] == pytest.approx(0.011) and got[2]["holds"] is True
+  assert got[0]["holds"] is None  # needs data: not covered by the target
+  assert report.check_stability([{"method": "x", "data": "none", "average_per_seed": [0.5, 0.52]}])[0]["holds"]
+
+
 # ---- regime statistics ----------------------------------------------------------------------------------------
 
 

@@ -10,10 +10,12 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "jaxmerge"
 CORE_ALLOWED = {"jax", "jaxlib", "numpy", "jaxtyping", "jaxmerge", "__future__"}
 STDLIB = set(sys.stdlib_module_names)
+# Not core: the layers above the merge methods. `mk` is the mergekit-YAML engine (NumPy, mergekit's dtypes),
+# used only by config.py and commands/.
 NOT_CORE = ("models", "io", "eval", "data", "bench", "tta", "nn", "commands", "cli.py", "config.py", "stream",
-            "ri.py", "analysis.py", "moe", "interference.py")
+            "ri.py", "analysis.py", "moe", "interference.py", "mk")
 UPPER = ("io", "bench", "models", "eval", "data", "commands", "cli", "config", "stream", "tta", "moe", "ri",
-         "analysis", "interference")
+         "analysis", "interference", "mk")
 METHODS = ("typing.py", "tree.py", "filters.py", "linalg.py", "stats.py", "base.py", "combine.py", "transforms",
            "reductions", "alias.py", "alias_subspace.py", "registry.py")
 

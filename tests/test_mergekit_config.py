@@ -1,19 +1,19 @@
-"""mergekit-schema configs (jaxmerge.config): mapping to jaxmerge transforms with mergekit's semantics, parity with
-mergekit's kernels per tensor and with whole mergekit runs on tiny Llama checkpoints, and clear errors for the
-settings jaxmerge cannot reproduce."""
+"""mergekit-schema configs (jaxmerge.config): plans with mergekit's semantics (:mod:`jaxmerge.mk`), parity with
+mergekit's kernels per tensor and with whole mergekit runs on tiny Llama checkpoints, the float32 fast route, and
+clear errors for the settings mergekit refuses or jaxmerge does not support (see also
+tests/parity/test_mergekit_methods.py)."""
 
 import json
 import pathlib
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
-import jaxmerge as jm
 from jaxmerge import cli
 from jaxmerge import config as C
 from jaxmerge.io import safetensors_io as S
+from jaxmerge.mk import engine as E
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SHAPES = {"model.layers.0.mlp.up_proj.weight": (6, 5), "model.layers.0.input_layernorm.weight": (5,),
@@ -42,10 +42,10 @@ def _cfg(method, weights=(1.0, 1.0, 1.0), per_model=None, base=True, **params):
   return cfg
 
 
-def _ours(cfg, arrays, key=None):
+def _ours(cfg, arrays):
+  """jaxmerge's result: the config's plan (:mod:`jaxmerge.mk`) run on in-memory arrays keyed by model id."""
   spec = C.from_dict(cfg)
-  out = jm.merge(spec.tx, arrays[spec.base], [arrays[m] for m in spec.models], key=key)
-  return {k: np.asarray(v) for k, v in out.items()}, spec
+  return E.merge_arrays(spec.plan, {m: arrays[m] for m in spec.plan.inputs}), spec
 
 
 def _mk(cfg, arrays):
@@ -92,6 +92,12 @@ PARITY = [
     ("della", (1.0, 1.0, 1.0), {"density": 1.0, "epsilon": 0.1}),
     ("della_linear", (1.0, 2.0, 1.0), {"density": 1.0, "epsilon": 0.1}),
     ("model_stock", (None, None, None), {}),
+    # Settings main refused, now reproduced: TIES/DELLA normalize with unequal weights (mergekit's test_ties),
+    # TIES rescale, breadcrumbs' density + gamma > 1 fallback, model_stock filter_wise.
+    ("ties", (1.0, 0.5, 2.0), {"density": 0.5}),
+    ("ties", (1.0, 1.0, 1.0), {"density": 0.3, "rescale": True}),
+    ("breadcrumbs", (1.0, 1.0, 1.0), {"density": 0.9, "gamma": 0.2}),
+    ("model_stock", (None, None, None), {"filter_wise": True}),
 ]
 
 
@@ -109,7 +115,7 @@ def test_parity_with_mergekit_kernels(method, weights, params):
     cfg["models"].insert(0, {"model": "base", "parameters": {"weight": 0.5}})
   ours, spec = _ours(cfg, arrays)
   _close(ours, _mk(cfg, arrays))
-  assert spec.source == "mergekit" and spec.method == f"mergekit:{method}"
+  assert spec.source == "mergekit" and spec.method == f"mergekit:{method}" and spec.plan.method == method
 
 
 @pytest.mark.parity
@@ -119,23 +125,17 @@ def test_parity_slerp():
   cfg = {"merge_method": "slerp", "base_model": "base", "models": [{"model": "base"}, {"model": "m0"}],
          "parameters": {"t": 0.3}}
   ours, spec = _ours(cfg, arrays)
-  assert spec.models == ("base", "m0")
+  assert spec.base == "base" and spec.models == ("m0",) and spec.plan.inputs == ("base", "m0")
   _close(ours, _mk(cfg, arrays))
 
 
-def test_random_methods_map_to_jaxmerge_dare_and_magprune():
-  """dare_* keep each entry with probability density and rescale each tensor's L1 norm (mergekit's rule):
-  the mapped transform is jaxmerge's DARE with rescale="l1" and the same key draws the same masks."""
+def test_dare_keeps_each_tensors_l1_norm_and_is_seeded():
+  """dare_linear keeps each entry with probability density and rescales each tensor's L1 norm (mergekit's rule);
+  the same seed draws the same masks, another seed other masks (keep-rate statistics:
+  tests/parity/test_mergekit_methods.py)."""
   arrays = _arrays()
-  key = jax.random.key(4)
-  cfg = _cfg("dare_linear", (1.0, 1.0, 1.0), {i: {"density": 0.6} for i in range(3)}, **{"lambda": 0.5})
-  ours, _ = _ours(cfg, arrays, key=key)
-  ref = jm.merge(jm.get_method("dare")(p=0.4, rescale="l1", scale=0.5), arrays["base"],
-                 [arrays[f"m{i}"] for i in range(3)], key=key)
-  _close(ours, {k: np.asarray(v) for k, v in ref.items()}, tol=1e-6)
-  # The kept deltas keep each tensor's L1 norm (mergekit's rescale) for one model.
   cfg = _cfg("dare_linear", (1.0,), {0: {"density": 0.5}})
-  one, _ = _ours(cfg, arrays, key=key)
+  one, spec = _ours(cfg, arrays)
   checked = 0
   for k in SHAPES:
     before = np.abs(arrays["m0"][k] - arrays["base"][k]).sum()
@@ -145,21 +145,26 @@ def test_random_methods_map_to_jaxmerge_dare_and_magprune():
     np.testing.assert_allclose(after, before, rtol=1e-5)
     checked += 1
   assert checked >= 2
-  cfg = _cfg("della_linear", (1.0, 1.0, 1.0), {i: {"density": 0.6, "epsilon": 0.1} for i in range(3)},
-             rescale=False)
-  ours, spec = _ours(cfg, arrays, key=key)
-  assert spec.tx.needs_key and spec.tx.leafwise
+  again, _ = _ours(cfg, arrays)
+  other, _ = _ours({**cfg, "seed": 1}, arrays)
+  k = "model.embed_tokens.weight"
+  np.testing.assert_array_equal(again[k], one[k])
+  assert not np.array_equal(other[k], one[k])
 
 
 def test_schema_detection_defaults_and_overrides():
-  spec = C.resolve({"merge_method": "ties", "base_model": "b", "models": [{"model": "b"}, {"model": "x"}],
+  spec = C.resolve({"merge_method": "ties", "base_model": "b", "models": [{"model": "b"}, {"model": "x",
+                                                                                         "parameters": {"weight": 1}}],
                     "dtype": "bf16"}, {"seed": 5})
-  assert spec.models == ("x",) and spec.dtype == "bfloat16" and spec.seed == 5 and spec.tx.leafwise
-  assert spec.hparams == {"weights": [1.0], "density": 1.0, "normalize": True, "rescale": False, "lambda": 1.0}
-  assert any("weight" in n for n in spec.notes)
+  assert spec.models == ("x",) and spec.dtype == "bfloat16" and spec.seed == 5 and spec.tx is None
+  assert spec.plan.inputs == ("b", "x") and spec.plan.base_index == 0 and spec.plan.dtype == "bfloat16"
+  shared, per = spec.plan.resolver.resolve("model.layers.0.mlp.up_proj.weight", 0.0)
+  assert shared == {"int8_mask": False, "normalize": True, "rescale": False, "lambda": 1.0}  # mergekit's defaults
+  assert per == [{}, {"weight": 1.0, "density": 1.0}]
   assert C.resolve({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "dtype": "float32",
-                    "out_dtype": "float16"}).dtype == "float16"
-  spec = C.resolve({"merge_method": "linear", "models": [{"model": "x"}], "tokenizer_source": "base"})
+                    "out_dtype": "float16", "parameters": {"weight": 1}}).dtype == "float16"
+  spec = C.resolve({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}],
+                    "tokenizer_source": "base"})
   assert spec.tokenizer == C.TokenizerSpec(source="base") and spec.base == "x" and spec.vocab_policy == "error"
   with pytest.raises(ValueError, match=r"flags only override dtype, seed"):
     C.resolve({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}]}, {"method": "ties"})
@@ -168,41 +173,64 @@ def test_schema_detection_defaults_and_overrides():
   assert jspec.hparams == {"density": 0.5, "scale": 1.0} and jspec.registry_method == ("ties", jspec.hparams)
 
 
+def test_float32_transform_only_for_plain_task_arithmetic():
+  """task_arithmetic with plain numbers carries jaxmerge's float32 transform (the fast route); it computes what
+  the plan computes in float32. Gradients, filters, other methods and linear (mergekit's fused multiply-adds of
+  ``w_i m_i`` leave residues near 0 that the task-vector form does not) carry none."""
+  import jaxmerge as jm  # noqa: PLC0415
+
+  arrays = _arrays()
+  cfg = _cfg("task_arithmetic", (1.0, 0.5, 2.0), normalize=True, **{"lambda": 0.7})
+  spec = C.from_dict(cfg)
+  assert spec.tx is not None and spec.tx.leafwise
+  fast = jm.merge(spec.tx, arrays["base"], [arrays[m] for m in spec.models])
+  _close({k: np.asarray(v) for k, v in fast.items()}, _ours(cfg, arrays)[0])
+  assert C.from_dict(_cfg("task_arithmetic", (1.0, [0.5, 1.0], 1.0))).tx is None  # a gradient
+  assert C.from_dict(_cfg("ties", (1.0, 1.0, 1.0))).tx is None
+  assert C.from_dict({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}},
+                                                           {"model": "y", "parameters": {"weight": 1}}]}).tx is None
+
+
 @pytest.mark.parametrize("cfg,match", [
-    ({"merge_method": "nuslerp", "base_model": "b", "models": [{"model": "x"}]}, "merge_method 'nuslerp' is not "
-                                                                                  "supported; supported mergekit"),
-    ({"merge_method": "ties", "models": [{"model": "x"}]}, "needs base_model"),
+    ({"merge_method": "frankenmerge", "base_model": "b", "models": [{"model": "x"}]},
+     "merge_method 'frankenmerge' is not supported; supported mergekit methods: task_arithmetic"),
+    ({"merge_method": "ties", "models": [{"model": "x", "parameters": {"weight": 1}}]}, "needs base_model"),
     ({"merge_method": "ties", "base_model": "b", "slices": [{}], "models": [{"model": "x"}]},
      "exactly one of 'models' and 'slices'"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"density": [0.1, 0.5]}}]},
-     "parameter 'density' of model x is \\[0.1, 0.5\\]; jaxmerge supports one number"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"density": 0.2}},
-                                                            {"model": "y", "parameters": {"density": 0.5}}]},
-     "per-model 'density' values differ"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": 1}},
-                                                            {"model": "y", "parameters": {"weight": 2}}]},
-     "with normalize and unequal weights"),
-    ({"merge_method": "della", "base_model": "b", "models": [{"model": "x", "parameters": {"density": 0.5}}]},
-     "rescales each tensor's L1 norm after MAGPRUNE"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "parameters": {"t": 0.5}},
-     "parameter 't' does not apply to merge_method 'ties'"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"lambda": 2}}]},
-     "'lambda' is a global parameter"),
+                                                            {"model": "y"}]},
+     r"ties needs a 'weight' for every model; missing for \['y'\]"),
+    ({"merge_method": "linear", "models": [{"model": "x"}, {"model": "y"}]}, "missing for \\['x', 'y'\\]"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"density": [0.1, 1.5],
+                                                                                         "weight": 1}}]},
+     "parameter 'density' of model x must be in"),
     ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "x"}, {"model": "y"}],
-      "parameters": {"t": 0.5}}, "exactly one other model"),
-    ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "x"}, {"model": "y"}],
-      "parameters": {"filter_wise": True}}, "filter_wise"),
+      "parameters": {"t": 0.5}}, "slerp merges exactly 2 models \\(the base included\\), got 3"),
+    ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "x"}]}, "slerp needs the parameter 't'"),
+    ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "x"}]}, "at least 3 models"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x+lora"}]}, "'model\\+lora' form"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "tokenizer_source": "union",
       "tokenizer": {"source": "base"}}, "either tokenizer_source or a tokenizer block"),
-    ({"merge_method": "breadcrumbs", "base_model": "b", "models": [{"model": "x", "parameters": {"density": 0.9,
-                                                                                              "gamma": 0.2}}]},
-     "density \\+ gamma > 1"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "weird": 1}, "unknown keys \\['weird'\\]"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}], "jaxmerge": {"compute": 1}},
+     "unknown 'jaxmerge' options \\['compute'\\]"),
 ])
 def test_unsupported_settings_raise_naming_them(cfg, match):
   with pytest.raises(ValueError, match=match):
     C.from_dict(cfg, where="merge.yaml")
+
+
+def test_inapplicable_parameters_warn_instead_of_refusing():
+  """mergekit ignores a parameter that does not apply to the method (``t`` on ties, ``lambda`` set on one
+  model); jaxmerge ignores it too, with a warning naming it (main refused the whole config)."""
+  with pytest.warns(UserWarning, match="ignoring 't' of the global parameters"):
+    spec = C.from_dict({"merge_method": "ties", "base_model": "b", "models": [{"model": "x",
+                                                                               "parameters": {"weight": 1}}],
+                        "parameters": {"t": 0.5}})
+  assert "t" not in spec.plan.resolver.resolve("w", 0.0)[0]
+  with pytest.warns(UserWarning, match="ignoring 'lambda' of model x"):
+    C.from_dict({"merge_method": "ties", "base_model": "b",
+                 "models": [{"model": "x", "parameters": {"weight": 1, "lambda": 2}}]})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,6 +281,10 @@ E2E = [
     ("bf16", {"merge_method": "slerp", "base_model": "base", "models": [{"model": "base"}, {"model": "ft0"}],
               "parameters": {"t": 0.4}}),
     ("bf16", {"merge_method": "model_stock", "base_model": "base", "models": [{"model": f"ft{i}"} for i in range(3)]}),
+    # mergekit's default for bf16 checkpoints: it computes in bf16 (jaxmerge's NumPy engine, mergekit's roundings)
+    ("bf16-native", {"merge_method": "task_arithmetic", "base_model": "base",
+                     "models": [{"model": f"ft{i}", "parameters": {"weight": w}} for i, w in enumerate((0.5, 1.0, 0.3))],
+                     "parameters": {"lambda": 0.8}}),
 ]
 
 
@@ -261,15 +293,16 @@ E2E = [
 def test_whole_run_matches_mergekit(tmp_path, dtype, cfg):
   """``jaxmerge merge mergekit.yaml`` and mergekit's own run on the same directories write the same tensors
   (bf16 checkpoints with tied embeddings: ``lm_head.weight`` absent in both outputs). bf16 runs set
-  ``dtype: float32`` so that mergekit, like jaxmerge, computes in float32 and rounds once to bf16."""
+  ``dtype: float32`` (both compute in float32 and round once to bf16: task_arithmetic takes jaxmerge's fast
+  engine then), except ``bf16-native`` (both compute in bf16: jaxmerge's mergekit engine)."""
   yaml = pytest.importorskip("yaml")
   pytest.importorskip("mergekit")
   from mergekit.config import MergeConfiguration
   from mergekit.merge import run_merge
   from mergekit.options import MergeOptions
 
-  dt = BF16 if dtype == "bf16" else np.dtype(np.float32)
-  if dt == BF16:  # mergekit computes in the config's dtype (bf16 by default here); jaxmerge always in float32
+  dt = BF16 if dtype.startswith("bf16") else np.dtype(np.float32)
+  if dtype == "bf16":  # mergekit computes in the config's dtype (bf16 by default here)
     cfg = {**cfg, "dtype": "float32", "out_dtype": "bfloat16"}
   _llama_dirs(tmp_path, dt)
   (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
@@ -293,6 +326,8 @@ def test_whole_run_matches_mergekit(tmp_path, dtype, cfg):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=k)
   info = json.loads((tmp_path / "jm" / "merge_info.json").read_text())
   assert info["source"] == "mergekit" and info["method"] == f"mergekit:{cfg['merge_method']}"
+  fast = any("jaxmerge's own engine" in n for n in info["notes"])
+  assert fast == (cfg["merge_method"] == "task_arithmetic" and dtype != "bf16-native"), info["notes"]
   assert json.loads((tmp_path / "jm" / "config.json").read_text())["tie_word_embeddings"] is True
 
 
@@ -309,3 +344,35 @@ def test_streamed_mergekit_config_equals_in_memory(tmp_path):
     assert a[k].dtype == BF16
     np.testing.assert_array_equal(np.asarray(a[k], np.float32), np.asarray(b[k], np.float32))
   assert pathlib.Path(tmp_path / "st" / "config.json").exists()
+
+
+def test_keep_all_tie_rule_runs_jaxmerge_ties(tmp_path, capsys):
+  """``jaxmerge: {tie_rule: keep_all}`` runs ``ties`` on jaxmerge's fast float32 engine: on float32 checkpoints
+  without tied magnitudes it writes mergekit's result; settings it cannot express are errors naming them."""
+  pytest.importorskip("mergekit")
+  yaml = pytest.importorskip("yaml")
+  from mergekit.config import MergeConfiguration
+  from mergekit.merge import run_merge
+  from mergekit.options import MergeOptions
+
+  _llama_dirs(tmp_path, np.dtype(np.float32))
+  cfg = {"merge_method": "ties", "base_model": "base", "parameters": {"normalize": True, "lambda": 0.9},
+         "models": [{"model": f"ft{i}", "parameters": {"weight": 1.0, "density": 0.4}} for i in range(3)]}
+  (tmp_path / "m.yaml").write_text(yaml.safe_dump({**cfg, "jaxmerge": {"tie_rule": "keep_all"}}))
+  ref = {**cfg, "base_model": str(tmp_path / "base"),
+         "models": [{**m, "model": str(tmp_path / m["model"])} for m in cfg["models"]]}
+  run_merge(MergeConfiguration.model_validate(ref), str(tmp_path / "mk"),
+            options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+  capsys.readouterr()
+  assert cli.main(["merge", str(tmp_path / "m.yaml"), "--stream", "--out", str(tmp_path / "jm")]) == 0
+  assert "pass(es)" in capsys.readouterr().out  # jaxmerge's streaming engine, not the mergekit engine
+  theirs, ours = S.load(tmp_path / "mk"), S.load(tmp_path / "jm")
+  _close(ours, theirs, tol=1e-5)
+  info = json.loads((tmp_path / "jm" / "merge_info.json").read_text())
+  assert any("tie_rule keep_all" in n for n in info["notes"])
+  with pytest.raises(ValueError, match="tie_rule applies to merge_method ties"):
+    C.from_dict({**cfg, "merge_method": "task_arithmetic", "jaxmerge": {"tie_rule": "keep_all"}})
+  with pytest.raises(ValueError, match="needs plain numbers as settings"):
+    C.from_dict({**cfg, "parameters": {"lambda": [0.5, 1.0]}, "jaxmerge": {"tie_rule": "keep_all"}})
+  with pytest.raises(ValueError, match="tie_rule must be one of exact, keep_all"):
+    C.from_dict({**cfg, "jaxmerge": {"tie_rule": "some"}})

@@ -135,6 +135,7 @@ def test_bad_tokenizer_settings_are_errors_naming_them(cfg, match):
 
 def test_tokenizer_block_is_resolved():
   spec = C.from_dict({"merge_method": "linear", "base_model": "b", "models": [{"model": "m"}],
+                      "parameters": {"weight": 1.0},
                       "tokenizer": {"tokens": {"<x>": {"source": "m", "force": True},
                                                "<y>": {"source": {"kind": "model_token", "model": "b", "token": "<s>"}},
                                                "<z>": {"source": {"kind": "zero"}}}, "pad_to_multiple_of": 8},

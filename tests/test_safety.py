@@ -314,7 +314,7 @@ def test_yaml_schemas_validate_parameters(tmp_path):
   assert config.from_dict(mk).method == "mergekit:task_arithmetic"
   with pytest.raises(ValueError, match="parameter 'weight' of model m must be a finite number, got nan"):
     config.from_dict({**mk, "models": [{"model": "m", "parameters": {"weight": float("nan")}}]})
-  with pytest.raises(ValueError, match=r"'density' of parameters must be a finite number in \[0, 1\]"):
+  with pytest.raises(ValueError, match=r"parameter 'density' of the global parameters must be in \[0.0, 1.0\], got 1.5"):
     config.from_dict({**mk, "merge_method": "ties", "parameters": {"density": 1.5}})
   with pytest.raises(ValueError, match="chat_template 'nope' is neither a known template name"):
     config.from_dict({**mk, "chat_template": "nope"})

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CONCLUSIONS", "FUSIONBENCH_VIT_B32", "TIMING_KEYS", "check_conclusions", "compare_with_reference",
+__all__ = ["CONCLUSIONS", "FUSIONBENCH_VIT_B32", "STABILITY_LIMIT", "TIMING_KEYS", "check_conclusions", "check_stability",
+           "compare_with_reference",
            "jsonable", "write_reports"]
 
 # FusionBench's published CLIP ViT-B/32 8-task averages (%), for rank comparison: every method of its table
@@ -71,6 +72,10 @@ CONCLUSIONS = (
 )
 # Per-task methods (one model per task) count as "close to the experts" at this normalized accuracy or more.
 PER_TASK_CLOSE = 0.9
+
+# The largest range (max - min over seeds, [0, 1] units) a data-free method's average may have: the benchmark's
+# stability target (a ranking read off the mean would otherwise depend on the seed).
+STABILITY_LIMIT = 0.02
 
 # Row keys that hold wall times: excluded when comparing two runs for determinism.
 TIMING_KEYS = ("seconds", "compile_seconds", "eval_seconds", "adapt_seconds")
@@ -133,6 +138,29 @@ def check_conclusions(rows: Sequence[dict]) -> list[dict]:
       out.append({"claim": f"{r['method']} (one model per task) close to the experts",
                   "normalized": r["normalized_average"], "holds": bool(r["normalized_average"] >= PER_TASK_CLOSE)})
   return out
+
+
+def check_stability(rows: Sequence[dict], limit: float = STABILITY_LIMIT) -> list[dict]:
+  """How far each row's average moves over the seeds.
+
+  Args:
+    rows: aggregated result rows with ``average_per_seed`` (rows run on one seed are left out).
+    limit: the largest range a data-free row (``data == "none"``) may have, in [0, 1] units.
+
+  Returns:
+    One dict per row, largest range first: ``{"method", "data", "per_seed", "range" (max - min), "holds"
+    (``range <= limit``; ``None`` for rows that need data, which the target does not cover)}``.
+  """
+  out = []
+  for r in rows:
+    v = r.get("average_per_seed") or ()
+    if len(v) < 2:
+      continue
+    spread = float(max(v) - min(v))
+    data_free = r.get("data") == "none"
+    out.append({"method": r["method"], "data": r.get("data"), "per_seed": list(v), "range": spread,
+                "holds": bool(spread <= limit + 1e-12) if data_free else None})
+  return sorted(out, key=lambda c: -c["range"])
 
 
 def _pct(x: float) -> str:
@@ -216,6 +244,21 @@ def _markdown(results: dict) -> str:
       else:
         measured = f"{100 * c['normalized']:.1f}% of the experts' accuracy"
       out.append(f"| {c['claim']} | {measured} | {'yes' if c['holds'] else '**no**'} |")
+  stab = results.get("stability")
+  if stab:
+    free = [c for c in stab if c["holds"] is not None]
+    worst = free[0] if free else None
+    out += ["", "## Stability across seeds", ""]
+    if worst:
+      bad = [c["method"] for c in free if not c["holds"]]
+      out += [f"Largest range (max - min over the seeds) of a data-free method's average: {worst['method']} "
+              f"{100 * worst['range']:.1f} points (target: at most {100 * STABILITY_LIMIT:.0f}); "
+              + (f"**over the target: {', '.join(bad)}**." if bad else "every data-free method within it."), ""]
+    out += ["| method | data | average per seed | range |", "|---|---|---|---|"]
+    for c in stab:
+      flag = " **(over)**" if c["holds"] is False else ""
+      out.append(f"| {c['method']} | {c['data']} | {', '.join(_pct(x) for x in c['per_seed'])} | "
+                 f"{100 * c['range']:.1f}{flag} |")
   if results.get("regime"):
     from jaxmerge.bench.regime import regime_markdown
 
@@ -395,6 +438,7 @@ def write_reports(results: dict, out_dir: str | Path, *, plots: bool = True) -> 
   results = dict(results)
   results["reference"] = compare_with_reference(results["rows"])
   results["conclusions"] = check_conclusions(results["rows"])
+  results["stability"] = check_stability(results["rows"])
   results = jsonable(results)
   (out / "results.json").write_text(json.dumps(results, indent=1))
   _csv(results, out / "results.csv")

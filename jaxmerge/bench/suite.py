@@ -36,10 +36,10 @@ from jaxmerge.bench.text import WordTokenizer
 from jaxmerge.data import synthetic
 
 __all__ = ["BACKBONE_FIELDS", "DEFAULT_BACKBONE", "DEFAULT_SEEDS", "OfflineConfig", "OfflineSuite", "build_offline_suite",
-           "finetune_missing"]
+           "config_overrides", "finetune_missing"]
 
 # Bump when generators or training change in a way the config fields do not capture.
-SUITE_VERSION = 3
+SUITE_VERSION = 4
 # The backbone the default suite starts from (jaxmerge/bench/assets/).
 DEFAULT_BACKBONE = "tinyclip-w128"
 # Seeds of the default run: each its own data and experts, the same backbone; results are means over them.
@@ -93,7 +93,7 @@ class OfflineConfig:
   pretrain_lr: float = 1e-3
   finetune_steps: int = 400
   finetune_batch: int = 32
-  finetune_lr: float = 1e-4
+  finetune_lr: float = 3e-5
   finetune_optimizer: str = "adamw"
   finetune_momentum: float = 0.9
   finetune_weight_decay: float = 0.05
@@ -111,7 +111,7 @@ class OfflineConfig:
   @classmethod
   def smoke(cls, seed: int = 0) -> "OfflineConfig":
     """A reduced suite that builds, merges and evaluates in well under a minute on a laptop CPU."""
-    return cls(seed=seed, sizes=(768, 64, 200), finetune_steps=60, eval_batch=200)
+    return cls(seed=seed, sizes=(768, 64, 200), finetune_steps=60, finetune_lr=1e-4, eval_batch=200)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -130,6 +130,28 @@ class OfflineConfig:
   def backbone_fields(self) -> dict:
     """The fields a shipped backbone fixes: architecture, pretraining recipe and the pretraining seed."""
     return {f: getattr(self, f) for f in BACKBONE_FIELDS}
+
+
+def config_overrides(items: Sequence[str]) -> dict:
+  """Parses ``FIELD=JSON`` strings (the experiments' ``--set``) into :class:`OfflineConfig` overrides.
+
+  Args:
+    items: strings such as ``"finetune_lr=5e-5"`` or ``'sizes=[768, 64, 200]'``.
+
+  Returns:
+    ``{field: value}`` for :func:`dataclasses.replace` (``sizes`` and ``tasks`` as tuples).
+
+  Raises:
+    ValueError: a name that is not an :class:`OfflineConfig` field.
+  """
+  fields = {f.name for f in dataclasses.fields(OfflineConfig)}
+  out = {}
+  for item in items:
+    k, _, v = item.partition("=")
+    if k not in fields:
+      raise ValueError(f"--set {k}: not an OfflineConfig field (fields: {', '.join(sorted(fields))})")
+    out[k] = tuple(json.loads(v)) if k in ("sizes", "tasks") else json.loads(v)
+  return out
 
 
 # Fields that describe the pretrained model (architecture and recipe): a shipped backbone records them.

@@ -70,6 +70,9 @@ def register(subparsers) -> None:
   p.add_argument("--model", action="append", default=None, help="fine-tuned checkpoint (repeat)")
   p.add_argument("--hparam", action="append", default=[], metavar="K=V", help="hyperparameter (repeat; YAML value)")
   p.add_argument("--dtype", choices=_DTYPES, help="output dtype (default: the base checkpoint's)")
+  p.add_argument("--compute-dtype", dest="compute_dtype", choices=_DTYPES, default=None,
+                 help="mergekit-schema configs: compute in this dtype instead of the config's dtype (mergekit's "
+                      "rule), e.g. float32; jaxmerge's schema always computes in float32")
   p.add_argument("--seed", type=int, help="PRNG seed for stochastic methods (default 0)")
   p.add_argument("--layout", choices=("hf", "flax"), default=None, help="how 2-D weights are stored (default hf)")
   p.add_argument("--vocab-policy", dest="vocab_policy", choices=("error", "truncate", "pad_base"),
@@ -128,7 +131,11 @@ def load_config(args: argparse.Namespace):
     for k in ("base", "models"):
       if overrides.get(k):
         overrides[k] = config.locate_models({"method": "x", k: overrides[k]})[k]
-  return config.resolve(cfg, overrides, where=where, relative_to=rel)
+  spec = config.resolve(cfg, overrides, where=where, relative_to=rel)
+  compute = getattr(args, "compute_dtype", None)
+  if compute and spec.plan is None:
+    raise ValueError("--compute-dtype applies to mergekit-schema configs; jaxmerge's schema computes in float32")
+  return config.with_compute_dtype(spec, compute)
 
 
 def _available_bytes() -> int:
@@ -270,6 +277,88 @@ class _CheckedWriter:
     return getattr(self._w, attr)
 
 
+def _float32_exact(plan, base_v, model_vs, any_compute: bool = False) -> bool:
+  """Whether jaxmerge's float32 transform of a mergekit config (``spec.tx``) gives mergekit's result here: every
+  float tensor computed in float32 (unless ``any_compute``) and written in the dtype mergekit writes."""
+  import numpy as np  # noqa: PLC0415
+
+  from jaxmerge import stream as jstream  # noqa: PLC0415
+
+  readers = [base_v, *model_vs]
+  for k in base_v.keys():
+    if not jstream.is_float_dtype(base_v.dtype(k)):
+      continue
+    dts = [np.dtype(r.dtype(k)) for r in readers]
+    if not any_compute and plan.compute_for(dts) != np.float32:
+      return False
+    if np.dtype(plan.out_for(dts)) != np.dtype(base_v.out_dtype(k)):
+      return False
+  return True
+
+
+def _plan_route(gspec, base_v, model_vs):
+  """The mergekit plan that merges a group, or ``None`` when jaxmerge's transform (``gspec.tx``) runs it: a
+  jaxmerge-schema spec, or a mergekit one that both tools compute in float32 (or ``tie_rule: keep_all``)."""
+  plan = gspec.plan
+  if plan is not None and gspec.tx is not None:
+    keep_all = plan.tie_rule == "keep_all"
+    if _float32_exact(plan, base_v, model_vs, any_compute=keep_all):
+      return None
+    if keep_all:
+      raise ValueError("jaxmerge.tie_rule keep_all needs checkpoints whose tensors mergekit writes in one dtype "
+                       "(set out_dtype)")
+  return plan
+
+
+def _plan_readers(plan, base_v, model_vs) -> list:
+  """The readers in the plan's input order (the base view at the plan's base position)."""
+  first = plan.base_index if plan.base_index is not None else 0
+  readers = list(model_vs)
+  readers.insert(first, base_v)
+  return readers[:len(plan.inputs)]  # a single-input plan (passthrough) reads the base view only
+
+
+def _plan_out_dtypes(plan, base_v, model_vs) -> dict:
+  """``{tensor: output dtype}`` of a plan's group (mergekit's rule: ``out_dtype``, else the kernel's dtype)."""
+  import numpy as np  # noqa: PLC0415
+
+  readers = _plan_readers(plan, base_v, model_vs)
+  return {k: np.dtype(plan.out_for([np.dtype(r.dtype(k)) for r in readers])) for k in base_v.keys()}
+
+
+def _slice_t(offset: int, count: int):
+  """mergekit's gradient position of a sliced tensor (output names): the layer's index in its slice over
+  ``count - 1`` (1 for a one-layer slice), 0 for the tensors outside the layers."""
+  from jaxmerge.mk import params as P  # noqa: PLC0415
+
+  def t_of(name: str) -> float:
+    i = P.layer_index(name)
+    if i is None:
+      return 0.0
+    return (i - offset) / (count - 1) if count > 1 else 1.0
+
+  return t_of
+
+
+def _merge_plan(plan, base_v, model_vs, write, stream: bool, t_of=None) -> None:
+  """Runs a mergekit-schema plan (:mod:`jaxmerge.mk`) on one group, passing each merged tensor to ``write``:
+  streamed (each tensor read when it is merged) or in memory (every input read first); both merge each tensor the
+  same way."""
+  import numpy as np  # noqa: PLC0415
+
+  from jaxmerge.mk import engine  # noqa: PLC0415
+
+  readers = _plan_readers(plan, base_v, model_vs)
+  names = [str(n) for n in plan.inputs]
+  keys = list(base_v.keys())
+  sizes = {k: int(np.prod(base_v.shape(k))) for k in keys}
+  if stream:
+    engine.run(plan, keys, lambda i, k: readers[i].get(k), write, names, sizes, t_of=t_of)
+    return
+  loaded = [{k: np.array(r.get(k)) for k in keys} for r in readers]
+  engine.run(plan, keys, lambda i, k: loaded[i][k], write, names, sizes, t_of=t_of)
+
+
 def _finish_dir(d: pathlib.Path, spec, base_v, tok_info=None, num_layers=None) -> list[str]:
   """Writes ``config.json`` and the tokenizer files next to the merged weights; returns notes."""
   from jaxmerge.io import llm  # noqa: PLC0415
@@ -396,25 +485,37 @@ def run(args: argparse.Namespace) -> int:
         r.close()
     raise
   base_v, model_vs = aligned[0][1], aligned[0][2]
-  floats = [k for _, bv, _ in aligned for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))]
   t = len(model_vs)
   need = sum((len(mv) + 3) * _float_bytes(bv, [k for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))])
              for _, bv, mv in aligned)
   use_stream = args.stream if args.stream is not None else need > _available_bytes() // 2
   if use_stream and fmt == "orbax":
     raise ValueError("--stream writes safetensors; use --format safetensors (or --no-stream for orbax output)")
+  routes = [_plan_route(gspec, bv, mv) for gspec, bv, mv in aligned]  # per group: a mergekit plan, or None
+  t_ofs = [None] * len(aligned)
+  if spec.slices:  # mergekit's gradients run over each slice's own layers
+    offset = 0
+    for i, sl in enumerate(spec.slices):
+      t_ofs[i] = _slice_t(offset, sl.num_layers)
+      offset += sl.num_layers
   mesh = None
   if getattr(args, "mesh", None):
     if use_stream:
       raise ValueError("--mesh shards an in-memory merge; it cannot be combined with --stream (pass --no-stream)")
     if len(aligned) > 1:
       raise ValueError("--mesh merges whole models; it cannot be combined with slices")
+    if any(r is not None for r in routes):
+      raise ValueError("--mesh runs jaxmerge's transforms; mergekit-schema configs merge tensor by tensor on the host")
     mesh = parse_mesh(args.mesh, t)
+  if fmt == "orbax" and any(r is not None for r in routes):
+    raise ValueError("mergekit-schema configs write safetensors; use --format safetensors")
   layout = jm.filters.flax_layout if spec.layout == "flax" else jm.filters.hf_layout
   key = jax.random.key(int(spec.seed))
   notes = list(spec.notes)
-  wide = [k for _, bv, _ in aligned for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))
-          and bv.out_dtype(k) == "float64"]
+  if any(g.plan is not None and r is None and g.plan.tie_rule == "exact" for (g, _, _), r in zip(aligned, routes)):
+    notes.append("mergekit computes this merge in float32: jaxmerge's own engine gives its result")
+  wide = [k for (_, bv, _), r in zip(aligned, routes) if r is None for k in bv.keys()
+          if jstream.is_float_dtype(bv.dtype(k)) and bv.out_dtype(k) == "float64"]
   if wide:
     notes.append(f"{len(wide)} float64 tensors (e.g. {wide[0]!r}) are merged in float32 and written as float64")
   for note in notes:
@@ -428,17 +529,24 @@ def run(args: argparse.Namespace) -> int:
   except OSError as e:
     raise ValueError(f"cannot write the output {out}: {e.strerror or e} ({e.filename or out.parent})") from e
   t0 = time.perf_counter()
+  arith = " (mergekit's arithmetic)" if any(r is not None for r in routes) else ""
   try:
     dirs = [tmp / f"task_{i}" for i in range(t)] if spec.per_task else [tmp]
     meta = {"jaxmerge_method": spec.method}
+    out_dtypes: dict = {}
+    for (_, bv, mv), plan in zip(aligned, routes):
+      out_dtypes.update(_plan_out_dtypes(plan, bv, mv) if plan is not None else {k: bv.out_dtype(k) for k in bv.keys()})
     if use_stream:
-      specs = {k: (bv.shape(k), bv.out_dtype(k)) for _, bv, _ in aligned for k in bv.keys()}
-      out_dtypes = {k: bv.out_dtype(k) for _, bv, _ in aligned for k in bv.keys()}
+      specs = {k: (bv.shape(k), out_dtypes[k]) for _, bv, _ in aligned for k in bv.keys()}
       writers = [S.ShardedWriter(d, specs, max_shard_bytes=max_shard, metadata=meta, atomic=False) for d in dirs]
       checked = [_CheckedWriter(w, out_dtypes.__getitem__) for w in writers]
       try:
         passes = compiles = 0
-        for gspec, bv, mv in aligned:
+        for (gspec, bv, mv), plan, t_of in zip(aligned, routes, t_ofs):
+          if plan is not None:  # mergekit's schema: its methods tensor by tensor (jaxmerge.mk)
+            _merge_plan(plan, bv, mv, checked[0].write, True, t_of)
+            passes = max(passes, 1)
+            continue
           result = jstream.merge_streaming(
               gspec.tx, bv, mv, checked if gspec.per_task else checked[0], method=gspec.registry_method,
               key=key, layout=layout, names=list(gspec.names), per_task=gspec.per_task)
@@ -449,12 +557,19 @@ def run(args: argparse.Namespace) -> int:
         for w in writers:
           w.abort()
         raise
-      detail = f"streamed in {passes} pass(es), {compiles} compile(s)"
+      detail = f"streamed in {passes} pass(es), {compiles} compile(s){arith}"
     else:
       merged = None
-      for gspec, bv, mv in aligned:
-        gfloats = [k for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))]
-        part = _merge_in_memory(gspec, bv, mv, gfloats, key, layout, mesh)
+      for (gspec, bv, mv), plan, t_of in zip(aligned, routes, t_ofs):
+        if plan is not None:
+          part_d: dict = {}
+          _merge_plan(plan, bv, mv, part_d.__setitem__, False, t_of)
+          for k, x in part_d.items():
+            _check_fits(k, x, x.dtype)
+          part = [part_d]
+        else:
+          gfloats = [k for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))]
+          part = _merge_in_memory(gspec, bv, mv, gfloats, key, layout, mesh)
         merged = part if merged is None else [{**a, **b} for a, b in zip(merged, part)]
       for d, m in zip(dirs, merged):
         if fmt == "orbax":
@@ -471,7 +586,7 @@ def run(args: argparse.Namespace) -> int:
         for f in (tmp / "orbax").iterdir():
           os.replace(f, tmp / f.name)
         (tmp / "orbax").rmdir()
-      detail = "in memory" + (f" on a {dict(mesh.shape)} mesh" if mesh is not None else "")
+      detail = "in memory" + (f" on a {dict(mesh.shape)} mesh" if mesh is not None else "") + arith
     for d in dirs:
       if clip_vision:  # a CLIPVisionModel directory, like the experts
         first = pathlib.Path(spec.models[0])
