@@ -34,7 +34,7 @@ FLAT_METHODS = [
 @pytest.mark.parametrize("name,hp", FLAT_METHODS)
 def test_flat_path_equals_leafwise_program(name, hp):
   tx = jm.get_method(name)(**hp)
-  assert tx.flat, f"{name} should run on the flat path"
+  assert xla.runs_flat(tx), f"{name} should run on the flat path"
   pre, fts = _models()
   flat = jm.merge(tx, pre, fts)
   p, f, _ = prepare(pre, fts)
@@ -52,7 +52,7 @@ def test_flat_path_stacked_input_and_per_task():
   for k in pre:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
   per = T.trim(0.3)  # task-preserving, global scope: flat
-  assert per.flat
+  assert xla.runs_flat(per)
   models = jm.merge_per_task(per, pre, fts)
   p, f, _ = prepare(pre, fts)
   ref = xla.whole_program(per, jfilters.hf_layout, True)(p, f, None, None)
@@ -61,10 +61,10 @@ def test_flat_path_stacked_input_and_per_task():
 
 
 def test_flat_flag_propagates_and_leafwise_steps_are_not_flat():
-  assert jm.chain(T.trim(0.2), jm.get_method("task_arithmetic")()).flat
-  assert not T.trim(0.2, scope="leaf").flat
-  assert not jm.get_method("dare")().flat  # per-leaf random keys
-  assert not jm.get_method("ties")(scope="leaf").flat
+  assert xla.runs_flat(jm.chain(T.trim(0.2), jm.get_method("task_arithmetic")()))
+  assert not xla.runs_flat(T.trim(0.2, scope="leaf"))
+  assert not xla.runs_flat(jm.get_method("dare")())  # per-leaf random keys
+  assert not xla.runs_flat(jm.get_method("ties")(scope="leaf"))
 
 
 def test_flat_path_names_nan_leaf_and_model():
@@ -93,7 +93,7 @@ def test_leafwise_prefix_then_flat_steps_equal_the_whole_model_program(name, hp,
   monkeypatch.setenv("JAXMERGE_NATIVE", "0")  # the XLA route (DARE on TIES is otherwise one native call)
   tx = jm.get_method(name)(**hp)
   prefix, rest = planner.leaf_then_flat(tx)
-  assert prefix.needs_key == (name == "dare") and not rest.needs_key and rest.flat
+  assert prefix.needs_key == (name == "dare") and not rest.needs_key and xla.runs_flat(rest)
   assert planner.leaf_then_flat(jm.get_method("ties")()) is None  # wholly flat: the flat path
   assert planner.leaf_then_flat(jm.get_method("dare")()) is None  # wholly leafwise: leaf by leaf
   pre, fts = _models(t=4, seed=2)

@@ -16,6 +16,7 @@ import pytest
 import jaxmerge as jm
 from jaxmerge import stream
 from jaxmerge import tree as jtree
+from jaxmerge.engine.xla import runs_by_leaf, runs_flat
 from jaxmerge.io import safetensors_io as S
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -155,7 +156,7 @@ def test_one_compile_per_distinct_leaf_program(ckpt):
   assert res.lowerings == 3 * distinct
   # mergekit's TIES (per-tensor trim) is leafwise and path-free, though not flat: one program per shape too.
   tx = jm.get_method("ties")(scope="leaf", count="exact", zero_sign="positive", disjoint="mean")
-  assert tx.leafwise and tx.path_free and not tx.flat
+  assert stream.leafwise(tx) and runs_by_leaf(tx) and not runs_flat(tx)
   outs, res = _run(tx, d, 3)
   _assert_same(outs, [jm.merge(tx, pre, fts)])
   assert res.programs == distinct and res.lowerings == distinct

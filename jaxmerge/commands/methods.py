@@ -53,7 +53,7 @@ def _streams(name: str) -> str:
     tx = info.factory()
   except Exception:  # noqa: BLE001
     return "?"
-  if tx.leafwise:
+  if stream.leafwise(tx):
     return "yes"
   return "passes" if stream.method_plan(name, {}) is not None else "no"
 

@@ -26,6 +26,7 @@ from jaxmerge.engine.xla import (
   leaf_program,
   nonfinite_flags,
   raise_nonfinite,
+  runs_by_leaf,
   whole_program,
 )
 from jaxmerge.reductions import disjoint_rows, elect
@@ -97,7 +98,7 @@ def on_mesh(x: Any, m: Mesh) -> Any:
 @functools.lru_cache(maxsize=64)
 def _leaf_program(tx: MergeTransform, layout: Layout, per_task: bool, out: NamedSharding | None,
                   donate: bool) -> Callable[..., Any]:
-  """One leaf's merge on the mesh for a leafwise ``by_shape`` transform: ``(pre, stacked, key, leaf_id) -> leaf``
+  """One leaf's merge on the mesh for a by-leaf transform: ``(pre, stacked, key, leaf_id) -> leaf``
   with the leaf's declared output sharding (``None``: XLA's choice); with ``donate`` the pretrained leaf is
   donated (its buffer may become the output's)."""
   def run(pre, ft, key, pid):
@@ -201,7 +202,7 @@ def _in_turn(calls: dict, release: Callable[[str], None] | None = None) -> dict:
 def by_leaf(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: dict, outs: dict, key: Any,
             donate: bool = False, pre_shardings: dict | None = None, consume: bool = False) -> dict | None:
   """A merge of stacked leaves leaf by leaf on the mesh (call it under the mesh), or ``None`` when ``tx`` has no
-  per-leaf plan: leafwise ``by_shape`` transforms one leaf program at a time, global TIES (recognized by
+  per-leaf plan: by-leaf transforms one leaf program at a time, global TIES (recognized by
   :func:`jaxmerge.engine.native.spec`, no drop) in exact histogram passes leaf by leaf. The temporaries are one leaf's.
 
   With ``pre_shardings`` the pretrained leaves stay where they are (host arrays) and each is placed on the mesh
@@ -237,7 +238,7 @@ def by_leaf(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: d
     def release(p: str) -> None:
       ft[p].delete()
       trim_heap()
-  if tx.leafwise and tx.by_shape:
+  if runs_by_leaf(tx):
     def leaf(p: str) -> jax.Array:
       return _leaf_program(tx, layout, per_task, outs.get(p), donate)(place(p), ft[p], key, np.uint32(jtree.leaf_id(p)))
 
@@ -251,7 +252,7 @@ def by_leaf(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: d
 def run_on_mesh(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: Any, coeffs: Any, key: Any,
                  names: Sequence[str] | None, check_finite: bool, mesh: Any) -> dict:
   """The sharded placement: inputs sharded over a mesh run under that mesh with automatic axis types (the same
-  buffers, retyped: :func:`auto_axes`), leafwise ``by_shape`` transforms leaf by leaf and
+  buffers, retyped: :func:`auto_axes`), by-leaf transforms (:func:`jaxmerge.engine.xla.runs_by_leaf`) leaf by leaf and
   everything else as the whole-model program, whose task-axis reductions then reduce along the axis
   (:func:`jaxmerge.tree.on_mesh`). Outputs come back on the inputs' mesh.
 
@@ -277,7 +278,7 @@ def run_on_mesh(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, f
   with jax.set_mesh(auto):
     if check_finite:
       raise_nonfinite(pre, ft, nonfinite_flags(pre, ft), names)
-    if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
+    if runs_by_leaf(tx) and coeffs is None and len(pre) > 1:
       prog = leaf_program(tx, layout, per_task, False)
       rows = (lambda p: tuple(m[p] for m in ft)) if isinstance(ft, tuple) else (lambda p: ft[p])
       out = {p: prog(x, rows(p), key, np.uint32(jtree.leaf_id(p)))[0] for p, x in pre.items()}

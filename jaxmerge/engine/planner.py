@@ -16,11 +16,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmerge.base import MergeTransform
+from jaxmerge.base import MergeTransform, identity_of, steps_of
 from jaxmerge.combine import chain
 from jaxmerge.engine import native
 from jaxmerge.engine.host import host_backed
 from jaxmerge.engine.mesh import mesh_of
+from jaxmerge.engine.xla import runs_by_leaf, runs_flat
 
 __all__ = ["BACKENDS", "forced", "leaf_then_flat", "plan"]
 
@@ -37,7 +38,7 @@ def _flat_dtype(pre: dict, ft: Any) -> Any:
 
 
 def _flat_ok(tx: MergeTransform, coeffs: Any, pre: dict, ft: Any) -> bool:
-  return tx.runs_flat and coeffs is None and len(pre) > 1 and _flat_dtype(pre, ft) is not None
+  return runs_flat(tx) and coeffs is None and len(pre) > 1 and _flat_dtype(pre, ft) is not None
 
 
 @functools.lru_cache(maxsize=128)
@@ -54,14 +55,15 @@ def leaf_then_flat(tx: MergeTransform) -> tuple[MergeTransform, MergeTransform] 
     ``(prefix, rest)``, two chains that keep the original chain's keys, or ``None`` when ``tx`` is not such a
     chain.
   """
-  steps = tx.steps
-  if tx.leafwise or tx.runs_flat:  # leaf by leaf, or wholly on the flat view
+  ident = identity_of(tx)
+  if ident is None or ident[0] != "chain" or runs_by_leaf(tx) or runs_flat(tx):  # leaf by leaf, or wholly flat
     return None
+  steps = steps_of(tx)
   k = 0
-  while k < len(steps) and not steps[k].runs_flat and steps[k].leafwise and steps[k].by_shape and not steps[k].reduces:
+  while k < len(steps) and not runs_flat(steps[k]) and runs_by_leaf(steps[k]) and not steps[k].reduces:
     k += 1
   rest = steps[k:]
-  if k == 0 or not rest or not all(s.runs_flat and not s.needs_key for s in rest):
+  if k == 0 or not rest or not all(runs_flat(s) and not s.needs_key for s in rest):
     return None
   # The prefix keeps the chain's keys: step i of a chain gets fold_in(key, i), in the sub-chain too.
   return chain(*steps[:k]), chain(*rest)
@@ -95,9 +97,10 @@ def plan(tx: MergeTransform, per_task: bool, pre: dict, ft: Any, coeffs: Any, ke
 
   ``"mesh"`` (inputs sharded over a device mesh, detail: the mesh); ``"native"`` (global TIES, task arithmetic,
   simple averaging and DARE on them, recognized by their steps' identities, :func:`jaxmerge.engine.native.spec`, as one
-  call of the CPU kernels; detail: the spec); ``"leaf"`` (leafwise ``by_shape`` transforms leaf by leaf, one
-  compiled program per leaf shape); ``"leaf_then_flat"`` (a leafwise by-shape prefix, then ``flat`` steps on the
-  ``(T, N)`` view; detail: ``(prefix, rest)``); ``"flat"`` (``flat`` transforms on one ``(T, N)`` view);
+  call of the CPU kernels; detail: the spec); ``"leaf"`` (steps in :data:`jaxmerge.engine.xla.BY_LEAF` leaf by
+  leaf, one compiled program per leaf shape); ``"leaf_then_flat"`` (a by-leaf prefix, then steps in
+  :data:`jaxmerge.engine.xla.FLAT` on the ``(T, N)`` view; detail: ``(prefix, rest)``); ``"flat"`` (steps in
+  :data:`~jaxmerge.engine.xla.FLAT` on one ``(T, N)`` view);
   ``"xla_whole"`` (everything else: the whole-model program, slower, never wrong).
 
   Args:
@@ -118,7 +121,7 @@ def plan(tx: MergeTransform, per_task: bool, pre: dict, ft: Any, coeffs: Any, ke
   sp = _native_spec(tx, pre, ft, key) if coeffs is None and not per_task else None
   if sp is not None:
     return "native", sp
-  if tx.leafwise and tx.by_shape and coeffs is None and len(pre) > 1:
+  if runs_by_leaf(tx) and coeffs is None and len(pre) > 1:
     return "leaf", None
   split = leaf_then_flat(tx) if coeffs is None and len(pre) > 1 and isinstance(ft, tuple) else None
   if split is not None and _flat_dtype(pre, ft) is not None:
@@ -149,7 +152,7 @@ def forced(backend: str, tx: MergeTransform, per_task: bool, pre: dict, ft: Any,
   auto = plan(tx, per_task, pre, ft, coeffs, key)
   if auto[0] == backend:
     return auto
-  ok = {"leaf": lambda: tx.leafwise and tx.by_shape and coeffs is None and auto[0] != "mesh",
+  ok = {"leaf": lambda: runs_by_leaf(tx) and coeffs is None and auto[0] != "mesh",
         "flat": lambda: _flat_ok(tx, coeffs, pre, ft) and auto[0] != "mesh"}
   if backend in ok and ok[backend]():
     return backend, None

@@ -14,10 +14,10 @@ while the current one is merged).
 - **One compile per distinct leaf program.** Each leaf is traced with its real path (a partition or filter may
   depend on it) and lowered; the compiled executable is cached by the lowered program's text, so leaves that
   differ only by name (every layer of a transformer) share one compile: one per distinct (shape, dtype, label).
-  Programs that cannot read the path (``flat`` or ``path_free`` transforms such as task arithmetic or
-  mergekit's per-tensor TIES, and every step of the multi-pass plans) are traced and lowered once per argument
-  type, not once per tensor; for leafwise ones every program is compiled ahead, in background threads, while
-  the first tensors are read.
+  Programs that cannot read the path (by-leaf transforms, :data:`jaxmerge.engine.xla.BY_LEAF`, such as task
+  arithmetic or mergekit's per-tensor TIES, and every step of the multi-pass plans) are traced and lowered once
+  per argument type, not once per tensor; for leafwise ones every program is compiled ahead, in background
+  threads, while the first tensors are read.
   Random methods fold the path into the key as a number; with ``jaxmerge.tree.traced_leaf_ids`` (a proposed hook)
   that number is an argument and they compile once per shape too; without it they compile once per leaf.
 - **The host keeps the cores busy.** Reading, merging and writing overlap: the next tensor is read (its
@@ -55,15 +55,16 @@ import numpy as np
 from jaxmerge import filters as jfilters
 from jaxmerge import transforms as T
 from jaxmerge import tree as jtree
-from jaxmerge.base import REDUCE, MergeTransform
+from jaxmerge.base import REDUCE, MergeTransform, identity_of, steps_of
+from jaxmerge.combine import chain
 from jaxmerge.engine import host, native
-from jaxmerge.engine.xla import leaf_apply, merge_leaf
+from jaxmerge.engine.xla import accepts, leaf_apply, merge_leaf, runs_by_leaf
 from jaxmerge.reductions import disjoint_rows, elect
 from jaxmerge.registry import list_methods, method_info
 from jaxmerge.stats import KthSmallest, high_histogram, low_histogram
 
-__all__ = ["DictReader", "DictWriter", "StreamResult", "is_float_dtype", "is_reader", "merge_leafwise",
-           "merge_streaming", "method_plan", "streamable_methods", "two_pass_methods"]
+__all__ = ["LEAFWISE", "DictReader", "DictWriter", "StreamResult", "is_float_dtype", "is_reader", "leafwise",
+           "merge_leafwise", "merge_streaming", "method_plan", "plan_of", "streamable_methods", "two_pass_methods"]
 
 Layout = Callable[[str, jax.ShapeDtypeStruct], Any]
 
@@ -444,6 +445,37 @@ def _copy_non_float(inp: _Inputs, ws: list[Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Leafwise transforms.
 
+_LEAFWISE_FACTORIES = (
+    "per_task", "across_tasks", "per_leaf", "identity", "scale", "scale_tasks", "sum_tasks", "mean_tasks",
+    "weighted_sum", "drop", "magprune", "outlier_mask", "tall_masks", "consensus_mask", "emr_unified", "nan_reduce",
+    "slerp_reduce", "model_stock_reduce", "matrix_transform",
+)
+
+# This backend's table: the steps whose result for a leaf depends on that leaf alone (streamed in one pass,
+# tensor by tensor). {factory: rule on its identity}; a step without an identity (a user's own) is not in it.
+LEAFWISE: dict[str, Callable[[tuple], bool]] = {
+    **{name: (lambda i: True) for name in _LEAFWISE_FACTORIES},
+    "trim": lambda i: i[2] == "leaf",  # (density, scope, count)
+    "disjoint_merge": lambda i: i[2] == "leaf" or i[3] == "positive",  # (merge_func, sign_scope, zero_sign)
+    "knots_merge": lambda i: leafwise(i[1]),  # (base, ...): leafwise around a leafwise base
+    "partition": lambda i: all(leafwise(t) for _, t in i[1]),  # ((label, step), ...), labels
+}
+
+
+def leafwise(tx: MergeTransform) -> bool:
+  """Whether each leaf's result of ``tx`` depends on that leaf alone (:data:`LEAFWISE`, chains read through),
+  so that it streams in one pass.
+
+  Args:
+    tx: a merge step.
+
+  Returns:
+    ``False`` for a step the table does not hold (a user's own ``MergeTransform``: its ``apply`` may read the
+    whole model); :func:`jaxmerge.per_leaf`, :func:`jaxmerge.per_task` and :func:`jaxmerge.across_tasks` steps
+    are leafwise by construction.
+  """
+  return accepts(LEAFWISE, tx)
+
 
 def merge_leafwise(
     tx: MergeTransform,
@@ -463,7 +495,7 @@ def merge_leafwise(
   """Merges checkpoints tensor by tensor with a *leafwise* transform.
 
   Args:
-    tx: a transform with ``tx.leafwise`` (each leaf's result depends on that leaf alone).
+    tx: a :func:`leafwise` transform (each leaf's result depends on that leaf alone).
     pretrained: a lazy reader (``keys``, ``shape``, ``dtype``, ``get``) or an in-memory pytree.
     models: one reader or pytree per task.
     writer: ``writer.write(name, array)`` receives each merged tensor; for per-task transforms, a sequence of
@@ -485,7 +517,7 @@ def merge_leafwise(
     ValueError: a non-leafwise transform (use :func:`merge_streaming`), mismatched checkpoints, NaN/Inf, or a
       stochastic transform without a key.
   """
-  if not tx.leafwise:
+  if not leafwise(tx):
     raise ValueError("this transform is not leafwise (it needs statistics over the whole model); use "
                      f"jaxmerge.stream.merge_streaming, which streams {', '.join(two_pass_methods())} in two passes")
   if tx.needs_key and key is None:
@@ -509,10 +541,11 @@ def merge_leafwise(
   def dispatch(name, pre, fts):
     dt = np.dtype(odt(name))
     # A by-shape transform's leaf program never reads the path (no per-leaf keys, labels or layouts).
-    same = ("leaf", str(dt)) if tx.by_shape else None
+    same = ("leaf", str(dt)) if by_leaf else None
     return comp(make(name, dt), pre, tuple(fts), coeffs, key, _path_id(name), same_as=same)
 
-  if tx.by_shape:  # one program per argument type: compile them all in the background while the merge starts
+  by_leaf = runs_by_leaf(tx)
+  if by_leaf:  # one program per argument type: compile them all in the background while the merge starts
     for name in inp.floats:
       dt = np.dtype(odt(name))
       spec = [jax.ShapeDtypeStruct(tuple(r.shape(name)), np.dtype(r.dtype(name))) for r in (inp.pre, *inp.models)]
@@ -642,7 +675,7 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
       return f
 
     # Without a prefix (or with a flat one) no step reads the leaf's path: one trace per argument type.
-    path_free = prefix is None or prefix.by_shape
+    path_free = prefix is None or runs_by_leaf(prefix)
     token = object() if path_free else None
 
     def trimmed(path, pre, fts, key, pid, thr):
@@ -808,7 +841,8 @@ def _emr_plan(rescaler: str) -> Callable[..., None]:
 
 
 def method_plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
-  """The multi-pass plan of a registered method with these hyperparameters.
+  """The multi-pass plan of a registered method with these hyperparameters (:func:`plan_of` of the step the
+  registry builds).
 
   Args:
     name: the registry name.
@@ -817,33 +851,39 @@ def method_plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
   Returns:
     The plan, or ``None`` when the method has none.
   """
-  hp = _hp(name, hparams)
-  if name == "ties" and hp["scope"] == "global":
-    return _Plan(_ties_plan(None, hp["density"], hp["disjoint"], hp["count"], hp["zero_sign"], hp["scale"]), False)
-  if name == "dare" and hp["base"] == "ties" and hp["scope"] == "global":
-    return _Plan(_ties_plan(T.drop(hp["p"], hp["rescale"]), hp["density"], hp["disjoint"], "reference", "majority",
-                            hp["scale"]), False)
-  if name == "consensus" and hp["base"] == "ties" and hp["scope"] == "global":
-    return _Plan(_ties_plan(T.consensus_mask(hp["k"], hp["tall_lambda"], hp["strict"]), hp["density"],
-                            hp["disjoint"], "reference", "majority", hp["scale"]), False)
-  if name == "localize_stitch":
-    return _Plan(_stitch_plan(hp["density"]), False)
-  if name == "byom":
-    return _Plan(_byom_plan(hp["density"], hp["scale"]), True)
-  if name == "emr":
-    return _Plan(_emr_plan(hp["rescaler"]), True)
-  return None
+  return plan_of(method_info(name).factory(**_hp(name, hparams)))
 
 
-def _plan_of(tx: MergeTransform) -> _Plan | None:
-  """The multi-pass plan of a transform recognized by its steps' identities (:func:`jaxmerge.engine.native.normalized`):
-  global TIES, optionally after DARE's drop and before a scale, however it is spelled (the registry's ``ties``,
-  a nested chain, or ``trim`` and ``disjoint_merge`` composed by hand). ``None`` otherwise."""
-  sp = native.spec(tx)
-  if sp is None or sp.op != "ties":
+def plan_of(tx: MergeTransform) -> _Plan | None:
+  """This backend's table of global steps, read from the steps' identities: global TIES however it is spelled
+  (the registry's ``ties``, a nested chain, ``trim`` and ``disjoint_merge`` composed by hand:
+  :func:`jaxmerge.engine.native.normalized`), after an optional leafwise task-preserving step (DARE's drop,
+  Consensus's mask, a :func:`jaxmerge.per_leaf` step) and before an optional scale; Localize-and-Stitch's
+  ``stitch``, BYOM's ``byom_residuals`` and EMR's ``emr_modulate``.
+
+  Args:
+    tx: a merge step.
+
+  Returns:
+    The plan, or ``None`` for any other step.
+  """
+  ident = identity_of(tx)
+  name = ident[0] if ident is not None else None
+  if name == "stitch":
+    return _Plan(_stitch_plan(ident[1]), False)
+  if name == "byom_residuals":
+    return _Plan(_byom_plan(ident[1], ident[2]), True)
+  if name == "emr_modulate":
+    return _Plan(_emr_plan(ident[1]), True)
+  sp, prefix = native.spec(tx), None
+  if sp is None or sp.drop is not None:
+    steps = steps_of(tx)
+    if len(steps) < 2 or not leafwise(steps[0]) or steps[0].reduces:
+      return None
+    sp, prefix = native.spec(chain(*steps[1:])), steps[0]  # the prefix is the chain's step 0 (fold_in(key, 0))
+  if sp is None or sp.op != "ties" or sp.drop is not None:
     return None
   density, merge_func, count, zero_sign = sp.ties
-  prefix = tx.steps[0] if sp.drop is not None else None  # the chain's step 0 (its key is fold_in(key, 0))
   return _Plan(_ties_plan(prefix, density, merge_func, count, zero_sign, sp.scale), False)
 
 
@@ -871,7 +911,7 @@ def streamable_methods() -> list[str]:
       tx = info.factory()
     except Exception:  # noqa: BLE001 (a method that needs hyperparameters cannot be judged here)
       continue
-    if tx.leafwise or method_plan(name, {}) is not None:
+    if leafwise(tx) or method_plan(name, {}) is not None:
       out.append(name)
   return out
 
@@ -892,13 +932,13 @@ def merge_streaming(
     check_finite: bool = True,
     prefetch: bool = True,
 ) -> StreamResult:
-  """Streams any merge that can be streamed: leafwise transforms in one pass (:func:`merge_leafwise`), global
-  registry methods (``method=(name, hparams)``, as ``tx`` was built) in exact multi-pass plans.
+  """Streams any merge that can be streamed: leafwise transforms in one pass (:func:`merge_leafwise`), the global
+  steps of :func:`plan_of` (recognized by their identities, however they are composed) in exact multi-pass plans.
 
   Args:
-    tx: the transform (used as is when leafwise).
-    method: the registry name and hyperparameters ``tx`` was built from; needed for non-leafwise transforms
-      other than global TIES (with an optional DARE drop and scale), which is recognized from its steps.
+    tx: the transform.
+    method: the registry name and hyperparameters ``tx`` was built from, named in the error message (the plan is
+      read from ``tx`` itself).
     Other arguments: as :func:`merge_leafwise` (``coeffs`` applies to leafwise transforms only).
 
   Returns:
@@ -907,12 +947,10 @@ def merge_streaming(
   Raises:
     ValueError: a transform that neither is leafwise nor has a plan (the message lists what streams).
   """
-  if tx.leafwise:
+  if leafwise(tx):
     return merge_leafwise(tx, pretrained, models, writer, key=key, coeffs=coeffs, layout=layout, names=names,
                           per_task=per_task, out_dtype=out_dtype, check_finite=check_finite, prefetch=prefetch)
-  plan = _plan_of(tx)
-  if plan is None and method is not None:
-    plan = method_plan(method[0], method[1])
+  plan = plan_of(tx)
   if plan is None:
     what = f"method {method[0]!r} with {dict(method[1])}" if method is not None else "this transform"
     raise ValueError(f"{what} cannot be streamed: it is not leafwise and has no multi-pass plan. Streamable "

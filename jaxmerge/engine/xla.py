@@ -8,6 +8,10 @@
 - ``leaf_then_flat`` (:func:`run_leaf_then_flat`): a leafwise prefix leaf by leaf into one ``(T, N)`` buffer, then
   the flat rest on it.
 
+Which steps run on the ``flat`` and ``leaf`` programs is this module's own knowledge: the tables :data:`FLAT` and
+:data:`BY_LEAF`, keyed by the identity the library's factories give their steps (:func:`jaxmerge.base.identity_of`).
+A step missing from a table (a user's own step, whose identity is ``None``) runs on the whole-model program.
+
 NaN/Inf checks (:func:`nonfinite_flags`, :func:`raise_nonfinite`) name the model and the leaf.
 """
 
@@ -22,14 +26,85 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import tree as jtree
-from jaxmerge.base import MergeContext, MergeTransform
+from jaxmerge.base import MergeContext, MergeTransform, identity_of
 from jaxmerge.engine import native
 from jaxmerge.engine.host import aligned_empty, host_backed, pool
 
-__all__ = ["flat_merge", "leaf_apply", "leaf_program", "merge_leaf", "nonfinite_flags", "prefix_program",
-           "raise_nonfinite", "run_leaf_then_flat", "split_flat", "whole_program"]
+__all__ = ["BY_LEAF", "FLAT", "accepts", "flat_merge", "leaf_apply", "leaf_program", "merge_leaf", "nonfinite_flags",
+           "prefix_program", "raise_nonfinite", "run_leaf_then_flat", "runs_by_leaf", "runs_flat", "split_flat",
+           "whole_program"]
 
 Layout = Callable[[str, jax.ShapeDtypeStruct], Any]
+
+
+def _always(ident: tuple) -> bool:
+  del ident
+  return True
+
+
+# Steps whose result is unchanged when every leaf is concatenated into one flat (T, N) vector: elementwise math
+# plus whole-model statistics, no per-leaf keys, coefficients, paths or shapes. {factory: rule on its identity}.
+FLAT: dict[str, Callable[[tuple], bool]] = {
+    "scale": _always, "sum_tasks": _always, "mean_tasks": _always, "weighted_sum": _always, "ties_merge": _always,
+    "stitch": _always, "byom_residuals": _always,
+    "trim": lambda i: i[2] == "global",  # (density, scope, count)
+    "disjoint_merge": lambda i: i[2] == "global" or i[3] == "positive",  # (merge_func, sign_scope, zero_sign)
+    "scale_tasks": lambda i: not i[2],  # (values, per_leaf)
+}
+
+# Leafwise steps whose program for a leaf depends only on its shape and dtype (the path is read, if at all, only
+# through the leaf's random key, which the programs take as an argument: jaxmerge.tree.traced_leaf_ids): one
+# compiled program per leaf shape.
+BY_LEAF: dict[str, Callable[[tuple], bool]] = {
+    "scale": _always, "sum_tasks": _always, "mean_tasks": _always, "weighted_sum": _always, "per_task": _always,
+    "across_tasks": _always, "drop": _always, "consensus_mask": _always,
+    "trim": lambda i: i[2] == "leaf",
+    "disjoint_merge": lambda i: i[2] == "leaf" or i[3] == "positive",
+    "scale_tasks": lambda i: not i[2],
+}
+
+
+def accepts(table: dict[str, Callable[[tuple], bool]], tx: MergeTransform) -> bool:
+  """Whether every step of ``tx`` (chains read through, however nested) is in ``table`` by its identity.
+
+  Args:
+    table: ``{factory name: rule(identity) -> bool}``.
+    tx: a merge step.
+
+  Returns:
+    ``False`` for any step without an identity the library set (:func:`jaxmerge.base.identity_of`).
+  """
+  ident = identity_of(tx)
+  if ident is None:
+    return False
+  if ident[0] == "chain":
+    return all(accepts(table, s) for s in ident[1])
+  rule = table.get(ident[0])
+  return rule is not None and bool(rule(ident))
+
+
+def runs_flat(tx: MergeTransform) -> bool:
+  """Whether ``tx`` runs on one ``(T, N)`` view of the whole model (:data:`FLAT`).
+
+  Args:
+    tx: a merge step.
+
+  Returns:
+    ``True`` when every step is in :data:`FLAT`.
+  """
+  return accepts(FLAT, tx)
+
+
+def runs_by_leaf(tx: MergeTransform) -> bool:
+  """Whether ``tx`` runs leaf by leaf, one program per leaf shape (:data:`BY_LEAF`).
+
+  Args:
+    tx: a merge step.
+
+  Returns:
+    ``True`` when every step is in :data:`BY_LEAF`.
+  """
+  return accepts(BY_LEAF, tx)
 
 
 def _task_vectors(pre: jax.Array, ft: Any, p: str) -> jax.Array:
@@ -280,8 +355,8 @@ def leaf_apply(tx: MergeTransform, layout: Layout, path: str, pre: jax.Array, ft
   (``coeffs=None``: ``tx.init``). Shared by every leaf program of both engines.
 
   ``pid`` is the leaf's id (:func:`jaxmerge.tree.leaf_id` of ``path``), usually a traced argument: the leaf's
-  random key then folds it in as a value (:func:`jaxmerge.tree.traced_leaf_ids`), so a ``by_shape`` transform's
-  program serves every leaf of the same shape.
+  random key then folds it in as a value (:func:`jaxmerge.tree.traced_leaf_ids`), so the program of a by-leaf
+  transform (:data:`BY_LEAF`) serves every leaf of the same shape.
 
   Args:
     tx: the merge step.
@@ -320,17 +395,17 @@ def merge_leaf(tx: MergeTransform, layout: Layout, per_task: bool, path: str, pr
 
 @functools.lru_cache(maxsize=128)
 def leaf_program(tx: MergeTransform, layout: Layout, per_task: bool, check_finite: bool) -> Callable[..., Any]:
-  """One leaf's merge for a leafwise ``by_shape`` transform: ``(pre, fts, key, leaf_id) -> (leaf, bad)``, ``fts``
+  """One leaf's merge for a by-leaf transform (:data:`BY_LEAF`): ``(pre, fts, key, leaf_id) -> (leaf, bad)``, ``fts``
   the leaf's ``T`` fine-tuned values, ``bad`` a scalar NaN/Inf probe of the leaf's inputs (``False`` without
   ``check_finite``).
 
-  The leaf's id is an argument and the path a placeholder (a ``by_shape`` step reads the path only through its
+  The leaf's id is an argument and the path a placeholder (a by-leaf step reads the path only through its
   key), so every leaf of a shape and dtype shares one compiled program: a whole-model program grows with the
   number of leaves (DARE's random draws made it a 26 s compilation for a ViT-B/32), this one with the number of
   distinct shapes.
 
   Args:
-    tx: a leafwise by-shape merge step.
+    tx: a by-leaf merge step (:func:`runs_by_leaf`).
     layout: the matrix layout passed to the step.
     per_task: one merged leaf per task (``True``) or one leaf (``False``).
     check_finite: also compute the NaN/Inf probe.

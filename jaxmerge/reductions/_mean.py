@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import stats
-from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform
+from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform, identified
 from jaxmerge.tree import fence, global_sum, on_mesh, task_mean, task_sum
 
 __all__ = ["disjoint_merge", "disjoint_rows", "elect", "elected_sign", "mean_tasks", "sum_tasks", "ties_merge",
@@ -34,7 +34,7 @@ def sum_tasks() -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(task_sum, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, flat=True, kernel=("sum",))
+  return identified(_empty, apply, REDUCE, "sum_tasks")
 
 
 def mean_tasks() -> MergeTransform:
@@ -51,7 +51,7 @@ def mean_tasks() -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(task_mean, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, flat=True, kernel=("mean",))
+  return identified(_empty, apply, REDUCE, "mean_tasks")
 
 
 def weighted_sum(weights) -> MergeTransform:
@@ -80,7 +80,7 @@ def weighted_sum(weights) -> MergeTransform:
     w = coeffs["weights"]
     return jax.tree.map(lambda x: task_sum(x, w), tree)
 
-  return MergeTransform(init, apply, REDUCE, flat=True)
+  return identified(init, apply, REDUCE, "weighted_sum", weights)
 
 
 def elected_sign(tree, scope: str = "global"):
@@ -213,8 +213,7 @@ def ties_merge(
 
     return jax.tree.map(merge_leaf, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=False, flat=True,
-                        kernel=("ties", float(density), merge_func, count, zero_sign))
+  return identified(_empty, apply, REDUCE, "ties_merge", float(density), merge_func, count, zero_sign)
 
 
 def elect(total: jax.Array, zero_sign: str, majority: jax.Array | None = None) -> jax.Array:
@@ -296,6 +295,4 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sig
     majority = _majority(signs)
     return jax.tree.map(lambda x, s: leaf(x, jnp.where(s == 0, majority, s)), tree, signs)
 
-  leafwise = sign_scope == "leaf" or zero_sign == "positive"
-  return MergeTransform(_empty, apply, REDUCE, leafwise=leafwise, flat=sign_scope == "global" or zero_sign == "positive",
-                        path_free=True, kernel=("disjoint", merge_func, sign_scope, zero_sign))
+  return identified(_empty, apply, REDUCE, "disjoint_merge", merge_func, sign_scope, zero_sign)

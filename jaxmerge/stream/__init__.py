@@ -17,12 +17,13 @@ from jaxmerge.engine.stream import DictReader as DictReader
 from jaxmerge.engine.stream import DictWriter as DictWriter
 from jaxmerge.engine.stream import StreamResult as StreamResult
 from jaxmerge.engine.stream import is_float_dtype as is_float_dtype
+from jaxmerge.engine.stream import leafwise as leafwise
 from jaxmerge.engine.stream import method_plan as method_plan
 from jaxmerge.engine.stream import streamable_methods as streamable_methods
 from jaxmerge.engine.stream import two_pass_methods as two_pass_methods
 from jaxmerge.io import llm
 
-__all__ = ["DictReader", "DictWriter", "StreamResult", "aligned", "is_float_dtype", "merge_leafwise", "merge_streaming",
+__all__ = ["DictReader", "DictWriter", "StreamResult", "aligned", "is_float_dtype", "leafwise", "merge_leafwise", "merge_streaming",
            "method_plan", "streamable_methods", "two_pass_methods"]
 
 

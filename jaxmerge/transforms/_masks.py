@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import stats
-from jaxmerge.base import REDUCE, TASK, EmptyCoeffs, MergeTransform
+from jaxmerge.base import REDUCE, TASK, EmptyCoeffs, MergeTransform, identified
 from jaxmerge.tree import concat_tasks, task_max, task_sum
 
 __all__ = [
@@ -92,7 +92,7 @@ def tall_masks(tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) 
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK)
+  return identified(_empty, apply, TASK, "tall_masks", tall_lambda, strict)
 
 
 def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) -> MergeTransform:
@@ -129,7 +129,7 @@ def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, stric
     return jax.tree.map(leaf, tree)
 
   # Elementwise over each leaf, no path, key or layout: one program per leaf shape in the leaf-by-leaf engines.
-  return MergeTransform(_empty, apply, TASK, path_free=True)
+  return identified(_empty, apply, TASK, "consensus_mask", k, tall_lambda, strict)
 
 
 def emr_parts(tree):
@@ -212,7 +212,7 @@ def emr_unified() -> MergeTransform:
     del coeffs, key, ctx
     return emr_parts(tree)[0]
 
-  return MergeTransform(_empty, apply, REDUCE)
+  return identified(_empty, apply, REDUCE, "emr_unified")
 
 
 def emr_modulate(rescaler: str = "reference") -> MergeTransform:
@@ -240,7 +240,7 @@ def emr_modulate(rescaler: str = "reference") -> MergeTransform:
     uni, masks, lam = emr_rescaled(tree, rescaler)
     return jax.tree.map(lambda m, u: jnp.where(m, u[None], 0) * _bcast(lam, m), masks, uni)
 
-  return MergeTransform(_empty, apply, TASK, leafwise=False)
+  return identified(_empty, apply, TASK, "emr_modulate", rescaler)
 
 
 def stitch(density: float = 0.1) -> MergeTransform:
@@ -285,7 +285,7 @@ def stitch(density: float = 0.1) -> MergeTransform:
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=False, flat=True)
+  return identified(_empty, apply, REDUCE, "stitch", density)
 
 
 def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
@@ -319,7 +319,7 @@ def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK, leafwise=False, flat=True)
+  return identified(_empty, apply, TASK, "byom_residuals", density, scale)
 
 
 def _minmax(v: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -402,4 +402,4 @@ def pcb_reduce(
       out.append(task_sum(tv * b) / jnp.maximum(task_sum(b), 1e-12))
     return jax.tree.unflatten(treedef, out)
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=False)
+  return identified(_empty, apply, REDUCE, "pcb_reduce", ratio, scales, clamp_ratio, inter)

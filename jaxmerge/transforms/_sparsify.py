@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxmerge import filters as jfilters
 from jaxmerge import stats
 from jaxmerge import tree as jtree
-from jaxmerge.base import TASK, EmptyCoeffs, MergeTransform, context_of, require_key
+from jaxmerge.base import TASK, EmptyCoeffs, MergeTransform, context_of, identified, require_key
 
 __all__ = ["drop", "magprune", "outlier_mask", "rows_view", "trim"]
 
@@ -74,8 +74,7 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK, leafwise=scope == "leaf", flat=scope == "global", path_free=True,
-                        kernel=("trim", float(density), scope, count))
+  return identified(_empty, apply, TASK, "trim", float(density), scope, count)
 
 
 def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
@@ -114,11 +113,7 @@ def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
 
     return jtree.map_with_path(leaf, tree)
 
-  # The path is read only through the leaf's key (jaxmerge.tree.leaf_key): engines pass the leaf id as an
-  # argument, and every leaf of a shape shares one program.
-  # Native CPU kernels (jaxmerge.engine.native) recognize the drop with a 1 / (1 - p) rescale or none.
-  kernel = ("drop", float(p), bool(rescale)) if rescale in (True, False) and p < 1 else ()
-  return MergeTransform(_empty, apply, TASK, needs_key=True, path_free=True, kernel=kernel)
+  return identified(_empty, apply, TASK, "drop", float(p), rescale, needs_key=True)
 
 
 def _l1_rescale(x: jax.Array, kept: jax.Array, eps: float = 1e-7) -> jax.Array:
@@ -191,7 +186,7 @@ def magprune(p: float = 0.3, window: float = 0.14, rescale: bool = True) -> Merg
 
     return jtree.map_with_path(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK, needs_key=True)
+  return identified(_empty, apply, TASK, "magprune", p, window, rescale, needs_key=True)
 
 
 def outlier_mask(density: float = 0.85, gamma: float = 0.006, granularity: str = "row") -> MergeTransform:
@@ -238,4 +233,4 @@ def outlier_mask(density: float = 0.85, gamma: float = 0.006, granularity: str =
 
     return jtree.map_with_path(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK)
+  return identified(_empty, apply, TASK, "outlier_mask", density, gamma, granularity)

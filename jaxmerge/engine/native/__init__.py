@@ -47,6 +47,7 @@ import numpy as np
 
 from jaxmerge import stats
 from jaxmerge import tree as jtree
+from jaxmerge.base import identity_of, steps_of
 from jaxmerge.engine.host import aligned_empty, umask
 
 __all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "ties_thresholds", "ties_rows"]
@@ -236,20 +237,43 @@ class Spec(NamedTuple):
   ties: tuple[float, str, str, str] | None = None
 
 
+def _kernel(ident: tuple | None) -> tuple:
+  """This backend's table: a step's identity as what the kernels run, ``()`` when they do not run it. ``("drop",
+  p, rescale)`` with a ``1 / (1 - p)`` rescale or none and ``p < 1``; ``("scale", v)``; ``("sum",)``;
+  ``("mean",)``; ``("ties", density, merge_func, count, zero_sign)``; ``("trim", density, "global", count)`` and
+  ``("disjoint", merge_func, sign_scope, zero_sign)`` (TIES when composed, :func:`normalized`)."""
+  name = ident[0] if ident else None
+  if name == "drop":
+    return ("drop", ident[1], bool(ident[2])) if ident[2] in (True, False) and ident[1] < 1 else ()
+  if name == "scale":
+    return ident
+  if name in ("sum_tasks", "mean_tasks"):
+    return (name[:-6],)
+  if name == "ties_merge":
+    return ("ties", *ident[1:])
+  if name == "trim" and ident[2] == "global":
+    return ident
+  if name == "disjoint_merge":
+    return ("disjoint", *ident[1:])
+  return ()
+
+
 def normalized(tx: Any) -> list[tuple]:
-  """The identities (``kernel`` tuples) of ``tx``'s steps, nested chains inlined (:func:`jaxmerge.chain`), with
-  the catalogue's compositions read as the fused steps they equal: ``trim(d, "global", count)`` followed by
-  ``disjoint_merge(f, "global", z)`` (or ``zero_sign="positive"``, whose scope does not matter) is
-  ``ties_merge(d, f, count, z)``. A step without an identity is ``()``.
+  """What the kernels run of ``tx``'s steps (:func:`_kernel` of their identities, nested chains inlined:
+  :func:`jaxmerge.chain`), with the catalogue's compositions read as the fused steps they equal:
+  ``trim(d, "global", count)`` followed by ``disjoint_merge(f, "global", z)`` (or ``zero_sign="positive"``, whose
+  scope does not matter) is ``ties_merge(d, f, count, z)``. A step the kernels do not run is ``()``.
 
   Args:
     tx: a merge transform.
 
   Returns:
-    The list of identities, in order.
+    The list of kernel steps, in order.
   """
   out: list[tuple] = []
-  for k in (s.kernel if s.vouched else () for s in (tx.steps or (tx,))):
+  # One level: a chain's steps are its inlined steps, and step i draws fold_in(key, i) (a named chain inside a
+  # chain is one step, with its own keys: not recognized).
+  for k in (_kernel(identity_of(s)) for s in steps_of(tx)):
     prev = out[-1] if out else ()
     if (k[:1] == ("disjoint",) and prev[:1] == ("trim",) and prev[2] == "global"
         and (k[2] == "global" or k[3] == "positive")):
