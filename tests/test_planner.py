@@ -161,6 +161,21 @@ def test_hand_composed_global_ties_streams_exactly(name):
     _close(w, jm.merge(tx, pre, fts, key=key))
 
 
+def test_global_stream_plans_are_read_from_identities_not_registry_names():
+  """Consensus on TIES, Localize-and-Stitch and a user's ``per_leaf`` step in front of a hand-composed global TIES
+  stream in exact passes with no registry name (``merge_streaming`` reads the plan from the steps), with the
+  in-memory result."""
+  pre, fts = _models(seed=5)
+  key = jax.random.key(5)
+  for tx in [jm.get_method("consensus")(base="ties", k=1), jm.get_method("localize_stitch")(density=0.2),
+             jm.chain(jm.per_leaf(lambda path, x, **_: x * (0.5 if path == "b" else 1.0)), T.trim(0.3, "global"),
+                      R.disjoint_merge("sum", "global"))]:
+    w = DictWriter()
+    res = merge_streaming(tx, pre, fts, w, key=key)
+    assert res.passes >= 2
+    _close(w, jm.merge(tx, pre, fts, key=key))
+
+
 def test_forced_backends():
   pre, fts = _models(seed=2)
   tx = jm.get_method("breadcrumbs")()
