@@ -23,7 +23,7 @@ import numpy as np
 from jaxmerge import tree as jtree
 
 __all__ = ["KthSmallest", "from_keys", "global_thresholds", "high_histogram", "kth_smallest", "kth_smallest_rows",
-           "low_histogram", "order_keys", "order_statistic", "task_thresholds", "threshold_rank", "use_cpu_kernel"]
+           "leaf_thresholds", "low_histogram", "order_keys", "order_statistic", "task_thresholds", "threshold_rank", "use_cpu_kernel"]
 
 _B = 1 << 16
 
@@ -200,6 +200,21 @@ def task_thresholds(leaves: list[jax.Array], density: float, count: str = "refer
     return jax.lax.platform_dependent(cpu=lambda: kernel[0](leaves, k),
                                       default=lambda: _xla_thresholds(leaves, k))
   return _xla_thresholds(leaves, k)
+
+
+def leaf_thresholds(x: jax.Array, density: float, count: str = "reference") -> jax.Array:
+  """Per-task magnitude thresholds ``(T,)`` over one stacked leaf ``x`` (:func:`task_thresholds`; the native CPU
+  select where it runs).
+
+  Args:
+    x: a ``(T, ...)`` leaf.
+    density: fraction kept, in ``[0, 1]``.
+    count: ``"reference"`` or ``"exact"``.
+
+  Returns:
+    The ``(T,)`` float32 thresholds (zeros when everything is kept).
+  """
+  return task_thresholds([x], density, count, use_native=True)
 
 
 def global_thresholds(tree, density: float, count: str = "reference") -> jax.Array:

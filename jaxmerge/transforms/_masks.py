@@ -128,7 +128,6 @@ def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, stric
 
     return jax.tree.map(leaf, tree)
 
-  # Elementwise over each leaf, no path, key or layout: one program per leaf shape in the leaf-by-leaf engines.
   return identified(_empty, apply, TASK, "consensus_mask", k, tall_lambda, strict)
 
 

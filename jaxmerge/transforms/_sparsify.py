@@ -69,7 +69,7 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
       return jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= _bcast(thr, x), x, 0), tree)
 
     def leaf(x):
-      thr = stats.task_thresholds([x], density, count, use_native=True)
+      thr = stats.leaf_thresholds(x, density, count)
       return jnp.where(jnp.abs(x) >= _bcast(thr, x), x, 0)
 
     return jax.tree.map(leaf, tree)
