@@ -161,7 +161,7 @@ def _merge(method: str, hparams: Mapping, pretrained, experts: Sequence, seed: i
   hp = dict(hparams or {})
   tx = jm.get_method(method)(**hp)
   key = jax.random.key(seed) if getattr(tx, "needs_key", False) else None
-  if stream and (tx.leafwise or jstream._plan(method, hp) is not None):  # noqa: SLF001
+  if stream and (jstream.leafwise(tx) or jstream.method_plan(method, hp) is not None):
     writers = [jstream.DictWriter() for _ in experts] if info.per_task else jstream.DictWriter()
     jstream.merge_streaming(tx, jstream.DictReader(pretrained), [jstream.DictReader(e) for e in experts], writers,
                             method=(method, hp), key=key, layout=jm.filters.flax_layout, per_task=info.per_task)

@@ -30,10 +30,10 @@ from jaxmerge.combine import chain as chain
 from jaxmerge.combine import masked as masked
 from jaxmerge.combine import named_chain as named_chain
 from jaxmerge.combine import partition as partition
-from jaxmerge.merge import make_merger as make_merger
-from jaxmerge.merge import merge as merge
-from jaxmerge.merge import merge_per_task as merge_per_task
-from jaxmerge.merge import route as route
+from jaxmerge.engine.merge import make_merger as make_merger
+from jaxmerge.engine.merge import merge as merge
+from jaxmerge.engine.merge import merge_per_task as merge_per_task
+from jaxmerge.engine.merge import route as route
 from jaxmerge.registry import MethodInfo as MethodInfo
 from jaxmerge.registry import get_method as get_method
 from jaxmerge.registry import list_methods as list_methods

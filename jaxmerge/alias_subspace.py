@@ -15,14 +15,13 @@ from jaxmerge import reductions as R
 from jaxmerge import transforms as T
 from jaxmerge.base import MergeTransform
 from jaxmerge.combine import chain
-from jaxmerge.reductions._matrix import REDUCE_FALLBACKS, TASK_FALLBACKS
 from jaxmerge.registry import choice, flag, get_method, integer, mapping, method_info, real, register
 
 __all__ = ["byom_lora", "cart", "iso_c", "iso_cts", "knots", "star", "tsv_c", "tsv_m", "wudi"]
 
 
-REDUCE_FALLBACK = choice(*REDUCE_FALLBACKS)
-TASK_FALLBACK = choice(*TASK_FALLBACKS)
+REDUCE_FALLBACK = choice(*R.REDUCE_FALLBACKS)
+TASK_FALLBACK = choice(*R.TASK_FALLBACKS)
 RANK_FRACTION = real(0, 1, lo_open=True)
 
 

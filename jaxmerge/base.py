@@ -9,6 +9,8 @@ what one might sweep or learn (scales, logits) is in the coefficients, so a swee
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -24,9 +26,12 @@ __all__ = [
     "MergeTransform",
     "across_tasks",
     "context_of",
+    "identified",
+    "identity_of",
     "per_leaf",
     "per_task",
     "require_key",
+    "steps_of",
 ]
 
 TASK = "task"
@@ -63,8 +68,20 @@ def context_of(ctx: MergeContext | None) -> MergeContext:
   return ctx if ctx is not None else MergeContext()
 
 
-class MergeTransform(NamedTuple):
-  """A merge step.
+class _Fields(NamedTuple):
+  init: Callable[[Stacked], Coeffs]
+  apply: Callable[..., Any]
+  kind: str = TASK
+  needs_key: bool = False
+  steps: tuple = ()
+  identity: tuple | None = None
+
+
+_HINTS = ("leafwise", "flat", "path_free", "steps", "kernel")  # the positional order of the old engine hints
+
+
+class MergeTransform(_Fields):
+  """A merge step: what it computes, nothing about how it runs.
 
   Attributes:
     init: ``init(stack) -> coeffs``: default coefficients.
@@ -72,56 +89,128 @@ class MergeTransform(NamedTuple):
     kind: ``"task"`` (task-preserving), ``"reduce"`` (removes the task axis) or ``"any"`` (works on both,
       e.g. a global scale).
     needs_key: whether ``apply`` requires a PRNG key.
-    leafwise: whether each leaf's result depends on that leaf alone (such steps can be streamed).
-    flat: whether the result is unchanged when every leaf is concatenated into one flat vector (elementwise
-      math plus whole-model statistics; no per-leaf keys, coefficients, paths or shapes). :func:`jaxmerge.merge`
-      then runs the step on one ``(T, N)`` array, whose compile time does not grow with the number of leaves.
-    path_free: whether ``apply`` reads a leaf's path only through its random key (:func:`jaxmerge.tree.leaf_key`;
-      no labels, layouts or per-leaf coefficients): two leaves of the same shape and dtype then get the same
-      program (the engines pass the leaf's id as an argument, :func:`jaxmerge.tree.traced_leaf_ids`), so a
-      leaf-by-leaf merge traces and compiles it once per shape (implied by ``flat``; see :attr:`by_shape`).
-    steps: a chain's steps (:func:`jaxmerge.chain`), ``()`` otherwise. :func:`jaxmerge.merge` runs a chain of
-      leafwise by-shape steps followed by ``flat`` ones (DARE on TIES) as per-leaf programs, then one program on
-      the ``(T, N)`` view.
-    kernel: a hashable description of the step for :mod:`jaxmerge.native` (``("ties", density, merge_func, count,
-      zero_sign)``, ``("sum",)``, ``("mean",)``, ``("drop", p, rescale)``, ``("scale", value)``), ``()`` otherwise:
-      :func:`jaxmerge.merge` runs a chain it recognizes (:func:`jaxmerge.native.spec`) as one native CPU call
-      (same results).
+    steps: a chain's steps, nested chains inlined (:func:`jaxmerge.chain`), ``()`` otherwise.
+    identity: ``(factory name, static hyperparameters...)`` for a step built by one of jaxmerge's factories
+      (``("scale", 0.3)``, ``("drop", 0.9, True)``, ``("ties_merge", 0.2, "sum", "reference", "majority")``),
+      ``None`` for a step whose ``apply`` is the user's own code. The engine's backends each own a table of
+      the identities they run (:mod:`jaxmerge.engine`); they read an identity only through
+      :func:`identity_of`, which accepts it only on the ``init`` and ``apply`` the factory registered with it.
+      A step no backend recognizes runs on the whole-model program: slower, never wrong.
+
+  The engine hints of earlier versions (``leafwise``, ``flat``, ``path_free``, ``kernel``) are accepted, with a
+  ``DeprecationWarning``, and ignored.
   """
 
-  init: Callable[[Stacked], Coeffs]
-  apply: Callable[..., Any]
-  kind: str = TASK
-  needs_key: bool = False
-  leafwise: bool = True
-  flat: bool = False
-  path_free: bool = False
-  steps: tuple = ()
-  kernel: tuple = ()
+  __slots__ = ()
 
-  @property
-  def vouched(self) -> bool:
-    """Whether the engine may act on the hints ``flat`` and ``path_free``: only for steps whose ``apply`` is
-    jaxmerge's own code (a library factory, :func:`per_task`, :func:`across_tasks`, or a chain of such steps),
-    never for :func:`per_leaf` steps (they receive the path). A user's ``apply`` flagged by hand runs on the
-    whole-model program, which reads every path as it is: slower, never wrong."""
-    fn = self.apply
-    return getattr(fn, "__module__", "").startswith("jaxmerge.") and not getattr(fn, "reads_path", False)
-
-  @property
-  def runs_flat(self) -> bool:
-    """``flat``, when :attr:`vouched`."""
-    return self.flat and self.vouched
-
-  @property
-  def by_shape(self) -> bool:
-    """Whether the step's program for a leaf depends only on the leaf's shape and dtype (``flat`` or
-    ``path_free``, when :attr:`vouched`)."""
-    return (self.flat or self.path_free) and self.vouched
+  def __new__(cls, init, apply, kind=TASK, needs_key=False, steps=(), identity=None, *old, **hints):
+    if isinstance(steps, bool) or old:  # the old positional order: (..., leafwise, flat, path_free, steps, kernel)
+      old = (steps, identity, *old)
+      hints = {**dict(zip(_HINTS, old)), **hints}
+      steps, identity = hints.pop("steps", ()), None
+    unknown = sorted(set(hints) - set(_HINTS))
+    if unknown:
+      raise TypeError(f"MergeTransform got unexpected keyword arguments {unknown}")
+    if hints:
+      warnings.warn(f"MergeTransform's engine hints {sorted(hints)} are deprecated and ignored: the engine "
+                    "recognizes jaxmerge's own steps by their identity and runs any other step on the whole-model "
+                    "program", DeprecationWarning, stacklevel=2)
+    return super().__new__(cls, init, apply, kind, needs_key, tuple(steps), identity)
 
   @property
   def reduces(self) -> bool:
     return self.kind == REDUCE
+
+
+class _ById:
+  """An unhashable hyperparameter (a tree of labels) inside an identity: equal only to itself."""
+
+  __slots__ = ("value",)
+
+  def __init__(self, value):
+    self.value = value
+
+  def __hash__(self):
+    return id(self.value)
+
+  def __eq__(self, other):
+    return isinstance(other, _ById) and other.value is self.value
+
+
+def _static(v: Any) -> Any:
+  try:
+    hash(v)
+    return v
+  except TypeError:
+    return tuple(v) if isinstance(v, list) and all(_hashable(x) for x in v) else _ById(v)
+
+
+def _hashable(v: Any) -> bool:
+  try:
+    hash(v)
+    return True
+  except TypeError:
+    return False
+
+
+_REGISTERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # apply -> (init, identity)
+
+
+def identified(init: Callable[[Stacked], Coeffs], apply: Callable[..., Any], kind: str, name: str, *hparams: Any,
+               needs_key: bool = False, steps: tuple = ()) -> MergeTransform:
+  """A step built by one of jaxmerge's factories, with the identity ``(name, *hparams)`` that the engine's
+  backends recognize (:func:`identity_of`). For the library's own factories: an identity promises that
+  ``apply`` computes exactly what the factory ``name`` with these static hyperparameters computes.
+
+  Args:
+    init: the step's ``init``.
+    apply: the step's ``apply`` (a function the factory has just created).
+    kind: ``"task"``, ``"reduce"`` or ``"any"``.
+    name: the factory's name.
+    *hparams: its static hyperparameters (unhashable ones are compared by object).
+    needs_key: whether ``apply`` requires a PRNG key.
+    steps: a chain's steps.
+
+  Returns:
+    A :class:`MergeTransform` with that identity.
+  """
+  ident = (name, *(_static(v) for v in hparams))
+  _REGISTERED[apply] = (init, ident)
+  return MergeTransform(init, apply, kind, needs_key, steps, ident)
+
+
+def identity_of(step: MergeTransform) -> tuple | None:
+  """The identity of ``step`` when one of jaxmerge's factories set it on this very ``init`` and ``apply``;
+  ``None`` for a user's step, and for an identity copied onto other functions (``_replace``).
+
+  Args:
+    step: a merge step.
+
+  Returns:
+    ``(factory name, static hyperparameters...)`` or ``None``.
+  """
+  ident = step.identity
+  if ident is None:
+    return None
+  try:
+    reg = _REGISTERED.get(step.apply)
+  except TypeError:  # an unhashable callable
+    return None
+  return ident if reg is not None and reg[0] is step.init and reg[1] is ident else None
+
+
+def steps_of(step: MergeTransform) -> tuple:
+  """The steps a chain runs, nested chains inlined, when jaxmerge's :func:`~jaxmerge.chain` built it;
+  ``(step,)`` for anything else.
+
+  Args:
+    step: a merge step.
+
+  Returns:
+    A tuple of steps.
+  """
+  ident = identity_of(step)
+  return ident[1] if ident is not None and ident[0] == "chain" else (step,)
 
 
 def require_key(key: PRNGKey | None, what: str) -> PRNGKey:
@@ -166,7 +255,7 @@ def per_task(fn: Callable[[jax.Array], jax.Array]) -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(jax.vmap(fn), tree)
 
-  return MergeTransform(_empty_init, apply, TASK, path_free=True)
+  return identified(_empty_init, apply, TASK, "per_task", fn)
 
 
 def across_tasks(fn: Callable[[jax.Array], jax.Array]) -> MergeTransform:
@@ -183,7 +272,7 @@ def across_tasks(fn: Callable[[jax.Array], jax.Array]) -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(fn, tree)
 
-  return MergeTransform(_empty_init, apply, REDUCE, path_free=True)
+  return identified(_empty_init, apply, REDUCE, "across_tasks", fn)
 
 
 def per_leaf(
@@ -220,8 +309,7 @@ def per_leaf(
 
     return jtree.map_with_path(leaf, tree)
 
-  apply.reads_path = True  # fn receives the path: never path-free, whatever the flags say
-  return MergeTransform(init or _empty_init, apply, kind, needs_key, True)
+  return identified(init or _empty_init, apply, kind, "per_leaf", fn, kind, needs_key, needs_key=needs_key)
 
 
 def scalar(x: Any) -> jax.Array:

@@ -8,6 +8,7 @@ they would on the whole tree.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -15,10 +16,12 @@ import jax
 
 from jaxmerge import filters as jfilters
 from jaxmerge import tree as jtree
-from jaxmerge.base import ANY, REDUCE, TASK, MergeContext, MergeTransform, context_of
+from jaxmerge.base import ANY, REDUCE, TASK, MergeContext, MergeTransform, context_of, identified, identity_of
 from jaxmerge.typing import Filter, Stacked
 
 __all__ = ["chain", "masked", "named_chain", "partition"]
+
+_CHAIN_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a chain's apply -> (step, where) pairs
 
 
 def _sub_ctx(ctx: MergeContext | None, keep: list[str]) -> MergeContext:
@@ -63,7 +66,8 @@ def named_chain(*named: tuple[str, MergeTransform]) -> MergeTransform:
   def apply(coeffs, tree, *, key=None, ctx=None):
     return inner.apply(tuple(coeffs[n] for n in names), tree, key=key, ctx=ctx)
 
-  return inner._replace(init=init, apply=apply)
+  # the same steps, keys and results as the chain: the same identity
+  return identified(init, apply, inner.kind, "chain", inner.steps, needs_key=inner.needs_key, steps=inner.steps)
 
 
 def chain(*transforms: MergeTransform) -> MergeTransform:
@@ -91,7 +95,7 @@ def chain(*transforms: MergeTransform) -> MergeTransform:
   # runs, draws its keys and is recognized by the backends exactly as chain(a, b, c).
   flat: list[tuple[MergeTransform, tuple[int, ...]]] = []
   for i, t in enumerate(transforms):
-    inner = getattr(t.apply, "chain_steps", None)
+    inner = _CHAIN_STEPS.get(t.apply) if identity_of(t) is not None else None
     flat.extend([(s, (i, *where)) for s, where in inner] if inner is not None else [(t, (i,))])
 
   def init(tree):
@@ -108,12 +112,9 @@ def chain(*transforms: MergeTransform) -> MergeTransform:
       tree = s.apply(c, tree, key=k, ctx=ctx)
     return tree
 
-  apply.chain_steps = tuple(flat)
+  _CHAIN_STEPS[apply] = tuple(flat)
   steps = tuple(s for s, _ in flat)
-  return MergeTransform(
-      init, apply, kind, any(t.needs_key for t in steps), all(t.leafwise for t in steps),
-      all(t.runs_flat for t in steps), all(t.by_shape for t in steps), steps,
-  )
+  return identified(init, apply, kind, "chain", steps, needs_key=any(t.needs_key for t in steps), steps=steps)
 
 
 def _resolve_labels(labels: Any, flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,13 +172,8 @@ def partition(
       return {p: result[p] for p in flat}
     return jtree.unflatten_paths(tree, result)
 
-  return MergeTransform(
-      init,
-      apply,
-      kind,
-      any(t.needs_key for t in transforms.values()),
-      all(t.leafwise for t in transforms.values()),
-  )
+  return identified(init, apply, kind, "partition", tuple(transforms.items()), labels,
+                    needs_key=any(t.needs_key for t in transforms.values()))
 
 
 def masked(inner: MergeTransform, where: Filter | Any, fallback: MergeTransform | None = None) -> MergeTransform:
@@ -216,4 +212,4 @@ def masked(inner: MergeTransform, where: Filter | Any, fallback: MergeTransform 
   def apply(coeffs, tree, *, key=None, ctx=None):
     return t.apply({True: coeffs[0], False: coeffs[1]}, tree, key=key, ctx=ctx)
 
-  return t._replace(init=init, apply=apply)
+  return identified(init, apply, t.kind, *t.identity, needs_key=t.needs_key)

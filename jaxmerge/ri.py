@@ -44,7 +44,7 @@ import optax
 from jaxmerge import filters as jfilters
 from jaxmerge import tree as jtree
 from jaxmerge.base import MergeContext, MergeTransform
-from jaxmerge.merge import prepare
+from jaxmerge.engine.merge import prepare
 from jaxmerge.tta import heads as H
 from jaxmerge.tta.adapter import Adapter
 from jaxmerge.tta.fit import fit

@@ -28,7 +28,6 @@ picks the largest device count that divides ``T``; an explicit mesh that does no
 from __future__ import annotations
 
 import functools
-import importlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,13 +35,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmerge import filters as jfilters
-from jaxmerge import stats_stream
 from jaxmerge import tree as jtree
 from jaxmerge.base import REDUCE, MergeTransform
+from jaxmerge.engine.host import trim_heap
+from jaxmerge.engine.merge import check_tx, prepare
+from jaxmerge.engine.mesh import auto_axes, by_leaf, mesh_of, on_mesh
+from jaxmerge.engine.xla import nonfinite_flags, raise_nonfinite, whole_program
 from jaxmerge.typing import Coeffs, Params, PRNGKey, Stacked
 
 __all__ = [
@@ -64,9 +66,16 @@ __all__ = [
     "unstacked_spec",
 ]
 
+
 TASK = "task"
+
+
 MODEL = "model"
+
+
 Rules = Sequence[tuple[str, P]]
+
+
 Layout = Callable[[str, jax.ShapeDtypeStruct], Any]
 
 
@@ -281,209 +290,6 @@ def batch_sharded(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-def auto_axes(m: Mesh) -> Mesh:
-  """``m`` with every axis of type ``Auto`` (``m`` itself when they already are).
-
-  Merges run on meshes with automatic axes: XLA then places the collectives that slicing or reducing the task
-  axis needs. With explicit axes (``jax.make_mesh``'s default), such operations raise ``ShardingTypeError``
-  unless every step spells out its output shardings, which method code does not.
-
-  Args:
-    m: a mesh.
-
-  Returns:
-    A mesh with ``m``'s devices and axis names and automatic axis types.
-  """
-  types = tuple(getattr(m, "axis_types", ()) or ())
-  if all(t == AxisType.Auto for t in types):
-    return m
-  return Mesh(m.devices, m.axis_names, axis_types=(AxisType.Auto,) * len(m.axis_names))
-
-
-def mesh_of(leaves: Sequence[Any]) -> Mesh | None:
-  """The mesh of the first leaf sharded over several devices with a ``NamedSharding``, or ``None``.
-
-  Args:
-    leaves: arrays (JAX, NumPy, ...).
-
-  Returns:
-    A ``Mesh`` or ``None``.
-  """
-  for x in leaves:
-    s = getattr(x, "sharding", None)
-    if isinstance(x, jax.Array) and isinstance(s, NamedSharding) and len(s.device_set) > 1:
-      return s.mesh
-  return None
-
-
-def on_mesh(x: Any, m: Mesh) -> Any:
-  """``x`` with its ``NamedSharding``'s mesh replaced by ``m`` (same devices and names, other axis types; the
-  data does not move), or ``x`` unchanged when it is not a ``jax.Array`` with a ``NamedSharding`` of ``m``'s
-  devices.
-
-  Args:
-    x: an array.
-    m: the mesh to retype ``x`` onto.
-
-  Returns:
-    The array on ``m``.
-  """
-  s = getattr(x, "sharding", None)
-  if not isinstance(x, jax.Array) or not isinstance(s, NamedSharding) or s.mesh == m:
-    return x
-  if s.mesh.axis_names != m.axis_names or s.mesh.devices.shape != m.devices.shape or \
-     not (s.mesh.devices == m.devices).all():
-    return x
-  target = NamedSharding(m, s.spec)
-  if x.is_fully_addressable:  # the same device buffers under the new sharding
-    return jax.make_array_from_single_device_arrays(x.shape, target, [a.data for a in x.addressable_shards])
-  return jax.device_put(x, target)
-
-
-def _merge_module():
-  # ``jaxmerge.merge`` is also the name of the function re-exported by the package, so import the module by path.
-  return importlib.import_module("jaxmerge.merge")
-
-
-def _compiled(tx: MergeTransform, layout: Layout, per_task: bool) -> Callable[..., Any]:
-  return _merge_module()._compiled(tx, layout, per_task)  # the very program jaxmerge.merge runs
-
-
-@functools.lru_cache(maxsize=64)
-def _leaf_program(tx: MergeTransform, layout: Layout, per_task: bool, out: NamedSharding | None,
-                  donate: bool) -> Callable[..., Any]:
-  """One leaf's merge on the mesh for a leafwise ``by_shape`` transform: ``(pre, stacked, key, leaf_id) -> leaf``
-  with the leaf's declared output sharding (``None``: XLA's choice); with ``donate`` the pretrained leaf is
-  donated (its buffer may become the output's)."""
-  from jaxmerge.base import MergeContext  # noqa: PLC0415
-
-  def run(pre, ft, key, pid):
-    with jtree.traced_leaf_ids({"leaf": pid}):
-      pre32 = pre.astype(jnp.float32)
-      tree = {"leaf": ft.astype(jnp.float32) - pre32[None]}
-      y = tx.apply(tx.init(tree), tree, key=key, ctx=MergeContext(pretrained={"leaf": pre32}, layout=layout))["leaf"]
-      return ((pre32[None] if per_task else pre32) + y).astype(pre.dtype)
-
-  return jax.jit(run, out_shardings=out, donate_argnums=(0,) if donate and not per_task else ())
-
-
-def _ties_rows(pre: jax.Array, ft: jax.Array, thr: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  pre32 = pre.astype(jnp.float32)
-  d = ft.astype(jnp.float32) - pre32[None]
-  if thr is not None:
-    d = jnp.where(jnp.abs(d) >= thr.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
-  return pre32, d
-
-
-@jax.jit
-def _high_hist(pre: jax.Array, ft: jax.Array) -> jax.Array:
-  d = jnp.abs(_ties_rows(pre, ft, None)[1]).reshape(ft.shape[0], -1)
-  return jax.vmap(lambda r: jnp.bincount((stats_stream.float_keys(r) >> 16).astype(jnp.int32), length=1 << 16))(d)
-
-
-@jax.jit
-def _low_hist(pre: jax.Array, ft: jax.Array, hi: jax.Array) -> jax.Array:
-  d = jnp.abs(_ties_rows(pre, ft, None)[1]).reshape(ft.shape[0], -1)
-
-  def row(r, h):
-    q = stats_stream.float_keys(r)
-    low = jnp.where((q >> 16).astype(jnp.int32) == h[0], (q & jnp.uint32(0xFFFF)).astype(jnp.int32), 1 << 16)
-    return jnp.bincount(low, length=(1 << 16) + 1)[None, : 1 << 16]
-
-  return jax.vmap(row)(d, hi)
-
-
-@functools.partial(jax.jit, static_argnums=(3,))
-def _sign_count(pre: jax.Array, ft: jax.Array, thr: jax.Array, trim: bool) -> jax.Array:
-  return jnp.sum(jnp.sign(jnp.sum(_ties_rows(pre, ft, thr if trim else None)[1], axis=0)).astype(jnp.int32))
-
-
-@functools.lru_cache(maxsize=64)
-def _ties_leaf(merge_func: str, zero_sign: str, trim: bool, out: NamedSharding | None,
-               donate: bool) -> Callable[..., Any]:
-  from jaxmerge.reductions._mean import _disjoint_rows, _elect  # noqa: PLC0415 (TIES's rules, as in memory)
-
-  def run(pre, ft, thr, majority, scale):
-    pre32, d = _ties_rows(pre, ft, thr if trim else None)
-    s = _elect(jnp.sum(d, axis=0), zero_sign, majority)
-    return (pre32 + _disjoint_rows(d, s, merge_func) * scale).astype(pre.dtype)
-
-  return jax.jit(run, out_shardings=out, donate_argnums=(0,) if donate else ())
-
-
-def _ties_by_leaf(sp: Any, pre: dict, ft: dict, outs: dict, donate: bool) -> dict:
-  """Global TIES (:func:`jaxmerge.native.spec`'s ``"ties"``, no drop) leaf by leaf on the mesh: the per-task
-  thresholds by two histogram passes (:class:`jaxmerge.stats_stream.KthSmallest`, exact), the majority sign by a
-  third, then each leaf merged into its declared sharding. The temporaries are one leaf's, not the model's."""
-  from jaxmerge import native  # noqa: PLC0415 (the threshold rank rule)
-
-  density, merge_func, count, zero_sign = sp.ties
-  t = int(next(iter(ft.values())).shape[0])
-  sizes = {p: int(np.prod(x.shape, dtype=np.int64)) for p, x in pre.items()}
-  n = sum(sizes.values())
-  k = native.threshold_rank(n, density, count) if density < 1 else 0
-  thr = jnp.zeros((t,), jnp.float32)
-  if k > 0:
-    sel = stats_stream.KthSmallest(np.full((t,), k), n)
-
-    # One leaf at a time, each histogram fetched before the next leaf's program runs: programs with collectives
-    # queued without bound on the in-process CPU devices can wait on each other past XLA's rendezvous timeout.
-    for p in pre:
-      sel.add_high(_high_hist(pre[p], ft[p]), sizes[p])
-    sel.finish_high()
-    hi = jnp.asarray(sel.buckets)
-    for p in pre:
-      sel.add_low(_low_hist(pre[p], ft[p], hi), sizes[p])
-    thr = jnp.asarray(sel.finish_low()[:, 0], jnp.float32)
-  majority = jnp.float32(1.0)
-  if zero_sign == "majority":
-    majority = jnp.float32(np.sign(sum(int(_sign_count(pre[p], ft[p], thr, k > 0)) for p in pre)))
-  return _in_turn({p: functools.partial(_ties_leaf(merge_func, zero_sign, k > 0, outs.get(p), donate), pre[p], ft[p],
-                                       thr, majority, jnp.float32(sp.scale)) for p in pre})
-
-
-def _in_turn(calls: dict) -> dict:
-  """``{path: call()}``, each call dispatched once the one before the previous has finished: at most two leaf
-  programs in flight (bounded memory, and no unbounded queue of programs with collectives, see above)."""
-  out, prev = {}, None
-  for p, call in calls.items():
-    out[p] = call()
-    if prev is not None:
-      jax.block_until_ready(out[prev])
-    prev = p
-  return out
-
-
-def _by_leaf(tx: MergeTransform, layout: Layout, per_task: bool, pre: dict, ft: dict, outs: dict, key: Any,
-            donate: bool = False) -> dict | None:
-  """A merge of stacked leaves leaf by leaf on the mesh (call it under the mesh), or ``None`` when ``tx`` has no
-  per-leaf plan: leafwise ``by_shape`` transforms one leaf program at a time, global TIES (recognized by
-  :func:`jaxmerge.native.spec`, no drop) in exact histogram passes leaf by leaf. The temporaries are one leaf's.
-
-  Args:
-    tx: the transform.
-    layout: matrix layout.
-    per_task: keep the task axis.
-    pre: ``{path: pretrained leaf}``.
-    ft: ``{path: stacked (T, ...) leaf}``.
-    outs: ``{path: NamedSharding}`` of the outputs (missing paths: XLA's choice).
-    key: PRNG key or ``None``.
-    donate: the pretrained leaves may be donated to the outputs (only for copies the caller owns).
-
-  Returns:
-    ``{path: merged leaf}`` or ``None``.
-  """
-  from jaxmerge import native  # noqa: PLC0415
-
-  if tx.leafwise and tx.by_shape:
-    return _in_turn({p: functools.partial(_leaf_program(tx, layout, per_task, outs.get(p), donate), x, ft[p], key,
-                                          np.uint32(jtree.leaf_id(p))) for p, x in pre.items()})
-  sp = native.spec(tx) if not per_task else None
-  if sp is not None and sp.op == "ties" and sp.drop is None:
-    return _ties_by_leaf(sp, pre, ft, outs, donate)
-  return None
-
-
 def make_sharded_merger(
     tx: MergeTransform,
     m: Mesh,
@@ -517,7 +323,7 @@ def make_sharded_merger(
     leaves, or of ``(T, ...)`` leaves when ``per_task``.
   """
   per_task = tx.kind != REDUCE if per_task is None else per_task
-  inner = _compiled(tx, layout or jfilters.hf_layout, per_task)
+  inner = whole_program(tx, layout or jfilters.hf_layout, per_task)
   auto = auto_axes(m)  # explicit axes: the same devices, XLA places the collectives (see auto_axes)
   out_like = stacked if per_task else pretrained
   out = shardings_from_rules(auto, rules, out_like, stacked=per_task)
@@ -536,6 +342,24 @@ def make_sharded_merger(
     return res if auto is m else jax.tree.map(on_mesh, res, jax.tree.map(lambda s: s.mesh, back))
 
   return merger
+
+
+def _check_finite(pre: dict, ft: Any, names: Sequence[str] | None) -> None:
+  """The NaN/Inf check of the inputs; inputs already on a mesh are checked under it with automatic axis types (the
+  per-model reductions of the check raise ``ShardingTypeError`` on explicit axes)."""
+  models = ft if isinstance(ft, tuple) else (ft,)
+  src = mesh_of([*pre.values(), *(x for m in models for x in m.values())])
+  if src is None:
+    raise_nonfinite(pre, ft, nonfinite_flags(pre, ft), names)
+    return
+  auto = auto_axes(src)
+
+  def retype(d: dict) -> dict:
+    return {p: on_mesh(x, auto) for p, x in d.items()}
+
+  with jax.set_mesh(auto):
+    pre_a, ft_a = retype(pre), (tuple(retype(m) for m in ft) if isinstance(ft, tuple) else retype(ft))
+    raise_nonfinite(pre_a, ft_a, nonfinite_flags(pre_a, ft_a), names)
 
 
 def merge_sharded(
@@ -572,30 +396,38 @@ def merge_sharded(
     ValueError: as :func:`jaxmerge.merge`, plus a mesh whose task axis does not divide ``T`` or a matrix axis
       that does not divide its mesh axis (naming the parameter).
   """
-  jmerge = _merge_module()
   per_task = tx.kind != REDUCE if per_task is None else per_task
-  jmerge._check_tx(tx, key, per_task)
-  pre, ft, passthrough = jmerge.prepare(pretrained, finetuned, names=names, check_finite=check_finite)
+  check_tx(tx, key, per_task)
+  pre, ft, passthrough = prepare(pretrained, finetuned, names=names, check_finite=False)
+  if check_finite:
+    _check_finite(pre, ft, names)
   t = len(ft) if isinstance(ft, tuple) else jtree.num_tasks(ft)
   m = mesh if mesh is not None else task_mesh(t)
-  pre_s = shard_params(pre, m, rules)
   if isinstance(ft, tuple):
     ft_s = stack_sharded(list(ft), m, rules)
+    jax.block_until_ready(ft_s)
+    trim_heap()  # the host slices the stack was built from
   else:
     ft_s = shard_stack(ft, m, rules)
   merged = None
   if coeffs is None:  # leaf by leaf where a plan exists: one leaf's temporaries at a time, not the model's
     auto = auto_axes(m)
-    outs = shardings_from_rules(auto, rules, ft_s if per_task else pre_s, stacked=per_task)
+    outs = shardings_from_rules(auto, rules, ft_s if per_task else pre, stacked=per_task)
     retype = functools.partial(jax.tree.map, lambda x: on_mesh(x, auto))
     with jax.set_mesh(auto):
-      merged = _by_leaf(tx, layout or jfilters.hf_layout, per_task, retype(pre_s), retype(ft_s), outs, key, donate=True)
+      # The pretrained leaves are placed one at a time (replicated over the task axis, the placed model would be
+      # one copy per task device), and the stacked copies made above are freed as the result is built.
+      merged = by_leaf(tx, layout or jfilters.hf_layout, per_task, pre, retype(ft_s), outs, key,
+                       pre_shardings=shardings_from_rules(auto, rules, pre, stacked=False),
+                       consume=isinstance(ft, tuple))
     if merged is not None and auto is not m:
       merged = {p: on_mesh(x, m) for p, x in merged.items()}
   if merged is None:
+    pre_s = shard_params(pre, m, rules)
     merger = make_sharded_merger(tx, m, pre_s, ft_s, rules=rules, layout=layout, per_task=per_task)
     merged = merger(pre_s, ft_s, coeffs, key, donate=True)  # the copies are ours: the output may reuse them
-  del pre_s, ft_s
+    del pre_s
+  del ft_s
   if per_task:
     return [jtree.unflatten_paths(pretrained, {**{p: x[i] for p, x in merged.items()}, **passthrough})
             for i in range(t)]

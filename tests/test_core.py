@@ -99,22 +99,22 @@ def test_dare_compiles_one_program_per_leaf_shape(monkeypatch):
   program (a whole-model program with each leaf's id as a constant took 26 s to compile for a ViT-B/32), and
   the merge equals the whole-model program's. (The XLA route: on the CPU DARE otherwise runs natively,
   tests/test_native.py.)"""
-  import importlib
+  from jaxmerge.engine import xla
+  from jaxmerge.engine.merge import prepare
 
   monkeypatch.setenv("JAXMERGE_NATIVE", "0")
 
-  M = importlib.import_module("jaxmerge.merge")
   rng = np.random.default_rng(0)
   pre = {f"l{i}": rng.standard_normal((8, 4)).astype(np.float32) for i in range(6)}
   fts = [{p: v + rng.standard_normal(v.shape).astype(np.float32) for p, v in pre.items()} for _ in range(3)]
   tx = jm.get_method("dare")(p=0.4, scale=0.7)
-  M._compiled_leaf.cache_clear()
+  xla.leaf_program.cache_clear()
   key = jax.random.key(5)
   out = jm.merge(tx, pre, fts, key=key)
-  prog = M._compiled_leaf(tx, F.hf_layout, False, True)
+  prog = xla.leaf_program(tx, F.hf_layout, False, True)
   assert prog._cache_size() == 1
-  pre_f, ft_f, _ = M.prepare(pre, fts)
-  whole = M._compiled(tx, F.hf_layout, False)(pre_f, ft_f, None, key)
+  pre_f, ft_f, _ = prepare(pre, fts)
+  whole = xla.whole_program(tx, F.hf_layout, False)(pre_f, ft_f, None, key)
   for p in pre:
     np.testing.assert_array_equal(np.asarray(out[p]), np.asarray(whole[p]))
 

@@ -293,15 +293,15 @@ def test_api_reference_builds_without_warnings(tmp_path):
     unexpected.append(f"{w.category.__name__}: {w.message}")
   assert not unexpected, "\n".join(unexpected)
   pages = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.html")}
-  for page in ("jaxmerge.html", "jaxmerge/merge.html", "jaxmerge/transforms.html", "jaxmerge/io/hf.html",
+  for page in ("jaxmerge.html", "jaxmerge/engine/merge.html", "jaxmerge/transforms.html", "jaxmerge/io/hf.html",
                "jaxmerge/models/clip.html", "jaxmerge/bench/suite.html"):
     assert page in pages, sorted(pages)[:20]
-  merge_page = (tmp_path / "jaxmerge" / "merge.html").read_text()
+  merge_page = (tmp_path / "jaxmerge" / "engine" / "merge.html").read_text()
   assert "Merges fine-tuned models into one model." in merge_page
   assert "Returns" in merge_page
 
 
 def test_namedtuple_filter_is_narrow():
   assert _is_namedtuple("jaxmerge.base.MergeTransform")
-  assert not _is_namedtuple("jaxmerge.merge.merge")
+  assert not _is_namedtuple("jaxmerge.engine.merge.merge")
   assert not _is_namedtuple("jaxmerge.base.no_such_name")

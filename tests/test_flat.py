@@ -1,7 +1,5 @@
 """The flat merge path (one ``(T, N)`` array for ``flat`` transforms) equals the leaf-by-leaf program exactly."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +7,10 @@ import pytest
 
 import jaxmerge as jm
 from jaxmerge import filters as jfilters
-from jaxmerge import tree as jtree
 from jaxmerge import transforms as T
-
-M = importlib.import_module("jaxmerge.merge")
+from jaxmerge import tree as jtree
+from jaxmerge.engine import planner, xla
+from jaxmerge.engine.merge import prepare
 
 
 def _models(t=3, seed=0):
@@ -36,11 +34,11 @@ FLAT_METHODS = [
 @pytest.mark.parametrize("name,hp", FLAT_METHODS)
 def test_flat_path_equals_leafwise_program(name, hp):
   tx = jm.get_method(name)(**hp)
-  assert tx.flat, f"{name} should run on the flat path"
+  assert xla.runs_flat(tx), f"{name} should run on the flat path"
   pre, fts = _models()
   flat = jm.merge(tx, pre, fts)
-  p, f, _ = M.prepare(pre, fts)
-  leafwise = M._compiled(tx, jfilters.hf_layout, False)(p, f, None, None)
+  p, f, _ = prepare(pre, fts)
+  leafwise = xla.whole_program(tx, jfilters.hf_layout, False)(p, f, None, None)
   for k in pre:
     np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(leafwise[k]), err_msg=k)
     assert flat[k].shape == pre[k].shape and flat[k].dtype == jnp.float32
@@ -54,19 +52,19 @@ def test_flat_path_stacked_input_and_per_task():
   for k in pre:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
   per = T.trim(0.3)  # task-preserving, global scope: flat
-  assert per.flat
+  assert xla.runs_flat(per)
   models = jm.merge_per_task(per, pre, fts)
-  p, f, _ = M.prepare(pre, fts)
-  ref = M._compiled(per, jfilters.hf_layout, True)(p, f, None, None)
+  p, f, _ = prepare(pre, fts)
+  ref = xla.whole_program(per, jfilters.hf_layout, True)(p, f, None, None)
   for k in pre:
     np.testing.assert_array_equal(np.stack([np.asarray(m[k]) for m in models]), np.asarray(ref[k]))
 
 
 def test_flat_flag_propagates_and_leafwise_steps_are_not_flat():
-  assert jm.chain(T.trim(0.2), jm.get_method("task_arithmetic")()).flat
-  assert not T.trim(0.2, scope="leaf").flat
-  assert not jm.get_method("dare")().flat  # per-leaf random keys
-  assert not jm.get_method("ties")(scope="leaf").flat
+  assert xla.runs_flat(jm.chain(T.trim(0.2), jm.get_method("task_arithmetic")()))
+  assert not xla.runs_flat(T.trim(0.2, scope="leaf"))
+  assert not xla.runs_flat(jm.get_method("dare")())  # per-leaf random keys
+  assert not xla.runs_flat(jm.get_method("ties")(scope="leaf"))
 
 
 def test_flat_path_names_nan_leaf_and_model():
@@ -94,23 +92,20 @@ def test_leafwise_prefix_then_flat_steps_equal_the_whole_model_program(name, hp,
   still named."""
   monkeypatch.setenv("JAXMERGE_NATIVE", "0")  # the XLA route (DARE on TIES is otherwise one native call)
   tx = jm.get_method(name)(**hp)
-  prefix, rest = M._leaf_then_flat(tx)
-  assert prefix.needs_key == (name == "dare") and not rest.needs_key and rest.flat
-  assert M._leaf_then_flat(jm.get_method("ties")()) is None  # wholly flat: the flat path
-  assert M._leaf_then_flat(jm.get_method("dare")()) is None  # wholly leafwise: leaf by leaf
+  prefix, rest = planner.leaf_then_flat(tx)
+  assert prefix.needs_key == (name == "dare") and not rest.needs_key and xla.runs_flat(rest)
+  assert planner.leaf_then_flat(jm.get_method("ties")()) is None  # wholly flat: the flat path
+  assert planner.leaf_then_flat(jm.get_method("dare")()) is None  # wholly leafwise: leaf by leaf
   pre, fts = _models(t=4, seed=2)
   pre["e"], fts = pre["a"] + 1, [dict(m, e=m["a"] + 1) for m in fts]  # two leaves of one shape
   key = jax.random.key(5)
-  calls = []
-  real = M._run_leaf_then_flat
-  monkeypatch.setattr(M, "_run_leaf_then_flat", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+  assert jm.route(tx, pre, fts, key=key) == "leaf_then_flat", "DARE on TIES should take the leaf-then-flat route"
   got = jm.merge(tx, pre, fts, key=key)
-  assert calls, "DARE on TIES should take the leaf-then-flat route"
-  p, f, _ = M.prepare(pre, fts)
-  ref = M._compiled(tx, jfilters.hf_layout, False)(p, f, None, key)
+  p, f, _ = prepare(pre, fts)
+  ref = xla.whole_program(tx, jfilters.hf_layout, False)(p, f, None, key)
   for k in pre:
     np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ref[k]), err_msg=k)
-  assert M._compiled_prefix(prefix, jfilters.hf_layout, True)._cache_size() == len({v.shape for v in pre.values()})
+  assert xla.prefix_program(prefix, jfilters.hf_layout, True)._cache_size() == len({v.shape for v in pre.values()})
   fts[2] = dict(fts[2], d=np.full(64, np.inf, np.float32))
   with pytest.raises(ValueError, match=r"model 2.*'d'"):
     jm.merge(tx, pre, fts, key=key)

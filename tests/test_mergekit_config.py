@@ -182,7 +182,9 @@ def test_float32_transform_only_for_plain_task_arithmetic():
   arrays = _arrays()
   cfg = _cfg("task_arithmetic", (1.0, 0.5, 2.0), normalize=True, **{"lambda": 0.7})
   spec = C.from_dict(cfg)
-  assert spec.tx is not None and spec.tx.leafwise
+  from jaxmerge import stream  # noqa: PLC0415
+
+  assert spec.tx is not None and stream.leafwise(spec.tx)
   fast = jm.merge(spec.tx, arrays["base"], [arrays[m] for m in spec.models])
   _close({k: np.asarray(v) for k, v in fast.items()}, _ours(cfg, arrays)[0])
   assert C.from_dict(_cfg("task_arithmetic", (1.0, [0.5, 1.0], 1.0))).tx is None  # a gradient

@@ -1,4 +1,4 @@
-"""The native CPU kernels (jaxmerge.native): global TIES, task arithmetic, simple averaging and DARE on either in
+"""The native CPU kernels (jaxmerge.engine.native): global TIES, task arithmetic, simple averaging and DARE on either in
 one C call, and TIES's thresholds as an XLA custom call.
 
 Every result is compared with jaxmerge's XLA programs (``JAXMERGE_NATIVE=0``), which the parity suite checks
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import jaxmerge as jm
-from jaxmerge import native
-from jaxmerge.transforms import _sparsify
+from jaxmerge.engine import native
+from jaxmerge import stats
 from tests.clip_shapes import make_models
 
 needs_native = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
@@ -89,24 +89,29 @@ def test_merge_equals_xla_programs(monkeypatch, num_tasks, hp):
   _equal(jm.merge(tx, jpre, stacked), want, f"ties {hp} stacked", pre)
 
 
+
+def _ties(pre, fts, *, density, scale, merge_func="sum", count="reference", zero_sign="majority"):
+  """Global TIES as one native call (jaxmerge.engine.native.run)."""
+  return native.run(native.Spec("ties", scale, None, (density, merge_func, count, zero_sign)), pre, fts)
+
+
 @needs_native
 def test_thresholds_and_xla_op_equal_the_host_call(monkeypatch):
   pre, fts = _quantized(4, seed=1)
   keys = sorted(pre)
   p = [pre[k] for k in keys]
   m = [[f[k] for k in keys] for f in fts]
-  out, thr, bad = native.ties(p, m, density=0.2, scale=0.3)
+  out, thr, bad = _ties(p, m, density=0.2, scale=0.3)
   assert not bad.any()
   # The exact thresholds: a sort of each task's magnitudes.
   n = sum(x.size for x in p)
-  k = native.threshold_rank(n, 0.2)
+  k = stats.threshold_rank(n, 0.2)
   for t in range(4):
     mags = np.sort(np.concatenate([np.abs(f - q).ravel() for f, q in zip(m[t], p)]))
     assert thr[t] == mags[k - 1]
-  # The same kernel as an XLA op inside jit, with a traced scale.
-  run = jax.jit(lambda s, a, b: native.ties_xla(a, b, density=0.2, scale=s)[0])
-  for x, y in zip(run(jnp.float32(0.3), p, m), out):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The same select as an XLA op inside jit (the CPU path of jaxmerge.stats' per-task thresholds).
+  deltas = [jnp.stack([f[i] - p[i] for f in m]) for i in range(len(p))]
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda d: native.ties_thresholds(d, k))(deltas)), thr)
 
 
 @needs_native
@@ -149,13 +154,12 @@ def test_task_thresholds_use_the_custom_call_on_cpu(monkeypatch):
   leaves = [jnp.asarray(np.round(rng.standard_normal((3,) + s) * 32) / 32, jnp.float32) for s in [(40, 30), (7,), (2, 3, 4, 5)]]
   for count in ("reference", "exact"):
     for density in (0.0, 0.1, 0.5, 0.99):
-      f = jax.jit(lambda xs, d=density, c=count: _sparsify.task_thresholds(xs, d, c, use_native=True))
+      f = jax.jit(lambda xs, d=density, c=count: stats.task_thresholds(xs, d, c, use_native=True))
       got = f(leaves)
-      want = jax.jit(lambda xs, d=density, c=count: _sparsify._xla_thresholds(
-          xs, native.threshold_rank(sum(x[0].size for x in xs), d, c)))(leaves)
+      want = jax.jit(lambda xs, d=density, c=count: stats.task_thresholds(xs, d, c))(leaves)  # the XLA select
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{count} {density}")
-  assert "jaxmerge_ties" in jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2, use_native=True)).lower(leaves).as_text()
-  assert "jaxmerge_ties" not in jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2)).lower(leaves).as_text()
+  assert "jaxmerge_ties" in jax.jit(lambda xs: stats.task_thresholds(xs, 0.2, use_native=True)).lower(leaves).as_text()
+  assert "jaxmerge_ties" not in jax.jit(lambda xs: stats.task_thresholds(xs, 0.2)).lower(leaves).as_text()
   trim = jm.transforms.trim(0.3)
   tree = {"a": leaves[0], "b": leaves[2]}
 
@@ -167,7 +171,7 @@ def test_task_thresholds_use_the_custom_call_on_cpu(monkeypatch):
   _equal(g, g_xla, "grad through trim")
   # Under vmap (one call per mapped element).
   batch = jnp.stack([leaves[0], -leaves[0]])
-  v = jax.vmap(lambda x: _sparsify.task_thresholds([x], 0.2, use_native=True))(batch)
+  v = jax.vmap(lambda x: stats.task_thresholds([x], 0.2, use_native=True))(batch)
   np.testing.assert_array_equal(np.asarray(v[0]), np.asarray(v[1]))
 
 
@@ -200,11 +204,11 @@ def test_switched_off_or_no_compiler_falls_back(monkeypatch, caplog, tmp_path):
     native._state.clear()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("JAXMERGE_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+    with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
       assert not native.available()
     assert "unavailable" in caplog.text
     with pytest.raises(RuntimeError, match="unavailable"):
-      native.ties([pre[k] for k in pre], [[f[k] for k in pre] for f in fts], density=0.2, scale=0.3)
+      _ties([pre[k] for k in pre], [[f[k] for k in pre] for f in fts], density=0.2, scale=0.3)
     _equal(jm.merge(tx, pre, fts), want, "fallback")
   finally:
     native._state.clear()
@@ -251,9 +255,9 @@ def test_thresholds_equal_a_sort_over_many_work_items(density):
   pre = [rng.standard_normal(s).astype(np.float32) for s in [(300, 400), (3000,), (50, 40, 3)]]
   fts = [[p + (rng.standard_normal(p.shape) * 0.01 * (t + 1)).astype(np.float32) for p in pre] for t in range(3)]
   fts[1][0][:2, :100] += 100.0
-  _, thr, bad = native.ties(pre, fts, density=density, scale=0.3)
+  _, thr, bad = _ties(pre, fts, density=density, scale=0.3)
   assert not bad.any()
-  k = native.threshold_rank(sum(x.size for x in pre), density)
+  k = stats.threshold_rank(sum(x.size for x in pre), density)
   for t in range(3):
     mags = np.sort(np.concatenate([np.abs(f - p).ravel() for f, p in zip(fts[t], pre)]))
     assert thr[t] == mags[k - 1], (t, density)
@@ -443,7 +447,7 @@ def test_accelerator_programs_keep_the_xla_select():
   """Lowered for a GPU (no GPU needed: cross-platform lowering), a program with TIES's thresholds holds no call
   of the CPU kernel; lowered for the CPU, it does."""
   leaves = [jnp.ones((3, 100, 10)), jnp.ones((3, 7))]
-  f = jax.jit(lambda xs: _sparsify.task_thresholds(xs, 0.2, use_native=True))
+  f = jax.jit(lambda xs: stats.task_thresholds(xs, 0.2, use_native=True))
   ok = [jax.export.DisabledSafetyCheck.custom_call("jaxmerge_ties")]
   assert "jaxmerge_ties" not in jax.export.export(f, platforms=["cuda"], disabled_checks=ok)(leaves).mlir_module()
   assert "jaxmerge_ties" in jax.export.export(f, platforms=["cpu"], disabled_checks=ok)(leaves).mlir_module()
@@ -461,7 +465,7 @@ def test_many_tasks_match_the_numpy_reference(num_tasks):
   fts = [{k: (v + rng.standard_normal(v.shape) * 0.1).astype(np.float32) for k, v in pre.items()}
          for _ in range(num_tasks)]
   keys = sorted(pre)
-  out, _, bad = native.ties([pre[k] for k in keys], [[f[k] for k in keys] for f in fts], density=0.3, scale=0.4)
+  out, _, bad = _ties([pre[k] for k in keys], [[f[k] for k in keys] for f in fts], density=0.3, scale=0.4)
   assert not bad.any()
   want = ref.ties(pre, fts, density=0.3, scale=0.4)
   for k, o in zip(keys, out):
@@ -479,26 +483,26 @@ def test_cache_loads_only_a_hash_checked_library_of_the_users(monkeypatch, caplo
   assert out.with_name(out.name + ".sha256").read_text().strip() == native._digest(out)
   # Truncated (a crash mid-copy, a full disk): rebuilt, not loaded.
   out.write_bytes(good[:100])
-  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
     assert native.build() == out
   assert "does not match the hash" in caplog.text and out.read_bytes() == good
   # A file planted under the library's name (with a hash file of its own that does not match it): rebuilt.
   out.write_bytes(b"\x7fELF planted")
   caplog.clear()
-  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
     native.build()
   assert "rebuilding" in caplog.text and out.read_bytes() == good
   # A symbolic link in its place: rebuilt.
   out.unlink()
   out.symlink_to(tmp_path / "elsewhere.so")
   caplog.clear()
-  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
     native.build()
   assert "symbolic link" in caplog.text and not out.is_symlink()
   # A group- or world-writable cache directory: a private temporary build, the shared one untouched.
   (tmp_path / "native").chmod(0o777)
   caplog.clear()
-  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
     private = native.build()
   assert "writable by group or others" in caplog.text
   assert private.parent != out.parent and private.parent.stat().st_mode & 0o077 == 0
@@ -507,7 +511,7 @@ def test_cache_loads_only_a_hash_checked_library_of_the_users(monkeypatch, caplo
   uid = os.getuid()
   monkeypatch.setattr(native.os, "getuid", lambda: uid + 1)
   caplog.clear()
-  with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+  with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
     assert native.build().parent != out.parent
   assert "owned by uid" in caplog.text
 
@@ -519,7 +523,7 @@ def test_cache_survives_a_group_writable_umask(monkeypatch, caplog, tmp_path):
   old = os.umask(0o002)
   try:
     out = native.build()
-    with caplog.at_level(logging.WARNING, logger="jaxmerge.native"):
+    with caplog.at_level(logging.WARNING, logger="jaxmerge.engine.native"):
       assert native.build() == out
   finally:
     os.umask(old)

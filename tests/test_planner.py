@@ -1,23 +1,22 @@
-"""The planner (jaxmerge.merge.route): engine hints are only trusted for jaxmerge's own steps, nested and flat
+"""The planner (jaxmerge.merge.route): identities are only trusted on jaxmerge's own steps, nested and flat
 spellings of a chain (and a hand-made composition equal to a catalogue method) get the same backend, a forced
 backend gives the whole-model program's result, and random chains of built-in steps agree on every backend that
 accepts them."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxmerge as jm
-from jaxmerge import native
 from jaxmerge import reductions as R
 from jaxmerge import transforms as T
-from jaxmerge.base import MergeTransform
-from jaxmerge.stream import DictWriter, merge_leafwise, merge_streaming
-
-_merge_module = __import__("importlib").import_module("jaxmerge.merge")
+from jaxmerge.base import MergeTransform, identity_of
+from jaxmerge.engine import native
+from jaxmerge.engine.planner import BACKENDS
+from jaxmerge.engine.xla import runs_by_leaf
+from jaxmerge.stream import DictWriter, leafwise, merge_leafwise, merge_streaming
 
 
 def _two_leaves():
@@ -27,41 +26,79 @@ def _two_leaves():
 
 
 def _zero_bias_by_path():
-  """A leafwise step that reads the parameter path (zeroes the bias), wrongly flagged path_free."""
-  step = jm.per_leaf(lambda path, x, **_: x * (0.0 if path == "b" else 1.0))._replace(path_free=True)
-  return jm.chain(step, R.sum_tasks())
+  """A leafwise step that reads the parameter path (zeroes the bias), given by hand the identity of a path-free
+  step (``per_task``)."""
+  step = jm.per_leaf(lambda path, x, **_: x * (0.0 if path == "b" else 1.0))
+  return jm.chain(step._replace(identity=("per_task", None)), R.sum_tasks())
 
 
 def _user_apply_step():
-  """The same, as a user's own MergeTransform reading paths with tree_map_with_path, flagged path_free."""
+  """The same, as a user's own MergeTransform reading paths with tree_map_with_path, with the deprecated
+  ``path_free`` hint and a forged identity."""
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
     return jax.tree_util.tree_map_with_path(lambda p, x: x * (0.0 if "b" in jax.tree_util.keystr(p) else 1.0), tree)
 
-  return jm.chain(MergeTransform(lambda t: jm.EmptyCoeffs(), apply, "task", path_free=True), R.sum_tasks())
+  with pytest.warns(DeprecationWarning, match="path_free"):
+    step = MergeTransform(lambda t: jm.EmptyCoeffs(), apply, "task", path_free=True)
+  assert step.identity is None
+  return jm.chain(step._replace(identity=("per_task", None)), R.sum_tasks())
 
 
 @pytest.mark.parametrize("make", [_zero_bias_by_path, _user_apply_step])
 def test_a_step_reading_the_path_is_never_run_path_free(make):
-  """The issue's two-leaf example: bias [2, 2] instead of [0, 0] when the hint was trusted."""
+  """The issue's two-leaf example: bias [2, 2] instead of [0, 0] when a hint was trusted. An identity counts
+  only on the functions the library's factory registered it with (identity_of), so neither step is recognized:
+  the whole-model program runs, and streaming refuses what it cannot prove leafwise."""
   pre, fts = _two_leaves()
   tx = make()
-  assert not tx.by_shape and jm.route(tx, pre, fts) == "xla_whole"
+  assert identity_of(tx.steps[0]) is None and not runs_by_leaf(tx) and jm.route(tx, pre, fts) == "xla_whole"
   got = jm.merge(tx, pre, fts)
   np.testing.assert_array_equal(np.asarray(got["b"]), [0.0, 0.0])
   np.testing.assert_array_equal(np.asarray(got["w"]), [2.0, 2.0])
+  with pytest.raises(ValueError, match="not leafwise"):
+    merge_leafwise(tx, pre, fts, DictWriter())
+  with pytest.raises(ValueError, match="cannot run this merge"):
+    jm.merge(tx, pre, fts, backend="leaf")
+
+
+def test_per_leaf_steps_stream_with_their_paths():
+  """A ``per_leaf`` step is leafwise by construction (streams) but reads the path (never one program per shape)."""
+  pre, fts = _two_leaves()
+  tx = jm.chain(jm.per_leaf(lambda path, x, **_: x * (0.0 if path == "b" else 1.0)), R.sum_tasks())
+  assert identity_of(tx.steps[0])[0] == "per_leaf" and leafwise(tx) and not runs_by_leaf(tx)
+  assert jm.route(tx, pre, fts) == "xla_whole"
   w = DictWriter()
   merge_leafwise(tx, pre, fts, w)
   np.testing.assert_array_equal(w["b"], [0.0, 0.0])
-  with pytest.raises(ValueError, match="cannot run this merge"):
-    jm.merge(tx, pre, fts, backend="leaf")
+  np.testing.assert_array_equal(w["w"], [2.0, 2.0])
+
+
+def test_identities_name_the_factory_and_its_static_hyperparameters():
+  assert identity_of(T.scale(0.3)) == ("scale", 0.3)
+  assert identity_of(T.drop(0.9, True)) == ("drop", 0.9, True)
+  assert identity_of(R.ties_merge(0.2, "mean")) == ("ties_merge", 0.2, "mean", "reference", "majority")
+  user = MergeTransform(lambda t: jm.EmptyCoeffs(), lambda c, t, **k: t)
+  assert user.identity is None and identity_of(user) is None
+  scale = T.scale(0.3)
+  assert identity_of(scale._replace(init=lambda t: None)) is None  # another init: not the factory's step
+  assert identity_of(jm.chain(jm.chain(T.drop(0.5), R.sum_tasks()), T.scale(0.5)))[0] == "chain"
+
+
+def test_old_positional_hints_are_ignored():
+  """MergeTransform(init, apply, kind, needs_key, leafwise, flat, path_free, steps, kernel): the old positional
+  form still builds the step, keeps its steps, and drops the hints with a DeprecationWarning."""
+  init, apply = (lambda t: jm.EmptyCoeffs()), (lambda c, t, **k: t)
+  with pytest.warns(DeprecationWarning):
+    t = MergeTransform(init, apply, "reduce", False, True, True, True, (), ("sum",))
+  assert t == MergeTransform(init, apply, "reduce", False) and identity_of(t) is None
 
 
 def test_library_steps_stay_by_shape():
   for tx in [jm.get_method("task_arithmetic")(), jm.get_method("ties")(scope="leaf"), T.drop(0.3),
              jm.per_task(lambda x: 2 * x), jm.chain(T.drop(0.2), R.sum_tasks(), T.scale(0.5))]:
-    assert tx.by_shape
+    assert runs_by_leaf(tx)
 
 
 def _models(seed=0, t=3):
@@ -104,7 +141,7 @@ def test_spellings_of_one_chain_get_one_backend_and_result(name, native_on, monk
   txs = SPELLINGS[name]
   routes = {jm.route(tx, pre, fts, key=key) for tx in txs}
   assert len(routes) == 1 and "xla_whole" not in routes, routes
-  if native_on and native.available.__module__ == "jaxmerge.native":
+  if native_on and native.available.__module__ == "jaxmerge.engine.native":
     assert routes == {"native"}
   want = jm.merge(txs[0], pre, fts, key=key)
   for tx in txs[1:]:
@@ -118,6 +155,21 @@ def test_hand_composed_global_ties_streams_exactly(name):
   pre, fts = _models(seed=1)
   key = jax.random.key(4)
   for tx in SPELLINGS[name][1:]:
+    w = DictWriter()
+    res = merge_streaming(tx, pre, fts, w, key=key)
+    assert res.passes >= 2
+    _close(w, jm.merge(tx, pre, fts, key=key))
+
+
+def test_global_stream_plans_are_read_from_identities_not_registry_names():
+  """Consensus on TIES, Localize-and-Stitch and a user's ``per_leaf`` step in front of a hand-composed global TIES
+  stream in exact passes with no registry name (``merge_streaming`` reads the plan from the steps), with the
+  in-memory result."""
+  pre, fts = _models(seed=5)
+  key = jax.random.key(5)
+  for tx in [jm.get_method("consensus")(base="ties", k=1), jm.get_method("localize_stitch")(density=0.2),
+             jm.chain(jm.per_leaf(lambda path, x, **_: x * (0.5 if path == "b" else 1.0)), T.trim(0.3, "global"),
+                      R.disjoint_merge("sum", "global"))]:
     w = DictWriter()
     res = merge_streaming(tx, pre, fts, w, key=key)
     assert res.passes >= 2
@@ -170,7 +222,7 @@ def test_every_backend_that_accepts_a_chain_gives_the_whole_model_result(tx):
   pre, fts = _DATA
   key = jax.random.key(6)
   want = jm.merge(tx, pre, fts, key=key, backend="xla_whole")
-  for b in _merge_module.BACKENDS:
+  for b in BACKENDS:
     if b in ("xla_whole", "mesh"):
       continue
     try:
@@ -179,7 +231,7 @@ def test_every_backend_that_accepts_a_chain_gives_the_whole_model_result(tx):
       assert "cannot run this merge" in str(e)
       continue
     _close(got, want, rtol=2e-5, atol=2e-6)
-  if tx.leafwise or native.spec(tx) is not None:
+  if leafwise(tx) or native.spec(tx) is not None:
     w = DictWriter()
     merge_streaming(tx, pre, fts, w, key=key)
     _close(w, want, rtol=2e-5, atol=2e-6)

@@ -16,6 +16,7 @@ import pytest
 import jaxmerge as jm
 from jaxmerge import stream
 from jaxmerge import tree as jtree
+from jaxmerge.engine.xla import runs_by_leaf, runs_flat
 from jaxmerge.io import safetensors_io as S
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -155,7 +156,7 @@ def test_one_compile_per_distinct_leaf_program(ckpt):
   assert res.lowerings == 3 * distinct
   # mergekit's TIES (per-tensor trim) is leafwise and path-free, though not flat: one program per shape too.
   tx = jm.get_method("ties")(scope="leaf", count="exact", zero_sign="positive", disjoint="mean")
-  assert tx.leafwise and tx.path_free and not tx.flat
+  assert stream.leafwise(tx) and runs_by_leaf(tx) and not runs_flat(tx)
   outs, res = _run(tx, d, 3)
   _assert_same(outs, [jm.merge(tx, pre, fts)])
   assert res.programs == distinct and res.lowerings == distinct
@@ -334,7 +335,7 @@ def test_streaming_merge_stays_under_a_memory_cap(tmp_path):
 def test_histograms_take_task_slices_and_select_exactly():
   """The streaming histograms accept a ``(T, ...)`` stack or its ``T`` slices (what the plans pass) with the
   same counts, and the two-pass select over several tensors equals a sort of their concatenation."""
-  from jaxmerge import stats_stream as ss
+  from jaxmerge import stats as ss
 
   r = np.random.default_rng(3)
   xs = [(r.standard_normal((3,) + s) * 10.0 ** r.integers(-3, 2)).astype(np.float32) for s in [(40, 7), (5,), (9, 3, 2)]]
@@ -355,3 +356,19 @@ def test_histograms_take_task_slices_and_select_exactly():
   got = sel.finish_low()
   flat = np.sort(np.concatenate([np.abs(x).reshape(3, -1) for x in xs], axis=1), axis=1)
   np.testing.assert_array_equal(got, np.take_along_axis(flat, ranks - 1, axis=1))
+
+
+def test_engine_streams_aligned_readers_and_names_a_mismatch():
+  """The engine streams readers that agree on names and shapes (jaxmerge.stream aligns them first, with
+  jaxmerge.io.llm); given mismatched ones directly it refuses them, naming the model and the parameter."""
+  from jaxmerge.engine import stream as engine_stream
+
+  pre = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+  good = {"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.float32)}
+  bad = {"a": np.ones((3, 2), np.float32), "b": np.ones(4, np.float32)}
+  tx = jm.get_method("task_arithmetic")(scale=0.5)
+  out = stream.DictWriter()
+  engine_stream.merge_leafwise(tx, pre, [good, good], out)
+  np.testing.assert_array_equal(out["a"], np.full((2, 3), 1.0, np.float32))
+  with pytest.raises(ValueError, match=r"model 1 .*'a'"):
+    engine_stream.merge_leafwise(tx, pre, [good, bad], stream.DictWriter())

@@ -276,7 +276,7 @@ def run_moe(suite, methods: Sequence[str] = MOE_METHODS, *, seed: int = 0, exper
       acc = _evaluate(suite, b)
       eval_seconds = time.perf_counter() - start
       lat = _relative_latency(b.forward, plain, images, 0)
-      rows.append(_runner._row(name, acc, expert_acc, tasks, b.build_seconds, eval_seconds=eval_seconds,
+      rows.append(_runner.result_row(name, acc, expert_acc, tasks, b.build_seconds, eval_seconds=eval_seconds,
                                kind="model-level", data=_DATA[name], family="moe", per_task_model=b.per_task,
                                extra_params=int(b.extra_params), extra_params_ratio=b.extra_params / n_tower,
                                relative_latency=lat, hparams=dict(SETTINGS.get(name, {})), notes=b.notes))

@@ -206,7 +206,20 @@ def resolve_methods(spec: str | Sequence[str] | None, *, tta: bool = False) -> l
   return list(dict.fromkeys(names))
 
 
-def _row(method: str, acc: dict, expert_acc: dict | None, tasks, seconds: float, **extra) -> dict:
+def result_row(method: str, acc: dict, expert_acc: dict | None, tasks, seconds: float, **extra) -> dict:
+  """One row of ``results.json``.
+
+  Args:
+    method: the row's name.
+    acc: ``{task: accuracy}``.
+    expert_acc: the experts' accuracies (for normalized accuracy), or ``None``.
+    tasks: the task order.
+    seconds: the time the method took.
+    extra: further fields of the row.
+
+  Returns:
+    The row (accuracy, average, normalized accuracy, seconds and ``extra``).
+  """
   avg = float(np.mean([acc[t] for t in tasks]))
   norm = {t: (acc[t] / expert_acc[t] if expert_acc and expert_acc[t] > 0 else float("nan")) for t in tasks}
   return {"method": method, "accuracy": {t: float(acc[t]) for t in tasks}, "average": avg,
@@ -464,9 +477,9 @@ def run_suites(suites: Sequence[Suite], methods: Sequence[str], *, seeds: Sequen
     tasks = list(suite.tasks)
     pre_acc, cross = bases[i]["pretrained"], bases[i]["cross"]
     expert_acc = {t: cross[k][t] for k, t in enumerate(tasks)}
-    rows = [_row("pretrained", pre_acc, expert_acc, tasks, 0.0, kind="baseline", data="none"),
-            _row("experts", expert_acc, expert_acc, tasks, 0.0, kind="baseline", data="labels (fine-tuning)",
-                 per_task_model=True)]
+    rows = [result_row("pretrained", pre_acc, expert_acc, tasks, 0.0, kind="baseline", data="none"),
+            result_row("experts", expert_acc, expert_acc, tasks, 0.0, kind="baseline", data="labels (fine-tuning)",
+                       per_task_model=True)]
     skipped = []
     for j, (k, _, _, _) in enumerate(jobs_list):
       if k != i:
@@ -513,9 +526,9 @@ def _one_row(suite, row_name, method, adapter, key, base, adapted, adapted_acc, 
     eval_seconds = time.perf_counter() - start
     extra.update(_diagnose(suite, merged, per_task, acc, expert_acc, adapter, adapted, adapted_acc,
                            adapters if adapter is None and info.data == "none" else (), strict))
-    row = _row(row_name, acc, expert_acc, tasks, seconds, compile_seconds=compile_seconds,
-               eval_seconds=eval_seconds, kind="merge", data=info.data, family=info.family,
-               per_task_model=per_task, hparams=dict(info.hparams), **extra)
+    row = result_row(row_name, acc, expert_acc, tasks, seconds, compile_seconds=compile_seconds,
+                     eval_seconds=eval_seconds, kind="merge", data=info.data, family=info.family,
+                     per_task_model=per_task, hparams=dict(info.hparams), **extra)
     if row_cache is not None:
       row_cache.put(row_name, row)
     return "row", row

@@ -286,7 +286,7 @@ def _float32_exact(plan, base_v, model_vs, any_compute: bool = False) -> bool:
 
   readers = [base_v, *model_vs]
   for k in base_v.keys():
-    if not jstream._is_float_dtype(base_v.dtype(k)):
+    if not jstream.is_float_dtype(base_v.dtype(k)):
       continue
     dts = [np.dtype(r.dtype(k)) for r in readers]
     if not any_compute and plan.compute_for(dts) != np.float32:
@@ -495,7 +495,7 @@ def run(args: argparse.Namespace) -> int:
     raise
   base_v, model_vs = aligned[0][1], aligned[0][2]
   t = len(model_vs)
-  need = sum((len(mv) + 3) * _float_bytes(bv, [k for k in bv.keys() if jstream._is_float_dtype(bv.dtype(k))])
+  need = sum((len(mv) + 3) * _float_bytes(bv, [k for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))])
              for _, bv, mv in aligned)
   use_stream = args.stream if args.stream is not None else need > _available_bytes() // 2
   if use_stream and fmt == "orbax":
@@ -528,7 +528,7 @@ def run(args: argparse.Namespace) -> int:
   if any(g.plan is not None and r is None and g.plan.tie_rule == "exact" for (g, _, _), r in zip(aligned, routes)):
     notes.append("mergekit computes this merge in float32: jaxmerge's own engine gives its result")
   wide = [k for (_, bv, _), r in zip(aligned, routes) if r is None for k in bv.keys()
-          if jstream._is_float_dtype(bv.dtype(k)) and bv.out_dtype(k) == "float64"]
+          if jstream.is_float_dtype(bv.dtype(k)) and bv.out_dtype(k) == "float64"]
   if wide:
     notes.append(f"{len(wide)} float64 tensors (e.g. {wide[0]!r}) are merged in float32 and written as float64")
   for note in notes:
@@ -581,7 +581,7 @@ def run(args: argparse.Namespace) -> int:
             _check_fits(k, x, x.dtype)
           part = [part_d]
         else:
-          gfloats = [k for k in bv.keys() if jstream._is_float_dtype(bv.dtype(k))]
+          gfloats = [k for k in bv.keys() if jstream.is_float_dtype(bv.dtype(k))]
           part = _merge_in_memory(gspec, bv, mv, gfloats, key, layout, mesh)
         merged = part if merged is None else [{**a, **b} for a, b in zip(merged, part)]
       for d, m in zip(dirs, merged):

@@ -53,9 +53,9 @@ def _streams(name: str) -> str:
     tx = info.factory()
   except Exception:  # noqa: BLE001
     return "?"
-  if tx.leafwise:
+  if stream.leafwise(tx):
     return "yes"
-  return "passes" if stream._plan(name, {}) is not None else "no"
+  return "passes" if stream.method_plan(name, {}) is not None else "no"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ import socket
 import stat
 import tempfile
 
+from jaxmerge.engine.host import umask as umask
+
 __all__ = ["apply_umask", "make_parents", "mkdtemp", "mkstemp", "remove_empty", "remove_stale", "umask"]
 
 _STALE = re.compile(r"^\..*\.jm(\d+)h([0-9a-f]{8})-[^/]*\.(tmp|old)$")
@@ -99,24 +101,6 @@ def remove_stale(directory: str | os.PathLike) -> list[pathlib.Path]:
       p.unlink(missing_ok=True)
     removed.append(p)
   return removed
-
-
-def umask() -> int:
-  """The process's umask (read from ``/proc`` where it can be, so that it is never changed, even briefly).
-
-  Returns:
-    The umask, e.g. ``0o022``.
-  """
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("Umask:"):
-          return int(line.split()[1], 8)
-  except (OSError, ValueError):
-    pass
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
 
 
 def apply_umask(path: str | os.PathLike) -> None:

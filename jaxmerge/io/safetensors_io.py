@@ -40,6 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 import ml_dtypes
 import numpy as np
 
+from jaxmerge.engine.host import aligned_empty as aligned_empty
 from jaxmerge.io import atomic as atomic_io
 from jaxmerge.io.paths import inside
 
@@ -392,24 +393,6 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if isinstance(ckpt, (SafetensorsReader, ShardedReader)):
     return {k: ckpt[k] for k in ckpt}
   return {k: ckpt.get(k) for k in ckpt.keys()}
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
-  """An uninitialized host array whose data starts on a 64-byte boundary, which JAX's CPU backend adopts
-  without a copy (``jax.device_put`` or a jitted call on it does not duplicate the bytes).
-
-  Args:
-    shape: the array's shape.
-    dtype: its dtype.
-
-  Returns:
-    The array (C-contiguous).
-  """
-  dt = np.dtype(dtype)
-  n = int(np.prod(shape, dtype=np.int64))
-  raw = np.empty(n * dt.itemsize + 64, np.uint8)
-  start = -raw.ctypes.data % 64
-  return raw[start:start + n * dt.itemsize].view(dt).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -263,7 +263,15 @@ def check_compatible(reference: ClipConfig, config: ClipConfig, *, what: str = "
 # NNX modules. Attribute names are Hugging Face's, so nnx.to_pure_dict gives the names documented above.
 
 
-def _act(name: str):
+def activation(name: str):
+  """The MLP activation of a CLIP config.
+
+  Args:
+    name: ``"quick_gelu"``, ``"gelu"`` (exact) or another name (the tanh approximation).
+
+  Returns:
+    The elementwise function.
+  """
   if name == "quick_gelu":
     return lambda x: x * jax.nn.sigmoid(1.702 * x)
   if name == "gelu":
@@ -309,7 +317,7 @@ class MLP(nnx.Module):
     self.fc2 = _linear(hidden, width, rngs)
 
   def __call__(self, x):
-    return self.fc2(_act(self.act)(self.fc1(x)))
+    return self.fc2(activation(self.act)(self.fc1(x)))
 
 
 class EncoderLayer(nnx.Module):

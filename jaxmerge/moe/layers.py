@@ -283,7 +283,7 @@ class WEMoEMLP(nnx.Module):
   def __call__(self, h: Float[Array, "B N w"]) -> Float[Array, "B N w"]:
     base = {n: {"kernel": getattr(self, n).kernel[...], "bias": getattr(self, n).bias[...]} for n in ("fc1", "fc2")}
     deltas = {n: {lf: self.tau[n][lf][...] for lf in ("kernel", "bias")} for n in ("fc1", "fc2")}
-    return mm.wemoe_mlp(h, base, deltas, self.gate(h), clip._act(self.act))
+    return mm.wemoe_mlp(h, base, deltas, self.gate(h), clip.activation(self.act))
 
 
 def wemoe(config: clip.ClipConfig, pretrained: Any, finetuned: Sequence[Any], *, key: jax.Array,

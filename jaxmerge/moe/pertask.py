@@ -27,12 +27,11 @@ import numpy as np
 from jaxtyping import Array, Float
 
 import jaxmerge as jm
-from jaxmerge import linalg
+from jaxmerge import linalg, stats
+from jaxmerge import reductions as R
+from jaxmerge import transforms as T
 from jaxmerge import tree as jtree
 from jaxmerge.moe import math as mm
-from jaxmerge.reductions._tsv import tsv_rank
-from jaxmerge.transforms._masks import _emr_rescaled, tall_mask_of
-from jaxmerge.transforms._sparsify import task_thresholds
 
 __all__ = ["ExpertModel", "byom_model", "emr_model", "free_backbone", "free_model", "low_rank_model",
            "tall_model", "train_router", "twin_model"]
@@ -208,7 +207,7 @@ def emr_model(apply_fn, pretrained: Params, finetuned, *, rescaler: str = "refer
   if rescaler not in ("reference", "global"):
     raise ValueError(f"rescaler must be 'reference' or 'global', got {rescaler!r}")
   pre, tau, like = _stack(pretrained, finetuned)
-  uni, masks, lam = _emr_rescaled(tau, rescaler)
+  uni, masks, lam = T.emr_rescaled(tau, rescaler)
   experts = {p: ("masked", {"mask": masks[p], "vec": uni[p], "scale": lam}) for p in tau}
   return _model(apply_fn, like, pre, experts, lam.shape[0], "emr")
 
@@ -237,7 +236,7 @@ def tall_model(apply_fn, pretrained: Params, finetuned, *, tall_lambda: float | 
   experts = {}
   for p, x in tau.items():
     mtv = jtree.task_sum(x)
-    experts[p] = ("masked", {"mask": tall_mask_of(x, mtv, lam, strict), "vec": mtv, "scale": jnp.ones((t,))})
+    experts[p] = ("masked", {"mask": T.tall_mask_of(x, mtv, lam, strict), "vec": mtv, "scale": jnp.ones((t,))})
   return _model(apply_fn, like, pre, experts, t, "tall_mask")
 
 
@@ -277,7 +276,7 @@ def low_rank_model(apply_fn, pretrained: Params, finetuned, *, rank_fraction: fl
   for p, x in tau.items():
     if x.ndim == 3:
       r = min(x.shape[1:])
-      k = min(rank, r) if rank is not None else tsv_rank(r, t, rank_fraction)
+      k = min(rank, r) if rank is not None else R.tsv_rank(r, t, rank_fraction)
       a, b = _low_rank(x, k)
       experts[p] = ("lowrank", {"a": a, "b": b})
     else:
@@ -418,7 +417,7 @@ def free_model(apply_fn, pretrained: Params, finetuned, *, cutoff: float = 0.0, 
     if not 0 < density < 1:
       raise ValueError(f"FREE expert density must be in (0, 1), got {density}")
     flat = jnp.concatenate([tau[p].reshape(t, -1) for p in paths], axis=1)
-    thr = task_thresholds([flat], density)
+    thr = stats.task_thresholds([flat], density)
     kept = jnp.where(jnp.abs(flat) >= thr[:, None], jnp.abs(flat), 0.0)
     mu = -jnp.mean(kept, axis=1) * np.log(density) / (lam * jnp.mean(jnp.abs(flat), axis=1))
     for p in paths:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxmerge import filters as jfilters
 from jaxmerge import linalg
 from jaxmerge import tree as jtree
-from jaxmerge.base import REDUCE, MergeContext, MergeTransform, context_of
+from jaxmerge.base import REDUCE, MergeContext, MergeTransform, context_of, identified
 from jaxmerge.typing import Filter
 
 __all__ = ["knots_align", "knots_merge"]
@@ -107,4 +107,5 @@ def knots_merge(
       out[p] = linalg.to_leaf(linalg.matmul(us, vm), specs[p], tuple(x.shape[1:]))
     return jtree.unflatten_paths(tree, out)
 
-  return MergeTransform(base.init, apply, REDUCE, base.needs_key, base.leafwise)
+  return identified(base.init, apply, REDUCE, "knots_merge", base, eps, scaled, where, batch_size,
+                    needs_key=base.needs_key)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from jaxmerge import linalg
 from jaxmerge import tree as jtree
-from jaxmerge.base import REDUCE, TASK, EmptyCoeffs, MergeTransform, context_of
+from jaxmerge.base import REDUCE, TASK, EmptyCoeffs, MergeTransform, context_of, identified
 from jaxmerge.tree import task_mean, task_sum
 from jaxmerge.typing import Filter
 
@@ -135,4 +135,4 @@ def matrix_transform(
         out[p] = vec(coeffs, x.astype(jnp.float32))
     return jtree.unflatten_paths(tree, out)
 
-  return MergeTransform(init or _empty, apply, kind)
+  return identified(init or _empty, apply, kind, "matrix_transform", kernel, kind, fallback, where, batch_size, combine)

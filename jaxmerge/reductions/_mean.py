@@ -7,10 +7,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform
+from jaxmerge import stats
+from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform, identified
 from jaxmerge.tree import fence, global_sum, on_mesh, task_mean, task_sum
 
-__all__ = ["disjoint_merge", "elected_sign", "mean_tasks", "sum_tasks", "ties_merge", "weighted_sum"]
+__all__ = ["disjoint_merge", "disjoint_rows", "elect", "elected_sign", "mean_tasks", "sum_tasks", "ties_merge",
+           "weighted_sum"]
 
 
 def _empty(tree):
@@ -32,7 +34,7 @@ def sum_tasks() -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(task_sum, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, flat=True, kernel=("sum",))
+  return identified(_empty, apply, REDUCE, "sum_tasks")
 
 
 def mean_tasks() -> MergeTransform:
@@ -49,7 +51,7 @@ def mean_tasks() -> MergeTransform:
     del coeffs, key, ctx
     return jax.tree.map(task_mean, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, flat=True, kernel=("mean",))
+  return identified(_empty, apply, REDUCE, "mean_tasks")
 
 
 def weighted_sum(weights) -> MergeTransform:
@@ -78,7 +80,7 @@ def weighted_sum(weights) -> MergeTransform:
     w = coeffs["weights"]
     return jax.tree.map(lambda x: task_sum(x, w), tree)
 
-  return MergeTransform(init, apply, REDUCE, flat=True)
+  return identified(init, apply, REDUCE, "weighted_sum", weights)
 
 
 def elected_sign(tree, scope: str = "global"):
@@ -109,13 +111,27 @@ def elected_sign(tree, scope: str = "global"):
 
 def _disjoint(x: jax.Array, s: jax.Array, merge_func: str) -> jax.Array:
   """The disjoint merge of a stacked leaf ``(T, ...)`` under elected signs ``s``."""
-  return _disjoint_rows(x if on_mesh() else [x[i] for i in range(x.shape[0])], s, merge_func)
+  return disjoint_rows(x if on_mesh() else [x[i] for i in range(x.shape[0])], s, merge_func)
 
 
-def _disjoint_rows(rows: list[jax.Array] | jax.Array, s: jax.Array, merge_func: str) -> jax.Array:
-  """The disjoint merge of one leaf given as its ``T`` task slices: the entries whose sign agrees with ``s``,
-  summed, averaged over the agreeing nonzero entries, or the largest agreeing magnitude with sign ``s``. Slices
-  (not a stacked array) so that XLA fuses the whole merge into one pass over the task vectors."""
+def disjoint_rows(rows: list[jax.Array] | jax.Array, s: jax.Array, merge_func: str) -> jax.Array:
+  """TIES's disjoint merge of one leaf: the entries whose sign agrees with ``s``, summed, averaged over the
+  agreeing nonzero entries, or the largest agreeing magnitude with sign ``s``. The one rule of every XLA backend
+  (in memory, streamed, sharded).
+
+  Args:
+    rows: the leaf's ``T`` task slices (a list: XLA then fuses the whole merge into one pass over the task
+      vectors), or the stacked ``(T, ...)`` leaf (under a device mesh: reductions along the task axis).
+    s: the elected signs, the leaf's shape without the task axis.
+    merge_func: ``"sum"``, ``"mean"`` or ``"max"``.
+
+  Returns:
+    The merged leaf.
+
+  References:
+    Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+    https://arxiv.org/abs/2306.01708
+  """
   if not isinstance(rows, list):  # a stacked (T, ...) leaf under a device mesh: reductions along the task axis
     sel = jnp.where(jnp.where(s > 0, rows > 0, rows < 0), rows, 0)
     if merge_func == "sum":
@@ -154,8 +170,6 @@ def ties_merge(
     Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
     https://arxiv.org/abs/2306.01708
   """
-  from jaxmerge.transforms._sparsify import global_thresholds  # noqa: PLC0415 (transforms import reductions)
-
   if merge_func not in ("sum", "mean", "max"):
     raise ValueError(f"merge_func must be one of 'sum', 'mean', 'max'; got {merge_func!r}")
   if zero_sign not in ("majority", "positive"):
@@ -169,7 +183,7 @@ def ties_merge(
     # equal-shape leaves share one compiled kernel (see jaxmerge.tree.concat_tasks).
     thr = thr2 = None
     if density < 1:
-      thr = global_thresholds(tree, density, count)
+      thr = stats.global_thresholds(tree, density, count)
       # A second copy of the thresholds: a distinct value, so XLA does not merge the two passes' trims into
       # one stored (T, ...) trimmed stack (see below).
       thr2 = fence(jnp.stack([thr, thr]))[1]
@@ -183,30 +197,41 @@ def ties_merge(
         return [x[i] for i in range(x.shape[0])]
       return [jnp.where(jnp.abs(x[i]) >= v[i], x[i], 0) for i in range(x.shape[0])]
 
-    def elect(r, majority=None):
-      return _elect(functools.reduce(jnp.add, r) if isinstance(r, list) else jnp.sum(r, axis=0), zero_sign, majority)
+    def elect_rows(r, majority=None):
+      return elect(functools.reduce(jnp.add, r) if isinstance(r, list) else jnp.sum(r, axis=0), zero_sign, majority)
 
     # Two passes read the task vectors: the first elects signs for the majority sign (a whole-model scalar),
     # the second trims and elects again, then merges: rereading the task vectors costs what reading a stored
     # trimmed stack would, without its T x N scratch memory.
     majority = None
     if zero_sign == "majority":
-      majority = _majority(jax.tree.map(lambda x: elect(rows(x, thr)), tree))
+      majority = _majority(jax.tree.map(lambda x: elect_rows(rows(x, thr)), tree))
 
     def merge_leaf(x):
       r = rows(x, thr2)
-      return _disjoint_rows(r, elect(r, majority), merge_func)
+      return disjoint_rows(r, elect_rows(r, majority), merge_func)
 
     return jax.tree.map(merge_leaf, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=False, flat=True,
-                        kernel=("ties", float(density), merge_func, count, zero_sign))
+  return identified(_empty, apply, REDUCE, "ties_merge", float(density), merge_func, count, zero_sign)
 
 
-def _elect(total: jax.Array, zero_sign: str, majority: jax.Array | None = None) -> jax.Array:
-  """TIES's elected sign of one leaf from the sum of its (trimmed) task vectors: ``sgn(total)``, where zero sums
-  take ``majority`` (``zero_sign="majority"``; left at 0 when ``majority`` is ``None``), or ``+1`` unless the sum
-  is negative (``"positive"``, mergekit)."""
+def elect(total: jax.Array, zero_sign: str, majority: jax.Array | None = None) -> jax.Array:
+  """TIES's elected sign of one leaf from the sum of its (trimmed) task vectors (the one rule of every XLA backend).
+
+  Args:
+    total: the sum over tasks of the leaf's (trimmed) task vectors.
+    zero_sign: ``"majority"``: ``sgn(total)``, zero sums take ``majority`` (left at 0 when it is ``None``);
+      ``"positive"`` (mergekit): ``+1`` unless the sum is negative.
+    majority: the whole model's majority sign, or ``None``.
+
+  Returns:
+    The elected signs, ``total``'s shape.
+
+  References:
+    Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+    https://arxiv.org/abs/2306.01708
+  """
   if zero_sign == "positive":
     return jnp.where(total >= 0, 1.0, -1.0).astype(total.dtype)
   s = jnp.sign(total)
@@ -260,7 +285,7 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sig
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
     if zero_sign == "positive":
-      return jax.tree.map(lambda x: leaf(x, _elect(task_sum(x), zero_sign)), tree)
+      return jax.tree.map(lambda x: leaf(x, elect(task_sum(x), zero_sign)), tree)
     if sign_scope == "leaf":
       return jax.tree.map(lambda x: leaf(x, _with_majority(jnp.sign(task_sum(x)))), tree)
     if not jax.tree.leaves(tree):
@@ -270,6 +295,4 @@ def disjoint_merge(merge_func: str = "sum", sign_scope: str = "global", zero_sig
     majority = _majority(signs)
     return jax.tree.map(lambda x, s: leaf(x, jnp.where(s == 0, majority, s)), tree, signs)
 
-  leafwise = sign_scope == "leaf" or zero_sign == "positive"
-  return MergeTransform(_empty, apply, REDUCE, leafwise=leafwise, flat=sign_scope == "global" or zero_sign == "positive",
-                        path_free=True, kernel=("disjoint", merge_func, sign_scope, zero_sign))
+  return identified(_empty, apply, REDUCE, "disjoint_merge", merge_func, sign_scope, zero_sign)

@@ -18,9 +18,13 @@ from jaxmerge.transforms._basic import scale_tasks as scale_tasks
 from jaxmerge.transforms._masks import byom_residuals as byom_residuals
 from jaxmerge.transforms._masks import consensus_mask as consensus_mask
 from jaxmerge.transforms._masks import emr_modulate as emr_modulate
+from jaxmerge.transforms._masks import emr_parts as emr_parts
+from jaxmerge.transforms._masks import emr_rescaled as emr_rescaled
+from jaxmerge.transforms._masks import emr_terms as emr_terms
 from jaxmerge.transforms._masks import emr_unified as emr_unified
 from jaxmerge.transforms._masks import pcb_reduce as pcb_reduce
 from jaxmerge.transforms._masks import stitch as stitch
+from jaxmerge.transforms._masks import tall_mask_of as tall_mask_of
 from jaxmerge.transforms._masks import tall_masks as tall_masks
 from jaxmerge.transforms._sparsify import drop as drop
 from jaxmerge.transforms._sparsify import magprune as magprune

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxmerge.base import ANY, TASK, EmptyCoeffs, MergeTransform
+from jaxmerge.base import ANY, TASK, EmptyCoeffs, MergeTransform, identified
 
 __all__ = ["ScaleCoeffs", "ScaleTasksCoeffs", "identity", "scale", "scale_tasks"]
 
@@ -19,6 +19,11 @@ class ScaleCoeffs(NamedTuple):
 
 class ScaleTasksCoeffs(NamedTuple):
   scales: jax.Array | dict
+
+
+def _empty(tree):
+  del tree
+  return EmptyCoeffs()
 
 
 def identity() -> MergeTransform:
@@ -32,7 +37,7 @@ def identity() -> MergeTransform:
     del coeffs, key, ctx
     return tree
 
-  return MergeTransform(lambda tree: EmptyCoeffs(), apply, ANY)
+  return identified(_empty, apply, ANY, "identity")
 
 
 def scale(value: float = 1.0) -> MergeTransform:
@@ -58,7 +63,7 @@ def scale(value: float = 1.0) -> MergeTransform:
     del key, ctx
     return jax.tree.map(lambda x: x * coeffs.scale.astype(x.dtype), tree)
 
-  return MergeTransform(init, apply, ANY, flat=True, kernel=("scale", float(value)))
+  return identified(init, apply, ANY, "scale", float(value))
 
 
 def scale_tasks(values: float | Sequence[float] = 1.0, *, per_leaf: bool = False) -> MergeTransform:
@@ -97,4 +102,4 @@ def scale_tasks(values: float | Sequence[float] = 1.0, *, per_leaf: bool = False
       return jax.tree.map(lambda x: mul(x, coeffs.scales), tree)
     return jax.tree.map(mul, tree, coeffs.scales)
 
-  return MergeTransform(init, apply, TASK, flat=not per_leaf)
+  return identified(init, apply, TASK, "scale_tasks", values, per_leaf)

@@ -14,14 +14,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import stats
-from jaxmerge.base import REDUCE, TASK, EmptyCoeffs, MergeTransform
-from jaxmerge.transforms._sparsify import task_thresholds
+from jaxmerge.base import REDUCE, TASK, EmptyCoeffs, MergeTransform, identified
 from jaxmerge.tree import concat_tasks, task_max, task_sum
 
 __all__ = [
     "byom_residuals",
     "consensus_mask",
     "emr_modulate",
+    "emr_parts",
+    "emr_rescaled",
+    "emr_terms",
     "emr_unified",
     "pcb_reduce",
     "stitch",
@@ -46,7 +48,21 @@ def _lambdas(tall_lambda: float | Sequence[float], t: int) -> jax.Array:
 
 
 def tall_mask_of(x: jax.Array, mtv: jax.Array, lam: jax.Array, strict: bool) -> jax.Array:
-  """TALL mask ``|tau_t| > lambda_t |tau_MTL - tau_t|`` (``>=`` with ``strict=False``) for a stacked leaf."""
+  """TALL mask ``|tau_t| > lambda_t |tau_MTL - tau_t|`` (``>=`` with ``strict=False``) for a stacked leaf.
+
+  Args:
+    x: the leaf's task vectors ``(T, ...)``.
+    mtv: the multi-task vector (their sum), the leaf's shape.
+    lam: ``lambda_t``, ``(T,)``.
+    strict: ``>`` (else ``>=``).
+
+  Returns:
+    The boolean masks ``(T, ...)``.
+
+  References:
+    Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024.
+    https://arxiv.org/abs/2405.07813
+  """
   lhs, rhs = jnp.abs(x), _bcast(lam, x) * jnp.abs(mtv[None] - x)
   return lhs > rhs if strict else lhs >= rhs
 
@@ -76,7 +92,7 @@ def tall_masks(tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) 
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK)
+  return identified(_empty, apply, TASK, "tall_masks", tall_lambda, strict)
 
 
 def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, strict: bool = True) -> MergeTransform:
@@ -112,20 +128,44 @@ def consensus_mask(k: int = 2, tall_lambda: float | Sequence[float] = 0.6, stric
 
     return jax.tree.map(leaf, tree)
 
-  # Elementwise over each leaf, no path, key or layout: one program per leaf shape in the leaf-by-leaf engines.
-  return MergeTransform(_empty, apply, TASK, path_free=True)
+  return identified(_empty, apply, TASK, "consensus_mask", k, tall_lambda, strict)
 
 
-def _emr_parts(tree):
+def emr_parts(tree):
+  """EMR's unified task vector and per-task sign masks (the rule of the in-memory and streamed merges).
+
+  Args:
+    tree: a stack of task vectors ``(T, ...)``.
+
+  Returns:
+    ``(unified tree (...), masks tree (T, ...) of booleans)``.
+
+  References:
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2405.17461
+  """
   flags = jax.tree.map(lambda x: jnp.where(task_sum(x) > 0, 1.0, -1.0).astype(x.dtype), tree)
   masks = jax.tree.map(lambda x, f: x * f[None] > 0, tree, flags)
   uni = jax.tree.map(lambda x, m, f: task_max(jnp.where(m, jnp.abs(x), 0)) * f, tree, masks, flags)
   return uni, masks
 
 
-def _emr_terms(x, uni, mask, rescaler: str):
-  """One leaf's contributions ``(A_t, B_t)`` to EMR's rescalers: the per-task mean (``"reference"``) or sum
-  (``"global"``) of ``|tau_t|`` and of ``|M_t * tau_uni|``; ``lambda_t = sum A_t / sum B_t`` over leaves."""
+def emr_terms(x, uni, mask, rescaler: str):
+  """One leaf's contributions ``(A_t, B_t)`` to EMR's rescalers; ``lambda_t = sum A_t / sum B_t`` over leaves.
+
+  Args:
+    x: the leaf's task vectors ``(T, ...)``.
+    uni: its unified vector (:func:`emr_parts`).
+    mask: its masks ``(T, ...)``.
+    rescaler: ``"reference"`` (per-task means of ``|tau_t|`` and ``|M_t * tau_uni|``) or ``"global"`` (sums).
+
+  Returns:
+    ``(A, B)``, each ``(T,)``.
+
+  References:
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2405.17461
+  """
   def red(v):
     a = jnp.abs(v.reshape(v.shape[0], -1))
     return jnp.mean(a, axis=1) if rescaler == "reference" else jnp.sum(a, axis=1)
@@ -133,10 +173,22 @@ def _emr_terms(x, uni, mask, rescaler: str):
   return red(x), red(jnp.where(mask, uni[None], 0))
 
 
-def _emr_rescaled(tree, rescaler: str):
-  """EMR's unified vector, masks and per-task rescalers ``lambda (T,)`` (0 where ``B_t = 0``)."""
-  uni, masks = _emr_parts(tree)
-  terms = [_emr_terms(x, u, m, rescaler)
+def emr_rescaled(tree, rescaler: str):
+  """EMR's unified vector, masks and per-task rescalers.
+
+  Args:
+    tree: a stack of task vectors ``(T, ...)``.
+    rescaler: as :func:`emr_terms`.
+
+  Returns:
+    ``(unified, masks, lambda (T,))``, ``lambda`` 0 where ``B_t = 0``.
+
+  References:
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
+    https://arxiv.org/abs/2405.17461
+  """
+  uni, masks = emr_parts(tree)
+  terms = [emr_terms(x, u, m, rescaler)
            for x, u, m in zip(jax.tree.leaves(tree), jax.tree.leaves(uni), jax.tree.leaves(masks))]
   a = sum(t[0] for t in terms)
   b = sum(t[1] for t in terms)
@@ -157,9 +209,9 @@ def emr_unified() -> MergeTransform:
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    return _emr_parts(tree)[0]
+    return emr_parts(tree)[0]
 
-  return MergeTransform(_empty, apply, REDUCE)
+  return identified(_empty, apply, REDUCE, "emr_unified")
 
 
 def emr_modulate(rescaler: str = "reference") -> MergeTransform:
@@ -184,10 +236,10 @@ def emr_modulate(rescaler: str = "reference") -> MergeTransform:
 
   def apply(coeffs, tree, *, key=None, ctx=None):
     del coeffs, key, ctx
-    uni, masks, lam = _emr_rescaled(tree, rescaler)
+    uni, masks, lam = emr_rescaled(tree, rescaler)
     return jax.tree.map(lambda m, u: jnp.where(m, u[None], 0) * _bcast(lam, m), masks, uni)
 
-  return MergeTransform(_empty, apply, TASK, leafwise=False)
+  return identified(_empty, apply, TASK, "emr_modulate", rescaler)
 
 
 def stitch(density: float = 0.1) -> MergeTransform:
@@ -232,7 +284,7 @@ def stitch(density: float = 0.1) -> MergeTransform:
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=False, flat=True)
+  return identified(_empty, apply, REDUCE, "stitch", density)
 
 
 def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
@@ -257,7 +309,7 @@ def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
     def resid(x):
       return x - scale * task_sum(x)[None]
 
-    thr = task_thresholds([concat_tasks(jax.tree.map(resid, tree))], density)
+    thr = stats.task_thresholds([concat_tasks(jax.tree.map(resid, tree))], density)
 
     def leaf(x):
       shared = scale * task_sum(x)
@@ -266,7 +318,7 @@ def byom_residuals(density: float = 0.1, scale: float = 0.3) -> MergeTransform:
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK, leafwise=False, flat=True)
+  return identified(_empty, apply, TASK, "byom_residuals", density, scale)
 
 
 def _minmax(v: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -349,4 +401,4 @@ def pcb_reduce(
       out.append(task_sum(tv * b) / jnp.maximum(task_sum(b), 1e-12))
     return jax.tree.unflatten(treedef, out)
 
-  return MergeTransform(_empty, apply, REDUCE, leafwise=False)
+  return identified(_empty, apply, REDUCE, "pcb_reduce", ratio, scales, clamp_ratio, inter)

@@ -11,12 +11,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import filters as jfilters
-from jaxmerge import native
 from jaxmerge import stats
 from jaxmerge import tree as jtree
-from jaxmerge.base import TASK, EmptyCoeffs, MergeTransform, context_of, require_key
+from jaxmerge.base import TASK, EmptyCoeffs, MergeTransform, context_of, identified, require_key
 
-__all__ = ["drop", "global_thresholds", "magprune", "outlier_mask", "rows_view", "task_thresholds", "trim"]
+__all__ = ["drop", "magprune", "outlier_mask", "rows_view", "trim"]
 
 
 def _empty(tree):
@@ -28,71 +27,6 @@ def _check_fraction(name: str, value: float, low_open: bool = False) -> None:
   ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
   if not ok:
     raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
-
-
-def task_thresholds(leaves: list[jax.Array], density: float, count: str = "reference",
-                    use_native: bool = False) -> jax.Array:
-  """Per-task magnitude thresholds ``(T,)`` keeping the top ``density`` of each task over all ``leaves``.
-
-  ``count="reference"`` is FusionBench's rule (keep ``>=`` the ``(N - int(N d))``-th smallest, i.e.
-  ``int(N d) + 1`` entries without ties); ``"exact"`` keeps ``max(1, int(N d))`` entries (mergekit).
-
-  ``use_native=True`` computes them on the CPU with one call of :mod:`jaxmerge.native` (same values). Only for
-  leaves that are program inputs or exactly rounded expressions of them (``ft - pre``): the custom call needs
-  its operand stored, and XLA may fuse an expression such as ``x - c * y`` into an FMA in one place and not in
-  another, so the thresholds and the masks compared against them would see different roundings.
-  """
-  t = leaves[0].shape[0]
-  n = sum(int(x[0].size) for x in leaves)
-  k = native.threshold_rank(n, density, count)
-  if k <= 0:  # everything is kept
-    return jnp.zeros((t,), jnp.float32)
-  if use_native and native.fits(t, n) and native.available():
-    # On the CPU, one native call for every task (jaxmerge.native); the XLA radix select elsewhere.
-    return jax.lax.platform_dependent(cpu=lambda: native.ties_thresholds(leaves, k),
-                                      default=lambda: _xla_thresholds(leaves, k))
-  return _xla_thresholds(leaves, k)
-
-
-def global_thresholds(tree, density: float, count: str = "reference") -> jax.Array:
-  """Per-task magnitude thresholds ``(T,)`` over every leaf of the stack ``tree`` (:func:`task_thresholds`).
-
-  On one device, from one ``(T, N)`` view (:func:`jaxmerge.tree.concat_tasks`; the native CPU select where it
-  runs). Under a device mesh, leaf by leaf with the task axis batched (:func:`_mesh_thresholds`): concatenating
-  leaves sharded differently, or a custom call, would gather the whole stack on every device.
-
-  Args:
-    tree: a stack ``(T, ...)`` with at least one leaf.
-    density: fraction kept, in ``[0, 1]``.
-    count: ``"reference"`` or ``"exact"`` (see :func:`trim`).
-
-  Returns:
-    The ``(T,)`` float32 thresholds (zeros when everything is kept).
-  """
-  leaves = jax.tree.leaves(tree)
-  if jtree.on_mesh():
-    t = leaves[0].shape[0]
-    k = native.threshold_rank(sum(int(x[0].size) for x in leaves), density, count)
-    return jnp.zeros((t,), jnp.float32) if k <= 0 else _mesh_thresholds(leaves, k)
-  return task_thresholds([jtree.concat_tasks(tree)], density, count, use_native=True)
-
-
-def _mesh_thresholds(leaves: list[jax.Array], k: int) -> jax.Array:
-  """Each task's ``k``-th smallest magnitude over ``leaves`` (:func:`jaxmerge.stats.kth_smallest_rows`: the radix
-  select batched over the task axis, leaf after leaf)."""
-  return stats.kth_smallest_rows([jnp.abs(x) for x in leaves], k)
-
-
-def _xla_thresholds(leaves: list[jax.Array], k: int) -> jax.Array:
-  """Each task's ``k``-th smallest magnitude over ``leaves`` by the XLA radix select (:mod:`jaxmerge.stats`)."""
-  # A Python loop over tasks (not vmap): independent histogram scatters, which XLA:CPU runs two at a time. Task
-  # i waits for task i - 2 (its magnitudes add 0 * that threshold, exact for finite thresholds): otherwise XLA
-  # schedules every task's histogram indices (one int32 per entry) at once, T x N of scratch memory.
-  thrs: list[jax.Array] = []
-  for i in range(leaves[0].shape[0]):
-    after = thrs[i - 2] * 0 if i >= 2 else None
-    thrs.append(stats.kth_smallest([jnp.abs(x[i]) if after is None else jnp.abs(x[i]) + after for x in leaves], k))
-  return jtree.fence(jnp.stack(thrs))
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -131,17 +65,16 @@ def trim(density: float = 0.2, scope: str = "global", count: str = "reference") 
     if scope == "global":
       if not jax.tree.leaves(tree):
         return tree
-      thr = global_thresholds(tree, density, count)
+      thr = stats.global_thresholds(tree, density, count)
       return jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= _bcast(thr, x), x, 0), tree)
 
     def leaf(x):
-      thr = task_thresholds([x], density, count, use_native=True)
+      thr = stats.leaf_thresholds(x, density, count)
       return jnp.where(jnp.abs(x) >= _bcast(thr, x), x, 0)
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK, leafwise=scope == "leaf", flat=scope == "global", path_free=True,
-                        kernel=("trim", float(density), scope, count))
+  return identified(_empty, apply, TASK, "trim", float(density), scope, count)
 
 
 def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
@@ -180,11 +113,7 @@ def drop(p: float = 0.5, rescale: bool | str = True) -> MergeTransform:
 
     return jtree.map_with_path(leaf, tree)
 
-  # The path is read only through the leaf's key (jaxmerge.tree.leaf_key): engines pass the leaf id as an
-  # argument, and every leaf of a shape shares one program.
-  # Native CPU kernels (jaxmerge.native) recognize the drop with a 1 / (1 - p) rescale or none.
-  kernel = ("drop", float(p), bool(rescale)) if rescale in (True, False) and p < 1 else ()
-  return MergeTransform(_empty, apply, TASK, needs_key=True, path_free=True, kernel=kernel)
+  return identified(_empty, apply, TASK, "drop", float(p), rescale, needs_key=True)
 
 
 def _l1_rescale(x: jax.Array, kept: jax.Array, eps: float = 1e-7) -> jax.Array:
@@ -257,7 +186,7 @@ def magprune(p: float = 0.3, window: float = 0.14, rescale: bool = True) -> Merg
 
     return jtree.map_with_path(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK, needs_key=True)
+  return identified(_empty, apply, TASK, "magprune", p, window, rescale, needs_key=True)
 
 
 def outlier_mask(density: float = 0.85, gamma: float = 0.006, granularity: str = "row") -> MergeTransform:
@@ -304,4 +233,4 @@ def outlier_mask(density: float = 0.85, gamma: float = 0.006, granularity: str =
 
     return jtree.map_with_path(leaf, tree)
 
-  return MergeTransform(_empty, apply, TASK)
+  return identified(_empty, apply, TASK, "outlier_mask", density, gamma, granularity)

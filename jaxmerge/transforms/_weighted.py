@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import tree as jtree
-from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform, context_of
+from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform, context_of, identified
 from jaxmerge.tree import task_mean, task_sum
 
 __all__ = ["model_stock_reduce", "nan_reduce", "slerp_reduce"]
@@ -59,7 +59,7 @@ def nan_reduce(global_scale: float | None = None, norm_of: str = "task_vector") 
 
     return jtree.map_with_path(leaf, tree)
 
-  return MergeTransform(_empty, apply, REDUCE)
+  return identified(_empty, apply, REDUCE, "nan_reduce", global_scale, norm_of)
 
 
 def slerp_reduce(t: float = 0.5, dot_threshold: float = 0.9995, epsilon: float = 1e-8) -> MergeTransform:
@@ -108,7 +108,7 @@ def slerp_reduce(t: float = 0.5, dot_threshold: float = 0.9995, epsilon: float =
 
     return jtree.map_with_path(leaf, tree)
 
-  return MergeTransform(_empty, apply, REDUCE)
+  return identified(_empty, apply, REDUCE, "slerp_reduce", t, dot_threshold, epsilon)
 
 
 def model_stock_reduce(average: str = "angle", clamp: bool = False, epsilon: float = 1e-8) -> MergeTransform:
@@ -161,4 +161,4 @@ def model_stock_reduce(average: str = "angle", clamp: bool = False, epsilon: flo
 
     return jax.tree.map(leaf, tree)
 
-  return MergeTransform(_empty, apply, REDUCE)
+  return identified(_empty, apply, REDUCE, "model_stock_reduce", average, clamp, epsilon)

@@ -17,7 +17,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from jaxmerge import tree as jtree
-from jaxmerge.merge import prepare
+from jaxmerge.engine.merge import prepare
 
 __all__ = ["Structure", "assemble", "head_logits", "pad_heads", "split_params", "stack_models", "structure_of"]
 

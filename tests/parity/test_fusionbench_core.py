@@ -109,9 +109,9 @@ def test_model_stock(num_tasks):
 
 @pytest.fixture(params=["native", "xla"])
 def engine(request, monkeypatch):
-  """Global TIES runs as one native CPU call where a C compiler exists (jaxmerge.native), else as XLA programs:
+  """Global TIES runs as one native CPU call where a C compiler exists (jaxmerge.engine.native), else as XLA programs:
   both are checked against FusionBench."""
-  from jaxmerge import native
+  from jaxmerge.engine import native
 
   if request.param == "xla":
     monkeypatch.setenv("JAXMERGE_NATIVE", "0")

@@ -14,10 +14,10 @@ while the current one is merged).
 - **One compile per distinct leaf program.** Each leaf is traced with its real path (a partition or filter may
   depend on it) and lowered; the compiled executable is cached by the lowered program's text, so leaves that
   differ only by name (every layer of a transformer) share one compile: one per distinct (shape, dtype, label).
-  Programs that cannot read the path (``flat`` or ``path_free`` transforms such as task arithmetic or
-  mergekit's per-tensor TIES, and every step of the multi-pass plans) are traced and lowered once per argument
-  type, not once per tensor; for leafwise ones every program is compiled ahead, in background threads, while
-  the first tensors are read.
+  Programs that cannot read the path (by-leaf transforms, :data:`jaxmerge.engine.xla.BY_LEAF`, such as task
+  arithmetic or mergekit's per-tensor TIES, and every step of the multi-pass plans) are traced and lowered once
+  per argument type, not once per tensor; for leafwise ones every program is compiled ahead, in background
+  threads, while the first tensors are read.
   Random methods fold the path into the key as a number; with ``jaxmerge.tree.traced_leaf_ids`` (a proposed hook)
   that number is an argument and they compile once per shape too; without it they compile once per leaf.
 - **The host keeps the cores busy.** Reading, merging and writing overlap: the next tensor is read (its
@@ -32,7 +32,7 @@ while the current one is merged).
 - **Global methods in two passes.** Transforms that are not leafwise need statistics over the whole model
   (TIES's per-task magnitude threshold, Localize-and-Stitch's, BYOM's, EMR's rescalers). :func:`merge_streaming`
   runs them exactly: first passes accumulate the statistics tensor by tensor (exact order statistics with
-  :class:`jaxmerge.stats_stream.KthSmallest`), the last pass applies them. :func:`streamable_methods` lists
+  :class:`jaxmerge.stats.KthSmallest`), the last pass applies them. :func:`streamable_methods` lists
   what can stream; anything else raises ``ValueError`` naming it.
 """
 
@@ -53,15 +53,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import filters as jfilters
+from jaxmerge import transforms as T
 from jaxmerge import tree as jtree
-from jaxmerge.base import REDUCE, MergeTransform
-from jaxmerge.io import llm
-from jaxmerge.io.safetensors_io import TensorReader
-from jaxmerge.merge import leaf_apply, merge_leaf
-from jaxmerge.stats_stream import KthSmallest, high_histogram, low_histogram
+from jaxmerge.base import REDUCE, MergeTransform, identity_of, steps_of
+from jaxmerge.combine import chain
+from jaxmerge.engine import host, native
+from jaxmerge.engine.xla import accepts, leaf_apply, merge_leaf, runs_by_leaf
+from jaxmerge.reductions import disjoint_rows, elect
+from jaxmerge.registry import list_methods, method_info
+from jaxmerge.stats import KthSmallest, high_histogram, low_histogram
 
-__all__ = ["DictReader", "DictWriter", "StreamResult", "merge_leafwise", "merge_streaming", "streamable_methods",
-           "two_pass_methods"]
+__all__ = ["LEAFWISE", "DictReader", "DictWriter", "StreamResult", "is_float_dtype", "is_reader", "leafwise",
+           "merge_leafwise", "merge_streaming", "method_plan", "plan_of", "streamable_methods", "two_pass_methods"]
 
 Layout = Callable[[str, jax.ShapeDtypeStruct], Any]
 
@@ -131,20 +134,6 @@ def _path_id(path: str) -> np.ndarray:
   return np.uint32(jtree.leaf_id(path))
 
 
-_POOLS: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool(name: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
-  """A process-wide thread pool (prefetch, read, write, compile), created once and reused by every streaming
-  merge: no threads (and thread stacks) are started per merge or per pass."""
-  with _POOLS_LOCK:
-    pool = _POOLS.get(name)
-    if pool is None:
-      pool = _POOLS[name] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"jaxmerge-{name}")
-    return pool
-
-
 _PROGRAMS: "collections.OrderedDict[bytes, Any]" = collections.OrderedDict()
 _MAX_PROGRAMS = 512
 
@@ -195,7 +184,7 @@ class _Compiler:
     with self._lock:
       if key in self._known or key in self._warming:
         return
-      self._warming[key] = _pool("compile", 2).submit(self._build, fn, args, key[1])
+      self._warming[key] = host.pool("compile", 2).submit(self._build, fn, args, key[1])
 
   def close(self) -> None:
     """Drops the background compilations that have not started and waits for the running ones."""
@@ -229,7 +218,15 @@ class _Compiler:
     return exe(*args)
 
 
-def _is_float_dtype(dt: Any) -> bool:
+def is_float_dtype(dt: Any) -> bool:
+  """Whether ``dt`` is a floating dtype (bfloat16 included): the tensors that are merged; others are copied.
+
+  Args:
+    dt: a dtype.
+
+  Returns:
+    ``True`` for floating dtypes.
+  """
   return jnp.issubdtype(jnp.dtype(dt), jnp.floating)
 
 
@@ -237,15 +234,17 @@ class _Inputs:
   """Aligned readers, the parameter order, and a prefetching iterator over ``(name, pre, [ft...])``."""
 
   def __init__(self, pretrained: Any, models: Sequence[Any], names: Sequence[str] | None, prefetch: bool):
-    pre = pretrained if _is_reader(pretrained) else DictReader(pretrained)
-    fts = [m if _is_reader(m) else DictReader(m, f"model {i}") for i, m in enumerate(models)]
-    if isinstance(pre, llm.AlignedReader) and all(isinstance(m, llm.AlignedReader) for m in fts):
-      self.pre, self.models = pre, list(fts)
-    else:
-      self.pre, self.models = llm.align(pre, fts, policy="error", names=names)
+    pre = pretrained if is_reader(pretrained) else DictReader(pretrained)
+    fts = [m if is_reader(m) else DictReader(m, f"model {i}") for i, m in enumerate(models)]
+    self.pre, self.models = pre, fts
     self.names = list(names) if names is not None else [str(m.path) for m in fts]
+    keys = list(pre.keys())
+    for label, m in zip(self.names, fts):  # (checkpoints are aligned by jaxmerge.stream, with jaxmerge.io.llm)
+      bad = set(m.keys()) ^ set(keys) or [k for k in keys if tuple(m.shape(k)) != tuple(pre.shape(k))]
+      if bad:
+        raise ValueError(f"{label} does not match the pretrained model's parameters or shapes: {sorted(bad)[:10]}")
     self.order = list(self.pre.keys())
-    self.floats = [k for k in self.order if _is_float_dtype(self.pre.dtype(k))]
+    self.floats = [k for k in self.order if is_float_dtype(self.pre.dtype(k))]
     self.prefetch = prefetch
     self.passes = 0
     self._lock = threading.Lock()
@@ -295,7 +294,7 @@ class _Inputs:
       for n in names:
         yield (n, *self.read(n))
       return
-    pool, readers = _pool("prefetch", 1), _pool("read", 4)
+    pool, readers = host.pool("prefetch", 1), host.pool("read", 4)
     nxt = pool.submit(self.read, names[0], readers)
     try:
       for i, n in enumerate(names):
@@ -311,7 +310,15 @@ class _Inputs:
     return sum(int(np.prod(self.pre.shape(k), dtype=np.int64)) for k in self.floats)
 
 
-def _is_reader(x: Any) -> bool:
+def is_reader(x: Any) -> bool:
+  """Whether ``x`` is a lazy reader rather than an in-memory pytree.
+
+  Args:
+    x: a model: a pytree, or a reader.
+
+  Returns:
+    ``True`` when ``x`` has callable ``shape`` and ``dtype`` methods and a ``get`` method.
+  """
   return callable(getattr(x, "shape", None)) and callable(getattr(x, "dtype", None)) and hasattr(x, "get")
 
 
@@ -320,7 +327,7 @@ def _out_dtype_fn(out_dtype: Any, pre: Any) -> Callable[[str], np.dtype]:
     return out_dtype
   if out_dtype is not None:
     dt = jnp.dtype(out_dtype)
-    return lambda name: dt if _is_float_dtype(pre.dtype(name)) else pre.dtype(name)
+    return lambda name: dt if is_float_dtype(pre.dtype(name)) else pre.dtype(name)
   if hasattr(pre, "out_dtype"):
     return pre.out_dtype
   return pre.dtype
@@ -385,7 +392,7 @@ class _WriteBehind:
 
   def __init__(self, ws: list[Any], depth: int = 2):
     self.ws, self.depth = ws, depth
-    self.pool = _pool("write", 1)
+    self.pool = host.pool("write", 1)
     self.pending: collections.deque[concurrent.futures.Future] = collections.deque()
 
   def write(self, name: str, out: Any, per_task: bool) -> None:
@@ -438,11 +445,42 @@ def _copy_non_float(inp: _Inputs, ws: list[Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Leafwise transforms.
 
+_LEAFWISE_FACTORIES = (
+    "per_task", "across_tasks", "per_leaf", "identity", "scale", "scale_tasks", "sum_tasks", "mean_tasks",
+    "weighted_sum", "drop", "magprune", "outlier_mask", "tall_masks", "consensus_mask", "emr_unified", "nan_reduce",
+    "slerp_reduce", "model_stock_reduce", "matrix_transform",
+)
+
+# This backend's table: the steps whose result for a leaf depends on that leaf alone (streamed in one pass,
+# tensor by tensor). {factory: rule on its identity}; a step without an identity (a user's own) is not in it.
+LEAFWISE: dict[str, Callable[[tuple], bool]] = {
+    **{name: (lambda i: True) for name in _LEAFWISE_FACTORIES},
+    "trim": lambda i: i[2] == "leaf",  # (density, scope, count)
+    "disjoint_merge": lambda i: i[2] == "leaf" or i[3] == "positive",  # (merge_func, sign_scope, zero_sign)
+    "knots_merge": lambda i: leafwise(i[1]),  # (base, ...): leafwise around a leafwise base
+    "partition": lambda i: all(leafwise(t) for _, t in i[1]),  # ((label, step), ...), labels
+}
+
+
+def leafwise(tx: MergeTransform) -> bool:
+  """Whether each leaf's result of ``tx`` depends on that leaf alone (:data:`LEAFWISE`, chains read through),
+  so that it streams in one pass.
+
+  Args:
+    tx: a merge step.
+
+  Returns:
+    ``False`` for a step the table does not hold (a user's own ``MergeTransform``: its ``apply`` may read the
+    whole model); :func:`jaxmerge.per_leaf`, :func:`jaxmerge.per_task` and :func:`jaxmerge.across_tasks` steps
+    are leafwise by construction.
+  """
+  return accepts(LEAFWISE, tx)
+
 
 def merge_leafwise(
     tx: MergeTransform,
-    pretrained: TensorReader | Any,
-    models: Sequence[TensorReader | Any],
+    pretrained: Any,
+    models: Sequence[Any],
     writer: Any,
     *,
     key: jax.Array | None = None,
@@ -457,7 +495,7 @@ def merge_leafwise(
   """Merges checkpoints tensor by tensor with a *leafwise* transform.
 
   Args:
-    tx: a transform with ``tx.leafwise`` (each leaf's result depends on that leaf alone).
+    tx: a :func:`leafwise` transform (each leaf's result depends on that leaf alone).
     pretrained: a lazy reader (``keys``, ``shape``, ``dtype``, ``get``) or an in-memory pytree.
     models: one reader or pytree per task.
     writer: ``writer.write(name, array)`` receives each merged tensor; for per-task transforms, a sequence of
@@ -479,7 +517,7 @@ def merge_leafwise(
     ValueError: a non-leafwise transform (use :func:`merge_streaming`), mismatched checkpoints, NaN/Inf, or a
       stochastic transform without a key.
   """
-  if not tx.leafwise:
+  if not leafwise(tx):
     raise ValueError("this transform is not leafwise (it needs statistics over the whole model); use "
                      f"jaxmerge.stream.merge_streaming, which streams {', '.join(two_pass_methods())} in two passes")
   if tx.needs_key and key is None:
@@ -503,10 +541,11 @@ def merge_leafwise(
   def dispatch(name, pre, fts):
     dt = np.dtype(odt(name))
     # A by-shape transform's leaf program never reads the path (no per-leaf keys, labels or layouts).
-    same = ("leaf", str(dt)) if tx.by_shape else None
+    same = ("leaf", str(dt)) if by_leaf else None
     return comp(make(name, dt), pre, tuple(fts), coeffs, key, _path_id(name), same_as=same)
 
-  if tx.by_shape:  # one program per argument type: compile them all in the background while the merge starts
+  by_leaf = runs_by_leaf(tx)
+  if by_leaf:  # one program per argument type: compile them all in the background while the merge starts
     for name in inp.floats:
       dt = np.dtype(odt(name))
       spec = [jax.ShapeDtypeStruct(tuple(r.shape(name)), np.dtype(r.dtype(name))) for r in (inp.pre, *inp.models)]
@@ -537,8 +576,6 @@ class _Plan(NamedTuple):
 
 
 def _hp(name: str, hparams: Mapping[str, Any]) -> dict:
-  from jaxmerge.registry import method_info  # noqa: PLC0415
-
   info = method_info(name)
   unknown = sorted(set(hparams) - set(info.hparams))
   if unknown:
@@ -567,7 +604,7 @@ def _distinct_specs(inp: _Inputs) -> dict[str, tuple[jax.ShapeDtypeStruct, tuple
 def _thresholds(inp: _Inputs, comp: _Compiler, values: Callable[[str], Callable[..., jax.Array]],
                 ranks: np.ndarray, args: Callable[[str], tuple], path_free: bool = True) -> np.ndarray:
   """Exact per-task ``ranks``-th smallest of ``values(name)(pre, fts, *args(name))`` over every tensor: two
-  passes, each tensor's histogram computed inside its leaf program (:mod:`jaxmerge.stats_stream`).
+  passes, each tensor's histogram computed inside its leaf program (:mod:`jaxmerge.stats`).
   ``path_free``: ``values(name)``'s program does not depend on ``name`` (one trace per argument type)."""
   sel = KthSmallest(ranks, inp.total())
   token = object() if path_free else None
@@ -620,8 +657,6 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
                scale: float) -> Callable[..., None]:
   """Exact streaming of ``chain(prefix, ties_merge(...), scale(scale))`` (global TIES and the DARE / Consensus
   variants built on it)."""
-  from jaxmerge.reductions._mean import _disjoint_rows, _elect  # noqa: PLC0415 (the same rules as in memory)
-
   def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
     n = inp.total()
     t = len(inp.models)
@@ -640,7 +675,7 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
       return f
 
     # Without a prefix (or with a flat one) no step reads the leaf's path: one trace per argument type.
-    path_free = prefix is None or prefix.by_shape
+    path_free = prefix is None or runs_by_leaf(prefix)
     token = object() if path_free else None
 
     def trimmed(path, pre, fts, key, pid, thr):
@@ -658,8 +693,8 @@ def _ties_plan(prefix: MergeTransform | None, density: float, disjoint: str, cou
         pre32, rows = trimmed(path, pre, fts, key, pid, thr)
         tot = functools.reduce(jnp.add, rows)
         sg = jnp.sign(tot)
-        s = _elect(tot, zero_sign, maj.astype(tot.dtype))
-        out = _disjoint_rows(rows, s, disjoint) * jnp.asarray(scale, jnp.float32)
+        s = elect(tot, zero_sign, maj.astype(tot.dtype))
+        out = disjoint_rows(rows, s, disjoint) * jnp.asarray(scale, jnp.float32)
         flags = _finite_flags(pre, fts) if check_finite else _no_flags()
         ambiguous = jnp.any((sg == 0) & functools.reduce(jnp.logical_or, [r != 0 for r in rows]))
         return (pre32 + out).astype(dt), flags, jnp.sum(sg.astype(jnp.int32)), ambiguous
@@ -766,16 +801,14 @@ def _byom_plan(density: float, scale: float) -> Callable[..., None]:
 
 def _emr_plan(rescaler: str) -> Callable[..., None]:
   """Exact streaming of EMR-Merging: the rescalers' sums over leaves first, then each task's model."""
-  from jaxmerge.transforms._masks import _emr_parts, _emr_terms  # noqa: PLC0415 (the in-memory rules)
-
   def parts(pre, fts):
     pre32, x = jtree.leaf_task_vectors(pre, fts)
-    uni, masks = _emr_parts({"x": x})
+    uni, masks = T.emr_parts({"x": x})
     return pre32, x, uni["x"], masks["x"]
 
   def stats(pre, fts):
     _, x, uni, m = parts(pre, fts)
-    return _emr_terms(x, uni, m, rescaler)
+    return T.emr_terms(x, uni, m, rescaler)
 
   def run(inp: _Inputs, ws, key, layout, odt, check_finite, comp) -> None:
     per_leaf = {}
@@ -807,39 +840,50 @@ def _emr_plan(rescaler: str) -> Callable[..., None]:
   return run
 
 
-def _plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
-  """The two-pass plan of a registered method with these hyperparameters, or ``None``."""
-  from jaxmerge import transforms as T  # noqa: PLC0415
+def method_plan(name: str, hparams: Mapping[str, Any]) -> _Plan | None:
+  """The multi-pass plan of a registered method with these hyperparameters (:func:`plan_of` of the step the
+  registry builds).
 
-  hp = _hp(name, hparams)
-  if name == "ties" and hp["scope"] == "global":
-    return _Plan(_ties_plan(None, hp["density"], hp["disjoint"], hp["count"], hp["zero_sign"], hp["scale"]), False)
-  if name == "dare" and hp["base"] == "ties" and hp["scope"] == "global":
-    return _Plan(_ties_plan(T.drop(hp["p"], hp["rescale"]), hp["density"], hp["disjoint"], "reference", "majority",
-                            hp["scale"]), False)
-  if name == "consensus" and hp["base"] == "ties" and hp["scope"] == "global":
-    return _Plan(_ties_plan(T.consensus_mask(hp["k"], hp["tall_lambda"], hp["strict"]), hp["density"],
-                            hp["disjoint"], "reference", "majority", hp["scale"]), False)
-  if name == "localize_stitch":
-    return _Plan(_stitch_plan(hp["density"]), False)
-  if name == "byom":
-    return _Plan(_byom_plan(hp["density"], hp["scale"]), True)
-  if name == "emr":
-    return _Plan(_emr_plan(hp["rescaler"]), True)
-  return None
+  Args:
+    name: the registry name.
+    hparams: its hyperparameters (missing ones take the defaults).
+
+  Returns:
+    The plan, or ``None`` when the method has none.
+  """
+  return plan_of(method_info(name).factory(**_hp(name, hparams)))
 
 
-def _plan_of(tx: MergeTransform) -> _Plan | None:
-  """The multi-pass plan of a transform recognized by its steps' identities (:func:`jaxmerge.native.normalized`):
-  global TIES, optionally after DARE's drop and before a scale, however it is spelled (the registry's ``ties``,
-  a nested chain, or ``trim`` and ``disjoint_merge`` composed by hand). ``None`` otherwise."""
-  from jaxmerge import native  # noqa: PLC0415
+def plan_of(tx: MergeTransform) -> _Plan | None:
+  """This backend's table of global steps, read from the steps' identities: global TIES however it is spelled
+  (the registry's ``ties``, a nested chain, ``trim`` and ``disjoint_merge`` composed by hand:
+  :func:`jaxmerge.engine.native.normalized`), after an optional leafwise task-preserving step (DARE's drop,
+  Consensus's mask, a :func:`jaxmerge.per_leaf` step) and before an optional scale; Localize-and-Stitch's
+  ``stitch``, BYOM's ``byom_residuals`` and EMR's ``emr_modulate``.
 
-  sp = native.spec(tx)
-  if sp is None or sp.op != "ties":
+  Args:
+    tx: a merge step.
+
+  Returns:
+    The plan, or ``None`` for any other step.
+  """
+  ident = identity_of(tx)
+  name = ident[0] if ident is not None else None
+  if name == "stitch":
+    return _Plan(_stitch_plan(ident[1]), False)
+  if name == "byom_residuals":
+    return _Plan(_byom_plan(ident[1], ident[2]), True)
+  if name == "emr_modulate":
+    return _Plan(_emr_plan(ident[1]), True)
+  sp, prefix = native.spec(tx), None
+  if sp is None or sp.drop is not None:
+    steps = steps_of(tx)
+    if len(steps) < 2 or not leafwise(steps[0]) or steps[0].reduces:
+      return None
+    sp, prefix = native.spec(chain(*steps[1:])), steps[0]  # the prefix is the chain's step 0 (fold_in(key, 0))
+  if sp is None or sp.op != "ties" or sp.drop is not None:
     return None
   density, merge_func, count, zero_sign = sp.ties
-  prefix = tx.steps[0] if sp.drop is not None else None  # the chain's step 0 (its key is fold_in(key, 0))
   return _Plan(_ties_plan(prefix, density, merge_func, count, zero_sign, sp.scale), False)
 
 
@@ -858,8 +902,6 @@ def streamable_methods() -> list[str]:
   Returns:
     The registry names, in :func:`jaxmerge.registry.list_methods` order.
   """
-  from jaxmerge.registry import list_methods, method_info  # noqa: PLC0415
-
   out = []
   for name in list_methods():
     info = method_info(name)
@@ -869,15 +911,15 @@ def streamable_methods() -> list[str]:
       tx = info.factory()
     except Exception:  # noqa: BLE001 (a method that needs hyperparameters cannot be judged here)
       continue
-    if tx.leafwise or _plan(name, {}) is not None:
+    if leafwise(tx) or method_plan(name, {}) is not None:
       out.append(name)
   return out
 
 
 def merge_streaming(
     tx: MergeTransform,
-    pretrained: TensorReader | Any,
-    models: Sequence[TensorReader | Any],
+    pretrained: Any,
+    models: Sequence[Any],
     writer: Any,
     *,
     method: tuple[str, Mapping[str, Any]] | None = None,
@@ -890,13 +932,13 @@ def merge_streaming(
     check_finite: bool = True,
     prefetch: bool = True,
 ) -> StreamResult:
-  """Streams any merge that can be streamed: leafwise transforms in one pass (:func:`merge_leafwise`), global
-  registry methods (``method=(name, hparams)``, as ``tx`` was built) in exact multi-pass plans.
+  """Streams any merge that can be streamed: leafwise transforms in one pass (:func:`merge_leafwise`), the global
+  steps of :func:`plan_of` (recognized by their identities, however they are composed) in exact multi-pass plans.
 
   Args:
-    tx: the transform (used as is when leafwise).
-    method: the registry name and hyperparameters ``tx`` was built from; needed for non-leafwise transforms
-      other than global TIES (with an optional DARE drop and scale), which is recognized from its steps.
+    tx: the transform.
+    method: the registry name and hyperparameters ``tx`` was built from, named in the error message (the plan is
+      read from ``tx`` itself).
     Other arguments: as :func:`merge_leafwise` (``coeffs`` applies to leafwise transforms only).
 
   Returns:
@@ -905,12 +947,10 @@ def merge_streaming(
   Raises:
     ValueError: a transform that neither is leafwise nor has a plan (the message lists what streams).
   """
-  if tx.leafwise:
+  if leafwise(tx):
     return merge_leafwise(tx, pretrained, models, writer, key=key, coeffs=coeffs, layout=layout, names=names,
                           per_task=per_task, out_dtype=out_dtype, check_finite=check_finite, prefetch=prefetch)
-  plan = _plan_of(tx)
-  if plan is None and method is not None:
-    plan = _plan(method[0], method[1])
+  plan = plan_of(tx)
   if plan is None:
     what = f"method {method[0]!r} with {dict(method[1])}" if method is not None else "this transform"
     raise ValueError(f"{what} cannot be streamed: it is not leafwise and has no multi-pass plan. Streamable "

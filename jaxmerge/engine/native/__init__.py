@@ -2,10 +2,10 @@
 
 XLA:CPU runs TIES's exact per-task threshold (two radix-histogram passes, a scatter per entry) near 4-5 ns per
 entry on one core, and jaxmerge's whole-model programs need one concatenated ``(T, N)`` copy of the task vectors.
-:func:`ties` instead runs the whole global TIES merge in one call of a small C kernel (``kernels.c``) that reads
+:func:`run` instead runs the whole global TIES merge in one call of a small C kernel (``kernels.c``) that reads
 each model's leaves where they lie, on every core: the same exact thresholds, the XLA programs' float32 operation
 order (equal results up to the rounding of the final multiply-add, which XLA fuses in some programs and not in
-others), and no copy of the task vectors. :func:`run` does the same for task arithmetic and simple averaging, and
+others), and no copy of the task vectors. It does the same for task arithmetic and simple averaging, and
 for DARE's drop in front of any of the three (the counter-based draws of :func:`jaxmerge.tree.leaf_uniform`,
 hashed in the kernel under the keys of :func:`dare_keys`): no compilation, one pass over the inputs. The leaves
 may be float32 or bfloat16 (read as they are, float32 math, results rounded to bfloat16 as XLA's convert).
@@ -24,6 +24,7 @@ same results, slower on CPU). Only the CPU platform is served; accelerators alwa
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -41,10 +42,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
-__all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "threshold_rank", "ties", "ties_thresholds",
-           "ties_rows", "ties_xla"]
+from jaxmerge import stats
+from jaxmerge import tree as jtree
+from jaxmerge.base import identity_of, steps_of
+from jaxmerge.engine.host import aligned_empty, umask
+
+__all__ = ["Spec", "available", "build", "dare_keys", "fits", "run", "spec", "ties_thresholds", "ties_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +142,6 @@ def build(force: bool = False) -> Path:
   cc = _compiler()
   if cc is None:
     raise RuntimeError("no C compiler found (set $CC, or install cc/gcc/clang)")
-  import jaxlib  # noqa: PLC0415
-
   flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", f"-I{jax.ffi.include_dir()}"]
   # Keyed by everything that shapes the library, so a cache shared across machines or environments never
   # serves a stale or foreign build.
@@ -154,8 +158,6 @@ def build(force: bool = False) -> Path:
   if why:
     log.warning("not using the native kernel cache %s (%s); building in a private temporary directory", cache, why)
     cache = Path(tempfile.mkdtemp(prefix="jaxmerge-native-"))
-    import atexit  # noqa: PLC0415
-
     atexit.register(shutil.rmtree, cache, True)
   out = cache / name
   if not force and (out.exists() or out.is_symlink()):
@@ -177,8 +179,6 @@ def build(force: bool = False) -> Path:
         res = plain
     if res.returncode != 0:
       raise RuntimeError(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{res.stderr.strip()}")
-    from jaxmerge.io.atomic import umask  # noqa: PLC0415  (stdlib only; lazy: the engine does not import io)
-
     os.chmod(tmp, 0o755 & ~umask())
     side = work / (name + ".sha256")
     side.write_text(_digest(Path(tmp)) + "\n")
@@ -237,20 +237,43 @@ class Spec(NamedTuple):
   ties: tuple[float, str, str, str] | None = None
 
 
+def _kernel(ident: tuple | None) -> tuple:
+  """This backend's table: a step's identity as what the kernels run, ``()`` when they do not run it. ``("drop",
+  p, rescale)`` with a ``1 / (1 - p)`` rescale or none and ``p < 1``; ``("scale", v)``; ``("sum",)``;
+  ``("mean",)``; ``("ties", density, merge_func, count, zero_sign)``; ``("trim", density, "global", count)`` and
+  ``("disjoint", merge_func, sign_scope, zero_sign)`` (TIES when composed, :func:`normalized`)."""
+  name = ident[0] if ident else None
+  if name == "drop":
+    return ("drop", ident[1], bool(ident[2])) if ident[2] in (True, False) and ident[1] < 1 else ()
+  if name == "scale":
+    return ident
+  if name in ("sum_tasks", "mean_tasks"):
+    return (name[:-6],)
+  if name == "ties_merge":
+    return ("ties", *ident[1:])
+  if name == "trim" and ident[2] == "global":
+    return ident
+  if name == "disjoint_merge":
+    return ("disjoint", *ident[1:])
+  return ()
+
+
 def normalized(tx: Any) -> list[tuple]:
-  """The identities (``kernel`` tuples) of ``tx``'s steps, nested chains inlined (:func:`jaxmerge.chain`), with
-  the catalogue's compositions read as the fused steps they equal: ``trim(d, "global", count)`` followed by
-  ``disjoint_merge(f, "global", z)`` (or ``zero_sign="positive"``, whose scope does not matter) is
-  ``ties_merge(d, f, count, z)``. A step without an identity is ``()``.
+  """What the kernels run of ``tx``'s steps (:func:`_kernel` of their identities, nested chains inlined:
+  :func:`jaxmerge.chain`), with the catalogue's compositions read as the fused steps they equal:
+  ``trim(d, "global", count)`` followed by ``disjoint_merge(f, "global", z)`` (or ``zero_sign="positive"``, whose
+  scope does not matter) is ``ties_merge(d, f, count, z)``. A step the kernels do not run is ``()``.
 
   Args:
     tx: a merge transform.
 
   Returns:
-    The list of identities, in order.
+    The list of kernel steps, in order.
   """
   out: list[tuple] = []
-  for k in (s.kernel if s.vouched else () for s in (tx.steps or (tx,))):
+  # One level: a chain's steps are its inlined steps, and step i draws fold_in(key, i) (a named chain inside a
+  # chain is one step, with its own keys: not recognized).
+  for k in (_kernel(identity_of(s)) for s in steps_of(tx)):
     prev = out[-1] if out else ()
     if (k[:1] == ("disjoint",) and prev[:1] == ("trim",) and prev[2] == "global"
         and (k[2] == "global" or k[3] == "positive")):
@@ -294,37 +317,6 @@ def _threads() -> int:
     return max(1, min(64, len(os.sched_getaffinity(0))))
   except AttributeError:  # not Linux
     return max(1, min(64, os.cpu_count() or 1))
-
-
-def threshold_rank(n: int, density: float, count: str = "reference") -> int:
-  """The rank of TIES's magnitude threshold: the one rule of :func:`jaxmerge.transforms.task_thresholds` and the
-  native kernel.
-
-  Args:
-    n: entries per task.
-    density: fraction kept.
-    count: ``"reference"`` (FusionBench: the ``(N - int(N d))``-th smallest, so ``int(N d) + 1`` entries survive
-      without ties) or ``"exact"`` (mergekit: ``max(1, int(N d))`` entries survive).
-
-  Returns:
-    ``k`` (1-indexed, ascending): the threshold is the ``k``-th smallest magnitude and entries ``>=`` it are
-    kept; ``0`` keeps everything.
-  """
-  if count == "reference":
-    return max(0, n - int(n * density))
-  if count == "exact":
-    return max(0, n - max(1, int(density * n)) + 1)
-  raise ValueError(f"count must be 'reference' or 'exact', got {count!r}")
-
-
-def _call(scale: jax.Array | None, args: list[jax.Array], out_shapes: Sequence[tuple[int, ...]], *, tasks: int,
-          has_pre: bool, stacked: bool, k: int, merge: int, zero_sign: int) -> Any:
-  outs = [jax.ShapeDtypeStruct((tasks,), jnp.float32), jax.ShapeDtypeStruct((tasks + 1,), jnp.int32)]
-  outs += [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes]
-  operands = ([scale] if scale is not None else []) + args
-  return jax.ffi.ffi_call(_TARGET, outs, vmap_method="sequential")(
-      *operands, tasks=np.int64(tasks), has_pre=np.int64(has_pre), stacked=np.int64(stacked), k=np.int64(k),
-      merge=np.int64(merge), zero_sign=np.int64(zero_sign), threads=np.int64(_threads()))
 
 
 def fits(tasks: int, n: int, sp: Spec | None = None, sizes: Sequence[int] = ()) -> bool:
@@ -395,9 +387,7 @@ def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[An
     ValueError: the merge does not fit the kernels (see :func:`fits`), or a drop without its keys.
   """
   if not available():
-    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
-  from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
-
+    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.engine.native.available)")
   tasks = int(np.shape(fts[0])[0]) if stacked else len(fts)
   dtype = np.dtype(np.asarray(pre[0]).dtype) if len(pre) else np.dtype(np.float32)
   if dtype not in DTYPES:
@@ -406,7 +396,7 @@ def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[An
   _check(tasks, sum(x.size for x in pre_np), sp, [x.size for x in pre_np])
   if sp.drop is not None:
     if keys is None:
-      raise ValueError("DARE's drop needs its keys (jaxmerge.native.dare_keys)")
+      raise ValueError("DARE's drop needs its keys (jaxmerge.engine.native.dare_keys)")
     keys = np.ascontiguousarray(keys, np.uint32)
     if keys.shape != (len(pre_np), 3):
       raise ValueError(f"keys must be ({len(pre_np)}, 3) uint32, got {keys.shape}")
@@ -423,26 +413,6 @@ def run(sp: Spec, pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[An
   return [jax.device_put(o, device) for o in outs], thr, bad
 
 
-def ties(pre: Sequence[Any], fts: Sequence[Sequence[Any]] | Sequence[Any], *, density: float,
-         scale: float, merge_func: str = "sum", count: str = "reference", zero_sign: str = "majority",
-         stacked: bool = False) -> tuple[list[jax.Array], np.ndarray, np.ndarray]:
-  """Global TIES on the CPU in one native call, ``pre + scale * disjoint_merge(trim(ft - pre))`` (:func:`run`).
-
-  Args:
-    pre: the pretrained leaves (float32).
-    fts: the fine-tuned models, each a sequence of leaves in ``pre``'s order; or, with ``stacked=True``, one
-      ``(T, *shape)`` leaf per pretrained leaf.
-    density, merge_func, count, zero_sign: as :func:`jaxmerge.reductions.ties_merge`.
-    scale: the factor applied to the merged task vector.
-    stacked: the layout of ``fts``.
-
-  Returns:
-    ``(merged leaves as CPU JAX arrays, thresholds (T,), non-finite flags (T + 1,))``: a flag marks a model (the
-    pretrained one last) holding NaN/Inf, in which case the merged values are meaningless.
-  """
-  return run(Spec("ties", scale, None, (density, merge_func, count, zero_sign)), pre, fts, stacked=stacked)
-
-
 def _host_call(sp: Spec, pre: list[np.ndarray] | None, base: list[np.ndarray] | None, row_ptrs: list[int],
                outs: list[np.ndarray], tasks: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   lens = [o.size for o in outs]
@@ -450,7 +420,7 @@ def _host_call(sp: Spec, pre: list[np.ndarray] | None, base: list[np.ndarray] | 
   thr = np.zeros((tasks,), np.float32)
   bad = np.zeros((tasks + 1,), np.int32)
   density, merge_func, count, zero_sign = sp.ties or (1.0, "sum", "reference", "majority")
-  k = threshold_rank(sum(lens), density, count) if sp.op == "ties" else 0
+  k = stats.threshold_rank(sum(lens), density, count) if sp.op == "ties" else 0
   p, mul = 0.0, 0.0
   if sp.drop is not None:
     # As the XLA programs: u >= float32(p); survivors times float32(1 / float32(1 - p)) (XLA's simplifier turns
@@ -481,8 +451,6 @@ def dare_keys(key: Any, paths: Sequence[str]) -> np.ndarray:
   Returns:
     ``(len(paths), 3)`` uint32 keys.
   """
-  from jaxmerge import tree as jtree  # noqa: PLC0415
-
   ids = np.asarray([jtree.leaf_id(p) for p in paths], np.uint32)
   return np.asarray(_keys_program()(key, ids))
 
@@ -506,11 +474,9 @@ def ties_rows(deltas: np.ndarray, base: np.ndarray, sp: Spec) -> tuple[np.ndarra
     ``(merged (N,), thresholds (T,), non-finite flags (T + 1,))`` as NumPy arrays (the last flag is unused).
   """
   if not available():
-    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
+    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.engine.native.available)")
   if sp.op != "ties" or sp.drop is not None:
     raise ValueError(f"ties_rows runs TIES without a drop, got {sp}")
-  from jaxmerge.io.safetensors_io import aligned_empty  # noqa: PLC0415
-
   deltas = np.ascontiguousarray(deltas, np.float32)
   base = np.ascontiguousarray(base, np.float32).reshape(-1)
   if deltas.ndim != 2 or deltas.shape[1] != base.size:
@@ -521,46 +487,6 @@ def ties_rows(deltas: np.ndarray, base: np.ndarray, sp: Spec) -> tuple[np.ndarra
   rows = [deltas.ctypes.data + 4 * t * base.size for t in range(tasks)]
   thr, bad = _host_call(sp, None, [base], rows, [out], tasks)
   return out, thr, bad
-
-
-@functools.lru_cache(maxsize=64)
-def _ties_program(tasks: int, stacked: bool, k: int, merge: int, zero_sign: int) -> Any:
-  def run(scale, pre, fts):
-    args = []
-    for i, x in enumerate(pre):
-      args.append(x)
-      args.extend([fts[i]] if stacked else [m[i] for m in fts])
-    out = _call(scale.reshape(1), args, [x.shape for x in pre], tasks=tasks, has_pre=True, stacked=stacked, k=k,
-                merge=merge, zero_sign=zero_sign)
-    return out[0], out[1], tuple(out[2:])
-
-  return jax.jit(run)
-
-
-def ties_xla(pre: Sequence[jax.Array], fts: Sequence[Sequence[jax.Array]] | Sequence[jax.Array], *,
-             density: float, scale: float | jax.Array, merge_func: str = "sum", count: str = "reference",
-             zero_sign: str = "majority", stacked: bool = False) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-  """:func:`ties` as an XLA operation (an FFI custom call on the CPU platform), usable inside ``jax.jit``.
-
-  Args:
-    pre: the pretrained leaves (float32 JAX arrays or tracers on the CPU).
-    fts: the fine-tuned models (or stacked leaves with ``stacked=True``), as in :func:`ties`.
-    density, merge_func, count, zero_sign: as :func:`jaxmerge.reductions.ties_merge`.
-    scale: the factor applied to the merged task vector (may be traced).
-    stacked: the layout of ``fts``.
-
-  Returns:
-    ``(merged leaves, thresholds (T,), non-finite flags (T + 1,))`` as JAX arrays.
-  """
-  if not available():
-    raise RuntimeError("the native CPU kernels are unavailable (see jaxmerge.native.available)")
-  tasks = int(fts[0].shape[0]) if stacked else len(fts)
-  n = sum(int(np.prod(x.shape, dtype=np.int64)) for x in pre)
-  _check(tasks, n)
-  run = _ties_program(tasks, stacked, threshold_rank(n, density, count), _MERGE[merge_func], _ZERO_SIGN[zero_sign])
-  thr, bad, out = run(jnp.asarray(scale, jnp.float32), tuple(pre), tuple(fts) if stacked else
-                      tuple(tuple(m) for m in fts))
-  return list(out), thr, bad
 
 
 def ties_thresholds(leaves: Sequence[jax.Array], k: int) -> jax.Array:
@@ -578,6 +504,11 @@ def ties_thresholds(leaves: Sequence[jax.Array], k: int) -> jax.Array:
   _check(tasks, sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves))
   # Thresholds carry no gradient (the XLA radix select's bit manipulations have none either).
   leaves = [jax.lax.stop_gradient(x.astype(jnp.float32)) for x in leaves]
-  out = _call(None, leaves, [], tasks=tasks, has_pre=False, stacked=True, k=k,
-              merge=-1, zero_sign=0)
-  return out[0]
+  outs = [jax.ShapeDtypeStruct((tasks,), jnp.float32), jax.ShapeDtypeStruct((tasks + 1,), jnp.int32)]
+  return jax.ffi.ffi_call(_TARGET, outs, vmap_method="sequential")(
+      *leaves, tasks=np.int64(tasks), has_pre=np.int64(0), stacked=np.int64(1), k=np.int64(k), merge=np.int64(-1),
+      zero_sign=np.int64(0), threads=np.int64(_threads()))[0]
+
+
+# The per-task thresholds inside XLA programs (jaxmerge.stats.task_thresholds) use this kernel on the CPU.
+stats.use_cpu_kernel(ties_thresholds, lambda tasks, n: fits(tasks, n) and available())
