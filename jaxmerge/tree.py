@@ -27,6 +27,7 @@ __all__ = [
     "check_finite",
     "concat_tasks",
     "fence",
+    "unshared",
     "finite_probe",
     "global_sum",
     "flatten_paths",
@@ -336,6 +337,23 @@ def fence(x: jax.Array) -> jax.Array:
   flat = x.reshape(-1)
   _, out = jax.lax.sort((jnp.arange(flat.shape[0], dtype=jnp.int32), flat), num_keys=1)
   return out.reshape(x.shape)
+
+
+def unshared(x: jax.Array) -> jax.Array:
+  """A second copy of a small array that XLA treats as a value of its own.
+
+  Two passes over the model that read the same whole-model scalars (TIES's thresholds: once to elect the
+  majority sign, once to trim and merge) would otherwise let XLA merge their identical per-leaf expressions
+  into one stored ``(T, ...)`` intermediate; reading this copy in the second pass keeps each pass fused
+  without that scratch memory. Same values, bit for bit (:func:`fence` of the stacked pair).
+
+  Args:
+    x: a small array.
+
+  Returns:
+    ``x``'s values, as a distinct value.
+  """
+  return fence(jnp.stack([x, x]))[1]
 
 
 def global_sum(parts: Sequence[jax.Array]) -> jax.Array:

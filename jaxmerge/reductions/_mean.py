@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from jaxmerge import stats
 from jaxmerge.base import REDUCE, EmptyCoeffs, MergeTransform, identified
-from jaxmerge.tree import fence, global_sum, on_mesh, task_mean, task_sum
+from jaxmerge.tree import global_sum, on_mesh, task_mean, task_sum, unshared
 
 __all__ = ["disjoint_merge", "disjoint_rows", "elect", "elected_sign", "mean_tasks", "sum_tasks", "ties_merge",
            "weighted_sum"]
@@ -184,9 +184,7 @@ def ties_merge(
     thr = thr2 = None
     if density < 1:
       thr = stats.global_thresholds(tree, density, count)
-      # A second copy of the thresholds: a distinct value, so XLA does not merge the two passes' trims into
-      # one stored (T, ...) trimmed stack (see below).
-      thr2 = fence(jnp.stack([thr, thr]))[1]
+      thr2 = unshared(thr)  # the second pass's thresholds (see the passes below)
 
     def rows(x, v):
       """The trimmed task vectors of one leaf, task by task: ``T`` arrays of the leaf's shape. Elementwise
