@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from jaxmerge.io import paths
+from jaxmerge.io.layouts import RenamedReader, renamed
 from jaxmerge.models import clip as mclip
 from jaxmerge.models.clip import check_compatible as check_compatible
 
@@ -493,7 +494,7 @@ def clip_vision_layout(base: str | os.PathLike, models: list[str | os.PathLike] 
   return True
 
 
-class VisionTowerReader:
+class VisionTowerReader(RenamedReader):
   """A lazy checkpoint reader (:class:`jaxmerge.io.safetensors_io.TensorReader`) showing only a CLIP checkpoint's
   vision tower, every key spelled ``vision_model.<...>``: a ``CLIPModel``'s other tensors (text tower,
   projections, logit scale) are hidden, and a transformers-5 ``CLIPVisionModel``'s unprefixed keys
@@ -508,48 +509,12 @@ class VisionTowerReader:
   """
 
   def __init__(self, reader: Any, source: str = "checkpoint"):
-    self.reader, self.path = reader, getattr(reader, "path", source)
-    self._src: dict[str, str] = {}
-    for k in reader.keys():
+    def name_of(k: str) -> str | None:
       if k.endswith(_IGNORED_SUFFIXES):
-        continue
-      name = k if k.startswith(_VISION_PREFIX) else _VISION_PREFIX + k if k.startswith(_BARE_VISION) else None
-      if name is None:
-        continue
-      if name in self._src:
-        raise ValueError(f"{source} holds {name!r} twice: as {self._src[name]!r} and as {k!r}")
-      self._src[name] = k
-    if not self._src:
+        return None
+      return k if k.startswith(_VISION_PREFIX) else _VISION_PREFIX + k if k.startswith(_BARE_VISION) else None
+
+    super().__init__(reader, renamed(reader, name_of, source))
+    self.path = getattr(reader, "path", source)
+    if not len(self):
       raise ValueError(f"{source} has no CLIP vision-tower tensors (vision_model.* or embeddings.*/encoder.*)")
-
-  @property
-  def reads_into(self) -> bool:
-    return bool(getattr(self.reader, "reads_into", False))
-
-  def keys(self):
-    return self._src.keys()
-
-  def __iter__(self):
-    return iter(self._src)
-
-  def __contains__(self, name: object) -> bool:
-    return name in self._src
-
-  def __len__(self) -> int:
-    return len(self._src)
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self.reader.shape(self._src[name]))
-
-  def dtype(self, name: str) -> np.dtype:
-    return self.reader.dtype(self._src[name])
-
-  def get(self, name: str, *, out: np.ndarray | None = None) -> np.ndarray:
-    if out is not None:
-      return self.reader.get(self._src[name], out=out)
-    return self.reader.get(self._src[name])
-
-  def close(self) -> None:
-    close = getattr(self.reader, "close", None)
-    if close is not None:
-      close()

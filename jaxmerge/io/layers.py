@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxmerge.io.layouts import RenamedReader
+
 __all__ = ["Group", "RenamedReader", "layer_of", "num_layers", "plan"]
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|layer|blocks|block)\.)(?P<index>\d+)\.(?P<rest>.+)$")
@@ -62,51 +64,6 @@ def num_layers(reader, label: str) -> tuple[str | None, int]:
   if len(stacks) > 1:
     raise ValueError(f"model {label} has several layer stacks ({sorted(stacks)}); slices need a model with one")
   return next(iter(stacks.items())) if stacks else (None, 0)
-
-
-class RenamedReader:
-  """A checkpoint reader seen under other names.
-
-  Args:
-    reader: the underlying reader.
-    names: ``{output name: name in reader}``, in output order.
-  """
-
-  def __init__(self, reader, names: Mapping[str, str]):
-    self.reader = reader
-    self.path = getattr(reader, "path", None)
-    self._names = dict(names)
-
-  def keys(self):
-    return list(self._names)
-
-  def __iter__(self):
-    return iter(self._names)
-
-  def __contains__(self, name: object) -> bool:
-    return name in self._names
-
-  def __len__(self) -> int:
-    return len(self._names)
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self.reader.shape(self._names[name]))
-
-  def dtype(self, name: str) -> np.dtype:
-    return np.dtype(self.reader.dtype(self._names[name]))
-
-  @property
-  def reads_into(self) -> bool:
-    return bool(getattr(self.reader, "reads_into", False))
-
-  def get(self, name: str, *, out: np.ndarray | None = None) -> np.ndarray:
-    src = self._names[name]
-    if out is not None and self.reads_into:
-      return self.reader.get(src, out=out)
-    return self.reader.get(src)
-
-  def close(self) -> None:
-    pass  # the underlying readers are closed by their owner
 
 
 @dataclasses.dataclass
@@ -167,7 +124,8 @@ def plan(spec, open_reader: Callable[[str], Any]) -> tuple[list[Group], int]:
       raise ValueError(f"the sliced models name their layers differently ({sorted(prefixes)}); they cannot be stacked")
     offset += s.num_layers
     sub = s.spec
-    base = RenamedReader(readers[sub.base], maps[sub.base])
-    models = [RenamedReader(readers[m], maps[m]) for m in sub.models]
+    # The underlying readers are closed by their owner (several slices share one).
+    base = RenamedReader(readers[sub.base], maps[sub.base], owns=False)
+    models = [RenamedReader(readers[m], maps[m], owns=False) for m in sub.models]
     groups.append(Group(spec=sub, base=base, models=models))
   return groups, offset

@@ -20,14 +20,15 @@ checkpoints' names); jaxmerge's own schema keeps the checkpoints' names.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from jaxmerge.io import paths
 
-__all__ = ["RENAMES", "TENSOR_NAMES", "RenamedReader", "model_type", "open_checkpoint", "rename", "renames_for"]
+__all__ = ["RENAMES", "TENSOR_NAMES", "RenamedReader", "model_type", "open_checkpoint", "rename", "renamed",
+           "renames_for"]
 
 TENSOR_NAMES = ("checkpoint", "transformers")
 
@@ -79,27 +80,45 @@ def rename(name: str, rules: Sequence[tuple[str, str]]) -> str:
   return name
 
 
+def renamed(reader: Any, name_of: Callable[[str], str | None], source: str = "checkpoint") -> dict[str, str]:
+  """``{new name: name in reader}`` for every tensor of ``reader`` that ``name_of`` keeps, in the reader's order.
+
+  Args:
+    reader: a checkpoint reader.
+    name_of: a tensor's new name, or ``None`` to hide it.
+    source: the checkpoint's name, for errors.
+
+  Returns:
+    The mapping (for :class:`RenamedReader`).
+
+  Raises:
+    ValueError: two tensors of the checkpoint get the same new name (it holds both spellings).
+  """
+  out: dict[str, str] = {}
+  for k in reader.keys():
+    name = name_of(k)
+    if name is None:
+      continue
+    if name in out:
+      raise ValueError(f"{source} holds {name!r} twice: as {out[name]!r} and as {k!r}")
+    out[name] = k
+  return out
+
+
 class RenamedReader:
-  """A checkpoint reader (:class:`jaxmerge.io.safetensors_io.TensorReader`) showing each tensor under its renamed
-  name; tensors are read lazily from the wrapped reader.
+  """A checkpoint reader (:class:`jaxmerge.io.safetensors_io.TensorReader`) showing some of its tensors under other
+  names; tensors are read lazily from the wrapped reader.
 
   Args:
     reader: the checkpoint's reader.
-    rules: the prefix renames (:func:`rename`).
-    source: the checkpoint's name, for errors.
-
-  Raises:
-    ValueError: two tensors of the checkpoint get the same name (it holds both layouts).
+    names: ``{name shown: name in reader}``, in the order shown (:func:`renamed` builds it from a rename rule).
+    owns: whether :meth:`close` closes ``reader`` (``False`` when several views share one reader).
   """
 
-  def __init__(self, reader: Any, rules: Sequence[tuple[str, str]], source: str = "checkpoint"):
-    self.reader, self.path = reader, getattr(reader, "path", source)
-    self._src: dict[str, str] = {}
-    for k in reader.keys():
-      name = rename(k, rules)
-      if name in self._src:
-        raise ValueError(f"{source} holds {name!r} twice: as {self._src[name]!r} and as {k!r}")
-      self._src[name] = k
+  def __init__(self, reader: Any, names: Mapping[str, str], *, owns: bool = True):
+    self.reader, self.path = reader, getattr(reader, "path", None)
+    self._src = dict(names)
+    self._owns = owns
 
   @property
   def reads_into(self) -> bool:
@@ -121,7 +140,7 @@ class RenamedReader:
     """The checkpoint's own name of a tensor.
 
     Args:
-      name: the tensor's renamed name.
+      name: the tensor's name as shown.
 
     Returns:
       Its name in the checkpoint.
@@ -132,7 +151,7 @@ class RenamedReader:
     return tuple(self.reader.shape(self._src[name]))
 
   def dtype(self, name: str) -> np.dtype:
-    return self.reader.dtype(self._src[name])
+    return np.dtype(self.reader.dtype(self._src[name]))
 
   def get(self, name: str, *, out: np.ndarray | None = None) -> np.ndarray:
     if out is not None and self.reads_into:
@@ -140,11 +159,11 @@ class RenamedReader:
     return self.reader.get(self._src[name])
 
   def close(self) -> None:
-    if hasattr(self.reader, "close"):
+    if self._owns and hasattr(self.reader, "close"):
       self.reader.close()
 
   def __repr__(self) -> str:
-    return f"RenamedReader({self.reader!r})"
+    return f"{type(self).__name__}({self.reader!r})"
 
 
 def open_checkpoint(path: str | os.PathLike, tensor_names: str = "checkpoint"):
@@ -170,7 +189,7 @@ def open_checkpoint(path: str | os.PathLike, tensor_names: str = "checkpoint"):
   if not rules:
     return reader
   try:
-    return RenamedReader(reader, rules, str(path))
+    return RenamedReader(reader, renamed(reader, lambda k: rename(k, rules), str(path)))
   except BaseException:
     reader.close()
     raise
