@@ -378,3 +378,84 @@ def test_keep_all_tie_rule_runs_jaxmerge_ties(tmp_path, capsys):
     C.from_dict({**cfg, "parameters": {"lambda": [0.5, 1.0]}, "jaxmerge": {"tie_rule": "keep_all"}})
   with pytest.raises(ValueError, match="tie_rule must be one of exact, keep_all"):
     C.from_dict({**cfg, "jaxmerge": {"tie_rule": "some"}})
+
+
+SCRATCH_CASES = [  # (method, shared parameters, per-model parameters): every kernel, the GTA family's branches
+    ("task_arithmetic", {"lambda": 0.7}, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 2.0}]),
+    ("ties", {}, [{"weight": 1.0, "density": 0.3}, {"weight": 0.5, "density": 0.6}, {"weight": 2.0, "density": 0.4}]),
+    ("ties", {"rescale": True, "normalize": False, "lambda": 1.3}, [{"weight": 1.0, "density": 0.3}] * 3),
+    ("dare_ties", {}, [{"weight": 1.0, "density": 0.5}] * 3),
+    ("dare_linear", {}, [{"weight": 0.7, "density": 0.5}] * 3),
+    ("breadcrumbs_ties", {}, [{"weight": 1.0, "density": 0.6, "gamma": 0.05}] * 3),
+    ("della", {}, [{"weight": 1.0, "density": 0.5, "epsilon": 0.1}] * 3),
+    ("linear", {}, [{"weight": 1.0}, {"weight": 2.0}, {"weight": 3.0}]),
+    ("karcher", {}, [{}] * 3),
+    ("sce", {}, [{}] * 3),
+    ("model_stock", {}, [{}] * 3),
+    ("multislerp", {}, [{"weight": 1.0}] * 3),
+    ("ram", {"epsilon": 0.05}, [{}] * 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("method,shared,per", SCRATCH_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SCRATCH_CASES)])
+def test_reused_work_buffers_give_the_same_bytes(method, shared, per, dtype):
+  """A merge reuses its work buffers from tensor to tensor (jaxmerge.mk.kernels.Scratch): buffers left full of NaN
+  by an earlier tensor give the bytes of fresh arrays (every buffer is written before it is read), and a second
+  tensor of the same size allocates nothing."""
+  from jaxmerge.mk import kernels as K
+  from jaxmerge.mk import params as P
+
+  r = np.random.default_rng(3)
+  shape = (96, 200)  # 75 KiB in float32: above the size below which fresh arrays are used
+  base = r.standard_normal(shape).astype(np.float32)
+  tensors = []
+  for _ in range(2):
+    models = [base + 0.1 * r.standard_normal(shape).astype(np.float32) for _ in per]
+    tensors.append([a.astype(dtype) for a in [base, *models]])
+  ids = ("base", "m0", "m1", "m2")
+  plan = E.Plan(method, ids, 0, P.Resolver(method, [shared], [{}] + list(per), 0))
+  scratch = K.Scratch()
+  dirty = [scratch.take(4 * base.size) for _ in range(24)]
+  for b in dirty:
+    b.view(np.uint32)[:] = 0x7FC00001  # NaN
+  scratch.give(dirty)
+  allocated = scratch.allocated
+  for i, arrays in enumerate(tensors):
+    name = f"model.layers.{i}.mlp.up_proj.weight"
+    fresh = plan.merge_tensor(name, arrays, 0.5)
+    reused = plan.merge_tensor(name, arrays, 0.5, scratch=scratch)
+    assert reused.dtype == fresh.dtype and np.array_equal(reused.view(np.uint8), fresh.view(np.uint8)), (method, i)
+    assert np.all(np.isfinite(reused.astype(np.float32)))
+  assert scratch.allocated == allocated, "the merges allocated buffers although idle ones fitted"
+
+
+def test_scratch_takes_the_smallest_fitting_buffer_and_lets_much_smaller_ones_go():
+  """Scratch's rules by hand: the smallest idle buffer that fits (64-byte aligned), a fresh one on a miss, and on
+  a miss the idle buffers under an eighth of the request are released; a lease returns its buffers when closed,
+  or one by one with ``release``."""
+  from jaxmerge.mk import kernels as K
+
+  s = K.Scratch()
+  a, b, c = s.take(300_000), s.take(100_000), s.take(200_000)
+  assert all(x.ctypes.data % 64 == 0 for x in (a, b, c)) and s.allocated == 600_000
+  s.give([a, b, c])
+  got = s.take(150_000)
+  assert got is c and s.allocated == 600_000  # best fit among 300k, 100k, 200k
+  s.give([got])
+  big = s.take(2_000_000)  # a miss: 100k and 200k (< 2M / 8) go, 300k stays
+  assert s.allocated == 2_600_000
+  assert sorted(x.size for x in s._idle) == [300_000]
+  s.give([big])
+
+  lease = K.Lease(s)
+  x = lease.empty((500, 400), np.float32)  # 800 kB: the 2 MB buffer
+  y = lease.empty((10, 10), np.float32)  # small: a plain array
+  assert lease.owns(x) and lease.owns(x.reshape(-1)[5:]) and not lease.owns(y) and y.flags.owndata
+  assert [b.size for b in s._idle] == [300_000]  # the 2 MB buffer is leased
+  lease.release(x)
+  assert sorted(b.size for b in s._idle) == [300_000, 2_000_000] and not lease.owns(x)
+  z = lease.zeros((100, 100), np.float64)  # 80 kB: the 300 kB buffer, zeroed
+  assert lease.owns(z) and not z.any()
+  lease.close()
+  assert sorted(b.size for b in s._idle) == [300_000, 2_000_000] and s.allocated == 2_600_000

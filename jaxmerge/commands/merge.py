@@ -353,7 +353,13 @@ def _merge_plan(plan, base_v, model_vs, write, stream: bool, t_of=None) -> None:
   keys = list(base_v.keys())
   sizes = {k: int(np.prod(base_v.shape(k))) for k in keys}
   if stream:
-    engine.run(plan, keys, lambda i, k: readers[i].get(k), write, names, sizes, t_of=t_of)
+    def read(i, k, empty):  # into a reused buffer where the reader can (no fresh pages per tensor)
+      r = readers[i]
+      if getattr(r, "reads_into", False):
+        return r.get(k, out=empty(tuple(r.shape(k)), np.dtype(r.dtype(k))))
+      return r.get(k)
+
+    engine.run(plan, keys, read, write, names, sizes, t_of=t_of, buffers=True)
     return
   loaded = [{k: np.array(r.get(k)) for k in keys} for r in readers]
   engine.run(plan, keys, lambda i, k: loaded[i][k], write, names, sizes, t_of=t_of)

@@ -97,7 +97,7 @@ class Plan:
     return K.result_dtype(self.method, _NP[self.dtype] if self.dtype else _promote(dtypes))
 
   def merge_tensor(self, name: str, arrays: Sequence[np.ndarray], t: float,
-                   names: Sequence[str] | None = None) -> np.ndarray:
+                   names: Sequence[str] | None = None, scratch: K.Scratch | None = None) -> np.ndarray:
     """Merges one tensor.
 
     Args:
@@ -105,6 +105,8 @@ class Plan:
       arrays: its value in each input (``inputs`` order).
       t: its gradient position (:func:`jaxmerge.mk.params.layer_t`).
       names: the inputs' names for messages (default ``inputs``).
+      scratch: work buffers reused across the tensors of a merge (:class:`jaxmerge.mk.kernels.Scratch`);
+        ``None``: fresh arrays. The result is the same.
 
     Returns:
       The merged tensor in :meth:`out_for`'s dtype (a non-float tensor: the base's, or the first input's).
@@ -121,21 +123,28 @@ class Plan:
       raise ValueError(f"tensor {name!r} has shapes {[tuple(np.shape(a)) for a in arrays]} in models {names}")
     cd = self.compute_for(dtypes)
     rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
-    n = K.Num(cd, rng)
-    work = []
-    for a, who in zip(arrays, names):
-      x = np.asarray(a)
-      w = x.astype(cd, copy=False)
-      w = w if w is not x and w.dtype == n.work else w.astype(n.work)  # a fresh array the kernel may overwrite
-      if w.size and not _finite(w if x.dtype.itemsize <= 2 else x):
-        raise ValueError(f"model {who}: tensor {name!r} contains NaN or Inf values")
-      work.append(w)
-    shared, per = self.resolver.resolve(name, t, names)
-    # 16-bit intermediates may overflow to inf as in PyTorch (silently); an output that does not fit its dtype is
-    # refused when written (jaxmerge.commands.merge).
-    with np.errstate(over="ignore"):
-      out = _dispatch(self.method, n, work, self.base_index, shared, per, f"tensor {name!r}")
-      return out.astype(self.out_for(dtypes))
+    lease = K.Lease(scratch)
+    n = K.Num(cd, rng, lease)
+    try:
+      work = []
+      for a, who in zip(arrays, names):
+        x = np.asarray(a)
+        if x.dtype == cd or cd == n.work:  # one rounding at most: cast straight into a buffer the kernel may overwrite
+          w = n.empty(x.shape)
+          np.copyto(w, x, casting="unsafe")
+        else:  # rounded to the compute dtype first
+          w = x.astype(cd).astype(n.work)
+        if w.size and not _finite(w if x.dtype.itemsize <= 2 else x):
+          raise ValueError(f"model {who}: tensor {name!r} contains NaN or Inf values")
+        work.append(w)
+      shared, per = self.resolver.resolve(name, t, names)
+      # 16-bit intermediates may overflow to inf as in PyTorch (silently); an output that does not fit its dtype is
+      # refused when written (jaxmerge.commands.merge).
+      with np.errstate(over="ignore"):
+        out = _dispatch(self.method, n, work, self.base_index, shared, per, f"tensor {name!r}")
+        return out.astype(self.out_for(dtypes))  # a copy: the lease's buffers go back below
+    finally:
+      lease.close()
 
 
 def _dispatch(method: str, n: K.Num, work: list, bi: int | None, shared: dict, per: list, where: str):
@@ -194,7 +203,7 @@ def _workers() -> int:
 
 def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write: Callable[[str, np.ndarray], None],
         names: Sequence[str] | None = None, sizes: Mapping[str, int] | None = None,
-        workers: int | None = None, t_of: Callable[[str], float] | None = None) -> None:
+        workers: int | None = None, t_of: Callable[[str], float] | None = None, buffers: bool = False) -> None:
   """Merges every tensor of ``keys``, reading each input's tensor with ``read(input, key)`` and passing the
   result to ``write(key, array)`` in the order of ``keys``.
 
@@ -206,21 +215,32 @@ def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write:
   Args:
     plan: the plan.
     keys: the tensor names (the base's).
-    read: ``(input index, key) -> array`` (called from worker threads).
+    read: ``(input index, key) -> array`` (called from worker threads); with ``buffers``,
+      ``(input index, key, empty) -> array``, where ``empty(shape, dtype)`` is a buffer reused from tensor to
+      tensor that ``read`` may read into (valid until that tensor is merged).
     write: receives each merged tensor (called from the calling thread, in order).
     names: the inputs' names for messages.
     sizes: each key's number of entries (bounds the memory in flight); default: no bound but ``workers``.
     workers: threads (default: the usable cores, at most 4).
     t_of: each tensor's position for layer gradients (default: :func:`jaxmerge.mk.params.layer_t` over the
       layers among ``keys``, a whole-model merge; a slice passes its own).
+    buffers: ``read`` takes the ``empty`` argument.
   """
   if t_of is None:
     layers = num_layers(keys)
     t_of = lambda k: P.layer_t(k, layers)  # noqa: E731
 
+  scratch = K.Scratch()  # work buffers reused from tensor to tensor (released with this call)
+
   def merge(k: str) -> np.ndarray:
-    arrays = [read(i, k) for i in range(len(plan.inputs))]
-    return plan.merge_tensor(k, arrays, t_of(k), names)
+    if not buffers:
+      return plan.merge_tensor(k, [read(i, k) for i in range(len(plan.inputs))], t_of(k), names, scratch)
+    inputs = K.Lease(scratch)
+    try:
+      arrays = [read(i, k, inputs.empty) for i in range(len(plan.inputs))]
+      return plan.merge_tensor(k, arrays, t_of(k), names, scratch)
+    finally:
+      inputs.close()
 
   workers = workers or _workers()
   if workers == 1 or len(keys) < 2:

@@ -16,7 +16,9 @@ Each kernel takes the inputs (``base`` or ``None``, the other inputs in mergekit
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +30,93 @@ F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
 
 
+_ALIGN = 64  # bytes: a cache line, and NumPy's SIMD loops' widest vector
+
+
+class Scratch:
+  """Work buffers reused from tensor to tensor during one merge (thread-safe).
+
+  A merge allocates a dozen temporaries the size of each tensor. Fresh ones cost the kernel more than the
+  arithmetic: every page is faulted in and zeroed, and NumPy asks for huge pages on large arrays, whose zeroing
+  (and compaction when memory is fragmented) made the same merge take 2 to 9 s from run to run on one machine,
+  depending on the allocator's state. Reusing buffers whose pages are already mapped removes that cost and its
+  variance; the result does not change (every buffer is written before it is read).
+
+  Buffers are handed out by :meth:`lease` for one tensor and all come back when the lease closes. A request takes
+  the smallest idle buffer that fits; when none fits, a new one is allocated and idle buffers under an eighth of
+  the request (left by much smaller tensors) are released, so the buffers kept are about those the largest
+  tensors in flight needed at once (what the merge's peak memory held anyway).
+  """
+
+  def __init__(self) -> None:
+    self._idle: list[np.ndarray] = []
+    self._lock = threading.Lock()
+    self.allocated = 0  # bytes of the buffers allocated so far (the rest were reused)
+
+  def take(self, nbytes: int) -> np.ndarray:
+    """An idle buffer (1-D ``uint8``, 64-byte aligned) of at least ``nbytes``."""
+    with self._lock:
+      fits = [i for i, b in enumerate(self._idle) if b.size >= nbytes]
+      if fits:
+        return self._idle.pop(min(fits, key=lambda i: self._idle[i].size))
+      # buffers of much smaller tensors (a tensor's own temporaries span 8x: bool to float64) are let go
+      self._idle = [b for b in self._idle if 8 * b.size >= nbytes]
+      self.allocated += nbytes
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    skip = -raw.ctypes.data % _ALIGN
+    return raw[skip:skip + nbytes]
+
+  def give(self, bufs: Sequence[np.ndarray]) -> None:
+    """Returns buffers taken with :meth:`take`."""
+    with self._lock:
+      self._idle.extend(bufs)
+
+  def lease(self) -> Lease:
+    """The buffers of one tensor's merge (:class:`Lease`)."""
+    return Lease(self)
+
+
+class Lease:
+  """One tensor's work buffers from a :class:`Scratch` (or fresh arrays without one): :meth:`empty` and
+  :meth:`zeros` hand out arrays, :meth:`close` returns them all. Nothing may use them after ``close``."""
+
+  def __init__(self, scratch: Scratch | None) -> None:
+    self._scratch = scratch
+    self._bufs: dict[int, np.ndarray] = {}  # id of the memory owner (NumPy collapses a view's base to it): buffer
+
+  def empty(self, shape, dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array."""
+    dtype = np.dtype(dtype)
+    shape = tuple(shape) if np.ndim(shape) else (int(shape),)
+    count = int(np.prod(shape, dtype=np.int64))
+    if self._scratch is None or count * dtype.itemsize < 1 << 16:  # small ones: the allocator reuses them anyway
+      return np.empty(shape, dtype)
+    buf = self._scratch.take(count * dtype.itemsize)
+    self._bufs[id(buf.base)] = buf
+    return buf[:count * dtype.itemsize].view(dtype).reshape(shape)
+
+  def zeros(self, shape, dtype) -> np.ndarray:
+    out = self.empty(shape, dtype)
+    out.fill(0)
+    return out
+
+  def owns(self, x: np.ndarray) -> bool:
+    """Whether ``x`` is (a view of) one of this lease's buffers."""
+    return x.base is not None and id(x.base) in self._bufs
+
+  def release(self, *arrays: np.ndarray) -> None:
+    """Returns the buffers of ``arrays`` (arrays from :meth:`empty`; others are ignored) before the lease closes:
+    temporaries that are dead (keeps the merge's peak memory that of fresh temporaries)."""
+    bufs = [self._bufs.pop(id(a.base)) for a in arrays if a.base is not None and id(a.base) in self._bufs]
+    if bufs:
+      self._scratch.give(bufs)
+
+  def close(self) -> None:
+    if self._scratch is not None and self._bufs:
+      self._scratch.give(list(self._bufs.values()))
+    self._bufs = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Num:
   """The compute dtype and its rounding.
@@ -35,10 +124,36 @@ class Num:
   Attributes:
     dtype: the compute dtype (a NumPy dtype; bfloat16 is ``ml_dtypes.bfloat16``).
     rng: the random generator of the tensor (DARE's and DELLA's masks), or ``None``.
+    lease: the tensor's work buffers (:class:`Lease`); ``None``: fresh arrays.
   """
 
   dtype: np.dtype
   rng: np.random.Generator | None = None
+  lease: Any = dataclasses.field(default=None, compare=False)
+
+  def empty(self, shape, dtype=None) -> np.ndarray:
+    """A temporary (uninitialized; a work array by default) from the tensor's :class:`Lease`."""
+    dtype = self.work if dtype is None else dtype
+    return self.lease.empty(shape, dtype) if self.lease is not None else np.empty(shape, dtype)
+
+  def zeros(self, shape, dtype=None) -> np.ndarray:
+    out = self.empty(shape, dtype)
+    out.fill(0)
+    return out
+
+  def release(self, *arrays: np.ndarray) -> None:
+    """Gives dead temporaries' buffers back to the lease's scratch (:meth:`Lease.release`)."""
+    if self.lease is not None:
+      self.lease.release(*arrays)
+
+  def own(self, x: np.ndarray) -> np.ndarray:
+    """``x`` when it is a writable temporary (an array that owns its data, or one of the lease's buffers), else a
+    copy (in-place steps write into it)."""
+    if x.flags.writeable and (x.flags.owndata or (self.lease is not None and self.lease.owns(x))):
+      return x
+    out = self.empty(x.shape, x.dtype)
+    np.copyto(out, x)
+    return out
 
   @property
   def work(self) -> np.dtype:
@@ -193,18 +308,30 @@ def magnitude(n: Num, d: np.ndarray, density: float, rescale: bool, inplace: boo
   if density <= 0 or d.size == 0:
     return np.zeros_like(d)
   k = max(1, int(density * d.size))
-  keep = top_k_mask(np.abs(d).reshape(-1), k).reshape(d.shape)
-  return _rescaled(n, d, keep, rescale, inplace=inplace)
+  mags = np.abs(d.reshape(-1), out=n.empty(d.size, d.dtype))
+  keep = top_k_mask(mags, k, n)
+  n.release(mags)
+  out = _rescaled(n, d, keep.reshape(d.shape), rescale, inplace=inplace)
+  n.release(keep)
+  return out
 
 
-def top_k_mask(w: np.ndarray, k: int) -> np.ndarray:
+def top_k_mask(w: np.ndarray, k: int, n: Num | None = None) -> np.ndarray:
   """The ``k`` largest entries of ``w`` (1-D), equal values taken in index order (a stable descending sort's
-  first ``k``), in linear time: everything above the ``k``-th largest value, then the first entries equal to it."""
+  first ``k``), in linear time: everything above the ``k``-th largest value, then the first entries equal to it.
+  With ``n``, the temporaries and the mask are ``n``'s buffers."""
   if k >= w.size:
     return np.ones(w.size, bool)
-  kth = np.partition(w, w.size - k)[w.size - k]
-  mask = w > kth
-  ties = np.flatnonzero(w == kth)[:k - int(np.count_nonzero(mask))]
+  empty = n.empty if n is not None else np.empty
+  part = empty(w.shape, w.dtype)
+  np.copyto(part, w)
+  part.partition(w.size - k)
+  kth = part[w.size - k]
+  mask = np.greater(w, kth, out=part.view(bool)[:w.size])  # part is dead: its buffer holds the mask
+  tied = np.equal(w, kth, out=empty(w.shape, bool))
+  ties = np.flatnonzero(tied)[:k - int(np.count_nonzero(mask))]
+  if n is not None:
+    n.release(tied)
   mask[ties] = True
   return mask
 
@@ -291,7 +418,7 @@ def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], sha
   weights = n.q([p["weight"] for p in per])  # mergekit: a tensor of the compute dtype
   deltas = []
   for m, p, w in zip(models, per, weights):
-    d = _own(m)
+    d = n.own(m)
     np.subtract(d, base, out=d)
     d = n.q_(d)
     if sparsify == "magnitude":
@@ -303,29 +430,39 @@ def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], sha
     elif sparsify == "della_magprune":
       d = della_magprune(n, d, p["density"], p["epsilon"], rescale, where)
     if w != 1:
-      d = n.q_(np.multiply(d, w, out=_own(d)))
+      d = n.q_(np.multiply(d, w, out=n.own(d)))
     deltas.append(d)
   # Sums accumulate in the work dtype in input order and round once (PyTorch's reduction of a 16-bit stack).
+  shape = deltas[0].shape
   if consensus:
-    total = deltas[0].copy()
+    total = n.empty(shape)
+    np.copyto(total, deltas[0])
     for d in deltas[1:]:
       np.add(total, d, out=total)
-    positive = total >= 0  # the elected sign (a zero sum elects +); rounding keeps the sign
-    mixed = np.zeros_like(total)
-    divisor = np.zeros_like(total)
+    positive = np.greater_equal(total, 0, out=n.empty(shape, bool))  # the elected sign (a zero sum elects +)
+    mixed = total  # the sum is no longer needed: its buffer accumulates the kept entries
+    mixed.fill(0)
+    divisor = n.zeros(shape)
+    keep, nonzero, weighted = n.empty(shape, bool), n.empty(shape, bool), None
     for d, w in zip(deltas, weights):
-      keep = np.equal(d > 0, positive)
-      keep &= d != 0
+      np.greater(d, 0, out=keep)
+      np.equal(keep, positive, out=keep)
+      keep &= np.not_equal(d, 0, out=nonzero)
       np.add(mixed, np.multiply(d, keep, out=d), out=mixed)
       if w == 1:
         np.add(divisor, keep, out=divisor)
       else:
-        np.add(divisor, np.multiply(keep, w, dtype=n.work), out=divisor)
+        weighted = n.empty(shape) if weighted is None else weighted
+        np.add(divisor, np.multiply(keep, w, out=weighted, dtype=n.work), out=divisor)
     mixed = n.q_(mixed)
     divisor = n.q_(divisor)
-    divisor += divisor == 0
+    divisor += np.equal(divisor, 0, out=keep)
   else:
-    mixed = deltas[0].copy() if len(deltas) == 1 else deltas[0] + deltas[1]
+    mixed = n.empty(shape)
+    if len(deltas) == 1:
+      np.copyto(mixed, deltas[0])
+    else:
+      np.add(deltas[0], deltas[1], out=mixed)
     for d in deltas[2:]:
       np.add(mixed, d, out=mixed)
     mixed = n.q_(mixed)
@@ -333,15 +470,10 @@ def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], sha
     if abs(divisor) < 1e-8:
       divisor = n.s(1)
   if shared["normalize"]:
-    mixed = n.q_(np.divide(mixed, divisor, out=_own(mixed)))
+    mixed = n.q_(np.divide(mixed, divisor, out=n.own(mixed)))
   if shared["lambda"] != 1:
-    mixed = n.q_(np.multiply(mixed, n.s(shared["lambda"]), out=_own(mixed)))
+    mixed = n.q_(np.multiply(mixed, n.s(shared["lambda"]), out=n.own(mixed)))
   return n.q_(np.add(mixed, base, out=mixed))
-
-
-def _own(x: np.ndarray) -> np.ndarray:
-  """``x`` when it is a writable array that owns its data, else a copy (in-place steps write into it)."""
-  return x if x.flags.writeable and x.flags.owndata else np.array(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
