@@ -431,7 +431,7 @@ def test_reused_work_buffers_give_the_same_bytes(method, shared, per, dtype):
 
 
 def test_scratch_takes_the_smallest_fitting_buffer_and_lets_much_smaller_ones_go():
-  """Scratch's rules by hand: the smallest idle buffer that fits (64-byte aligned), a fresh one on a miss, and on
+  """Scratch's rules by hand: the smallest idle buffer that fits (page-aligned), a fresh one on a miss, and on
   a miss the idle buffers under an eighth of the request are released; a lease returns its buffers when closed,
   or one by one with ``release``."""
   from jaxmerge.mk import kernels as K
