@@ -97,7 +97,8 @@ class Plan:
     return K.result_dtype(self.method, _NP[self.dtype] if self.dtype else _promote(dtypes))
 
   def merge_tensor(self, name: str, arrays: Sequence[np.ndarray], t: float,
-                   names: Sequence[str] | None = None, scratch: K.Scratch | None = None) -> np.ndarray:
+                   names: Sequence[str] | None = None, scratch: K.Scratch | None = None,
+                   out: Callable[[tuple, np.dtype], np.ndarray] | None = None) -> np.ndarray:
     """Merges one tensor.
 
     Args:
@@ -107,6 +108,7 @@ class Plan:
       names: the inputs' names for messages (default ``inputs``).
       scratch: work buffers reused across the tensors of a merge (:class:`jaxmerge.mk.kernels.Scratch`);
         ``None``: fresh arrays. The result is the same.
+      out: ``empty(shape, dtype)`` giving the array the result is written into (default: a new array).
 
     Returns:
       The merged tensor in :meth:`out_for`'s dtype (a non-float tensor: the base's, or the first input's).
@@ -141,8 +143,13 @@ class Plan:
       # 16-bit intermediates may overflow to inf as in PyTorch (silently); an output that does not fit its dtype is
       # refused when written (jaxmerge.commands.merge).
       with np.errstate(over="ignore"):
-        out = _dispatch(self.method, n, work, self.base_index, shared, per, f"tensor {name!r}")
-        return out.astype(self.out_for(dtypes))  # a copy: the lease's buffers go back below
+        res = _dispatch(self.method, n, work, self.base_index, shared, per, f"tensor {name!r}")
+        dt = self.out_for(dtypes)
+        if out is None:
+          return res.astype(dt)  # a copy: the lease's buffers go back below
+        into = out(res.shape, dt)
+        np.copyto(into, res, casting="unsafe")
+        return into
     finally:
       lease.close()
 
@@ -217,14 +224,16 @@ def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write:
     keys: the tensor names (the base's).
     read: ``(input index, key) -> array`` (called from worker threads); with ``buffers``,
       ``(input index, key, empty) -> array``, where ``empty(shape, dtype)`` is a buffer reused from tensor to
-      tensor that ``read`` may read into (valid until that tensor is merged).
-    write: receives each merged tensor (called from the calling thread, in order).
+      tensor that ``read`` may read into.
+    write: receives each merged tensor (called from the calling thread, in order); with ``buffers`` the array is
+      a reused buffer, valid until ``write`` returns (``write`` copies it, e.g. to a file).
     names: the inputs' names for messages.
     sizes: each key's number of entries (bounds the memory in flight); default: no bound but ``workers``.
     workers: threads (default: the usable cores, at most 4).
     t_of: each tensor's position for layer gradients (default: :func:`jaxmerge.mk.params.layer_t` over the
       layers among ``keys``, a whole-model merge; a slice passes its own).
-    buffers: ``read`` takes the ``empty`` argument.
+    buffers: the tensors' inputs and results live in buffers reused from tensor to tensor (no fresh pages per
+      tensor): ``read`` takes the ``empty`` argument and ``write`` keeps nothing it receives.
   """
   if t_of is None:
     layers = num_layers(keys)
@@ -232,20 +241,29 @@ def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write:
 
   scratch = K.Scratch()  # work buffers reused from tensor to tensor (released with this call)
 
-  def merge(k: str) -> np.ndarray:
+  def merge(k: str) -> tuple[np.ndarray, K.Lease]:
+    """The merged tensor ``k`` and the lease holding its inputs and result (closed once it is written)."""
     if not buffers:
-      return plan.merge_tensor(k, [read(i, k) for i in range(len(plan.inputs))], t_of(k), names, scratch)
-    inputs = K.Lease(scratch)
+      arrays = [read(i, k) for i in range(len(plan.inputs))]
+      return plan.merge_tensor(k, arrays, t_of(k), names, scratch), K.Lease(None)
+    lease = K.Lease(scratch)
     try:
-      arrays = [read(i, k, inputs.empty) for i in range(len(plan.inputs))]
-      return plan.merge_tensor(k, arrays, t_of(k), names, scratch)
+      arrays = [read(i, k, lease.empty) for i in range(len(plan.inputs))]
+      return plan.merge_tensor(k, arrays, t_of(k), names, scratch, out=lease.empty), lease
+    except BaseException:
+      lease.close()
+      raise
+
+  def emit(k: str, result: tuple[np.ndarray, K.Lease]) -> None:
+    try:
+      write(k, result[0])
     finally:
-      inputs.close()
+      result[1].close()
 
   workers = workers or _workers()
   if workers == 1 or len(keys) < 2:
     for k in keys:
-      write(k, merge(k))
+      emit(k, merge(k))
     return
   size = (lambda k: int(sizes[k])) if sizes is not None else (lambda k: 0)
   budget = max((size(k) for k in keys), default=0)
@@ -256,13 +274,13 @@ def run(plan: Plan, keys: Sequence[str], read: Callable[[int, str], Any], write:
       for k in keys:
         while pending and (len(pending) >= workers or held + size(k) > budget):
           done, fut, n = pending.popleft()
-          write(done, fut.result())
+          emit(done, fut.result())
           held -= n
         pending.append((k, pool.submit(merge, k), size(k)))
         held += size(k)
       while pending:
         done, fut, n = pending.popleft()
-        write(done, fut.result())
+        emit(done, fut.result())
         held -= n
     except BaseException:
       for _, fut, _ in pending:
