@@ -462,3 +462,47 @@ def test_scratch_takes_the_smallest_fitting_buffer_and_lets_much_smaller_ones_go
   assert lease.owns(z) and not z.any()
   lease.close()
   assert sorted(b.size for b in s._idle) == [300_000, 2_000_000] and s.allocated == 2_600_000
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streamed_tensors_stay_out_of_the_pool_until_written(monkeypatch, workers):
+  """With reused buffers (``run(..., buffers=True)``, what ``jaxmerge merge --stream`` does), every array passed to
+  ``write`` is held until ``write`` returns: none shares memory with an idle buffer another tensor could take,
+  a non-float tensor (passed through from the base's read buffer) included; and the outputs equal the merge
+  without reused buffers."""
+  from jaxmerge.mk import kernels as K
+  from jaxmerge.mk import params as P
+
+  scratches = []
+
+  class Spy(K.Scratch):
+    def __init__(self):
+      super().__init__()
+      scratches.append(self)
+
+  monkeypatch.setattr(K, "Scratch", Spy)
+  r = np.random.default_rng(0)
+  shapes = {"model.layers.0.ids": ((128, 160), np.int32), "model.layers.0.mlp.up_proj.weight": ((128, 160), BF16),
+            "model.layers.1.ids": ((128, 160), np.int32), "model.layers.1.mlp.up_proj.weight": ((128, 160), BF16)}
+  inputs = [{k: (r.integers(0, 1000, s) if dt == np.int32 else r.standard_normal(s)).astype(dt)
+             for k, (s, dt) in shapes.items()} for _ in range(3)]
+  plan = E.Plan("ties", ("base", "m0", "m1"), 0,
+                P.Resolver("ties", [{}], [{}, {"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}], 0))
+
+  def read(i, k, empty):
+    out = empty(inputs[i][k].shape, inputs[i][k].dtype)
+    np.copyto(out, inputs[i][k])
+    return out
+
+  got = {}
+
+  def write(k, a):
+    idle = scratches[0]._idle
+    assert not any(np.shares_memory(a, b) for b in idle), f"{k} was written from a buffer back in the pool"
+    got[k] = a.copy()
+
+  E.run(plan, list(shapes), read, write, workers=workers, buffers=True)
+  want = E.merge_arrays(plan, dict(zip(plan.inputs, inputs)))
+  for k in shapes:
+    assert got[k].dtype == want[k].dtype and np.array_equal(got[k].view(np.uint8), want[k].view(np.uint8)), k
+  np.testing.assert_array_equal(got["model.layers.1.ids"], inputs[0]["model.layers.1.ids"])
