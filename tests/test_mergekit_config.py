@@ -506,3 +506,47 @@ def test_streamed_tensors_stay_out_of_the_pool_until_written(monkeypatch, worker
   for k in shapes:
     assert got[k].dtype == want[k].dtype and np.array_equal(got[k].view(np.uint8), want[k].view(np.uint8)), k
   np.testing.assert_array_equal(got["model.layers.1.ids"], inputs[0]["model.layers.1.ids"])
+
+
+@pytest.mark.parametrize("stored,compute", [(BF16, BF16), (np.dtype(np.float32), BF16), (np.dtype(np.float16), BF16),
+                                            (BF16, np.dtype(np.float32)), (np.dtype(np.float16), np.dtype(np.float16)),
+                                            (np.dtype(np.float32), np.dtype(np.float64))],
+                         ids=["bf16-bf16", "f32-bf16", "f16-bf16", "bf16-f32", "f16-f16", "f32-f64"])
+@pytest.mark.parametrize("normalize,lam,weights", [(False, 0.5, (1.0, 1.0, 1.0)), (True, 1.3, (1.0, 0.5, 2.0)),
+                                                   (False, 1.0, (0.7, -0.3, 1.0))])
+def test_blocked_task_arithmetic_gives_the_bytes_of_gta(stored, compute, normalize, lam, weights):
+  """Task arithmetic block by block from the stored inputs (jaxmerge.mk.kernels.task_arithmetic_blocked, what
+  mergekit-schema task arithmetic runs) equals gta on whole work arrays converted as Plan.merge_tensor converts
+  them, bit for bit, over several blocks and a partial one; a NaN is reported for the first model holding one."""
+  from jaxmerge.mk import kernels as K
+
+  r = np.random.default_rng(1)
+  shape = (3 * K._BLOCK + 17,)
+  base = r.standard_normal(shape)
+  inputs = [base.astype(stored)] + [(base + 0.05 * r.standard_normal(shape)).astype(stored) for _ in weights]
+  n = K.Num(compute)
+  work = [(x.astype(n.work) if x.dtype == compute or compute == n.work else x.astype(compute).astype(n.work))
+          for x in inputs]
+  shared = {"normalize": normalize, "lambda": lam, "rescale": False}
+  want = K.gta("task_arithmetic", n, work[0], work[1:], shared, [{"weight": w} for w in weights])
+  got = np.empty(shape, n.work)
+  assert K.task_arithmetic_blocked(n, inputs, 0, weights, normalize, lam, got) == []
+  assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+  inputs[2][K._BLOCK + 5] = np.nan
+  inputs[3][-1] = np.inf
+  assert K.task_arithmetic_blocked(n, inputs, 0, weights, normalize, lam, got) == [2, 3]
+
+
+def test_task_arithmetic_names_the_model_with_nan():
+  """A mergekit-schema task arithmetic (the blocked path) refuses NaN/Inf inputs, naming the first model holding
+  one and the tensor."""
+  from jaxmerge.mk import params as P
+
+  base = np.zeros((300, 300), BF16)
+  models = [np.ones((300, 300), BF16) for _ in range(3)]
+  models[1][7, 9] = np.nan
+  models[2][0, 0] = np.inf
+  plan = E.Plan("task_arithmetic", ("base", "m0", "m1", "m2"), 0,
+                P.Resolver("task_arithmetic", [{}], [{}] + [{"weight": 1.0}] * 3, 0))
+  with pytest.raises(ValueError, match=r"model m1: tensor 'w' contains NaN or Inf"):
+    plan.merge_tensor("w", [base, *models], 0.0)

@@ -125,6 +125,8 @@ class Plan:
       raise ValueError(f"tensor {name!r} has shapes {[tuple(np.shape(a)) for a in arrays]} in models {names}")
     cd = self.compute_for(dtypes)
     rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+    if self.method == "task_arithmetic" and self.base_index is not None and len(arrays) > 1:
+      return self._task_arithmetic(name, arrays, t, names, K.Num(cd, rng), out)
     lease = K.Lease(scratch)
     n = K.Num(cd, rng, lease)
     try:
@@ -152,6 +154,22 @@ class Plan:
         return into
     finally:
       lease.close()
+
+
+  def _task_arithmetic(self, name, arrays, t, names, n, out) -> np.ndarray:
+    """Task arithmetic block by block from the inputs as stored (:func:`jaxmerge.mk.kernels.task_arithmetic_blocked`:
+    :func:`jaxmerge.mk.kernels.gta`'s bytes without whole float32 copies of the inputs)."""
+    arrays = [np.asarray(a) for a in arrays]
+    shared, per = self.resolver.resolve(name, t, names)
+    weights = [p["weight"] for i, p in enumerate(per) if i != self.base_index]
+    dt = self.out_for([a.dtype for a in arrays])
+    res = out(arrays[0].shape, dt) if out is not None else np.empty(arrays[0].shape, dt)
+    with np.errstate(over="ignore"):
+      bad = K.task_arithmetic_blocked(n, arrays, self.base_index, weights, bool(shared["normalize"]),
+                                      shared["lambda"], res)
+    if bad:
+      raise ValueError(f"model {names[bad[0]]}: tensor {name!r} contains NaN or Inf values")
+    return res
 
 
 def _dispatch(method: str, n: K.Num, work: list, bi: int | None, shared: dict, per: list, where: str):

@@ -418,6 +418,77 @@ GTA = {  # method: (consensus, sparsification, default normalize, default rescal
 }
 
 
+_BLOCK = 1 << 16  # entries: a block's few float32 temporaries stay in the CPU's L2 cache
+
+
+def task_arithmetic_blocked(n: Num, inputs: Sequence[np.ndarray], bi: int, weights: Sequence[float],
+                            normalize: bool, lam: float, out: np.ndarray) -> list[int]:
+  """mergekit's ``task_arithmetic`` (:func:`gta` without sparsification or election), computed block by block
+  straight from the inputs as stored, into ``out``.
+
+  Every entry goes through the operations of :func:`gta` in the same order and with the same roundings (the
+  conversion to the compute dtype, ``m - base``, the weight, the sum in input order, the division, ``lambda``,
+  ``+ base``), so the bytes are :func:`gta`'s; but the work arrays are blocks that stay in the cache instead of
+  whole float32 copies of every input, which makes a 16-bit merge several times less memory traffic.
+
+  Args:
+    n: the arithmetic.
+    inputs: every input tensor in the plan's order (any float dtype, one shape), the base at ``bi``.
+    bi: the base's index.
+    weights: the other inputs' weights, in order.
+    normalize: divide by the sum of the weights.
+    lam: ``lambda``.
+    out: receives the result (the inputs' shape; its dtype is the written one).
+
+  Returns:
+    The indices of the inputs holding NaN or Inf (empty when all are finite; ``out`` is then incomplete).
+  """
+  flat = [np.asarray(x).reshape(-1) for x in inputs]
+  order = [i for i in range(len(flat)) if i != bi]
+  w = n.q(list(weights))
+  divisor = n.sum(w)
+  if abs(divisor) < 1e-8:
+    divisor = n.s(1)
+  size = out.size
+  o = out.reshape(-1)
+  block = max(1, min(_BLOCK, size))
+  base_b, tmp_b, acc_b = (np.empty(block, n.work) for _ in range(3))
+  bad: set[int] = set()
+
+  def load(i: int, s: int, e: int, into: np.ndarray) -> np.ndarray:
+    x = flat[i][s:e]
+    # one rounding at most, as Plan.merge_tensor converts: straight to the work dtype, else via the compute dtype
+    np.copyto(into, x if x.dtype == n.dtype or n.dtype == n.work else x.astype(n.dtype), casting="unsafe")
+    if not _finite_block(into if x.dtype.itemsize <= 2 else x):
+      bad.add(i)
+    return into
+
+  for s in range(0, size, block):
+    e = min(s + block, size)
+    base = load(bi, s, e, base_b[:e - s])
+    acc = acc_b[:e - s]
+    for j, (i, wi) in enumerate(zip(order, w)):
+      d = n.q_(np.subtract(load(i, s, e, tmp_b[:e - s]), base, out=tmp_b[:e - s]))
+      if wi != 1:
+        d = n.q_(np.multiply(d, wi, out=d))
+      if j == 0:
+        np.copyto(acc, d)
+      else:
+        np.add(acc, d, out=acc)
+    acc = n.q_(acc)
+    if normalize:
+      acc = n.q_(np.divide(acc, divisor, out=acc))
+    if lam != 1:
+      acc = n.q_(np.multiply(acc, n.s(lam), out=acc))
+    acc = n.q_(np.add(acc, base, out=acc))
+    np.copyto(o[s:e], acc, casting="unsafe")
+  return sorted(bad)
+
+
+def _finite_block(x: np.ndarray) -> bool:
+  return bool(np.isfinite(np.max(x)) and np.isfinite(np.min(x))) if x.size else True
+
+
 def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], shared: dict, per: Sequence[dict],
         where: str = "") -> np.ndarray:
   """mergekit's generalized task arithmetic: sparsify each task vector, weight, elect (TIES methods), sum, divide
