@@ -39,8 +39,8 @@ def _pages(nbytes: int) -> np.ndarray:
 
   NumPy asks for transparent huge pages on large arrays; a huge page needs 2 MiB of contiguous physical memory,
   which the kernel must compact when memory is fragmented (a machine whose page cache holds the checkpoints). On
-  the 2-core VM of the benchmarks that made one streamed TIES merge take 2.5 to 9 s from run to run (in small
-  pages: within 10% from run to run). The buffers are faulted in once per merge, so small pages cost little and
+  the 2-core VM of the benchmarks that made one streamed TIES merge take 2.5 to 9 s from run to run (reused, in
+  small pages: 2.3-3.0 s). The buffers are faulted in once per merge, so small pages cost little and
   keep the time steady."""
   private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
   mem = mmap.mmap(-1, max(nbytes, 1), **private)
