@@ -39,11 +39,6 @@ def _is_float(dt: np.dtype) -> bool:
   return np.dtype(dt) in _NP.values()
 
 
-def _finite(x: np.ndarray) -> bool:
-  """Whether every entry is finite: two reductions (NaN propagates through max) instead of a boolean array."""
-  return bool(np.isfinite(np.max(x)) and np.isfinite(np.min(x)))
-
-
 def _promote(dtypes: Sequence[np.dtype]) -> np.dtype:
   """PyTorch's promotion of float dtypes: equal ones stay, bfloat16 with float16 is float32, else the widest."""
   ds = {np.dtype(d) for d in dtypes}
@@ -133,12 +128,8 @@ class Plan:
       work = []
       for a, who in zip(arrays, names):
         x = np.asarray(a)
-        if x.dtype == cd or cd == n.work:  # one rounding at most: cast straight into a buffer the kernel may overwrite
-          w = n.empty(x.shape)
-          np.copyto(w, x, casting="unsafe")
-        else:  # rounded to the compute dtype first
-          w = x.astype(cd).astype(n.work)
-        if w.size and not _finite(w if x.dtype.itemsize <= 2 else x):
+        w = n.empty(x.shape)  # a buffer the kernel may overwrite
+        if not K.to_work(n, x, w):
           raise ValueError(f"model {who}: tensor {name!r} contains NaN or Inf values")
         work.append(w)
       shared, per = self.resolver.resolve(name, t, names)

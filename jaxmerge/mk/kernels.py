@@ -58,7 +58,7 @@ class Scratch:
   depending on the allocator's state. Reusing buffers whose pages are already mapped removes that cost and its
   variance; the result does not change (every buffer is written before it is read).
 
-  Buffers are handed out by :meth:`lease` for one tensor and all come back when the lease closes. A request takes
+  Buffers are handed out through a :class:`Lease` per tensor and all come back when the lease closes. A request takes
   the smallest idle buffer that fits; when none fits, a new one is allocated and idle buffers under an eighth of
   the request (left by much smaller tensors) are released, so the buffers kept are about those the largest
   tensors in flight needed at once (what the merge's peak memory held anyway).
@@ -84,10 +84,6 @@ class Scratch:
     """Returns buffers taken with :meth:`take`."""
     with self._lock:
       self._idle.extend(bufs)
-
-  def lease(self) -> Lease:
-    """The buffers of one tensor's merge (:class:`Lease`)."""
-    return Lease(self)
 
 
 class Lease:
@@ -418,6 +414,19 @@ GTA = {  # method: (consensus, sparsification, default normalize, default rescal
 }
 
 
+def finite(x: np.ndarray) -> bool:
+  """Whether every entry is finite: two reductions (NaN propagates through max) instead of a boolean array."""
+  return bool(np.isfinite(np.max(x)) and np.isfinite(np.min(x))) if x.size else True
+
+
+def to_work(n: Num, x: np.ndarray, into: np.ndarray) -> bool:
+  """Writes ``x`` (an input as stored) into the work array ``into`` as mergekit loads it: rounded to the compute
+  dtype (one rounding at most: straight to the work dtype when that is exact), and says whether it is finite (the
+  check runs on the 16-bit values widened, which NumPy reduces faster)."""
+  np.copyto(into, x if x.dtype == n.dtype or n.dtype == n.work else x.astype(n.dtype), casting="unsafe")
+  return finite(into if x.dtype.itemsize <= 2 else x)
+
+
 _BLOCK = 1 << 16  # entries: a block's few float32 temporaries stay in the CPU's L2 cache
 
 
@@ -456,10 +465,7 @@ def task_arithmetic_blocked(n: Num, inputs: Sequence[np.ndarray], bi: int, weigh
   bad: set[int] = set()
 
   def load(i: int, s: int, e: int, into: np.ndarray) -> np.ndarray:
-    x = flat[i][s:e]
-    # one rounding at most, as Plan.merge_tensor converts: straight to the work dtype, else via the compute dtype
-    np.copyto(into, x if x.dtype == n.dtype or n.dtype == n.work else x.astype(n.dtype), casting="unsafe")
-    if not _finite_block(into if x.dtype.itemsize <= 2 else x):
+    if not to_work(n, flat[i][s:e], into):
       bad.add(i)
     return into
 
@@ -483,10 +489,6 @@ def task_arithmetic_blocked(n: Num, inputs: Sequence[np.ndarray], bi: int, weigh
     acc = n.q_(np.add(acc, base, out=acc))
     np.copyto(o[s:e], acc, casting="unsafe")
   return sorted(bad)
-
-
-def _finite_block(x: np.ndarray) -> bool:
-  return bool(np.isfinite(np.max(x)) and np.isfinite(np.min(x))) if x.size else True
 
 
 def gta(method: str, n: Num, base: np.ndarray, models: Sequence[np.ndarray], shared: dict, per: Sequence[dict],
